@@ -1,0 +1,46 @@
+"""Choosing a backend for a URL.  Imports of optional dependencies stay lazy."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from flashckpt.backends._base import Backend
+from flashckpt.errors import ConfigError
+
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` part removed: safe for logs, errors and stats."""
+    return _USERINFO.sub(r"\1***@", str(url))
+
+
+def open_backend(
+    target: str | os.PathLike[str] | Backend,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Backend:
+    """Return a backend for a local path, a ``file://`` URL, or pass a ready backend through.
+
+    Called from the training thread during ``Checkpointer`` construction.
+    """
+    if isinstance(target, Backend):
+        return target
+    from flashckpt.backends.local import LocalBackend
+
+    text = os.fspath(target)
+    if "://" not in text:
+        return LocalBackend(text)
+    parts = urlsplit(text)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(f"file:// URL with a host is not supported: {redact_url(text)}")
+        return LocalBackend(parts.path)
+    raise ConfigError(
+        f"storage scheme {parts.scheme!r} is not supported by this version "
+        f"(local paths and file:// URLs are): {redact_url(text)}"
+    )

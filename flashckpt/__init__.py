@@ -1,0 +1,50 @@
+"""flashckpt: checkpoints that cost about one memory copy.
+
+The public API is :class:`Checkpointer`, :func:`load`, :class:`SaveHandle`, :class:`Options`
+and the error hierarchy rooted at :class:`FlashCkptError`.  See ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+from flashckpt._checkpointer import Checkpointer
+from flashckpt._config import Options
+from flashckpt._load import load
+from flashckpt._transfer import SaveHandle
+from flashckpt.errors import (
+    CheckpointNotFound,
+    ClosedError,
+    ConfigError,
+    CorruptCheckpointError,
+    FlashCkptError,
+    ObjectNotFound,
+    StateMismatchError,
+    StorageError,
+    StorageFullError,
+    StoragePermissionError,
+    TransientStorageError,
+    UnsupportedStateError,
+    WaitTimeout,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointNotFound",
+    "Checkpointer",
+    "ClosedError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "FlashCkptError",
+    "ObjectNotFound",
+    "Options",
+    "SaveHandle",
+    "StateMismatchError",
+    "StorageError",
+    "StorageFullError",
+    "StoragePermissionError",
+    "TransientStorageError",
+    "UnsupportedStateError",
+    "WaitTimeout",
+    "__version__",
+    "load",
+]

@@ -1,0 +1,549 @@
+"""The public ``Checkpointer``: stage on ``save``, persist in the background, restore in place.
+
+Call order (one process per rank; every method from the training thread only)::
+
+    ckpt = Checkpointer(storage, local_dir=..., keep=3)
+    start = ckpt.restore(state)        # also faults the staging slots in, in the background
+    for step in ...:
+        ckpt.save(step, state)         # a memory copy; returns a SaveHandle
+    ckpt.close()                       # waits, persists the newest snapshot, frees memory
+
+Background threads: ``flashckpt-persist`` (one, ordered jobs), ``flashckpt-io-*`` (chunk
+checksums and transfers), ``flashckpt-prefault`` (slot faulting).  ``close`` joins them all.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import hashlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from flashckpt._config import Options, default_memory_root, node_id, options_from_env
+from flashckpt._coordinator import (
+    committed_steps,
+    fetch_chunks,
+    memory_steps,
+    plan_sources,
+    read_committed_manifest,
+    read_memory_manifest,
+    verify_chunks,
+)
+from flashckpt._staging import Slot, Stager
+from flashckpt._statewalk import flatten, load_into
+from flashckpt._transfer import Job, Persister, SaveHandle, Tier
+from flashckpt.backends import Backend, LocalBackend, open_backend
+from flashckpt.errors import (
+    CheckpointNotFound,
+    ClosedError,
+    ConfigError,
+    CorruptCheckpointError,
+    FlashCkptError,
+    StorageError,
+)
+from flashckpt.format import (
+    CODEC_RAW,
+    ChunkEntry,
+    Manifest,
+    TensorEntry,
+    encode_manifest,
+    memory_manifest_key,
+    now,
+    shard_name,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Flash checkpoints for one training process.  See the module docstring for call order.
+
+    Args:
+        storage: the storage tier: a local path, a ``file://`` URL, or a ``Backend``.
+        local_dir: an optional fast local tier (NVMe), written before ``storage``.
+        memory_dir: where the staging slots live (default: a per-user, per-storage directory
+            under ``/dev/shm``; ``FLASHCKPT_MEMORY_DIR`` overrides the default).
+        every: ``save`` stages only when ``step % every == 0`` (or ``force=True``).
+        persist_every: snapshot ``k`` (counted in multiples of ``every``) is persisted when
+            ``k % persist_every == 0``; the others live in memory only.  Forced saves persist.
+        keep: committed steps kept on each persistent tier (``None``: keep all).
+        mirror: peer copies in other nodes' memory (not available in this version: 0/None).
+        compression: ``None`` (compression is not available in this version).
+        storage_options: passed to the storage backend.
+        process_group: the job's process group (multi-rank jobs are not supported yet).
+        options: tuning knobs (:class:`flashckpt.Options`).
+    """
+
+    def __init__(
+        self,
+        storage: str | os.PathLike[str] | Backend,
+        *,
+        local_dir: str | os.PathLike[str] | Backend | None = None,
+        memory_dir: str | os.PathLike[str] | None = None,
+        every: int = 1,
+        persist_every: int = 1,
+        keep: int | None = 3,
+        mirror: int | None = None,
+        compression: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        process_group: Any = None,
+        options: Options | None = None,
+    ) -> None:
+        for name, v in (("every", every), ("persist_every", persist_every)):
+            if type(v) is not int or v < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
+        if keep is not None and (type(keep) is not int or keep < 1):
+            raise ConfigError(f"keep must be an int >= 1 or None, got {keep!r}")
+        if mirror not in (None, 0):
+            raise ConfigError("mirror > 0 (peer replicas) is not available in this version")
+        if compression is not None:
+            raise ConfigError(f"compression={compression!r} is not available in this version")
+        self._opts = options_from_env(options)
+        self._every, self._persist_every, self._keep = every, persist_every, keep
+        self._rank, self._world = self._ranks(process_group)
+        self._node = node_id()
+
+        storage_be = open_backend(storage, storage_options=storage_options)
+        self._tiers: list[Tier] = []
+        if local_dir is not None:
+            local_be = (
+                local_dir
+                if isinstance(local_dir, Backend)
+                else LocalBackend(local_dir, fsync=self._opts.fsync, direct_io=self._opts.direct_io)
+            )
+            self._tiers.append(Tier("local", local_be))
+        if isinstance(storage_be, LocalBackend) and not isinstance(storage, Backend):
+            storage_be = LocalBackend(storage_be.root, fsync=self._opts.fsync, direct_io=self._opts.direct_io)
+        self._tiers.append(Tier("storage", storage_be))
+
+        job = hashlib.sha256(storage_be.url.encode()).hexdigest()[:16]
+        root = Path(memory_dir) if memory_dir is not None else Path(default_memory_root()) / job
+        self._memory_root = root
+        self._rank_dir = root / shard_name(self._rank, self._world)
+        self._rank_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = self._take_lock()
+        self._memory = Tier(
+            "memory",
+            LocalBackend(self._rank_dir, fsync=False, direct_io=False, private=True, durable=False),
+        )
+        self._stager = Stager(self._rank_dir, self._opts)
+        self._adopt_memory()
+        self._persister = Persister(self._opts, self._memory, self._stager, keep)
+        self._handles: list[SaveHandle] = []
+        self._last: tuple[int, Slot, bool] | None = None  # (step, slot, persisted)
+        self._stats: dict[str, Any] = {"saves": 0}
+        self._stats_lock = threading.Lock()
+        self._closed = False
+        atexit.register(self._atexit)
+        log.debug(
+            "flashckpt: rank %d/%d on node %s, memory tier %s",
+            self._rank,
+            self._world,
+            self._node,
+            self._rank_dir,
+        )
+
+    # -- public API ----------------------------------------------------------------------------
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(_raise=exc is None)
+
+    @property
+    def memory_path(self) -> Path:
+        """This rank's memory-tier directory."""
+        return self._rank_dir
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The last save's figures: ``blocking_s``, ``slot_wait_s``, ``bytes``, ``cold``,
+        ``persisted``, ``persist_s`` per tier (filled in as tiers finish) and ``errors``."""
+        with self._stats_lock:
+            out = dict(self._stats)
+            out["persist_s"] = dict(out.get("persist_s", {}))
+            out["errors"] = list(out.get("errors", []))
+            return out
+
+    def save(self, step: int, state: Any, *, force: bool = False) -> SaveHandle | None:
+        """Stage ``state`` as ``step`` and return at once; persistence runs in the background.
+
+        Blocks only for the copy into a staging slot (and, if both slots are still being
+        persisted, until one is free: ``stats["slot_wait_s"]``).  Returns ``None`` when
+        ``step % every != 0`` and not ``force``.  Background failures never raise here.
+        """
+        self._check_open()
+        if type(step) is not int or step < 0:
+            raise ConfigError(f"step must be a non-negative int, got {step!r}")
+        if not force and step % self._every:
+            return None
+        t0 = time.perf_counter()
+        flat = flatten(state)
+        layout = self._stager.layout(flat.tensors)
+        slot, waited = self._stager.acquire()
+        try:
+            for s in self._stager.slots:  # the slot's old step, and an older copy of this step
+                if s.step is not None and (s is slot or s.step == step) and (s is slot or not s.busy):
+                    self._memory.backend.delete(memory_manifest_key(s.step))
+                    s.step = None
+            cold = self._stager.stage(slot, flat.tensors, layout)
+        except BaseException:
+            self._stager.release(slot)
+            raise
+        self._stager.mark_staged(slot, step)
+        persist = force or (step // self._every) % self._persist_every == 0
+        tensors = tuple(
+            TensorEntry(t.dtype, tuple(t.shape), off, n)
+            for t, off, n in zip(flat.tensors, layout.offsets, layout.nbytes, strict=True)
+        )
+        chunks = tuple(ChunkEntry(slot.name, o, o, n, n, CODEC_RAW, "") for o, n in layout.chunks)
+        manifest = Manifest(
+            step, self._rank, self._world, self._node, now(), layout.total_bytes, tensors, chunks, flat.tree
+        )
+        tiers = self._tiers if persist else []
+        handle = SaveHandle(step, ["memory", *(t.name for t in tiers)])
+        self._track(handle)
+        self._last = (step, slot, persist)
+        self._persister.submit(Job(manifest, slot, list(tiers), handle, on_done=[self._on_done]))
+        blocking = time.perf_counter() - t0
+        with self._stats_lock:
+            self._stats.update(
+                step=step,
+                blocking_s=blocking,
+                slot_wait_s=waited,
+                bytes=layout.total_bytes,
+                cold=cold,
+                persisted=persist,
+                persist_s={},
+                errors=[],
+                saves=self._stats["saves"] + 1,
+            )
+        log.info(
+            "flashckpt: staged step %d, %d bytes in %.3f s (%.2f GB/s)%s%s",
+            step,
+            layout.total_bytes,
+            blocking,
+            layout.total_bytes / max(blocking, 1e-9) / 1e9,
+            f", waited {waited:.3f} s for a slot" if waited > 1e-3 else "",
+            " (cold slot)" if cold else "",
+        )
+        return handle
+
+    def restore(self, state: Any, *, step: int | Literal["latest"] = "latest") -> int | None:
+        """Load the newest complete step (or ``step``) into ``state`` in place.
+
+        Tries the memory tier, then local, then storage; a step that fails verification on
+        one tier is tried on the next, then the next older step is used (with a warning).
+        Returns the step, or ``None`` when nothing was saved.  A step found only in memory is
+        persisted again in the background (salvage).  Raises :class:`CheckpointNotFound` when
+        an explicit ``step`` is not available intact.
+        """
+        self._check_open()
+        if step != "latest" and (type(step) is not int or step < 0):
+            raise ConfigError(f"step must be 'latest' or a non-negative int, got {step!r}")
+        want = None if step == "latest" else int(step)
+        self._drain()
+        t0 = time.perf_counter()
+        inventory = self._inventory()
+        last_error: BaseException | None = None
+        for src in plan_sources(inventory, want):
+            try:
+                m, slot = self._load(src.tier, src.step)
+            except (CorruptCheckpointError, StorageError) as exc:
+                log.warning(
+                    "flashckpt: step %d on the %s tier is unusable, trying the next: %s",
+                    src.step,
+                    src.tier.name,
+                    exc,
+                )
+                last_error = exc
+                continue
+            try:
+                self._apply(m, slot, state)
+            except BaseException:
+                self._stager.release(slot)
+                raise
+            secs = time.perf_counter() - t0
+            log.info(
+                "flashckpt: restored step %d from the %s tier, %d bytes in %.3f s (%.2f GB/s)",
+                m.step,
+                src.tier.name,
+                m.total_bytes,
+                secs,
+                m.total_bytes / max(secs, 1e-9) / 1e9,
+            )
+            self._after_restore(m, slot, src.tier, inventory)
+            return m.step
+        if want is not None:
+            raise CheckpointNotFound(f"step {want} is not available intact on any tier") from last_error
+        if last_error is not None:
+            log.warning("flashckpt: no usable checkpoint found; starting from scratch")
+        flat = flatten(state)
+        self._stager.prefault(self._stager.layout(flat.tensors).total_bytes)
+        return None
+
+    def prepare(self, state: Any) -> None:
+        """Fault the staging slots in for ``state``'s size on a background thread, so that the
+        first ``save`` costs a warm copy.  ``restore`` does this already."""
+        self._check_open()
+        self._stager.prefault(self._stager.layout(flatten(state).tensors).total_bytes)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every save so far is durable; raise the first unreported failure."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for h in list(self._handles):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            h.wait(left)
+        self._handles = [h for h in self._handles if not h.done()]
+
+    def latest_step(self) -> int | None:
+        """The newest step held by any tier (not verified: ``restore`` verifies)."""
+        self._check_open()
+        steps = [s for _, held in self._inventory() for s in held]
+        return max(steps) if steps else None
+
+    def close(self, *, _raise: bool = True) -> None:
+        """Wait for background work, persist the newest snapshot if it was memory-only, stop the
+        threads, and free the memory tier if everything is durable.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._atexit)
+        clean = False
+        try:
+            self._drain()
+            self._persist_last()
+            self._drain()
+            clean = self._last_durable()
+        finally:
+            self._persister.close()
+            self._stager.close(unlink=clean)
+            if clean:
+                self._release_memory()
+            else:
+                log.warning(
+                    "flashckpt: keeping the memory tier %s: the newest snapshot is not durable on every tier",
+                    self._rank_dir,
+                )
+            os.close(self._lock_fd)
+        if _raise:
+            for h in self._handles:
+                h.raise_failure()
+
+    # -- internals -----------------------------------------------------------------------------
+    @staticmethod
+    def _ranks(process_group: Any) -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size(process_group)
+            if world > 1:
+                raise ConfigError("multi-rank jobs are not supported by this version yet")
+            return dist.get_rank(process_group), world
+        return 0, 1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this Checkpointer is closed")
+
+    def _take_lock(self) -> int:
+        fd = os.open(self._rank_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"memory tier {self._rank_dir} is in use by another live process "
+                "(two Checkpointers for the same storage and rank?)"
+            ) from None
+        return fd
+
+    def _track(self, handle: SaveHandle) -> None:
+        self._handles = [h for h in self._handles if not h.done() or h.failures]
+        self._handles.append(handle)
+
+    def _on_done(self, handle: SaveHandle) -> None:
+        """Persist thread: fold a finished save into ``stats`` if it is still the last one."""
+        with self._stats_lock:
+            if self._stats.get("step") != handle.step:
+                return
+            self._stats["persist_s"] = dict(handle.persist_s)
+            self._stats["errors"] = [
+                f"{f.tier}: {type(f.error).__name__}: {f.error}" for f in handle.failures
+            ]
+
+    def _drain(self) -> None:
+        """Wait for every queued background job, without raising their errors."""
+        self._stager.join_prefault()
+        for h in list(self._handles):
+            h._event.wait()
+
+    def _inventory(self) -> list[tuple[Tier, list[int]]]:
+        inv: list[tuple[Tier, list[int]]] = [(self._memory, memory_steps(self._memory.backend))]
+        for tier in self._tiers:
+            try:
+                inv.append((tier, committed_steps(tier.backend, self._opts)))
+            except StorageError as exc:
+                log.warning("flashckpt: cannot list the %s tier (%s): %s", tier.name, tier.backend.url, exc)
+                inv.append((tier, []))
+        return inv
+
+    def _adopt_memory(self) -> None:
+        """Map slot files and index memory manifests left by an earlier process."""
+        by_name = {s.name: s for s in self._stager.slots}
+        for s in self._stager.slots:
+            s.adopt()
+        for step in memory_steps(self._memory.backend):
+            try:
+                m = read_memory_manifest(self._memory.backend, step)
+                keys = {c.key for c in m.chunks}
+                slot = by_name.get(next(iter(keys))) if len(keys) == 1 else None
+                if m.total_bytes and (slot is None or not slot.mapped or slot.capacity < m.total_bytes):
+                    raise CorruptCheckpointError("memory manifest does not match its slot")
+                if slot is not None:
+                    if slot.step is not None and slot.step > step:
+                        raise CorruptCheckpointError("slot holds a newer step")
+                    if slot.step is not None:
+                        self._memory.backend.delete(memory_manifest_key(slot.step))
+                    slot.step = step
+            except (CorruptCheckpointError, StorageError) as exc:
+                log.warning("flashckpt: dropping memory snapshot of step %d: %s", step, exc)
+                self._memory.backend.delete(memory_manifest_key(step))
+
+    def _slot_of(self, m: Manifest) -> Slot:
+        keys = {c.key for c in m.chunks}
+        for s in self._stager.slots:
+            if keys <= {s.name} and s.step == m.step:
+                return s
+        raise CorruptCheckpointError(f"memory snapshot of step {m.step} has no slot")
+
+    def _load(self, tier: Tier, step: int) -> tuple[Manifest, Slot]:
+        """Return the verified manifest of ``step`` and a busy slot holding its bytes."""
+        pool = self._persister.pool
+        if tier is self._memory:
+            m = read_memory_manifest(tier.backend, step)
+            slot = self._slot_of(m)
+            if not self._stager.try_acquire(slot):
+                raise CorruptCheckpointError(f"slot of step {step} is busy")
+            try:
+                verify_chunks(m, slot.view, pool, str(self._rank_dir))
+            except BaseException:
+                self._stager.release(slot)
+                raise
+            return m, slot
+        m = read_committed_manifest(tier.backend, step, self._rank, self._world, self._opts)
+        slot, _ = self._stager.acquire()
+        try:
+            if slot.step is not None:
+                self._memory.backend.delete(memory_manifest_key(slot.step))
+                slot.step = None
+            slot.ensure(m.total_bytes)
+            fetch_chunks(tier.backend, m, slot.view, pool, self._opts)
+            local = m.with_chunks(
+                ChunkEntry(slot.name, c.offset, c.offset, c.nbytes, c.stored_nbytes, c.codec, c.checksum)
+                for c in m.chunks
+            )
+            self._memory.backend.put(memory_manifest_key(step), encode_manifest(local))
+            slot.step = step
+        except BaseException:
+            self._stager.release(slot)
+            raise
+        return local, slot
+
+    def _apply(self, m: Manifest, slot: Slot, state: Any) -> None:
+        tree = m.state_tree()
+        cuda = False
+
+        def materialize(i: int, target: torch.Tensor | None) -> torch.Tensor:
+            nonlocal cuda
+            e = m.tensors[i]
+            src = slot.tensor(e.offset, e.nbytes, e.dtype, e.shape)
+            if target is not None and target.dtype == e.dtype and tuple(target.shape) == e.shape:
+                if target.is_cuda:
+                    cuda = True
+                    target.copy_(src, non_blocking=True)
+                else:
+                    target.copy_(src)
+                return target
+            device = target.device if target is not None else torch.device("cpu")
+            return src.to(device=device, copy=True)
+
+        load_into(state, tree, materialize)
+        if cuda:
+            torch.cuda.synchronize()
+
+    def _after_restore(
+        self, m: Manifest, slot: Slot, tier: Tier, inventory: list[tuple[Tier, list[int]]]
+    ) -> None:
+        """Salvage a memory-only step, and prefault the other slot for the next saves."""
+        self._stager.mark_staged(slot, m.step)
+        held = {t.name: set(s) for t, s in inventory}
+        missing = [t for t in self._tiers if m.step not in held.get(t.name, set())]
+        if tier is self._memory and missing:
+            log.info(
+                "flashckpt: step %d was only in memory; persisting it to %s",
+                m.step,
+                ", ".join(t.name for t in missing),
+            )
+            handle = SaveHandle(m.step, [t.name for t in missing])
+            self._track(handle)
+            self._last = (m.step, slot, True)
+            self._persister.submit(Job(m, slot, missing, handle, hashed=True))
+        else:
+            self._stager.release(slot)
+            self._last = (m.step, slot, not missing)
+        self._stager.prefault(m.total_bytes)
+
+    def _persist_last(self) -> None:
+        """On close: persist the newest snapshot if it lives in memory only."""
+        if self._last is None or self._last[2] or not self._tiers:
+            return
+        step, slot, _ = self._last
+        if slot.step != step or not self._stager.try_acquire(slot):
+            return
+        try:
+            m = read_memory_manifest(self._memory.backend, step)
+        except (CorruptCheckpointError, StorageError) as exc:
+            self._stager.release(slot)
+            log.error("flashckpt: cannot persist step %d on close: %s", step, exc)
+            return
+        handle = SaveHandle(step, [t.name for t in self._tiers])
+        self._track(handle)
+        self._last = (step, slot, True)
+        self._persister.submit(Job(m, slot, list(self._tiers), handle, hashed=True))
+
+    def _last_durable(self) -> bool:
+        if self._last is None:
+            return True
+        step = self._last[0]
+        for h in self._handles:
+            if h.step == step and h.failures:
+                return False
+        try:
+            return all(step in committed_steps(t.backend, self._opts) for t in self._tiers)
+        except FlashCkptError:
+            return False
+
+    def _release_memory(self) -> None:
+        be = self._memory.backend
+        for name in be.children(""):
+            if not name.endswith("/"):
+                be.delete(name)
+        for d in (self._rank_dir, self._memory_root, self._memory_root.parent):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+    def _atexit(self) -> None:
+        try:
+            self.close(_raise=False)
+        except Exception:
+            log.exception("flashckpt: close at exit failed")

@@ -1,0 +1,166 @@
+"""Coordinator: what each tier holds, which step to restore from where, and retention.
+
+Single-process view: the inventory of this rank's tiers.  (The job-wide inventory across
+ranks builds on the same functions.)  Every function here reads storage through retries and
+validates what it reads; a bad record raises :class:`CorruptCheckpointError`.  Callable from
+any thread; the persist thread calls :func:`apply_retention`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flashckpt._config import Options
+from flashckpt._retry import retry
+from flashckpt.backends import Backend
+from flashckpt.backends._base import check_key
+from flashckpt.errors import CorruptCheckpointError, ObjectNotFound
+from flashckpt.format import (
+    Manifest,
+    checksum,
+    commit_key,
+    decode_commit,
+    decode_manifest,
+    manifest_key,
+    memory_manifest_key,
+    parse_memory_manifest_key,
+    step_prefix,
+)
+
+if TYPE_CHECKING:
+    from flashckpt._transfer import Tier
+
+_COMMIT_NAME = re.compile(r"^step-(\d{12})$")
+_STEP_DIR = re.compile(r"^(\d{12})/$")
+
+
+def committed_steps(be: Backend, opts: Options) -> list[int]:
+    """Steps with a commit record on ``be``, oldest first."""
+    names = retry(lambda: be.children("commits/"), f"list commits on {be.url}", opts)
+    return sorted(int(m.group(1)) for n in names if (m := _COMMIT_NAME.match(n)))
+
+
+def memory_steps(be: Backend) -> list[int]:
+    """Steps with a manifest in a memory-tier rank directory, oldest first."""
+    return sorted(s for n in be.children("") if (s := parse_memory_manifest_key(n)) is not None)
+
+
+def read_committed_manifest(be: Backend, step: int, rank: int, world: int, opts: Options) -> Manifest:
+    """The manifest of shard ``rank``/``world`` of committed ``step`` on ``be``, validated
+    against the commit record (size and checksum)."""
+    what = f"step {step} on {be.url}"
+    raw = retry(lambda: be.get(commit_key(step)), f"get commit of {what}", opts)
+    record = decode_commit(raw, f"commit record of {what}", check_key=check_key)
+    if record.step != step:
+        raise CorruptCheckpointError(f"commit record of {what} names step {record.step}")
+    if record.world_size != world:
+        raise CorruptCheckpointError(f"{what} was saved by {record.world_size} ranks; this job has {world}")
+    want = manifest_key(step, rank, world)
+    entry = next((m for m in record.manifests if m[0] == want), None)
+    if entry is None:
+        raise CorruptCheckpointError(f"commit record of {what} has no shard {want}")
+    mraw = retry(lambda: be.get(want), f"get {want}", opts)
+    if len(mraw) != entry[1] or checksum(mraw) != entry[2]:
+        raise CorruptCheckpointError(f"manifest {want} on {be.url} does not match its commit record")
+    m = decode_manifest(mraw, f"manifest {want}", check_key=check_key)
+    if (m.step, m.rank, m.world_size) != (step, rank, world):
+        raise CorruptCheckpointError(f"manifest {want} describes another shard")
+    return m
+
+
+def read_memory_manifest(be: Backend, step: int) -> Manifest:
+    key = memory_manifest_key(step)
+    m = decode_manifest(be.get(key), f"memory manifest {key}", check_key=check_key)
+    if m.step != step:
+        raise CorruptCheckpointError(f"memory manifest {key} describes step {m.step}")
+    return m
+
+
+def fetch_chunks(
+    be: Backend,
+    m: Manifest,
+    dest: Callable[[int, int], memoryview],
+    pool: Executor,
+    opts: Options,
+) -> None:
+    """Read every chunk of ``m`` from ``be`` into ``dest(offset, nbytes)`` and verify it."""
+
+    def one(i: int) -> None:
+        c = m.chunks[i]
+        view = dest(c.offset, c.stored_nbytes)
+        n = retry(lambda: be.get_into(c.key, view, offset=c.at), f"get {c.key}", opts)
+        if n != c.stored_nbytes:
+            raise CorruptCheckpointError(
+                f"chunk {c.key} on {be.url} is truncated ({n} of {c.stored_nbytes} bytes)"
+            )
+        if checksum(view) != c.checksum:
+            raise CorruptCheckpointError(f"chunk {c.key} on {be.url} fails its checksum")
+
+    for f in [pool.submit(one, i) for i in range(len(m.chunks))]:
+        f.result()
+
+
+def verify_chunks(m: Manifest, view: Callable[[int, int], memoryview], pool: Executor, where: str) -> None:
+    """Verify chunks that are already in memory (the memory tier)."""
+
+    def one(i: int) -> None:
+        c = m.chunks[i]
+        if checksum(view(c.at, c.stored_nbytes)) != c.checksum:
+            raise CorruptCheckpointError(f"chunk at {c.at} of {c.key} in {where} fails its checksum")
+
+    for f in [pool.submit(one, i) for i in range(len(m.chunks))]:
+        f.result()
+
+
+@dataclass(frozen=True)
+class Source:
+    step: int
+    tier: Tier
+
+
+def plan_sources(inventory: Sequence[tuple[Tier, Sequence[int]]], step: int | None) -> list[Source]:
+    """Every (step, tier) to try, newest step first and cheapest tier first within a step.
+
+    ``inventory`` lists tiers from cheapest to dearest with the steps each holds.
+    """
+    steps = sorted({s for _, held in inventory for s in held}, reverse=True)
+    if step is not None:
+        steps = [s for s in steps if s == step]
+    return [Source(s, tier) for s in steps for tier, held in inventory if s in held]
+
+
+def apply_retention(be: Backend, keep: int, opts: Options) -> list[int]:
+    """Keep the newest ``keep`` committed steps on ``be``; delete older ones and torn leftovers.
+
+    A step is un-committed (record deleted) before its data, so a crash midway leaves an
+    uncommitted directory, never a committed step with missing chunks.  Uncommitted steps
+    newer than the newest commit are left alone: a save may be writing them.  Returns the
+    deleted steps.
+    """
+    steps = committed_steps(be, opts)
+    if not steps:
+        return []
+    doomed = steps[:-keep] if keep > 0 else []
+    kept = set(steps[-keep:])
+    for s in doomed:
+        retry(lambda s=s: be.delete(commit_key(s)), f"delete commit of step {s}", opts)  # type: ignore[misc]
+    names = retry(lambda: be.children("steps/"), f"list steps on {be.url}", opts)
+    newest = steps[-1]
+    removed = []
+    for name in names:
+        m = _STEP_DIR.match(name)
+        if not m:
+            continue
+        s = int(m.group(1))
+        if s in kept or s > newest:
+            continue
+        try:
+            retry(lambda s=s: be.delete_prefix(step_prefix(s)), f"delete step {s}", opts)  # type: ignore[misc]
+        except ObjectNotFound:
+            pass
+        removed.append(s)
+    return removed

@@ -1,0 +1,323 @@
+"""Staging: reusable host-memory slots, the layout of a shard in them, and the copy.
+
+A slot is one file in the memory tier directory (``/dev/shm`` by default, mode 0600) mapped
+shared, so its bytes outlive a crash of the training process.  There are two slots (double
+buffering): while one is being checksummed / persisted in the background, the next ``save``
+copies into the other.  When both are busy, ``acquire`` waits and reports how long; a save is
+never dropped.
+
+Slots are faulted in ahead of time on the ``flashckpt-prefault`` thread as soon as the state's
+size is known (first-touch of fresh shared memory costs several times a copy), pinned with
+``cudaHostRegister`` when CUDA is available, and copied into on a side CUDA stream for device
+tensors.  A slot only grows; its contents survive growth.
+
+Threads: ``acquire``/``stage`` run on the training thread; ``release`` on the persist thread;
+``prefault`` starts the prefault thread, which ``close`` joins.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flashckpt._config import Options
+
+log = logging.getLogger(__name__)
+
+_PAGE = 4096
+_LINE = 64
+_GROW = 2 << 20  # capacities are rounded up to 2 MiB
+
+
+def _round_up(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each tensor lives in a shard's byte range, and how the range is cut into chunks.
+
+    Tensors of ``small_tensor_bytes`` or more start on a page boundary and get chunks of their
+    own (at most ``chunk_bytes`` each); smaller tensors are packed, cache-line aligned, into
+    shared chunks after them.  Every chunk starts on a page boundary (O_DIRECT friendly).
+    """
+
+    signature: tuple[tuple[torch.dtype, tuple[int, ...]], ...]
+    offsets: tuple[int, ...]
+    nbytes: tuple[int, ...]
+    total_bytes: int
+    chunks: tuple[tuple[int, int], ...]  # (offset, nbytes)
+
+
+def signature_of(tensors: Sequence[torch.Tensor]) -> tuple[tuple[torch.dtype, tuple[int, ...]], ...]:
+    return tuple((t.dtype, tuple(t.shape)) for t in tensors)
+
+
+def plan_layout(tensors: Sequence[torch.Tensor], opts: Options) -> Layout:
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    offsets = [0] * len(tensors)
+    chunks: list[tuple[int, int]] = []
+    cursor = 0
+    for i, n in enumerate(sizes):
+        if n >= opts.small_tensor_bytes:
+            cursor = _round_up(cursor, _PAGE)
+            offsets[i] = cursor
+            for start in range(0, n, opts.chunk_bytes):
+                chunks.append((cursor + start, min(opts.chunk_bytes, n - start)))
+            cursor += n
+    pack_start = pack_end = -1
+    for i, n in enumerate(sizes):
+        if n == 0 or n >= opts.small_tensor_bytes:
+            continue
+        if pack_start < 0 or _round_up(pack_end, _LINE) + n - pack_start > opts.chunk_bytes:
+            if pack_start >= 0:
+                chunks.append((pack_start, pack_end - pack_start))
+            pack_start = pack_end = _round_up(cursor, _PAGE)
+        offsets[i] = _round_up(pack_end, _LINE)
+        pack_end = cursor = offsets[i] + n
+    if pack_start >= 0:
+        chunks.append((pack_start, pack_end - pack_start))
+    return Layout(signature_of(tensors), tuple(offsets), tuple(sizes), cursor, tuple(sorted(chunks)))
+
+
+class Slot:
+    """One shared-memory staging buffer.  Mapping changes happen under ``lock``."""
+
+    def __init__(self, directory: Path, index: int) -> None:
+        self.index = index
+        self.name = f"slot-{index}.bin"
+        self.path = directory / self.name
+        self.lock = threading.Lock()
+        self.capacity = 0
+        self.step: int | None = None  # the step whose bytes this slot holds, if any
+        self.busy = False
+        self._mm: mmap.mmap | None = None
+        self._buf: torch.Tensor | None = None
+        self._pinned = False
+
+    @property
+    def mapped(self) -> bool:
+        return self._buf is not None
+
+    def ensure(self, nbytes: int, *, populate: bool = True) -> bool:
+        """Map at least ``nbytes``; return True if fresh memory had to be mapped."""
+        with self.lock:
+            if self._buf is not None and self.capacity >= nbytes:
+                return False
+            capacity = max(_round_up(max(nbytes, 1), _GROW), self.capacity)
+            self._unmap()
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                size = os.fstat(fd).st_size
+                if size < capacity:
+                    os.ftruncate(fd, capacity)
+                else:
+                    capacity = size
+                flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+                self._mm = mmap.mmap(fd, capacity, flags=flags)
+            finally:
+                os.close(fd)
+            self._buf = torch.frombuffer(self._mm, dtype=torch.uint8)
+            self.capacity = capacity
+            self._pin()
+            return True
+
+    def adopt(self) -> bool:
+        """Map a slot file left by an earlier process; False if there is none."""
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            return False
+        if size == 0:
+            return False
+        self.ensure(size)
+        return True
+
+    def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+        assert self._buf is not None
+        return self._buf[offset : offset + nbytes].view(dtype).view(tuple(shape))
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        assert self._mm is not None
+        return memoryview(self._mm)[offset : offset + nbytes]
+
+    def release_mapping(self) -> None:
+        with self.lock:
+            self._unmap()
+
+    def _pin(self) -> None:
+        if not torch.cuda.is_available() or self._buf is None:
+            return
+        rc = torch.cuda.cudart().cudaHostRegister(  # type: ignore[no-untyped-call]
+            self._buf.data_ptr(), self.capacity, 0
+        )
+        self._pinned = int(rc) == 0
+        if not self._pinned:
+            log.warning("cudaHostRegister of %s failed (%s); device copies will be slower", self.path, rc)
+
+    def _unmap(self) -> None:
+        if self._buf is None:
+            return
+        if self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(self._buf.data_ptr())  # type: ignore[no-untyped-call]
+            self._pinned = False
+        self._buf = None
+        mm, self._mm = self._mm, None
+        self.capacity = 0
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a view is still alive somewhere; the GC unmaps it later
+                log.debug("slot %s still has live views; unmapping deferred", self.path)
+
+
+class Stager:
+    """Two slots and the rule for handing them out.  See the module docstring for threads."""
+
+    def __init__(self, directory: Path, opts: Options) -> None:
+        self.directory = directory
+        self.opts = opts
+        self.slots = [Slot(directory, 0), Slot(directory, 1)]
+        self._cond = threading.Condition()
+        self._last: Slot | None = None
+        self._prefault_thread: threading.Thread | None = None
+        self._streams: dict[int, Any] = {}
+        self._layouts: dict[Any, Layout] = {}
+
+    # -- layout ------------------------------------------------------------------------------
+    def layout(self, tensors: Sequence[torch.Tensor]) -> Layout:
+        sig = signature_of(tensors)
+        cached = self._layouts.get(sig)
+        if cached is None:
+            cached = plan_layout(tensors, self.opts)
+            self._layouts = {sig: cached}  # states rarely alternate between two shapes
+        return cached
+
+    # -- slot hand-out -----------------------------------------------------------------------
+    def acquire(self, *, avoid_step: int | None = None) -> tuple[Slot, float]:
+        """Block until a slot is free; mark it busy.  Returns the slot and seconds waited.
+
+        Prefers the slot that does not hold the newest staged step, so the newest snapshot in
+        memory stays intact while the next one is written.
+        """
+        t0 = time.perf_counter()
+        with self._cond:
+            while True:
+                free = [s for s in self.slots if not s.busy]
+                if free:
+                    free.sort(key=lambda s: (s is self._last, s.step is not None, s.step or 0))
+                    slot = free[0]
+                    slot.busy = True
+                    return slot, time.perf_counter() - t0
+                self._cond.wait()
+
+    def try_acquire(self, slot: Slot) -> bool:
+        with self._cond:
+            if slot.busy:
+                return False
+            slot.busy = True
+            return True
+
+    def release(self, slot: Slot) -> None:
+        with self._cond:
+            slot.busy = False
+            self._cond.notify_all()
+
+    def mark_staged(self, slot: Slot, step: int) -> None:
+        with self._cond:
+            slot.step = step
+            self._last = slot
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not any(s.busy for s in self.slots)
+
+    # -- prefault ----------------------------------------------------------------------------
+    def prefault(self, nbytes: int) -> None:
+        """Fault both slots in to ``nbytes`` on a background thread (no-op when big enough)."""
+        if not self.opts.prefault or all(s.mapped and s.capacity >= nbytes for s in self.slots):
+            return
+        self.join_prefault()
+
+        def run() -> None:
+            t0 = time.perf_counter()
+            for slot in self.slots:
+                if self.try_acquire(slot):
+                    try:
+                        slot.ensure(nbytes)
+                    except OSError as exc:
+                        log.warning("prefaulting %s failed: %s", slot.path, exc)
+                    finally:
+                        self.release(slot)
+            log.debug("prefaulted slots to %d bytes in %.3f s", nbytes, time.perf_counter() - t0)
+
+        self._prefault_thread = threading.Thread(target=run, name="flashckpt-prefault", daemon=True)
+        self._prefault_thread.start()
+
+    def join_prefault(self) -> None:
+        t = self._prefault_thread
+        if t is not None:
+            t.join()
+            self._prefault_thread = None
+
+    # -- the copy ----------------------------------------------------------------------------
+    def stage(self, slot: Slot, tensors: Sequence[torch.Tensor], layout: Layout) -> bool:
+        """Copy ``tensors`` into ``slot`` per ``layout``; return True if the slot was cold.
+
+        Device tensors are copied on a side stream that first waits for the current stream,
+        and the stream is synchronized before returning: the caller may modify its tensors as
+        soon as this returns.
+        """
+        cold = slot.ensure(layout.total_bytes)
+        by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        host: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for t, off, n in zip(tensors, layout.offsets, layout.nbytes, strict=True):
+            if n == 0:
+                continue
+            dst = slot.tensor(off, n, t.dtype, t.shape)
+            if t.device.type == "cpu":
+                host.append((dst, t))
+            else:
+                by_device.setdefault(t.device, []).append((dst, t))
+        streams = []
+        for device, pairs in by_device.items():
+            if device.type == "cuda":
+                stream = self._stream(device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    for dst, src in pairs:
+                        dst.copy_(src, non_blocking=True)
+                streams.append(stream)
+            else:
+                for dst, src in pairs:
+                    dst.copy_(src)
+        for dst, src in host:
+            dst.copy_(src)
+        for stream in streams:
+            stream.synchronize()
+        return cold
+
+    def _stream(self, device: torch.device) -> Any:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in self._streams:
+            self._streams[idx] = torch.cuda.Stream(device=idx)  # type: ignore[no-untyped-call]
+        return self._streams[idx]
+
+    def close(self, *, unlink: bool) -> None:
+        self.join_prefault()
+        for slot in self.slots:
+            slot.release_mapping()
+            if unlink:
+                try:
+                    slot.path.unlink()
+                except FileNotFoundError:
+                    pass

@@ -1,0 +1,215 @@
+"""State walk: flatten a training state into tensors + a safe tree, and load it back in place.
+
+A state is a nest of dicts, lists and tuples whose leaves are tensors, plain values, or
+``Stateful`` objects (anything with ``state_dict()`` and ``load_state_dict()``: modules,
+optimizers, LR schedulers, ``torch.distributed.checkpoint.stateful.Stateful``).
+
+Called on the training thread only.  Flattening does not copy tensor data.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flashckpt.errors import StateMismatchError, UnsupportedStateError
+from flashckpt.format import DTYPE_NAMES, StatefulRecord, TensorRef, encode_tree
+
+
+@dataclass
+class FlatState:
+    """A flattened state: ``tensors[i]`` is referenced by ``TensorRef(i)`` in ``tree``."""
+
+    tree: Any  # JSON nodes (format.encode_tree output)
+    tensors: list[torch.Tensor]
+    paths: list[str]
+
+
+def is_stateful(obj: Any) -> bool:
+    return (
+        not isinstance(obj, (torch.Tensor, dict, list, tuple))
+        and callable(getattr(obj, "state_dict", None))
+        and callable(getattr(obj, "load_state_dict", None))
+    )
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def flatten(state: Any) -> FlatState:
+    """Walk ``state``; return its tree and the tensors it references (not copied).
+
+    Exact duplicates (same storage, offset, shape, strides and dtype, e.g. tied weights) are
+    stored once and referenced twice.  Raises :class:`UnsupportedStateError` naming the path of
+    the first object that cannot be saved.
+    """
+    tensors: list[torch.Tensor] = []
+    paths: list[str] = []
+    seen: dict[tuple[Any, ...], int] = {}
+
+    def add_tensor(t: torch.Tensor, path: str) -> TensorRef:
+        _check_tensor(t, path)
+        t = t.detach()
+        key = None
+        if t.numel() > 0:
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+            if key in seen:
+                return TensorRef(seen[key])
+        tensors.append(t)
+        paths.append(path)
+        if key is not None:
+            seen[key] = len(tensors) - 1
+        return TensorRef(len(tensors) - 1)
+
+    def walk(obj: Any, path: str, depth: int) -> Any:
+        if depth > 90:
+            raise UnsupportedStateError(path, "state nested too deeply (or a reference cycle)")
+        if isinstance(obj, torch.Tensor):
+            return add_tensor(obj, path)
+        if isinstance(obj, dict):
+            out: dict[Any, Any] = OrderedDict() if isinstance(obj, OrderedDict) else {}
+            if getattr(obj, "_metadata", None) is not None:
+                out = OrderedDict()
+                out._metadata = obj._metadata  # type: ignore[attr-defined]
+            for k, v in obj.items():
+                out[k] = walk(v, _join(path, k), depth + 1)
+            return out
+        if type(obj) is list:
+            return [walk(v, _join(path, i), depth + 1) for i, v in enumerate(obj)]
+        if type(obj) is tuple:
+            return tuple(walk(v, _join(path, i), depth + 1) for i, v in enumerate(obj))
+        if is_stateful(obj):
+            try:
+                sd = obj.state_dict()
+            except Exception as exc:
+                raise UnsupportedStateError(
+                    path, f"state_dict() of {type(obj).__qualname__} failed: {exc}"
+                ) from exc
+            kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+            return StatefulRecord(kind, walk(sd, path, depth + 1))
+        return obj
+
+    flat_tree = walk(state, "", 0)
+    try:
+        tree = encode_tree(flat_tree)
+    except TypeError as exc:
+        path, _, detail = str(exc).partition(": ")
+        raise UnsupportedStateError(path if path != "<root>" else "", detail) from None
+    return FlatState(tree, tensors, paths)
+
+
+def _check_tensor(t: torch.Tensor, path: str) -> None:
+    if type(t).__name__ == "DTensor":
+        raise UnsupportedStateError(path, "DTensor shards are not supported yet")
+    if t.layout != torch.strided:
+        raise UnsupportedStateError(path, f"tensor layout {t.layout} is not supported (dense only)")
+    if t.is_quantized:
+        raise UnsupportedStateError(path, "quantized tensors are not supported")
+    if t.is_nested:
+        raise UnsupportedStateError(path, "nested tensors are not supported")
+    if t.device.type == "meta":
+        raise UnsupportedStateError(path, "meta tensors have no data to save")
+    if t.dtype not in DTYPE_NAMES:
+        raise UnsupportedStateError(path, f"dtype {t.dtype} cannot be stored")
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+Materialize = Callable[[int, "torch.Tensor | None"], torch.Tensor]
+
+
+class _Loader:
+    """Applies a decoded tree to a live state.  ``materialize(i, target)`` returns tensor ``i``
+    copied into ``target`` when compatible, else a fresh tensor (never a view of staging)."""
+
+    def __init__(self, materialize: Materialize) -> None:
+        self._materialize = materialize
+        self._fresh: dict[int, torch.Tensor] = {}
+
+    def tensor(self, ref: TensorRef, target: Any) -> torch.Tensor:
+        if isinstance(target, torch.Tensor):
+            return self._materialize(ref.index, target)
+        if ref.index not in self._fresh:
+            self._fresh[ref.index] = self._materialize(ref.index, None)
+        return self._fresh[ref.index]
+
+    def value(self, current: Any, node: Any, path: str, exact: bool) -> Any:
+        """Return the loaded value for ``node``; ``current`` is updated in place when possible.
+
+        ``exact``: build containers with exactly the saved keys (inside a ``Stateful``), instead
+        of updating the user's own containers and keeping keys the checkpoint does not have.
+        """
+        if isinstance(node, TensorRef):
+            return self.tensor(node, current)
+        if isinstance(node, StatefulRecord):
+            if is_stateful(current):
+                sd = self.value(current.state_dict(), node.state, path, exact=True)
+                try:
+                    current.load_state_dict(sd)
+                except Exception as exc:
+                    raise StateMismatchError(
+                        f"{path or '<root>'}: {type(current).__qualname__}.load_state_dict "
+                        f"rejected the checkpoint: {exc}"
+                    ) from exc
+                return current
+            return self.value(None, node.state, path, exact=True)
+        if isinstance(node, dict):
+            if not exact and isinstance(current, MutableMapping):
+                for k, v in node.items():
+                    old = current.get(k)
+                    new = self.value(old, v, _join(path, k), exact)
+                    if new is not old or k not in current:
+                        current[k] = new
+                return current
+            base = current if isinstance(current, dict) else {}
+            out: dict[Any, Any] = type(node)()
+            if getattr(node, "_metadata", None) is not None:
+                out._metadata = node._metadata  # type: ignore[attr-defined]
+            for k, v in node.items():
+                out[k] = self.value(base.get(k), v, _join(path, k), exact)
+            return out
+        if isinstance(node, list):
+            old_list = current if isinstance(current, list) else None
+            items = [
+                self.value(
+                    old_list[i] if old_list is not None and i < len(old_list) else None,
+                    v,
+                    _join(path, i),
+                    exact,
+                )
+                for i, v in enumerate(node)
+            ]
+            if not exact and old_list is not None:
+                old_list[:] = items
+                return old_list
+            return items
+        if isinstance(node, tuple):
+            old_t = current if isinstance(current, tuple) and len(current) == len(node) else None
+            items = [
+                self.value(old_t[i] if old_t is not None else None, v, _join(path, i), exact)
+                for i, v in enumerate(node)
+            ]
+            if old_t is not None and all(a is b for a, b in zip(items, old_t, strict=True)):
+                return old_t
+            return tuple(items)
+        return node
+
+
+def load_into(state: Any, tree: Any, materialize: Materialize) -> None:
+    """Load a decoded tree into ``state`` in place.  ``state`` must be a mutable mapping."""
+    if not isinstance(state, MutableMapping):
+        raise StateMismatchError(f"restore needs a dict-like state, got {type(state).__qualname__}")
+    with torch.no_grad():
+        _Loader(materialize).value(state, tree, "", exact=False)
+
+
+def build(tree: Any, materialize: Materialize) -> Any:
+    """Build a fresh state from a decoded tree (``Stateful`` entries become their state dicts)."""
+    with torch.no_grad():
+        return _Loader(materialize).value(None, tree, "", exact=True)

@@ -1,0 +1,291 @@
+"""Transfer: the background pipeline that makes a staged snapshot durable.
+
+For each staged snapshot, the ``flashckpt-persist`` thread
+
+1. checksums every chunk in the slot (on the ``flashckpt-io`` pool; xxh3 releases the GIL),
+2. writes the memory-tier manifest (the snapshot now survives a crash of the process),
+3. for each persistent tier (local, then storage): writes the chunks in parallel, then the
+   manifest, then the commit record, then applies retention,
+4. releases the slot.
+
+Every storage call is retried with exponential backoff and full jitter while its error type
+says ``retryable``; a tier that still fails is reported on the :class:`SaveHandle` and in the
+log, and the other tiers go on.  Nothing here ever runs on, or raises into, the training
+thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from flashckpt._config import Options
+from flashckpt._coordinator import apply_retention
+from flashckpt._retry import retry
+from flashckpt._staging import Slot, Stager
+from flashckpt.backends import Backend
+from flashckpt.errors import FlashCkptError, WaitTimeout
+from flashckpt.format import (
+    ChunkEntry,
+    CommitRecord,
+    Manifest,
+    checksum,
+    chunk_key,
+    commit_key,
+    encode_commit,
+    encode_manifest,
+    manifest_key,
+    memory_manifest_key,
+    now,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A named storage tier.  ``name`` is one of ``memory``, ``local``, ``storage``."""
+
+    name: str
+    backend: Backend
+
+
+class _Failure:
+    """A background error, raised at most once by whichever wait sees it first."""
+
+    def __init__(self, tier: str, error: BaseException) -> None:
+        self.tier = tier
+        self.error = error
+        self.observed = False
+        self.lock = threading.Lock()
+
+    def claim(self) -> bool:
+        with self.lock:
+            if self.observed:
+                return False
+            self.observed = True
+            return True
+
+
+class SaveHandle:
+    """The result of ``Checkpointer.save``: staged already, durable once :meth:`wait` returns.
+
+    ``wait``/``done`` may be called from any thread.  A background failure is raised once,
+    from the first ``wait`` (this handle's or the checkpointer's) that sees it.
+    """
+
+    def __init__(self, step: int, tiers: Iterable[str]) -> None:
+        self.step = step
+        self.tiers = tuple(tiers)
+        self.persist_s: dict[str, float] = {}
+        self.failures: list[_Failure] = []
+        self._pending = set(self.tiers)
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        if not self._pending:
+            self._event.set()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"SaveHandle(step={self.step}, tiers={self.tiers}, {state})"
+
+    def done(self) -> bool:
+        """True once every tier has finished (successfully or not)."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the snapshot is durable on every configured tier.
+
+        Raises :class:`~flashckpt.errors.WaitTimeout` if ``timeout`` runs out, and the first
+        tier's error (with its original type) if a tier failed and nobody has raised it yet.
+        """
+        if not self._event.wait(timeout):
+            raise WaitTimeout(f"step {self.step} not durable after {timeout} s")
+        self.raise_failure()
+
+    def raise_failure(self) -> None:
+        for f in self.failures:
+            if f.claim():
+                raise f.error
+
+    def durable_on(self) -> tuple[str, ...]:
+        """Tiers on which this step is durable."""
+        failed = {f.tier for f in self.failures}
+        return tuple(t for t in self.tiers if t in self.persist_s and t not in failed)
+
+    # -- called by the persist thread ------------------------------------------------------
+    def _finish_tier(self, tier: str, seconds: float, error: BaseException | None = None) -> None:
+        with self._lock:
+            self.persist_s[tier] = seconds
+            if error is not None:
+                self.failures.append(_Failure(tier, error))
+            self._pending.discard(tier)
+            if not self._pending:
+                self._event.set()
+
+
+@dataclass
+class Job:
+    """One snapshot for the persist thread.  ``manifest.chunks`` already hold checksums when
+    ``hashed`` (a salvaged snapshot from the memory tier); else they are filled in here."""
+
+    manifest: Manifest
+    slot: Slot
+    tiers: list[Tier]
+    handle: SaveHandle
+    hashed: bool = False
+    on_done: list[Callable[[SaveHandle], None]] = field(default_factory=list)
+
+
+class Persister:
+    """Owns the ``flashckpt-persist`` thread and the ``flashckpt-io`` pool."""
+
+    def __init__(self, opts: Options, memory: Tier, stager: Stager, keep: int | None) -> None:
+        self.opts = opts
+        self.memory = memory
+        self.stager = stager
+        self.keep = keep
+        self.pool = ThreadPoolExecutor(
+            max(opts.io_threads, opts.hash_threads), thread_name_prefix="flashckpt-io"
+        )
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="flashckpt-persist", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Training thread: hand a staged slot over.  Never blocks."""
+        self._queue.put(job)
+
+    def close(self) -> None:
+        """Finish every queued job, then stop the thread and the pool."""
+        self._queue.put(None)
+        self._thread.join()
+        self.pool.shutdown(wait=True)
+
+    # -- persist thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                self._run(job)
+            except BaseException as exc:  # never let the thread die silently
+                log.exception("flashckpt persist of step %d failed unexpectedly", job.manifest.step)
+                for name in job.handle.tiers:
+                    if name in job.handle._pending:
+                        job.handle._finish_tier(name, 0.0, exc)
+            finally:
+                self.stager.release(job.slot)
+                for cb in job.on_done:
+                    try:
+                        cb(job.handle)
+                    except Exception:
+                        log.exception("flashckpt completion callback failed")
+
+    def _run(self, job: Job) -> None:
+        m = job.manifest
+        if not job.hashed:
+            t0 = time.perf_counter()
+            try:
+                m = self._hash(m, job.slot)
+                data = encode_manifest(m)
+                key = memory_manifest_key(m.step)
+                self.memory.backend.put(key, data)
+            except BaseException as exc:
+                log.error("flashckpt: step %d could not be written to the memory tier: %s", m.step, exc)
+                for name in job.handle.tiers:
+                    job.handle._finish_tier(name, 0.0, exc)
+                return
+            job.handle._finish_tier("memory", time.perf_counter() - t0)
+        for tier in job.tiers:
+            t0 = time.perf_counter()
+            try:
+                self.persist(tier, m, job.slot)
+            except BaseException as exc:
+                secs = time.perf_counter() - t0
+                log.error(
+                    "flashckpt: step %d failed on the %s tier (%s) after %.2f s: %s",
+                    m.step,
+                    tier.name,
+                    tier.backend.url,
+                    secs,
+                    exc,
+                )
+                job.handle._finish_tier(tier.name, secs, exc)
+                continue
+            secs = time.perf_counter() - t0
+            log.info(
+                "flashckpt: step %d committed on %s tier in %.3f s (%.2f GB/s)",
+                m.step,
+                tier.name,
+                secs,
+                m.total_bytes / max(secs, 1e-9) / 1e9,
+            )
+            job.handle._finish_tier(tier.name, secs)
+
+    def _hash(self, m: Manifest, slot: Slot) -> Manifest:
+        digests = list(self.pool.map(lambda c: checksum(slot.view(c.offset, c.nbytes)), m.chunks))
+        return m.with_chunks(
+            ChunkEntry(slot.name, c.offset, c.offset, c.nbytes, c.nbytes, c.codec, d)
+            for c, d in zip(m.chunks, digests, strict=True)
+        )
+
+    def persist(self, tier: Tier, m: Manifest, slot: Slot) -> None:
+        """Write one shard (chunks, manifest, commit record) to ``tier`` and apply retention."""
+        be, opts = tier.backend, self.opts
+        # Re-saving a step number: un-commit first, so the step is never committed while torn.
+        retry(lambda: be.delete(commit_key(m.step)), f"uncommit step {m.step}", opts)
+        chunks = [
+            ChunkEntry(
+                chunk_key(m.step, m.rank, m.world_size, i),
+                0,
+                c.offset,
+                c.nbytes,
+                c.stored_nbytes,
+                c.codec,
+                c.checksum,
+            )
+            for i, c in enumerate(m.chunks)
+        ]
+        futures: list[Future[None]] = []
+        for src, dst in zip(m.chunks, chunks, strict=True):
+            view = slot.view(src.at, src.stored_nbytes)
+            futures.append(self.pool.submit(retry, _putter(be, dst.key, view), f"put {dst.key}", opts))
+        _wait_all(futures)
+        out = m.with_chunks(chunks)
+        mkey = manifest_key(m.step, m.rank, m.world_size)
+        mdata = encode_manifest(out)
+        retry(lambda: be.put(mkey, mdata), f"put {mkey}", opts)
+        record = CommitRecord(m.step, m.world_size, now(), ((mkey, len(mdata), checksum(mdata)),))
+        cdata = encode_commit(record)
+        retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
+        if self.keep is not None:
+            try:
+                apply_retention(be, self.keep, opts)
+            except FlashCkptError as exc:  # retention failing never fails the save
+                log.warning("flashckpt: retention on %s failed: %s", be.url, exc)
+
+
+def _putter(be: Backend, key: str, view: memoryview) -> Callable[[], None]:
+    return lambda: be.put(key, view)
+
+
+def _wait_all(futures: list[Future[None]]) -> None:
+    """Wait for every future; cancel the rest and raise the first error if one fails."""
+    error: BaseException | None = None
+    for f in futures:
+        try:
+            f.result()
+        except BaseException as exc:
+            if error is None:
+                error = exc
+                for g in futures:
+                    g.cancel()
+    if error is not None:
+        raise error

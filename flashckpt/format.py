@@ -1,0 +1,564 @@
+"""The on-storage format: manifests, commit records, the state tree, and storage keys.
+
+Everything read from storage passes through :func:`decode_manifest` or :func:`decode_commit`,
+which validate every field against hard limits before anything else trusts it.  Nothing here
+unpickles: the state tree is JSON with a small tag vocabulary.  See ``docs/format.md``.
+
+Pure functions and frozen dataclasses only; safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import itertools
+import json
+import math
+import numbers
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xxhash
+
+from flashckpt.errors import CorruptCheckpointError
+
+FORMAT_VERSION = 1
+MANIFEST_FORMAT = "flashckpt.manifest"
+COMMIT_FORMAT = "flashckpt.commit"
+CODEC_RAW = "raw/1"
+KNOWN_CODECS = frozenset({CODEC_RAW})
+
+# Hard parser limits: a manifest that exceeds any of them is rejected before use.
+MAX_RECORD_BYTES = 1 << 30
+MAX_TENSORS = 10_000_000
+MAX_CHUNKS = 10_000_000
+MAX_NDIM = 64
+MAX_TOTAL_BYTES = 1 << 50
+MAX_TREE_DEPTH = 100
+MAX_STEP = 10**12 - 1
+MAX_WORLD = 1 << 20
+
+_TRAILER = b"\n#xxh3_128:"
+_TRAILER_LEN = len(_TRAILER) + 32 + 1
+
+# Every dtype CPU PyTorch can store and copy, by a stable name.
+_DTYPE_NAMES = [
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
+    "complex128",
+    "complex64",
+    "complex32",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint64",
+    "uint32",
+    "uint16",
+    "uint8",
+    "bool",
+    "bits8",
+    "bits16",
+    "bits1x8",
+    "bits2x4",
+    "bits4x2",
+]
+DTYPES: dict[str, torch.dtype] = {
+    n: getattr(torch, n) for n in _DTYPE_NAMES if isinstance(getattr(torch, n, None), torch.dtype)
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def checksum(data: Any) -> str:
+    """xxh3-128 of a buffer, as 32 hex digits.  Releases the GIL on large buffers."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+# --------------------------------------------------------------------------------------------
+# storage keys
+
+
+def commit_key(step: int) -> str:
+    return f"commits/step-{step:012d}"
+
+
+def step_prefix(step: int) -> str:
+    return f"steps/{step:012d}/"
+
+
+def shard_name(rank: int, world_size: int) -> str:
+    return f"r{rank:05d}-of-{world_size:05d}"
+
+
+def manifest_key(step: int, rank: int, world_size: int) -> str:
+    return f"{step_prefix(step)}{shard_name(rank, world_size)}.manifest"
+
+
+def chunk_key(step: int, rank: int, world_size: int, index: int) -> str:
+    return f"{step_prefix(step)}{shard_name(rank, world_size)}/{index:06d}"
+
+
+def memory_manifest_key(step: int) -> str:
+    return f"step-{step:012d}.manifest"
+
+
+_COMMIT_RE = re.compile(r"^commits/step-(\d{12})$")
+_MEMORY_MANIFEST_RE = re.compile(r"^step-(\d{12})\.manifest$")
+
+
+def parse_commit_key(key: str) -> int | None:
+    m = _COMMIT_RE.match(key)
+    return int(m.group(1)) if m else None
+
+
+def parse_memory_manifest_key(key: str) -> int | None:
+    m = _MEMORY_MANIFEST_RE.match(key)
+    return int(m.group(1)) if m else None
+
+
+# --------------------------------------------------------------------------------------------
+# the state tree: JSON with tags, never pickle
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor in the state tree: index into the manifest's tensor table."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class StatefulRecord:
+    """An object saved through its ``state_dict()``; ``kind`` is informational only."""
+
+    kind: str
+    state: Any
+
+
+_SCALARS = (str, bool, type(None))
+
+
+def encode_tree(obj: Any, path: str = "") -> Any:
+    """Turn a flattened state (with :class:`TensorRef` leaves) into JSON-able nodes.
+
+    Raises ``TypeError`` naming the path for anything the vocabulary cannot express; the state
+    walk turns that into an ``UnsupportedStateError`` before any of it reaches storage.
+    """
+    if isinstance(obj, _SCALARS):
+        return obj
+    if isinstance(obj, TensorRef):
+        return {"T": "tensor", "i": obj.index}
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        f = float(obj)
+        return f if math.isfinite(f) else {"T": "float", "v": repr(f)}
+    if isinstance(obj, StatefulRecord):
+        return {"T": "stateful", "kind": obj.kind, "v": encode_tree(obj.state, path)}
+    if isinstance(obj, dict):
+        node: dict[str, Any] = {
+            "T": "dict",
+            "k": [encode_key(k, path) for k in obj],
+            "v": [encode_tree(v, _join(path, k)) for k, v in obj.items()],
+        }
+        if isinstance(obj, OrderedDict):
+            node["ordered"] = True
+        meta = getattr(obj, "_metadata", None)
+        if meta is not None:
+            node["meta"] = encode_tree(meta, _join(path, "_metadata"))
+        return node
+    if type(obj) is list:
+        return [encode_tree(v, _join(path, i)) for i, v in enumerate(obj)]
+    if type(obj) is tuple:
+        return {"T": "tuple", "v": [encode_tree(v, _join(path, i)) for i, v in enumerate(obj)]}
+    if isinstance(obj, torch.Size):
+        return {"T": "size", "v": [int(d) for d in obj]}
+    if isinstance(obj, (set, frozenset)) and type(obj) in (set, frozenset):
+        tag = "set" if type(obj) is set else "frozenset"
+        items = sorted((encode_key(v, path) for v in obj), key=repr)
+        return {"T": tag, "v": items}
+    if isinstance(obj, (bytes, bytearray)):
+        return {"T": "bytes", "v": base64.b64encode(bytes(obj)).decode("ascii")}
+    if isinstance(obj, torch.dtype):
+        if obj not in DTYPE_NAMES:
+            raise TypeError(f"{path}: dtype {obj} has no stable name")
+        return {"T": "dtype", "v": DTYPE_NAMES[obj]}
+    if isinstance(obj, torch.device):
+        return {"T": "device", "v": str(obj)}
+    raise TypeError(f"{path or '<root>'}: objects of type {type(obj).__qualname__} are not supported")
+
+
+def encode_key(k: Any, path: str) -> Any:
+    """Dict keys and set members: hashable scalars and tuples of them."""
+    if isinstance(k, (str, bool, type(None), numbers.Integral, numbers.Real)):
+        return encode_tree(k, path)
+    if type(k) is tuple:
+        return {"T": "tuple", "v": [encode_key(v, path) for v in k]}
+    raise TypeError(f"{path or '<root>'}: dict key {k!r} of type {type(k).__qualname__}")
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+_FLOAT_WORDS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def decode_tree(node: Any, n_tensors: int, depth: int = 0) -> Any:
+    """Validate and decode a tree read from storage.  Raises ``CorruptCheckpointError``."""
+    if depth > MAX_TREE_DEPTH:
+        raise CorruptCheckpointError("state tree nested too deeply")
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    if isinstance(node, list):
+        return [decode_tree(v, n_tensors, depth + 1) for v in node]
+    if not isinstance(node, dict):
+        raise CorruptCheckpointError(f"bad state tree node of type {type(node).__name__}")
+    tag = node.get("T")
+    v = node.get("v")
+    if tag == "tensor":
+        i = node.get("i")
+        if type(i) is not int or not 0 <= i < n_tensors:
+            raise CorruptCheckpointError(f"tensor reference {i!r} out of range")
+        return TensorRef(i)
+    if tag == "dict":
+        keys, vals = node.get("k"), v
+        if not isinstance(keys, list) or not isinstance(vals, list) or len(keys) != len(vals):
+            raise CorruptCheckpointError("bad dict node")
+        items = [
+            (_hashable(decode_tree(k, 0, depth + 1)), decode_tree(x, n_tensors, depth + 1))
+            for k, x in zip(keys, vals, strict=True)
+        ]
+        meta = node.get("meta")
+        if meta is not None:
+            # What nn.Module.state_dict returns: an OrderedDict carrying ``_metadata``.
+            out: dict[Any, Any] = OrderedDict(items)
+            out._metadata = decode_tree(meta, 0, depth + 1)  # type: ignore[attr-defined]
+            return out
+        return OrderedDict(items) if node.get("ordered") is True else dict(items)
+    if tag == "tuple":
+        return tuple(decode_tree(x, n_tensors, depth + 1) for x in _list(v))
+    if tag == "stateful":
+        kind = node.get("kind")
+        if not isinstance(kind, str):
+            raise CorruptCheckpointError("bad stateful node")
+        return StatefulRecord(kind, decode_tree(v, n_tensors, depth + 1))
+    if tag == "float" and isinstance(v, str) and v in _FLOAT_WORDS:
+        return _FLOAT_WORDS[v]
+    if tag == "size":
+        dims = _list(v)
+        if not all(type(d) is int and d >= 0 for d in dims):
+            raise CorruptCheckpointError("bad torch.Size node")
+        return torch.Size(dims)
+    if tag in ("set", "frozenset"):
+        items = [_hashable(decode_tree(x, 0, depth + 1)) for x in _list(v)]
+        return set(items) if tag == "set" else frozenset(items)
+    if tag == "bytes" and isinstance(v, str):
+        try:
+            return base64.b64decode(v.encode("ascii"), validate=True)
+        except ValueError as exc:
+            raise CorruptCheckpointError("bad bytes node") from exc
+    if tag == "dtype" and v in DTYPES:
+        return DTYPES[v]
+    if tag == "device" and isinstance(v, str):
+        try:
+            return torch.device(v)
+        except RuntimeError as exc:
+            raise CorruptCheckpointError(f"bad device {v!r}") from exc
+    raise CorruptCheckpointError(f"unknown state tree node {str(tag)[:40]!r}")
+
+
+def _list(v: Any) -> list[Any]:
+    if not isinstance(v, list):
+        raise CorruptCheckpointError("expected a list in the state tree")
+    return v
+
+
+def _hashable(k: Any) -> Any:
+    try:
+        hash(k)
+    except TypeError as exc:
+        raise CorruptCheckpointError("unhashable dict key in state tree") from exc
+    return k
+
+
+# --------------------------------------------------------------------------------------------
+# manifests
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    """Bytes ``[offset, offset + nbytes)`` of the shard, stored in object ``key`` from ``at``."""
+
+    key: str
+    at: int
+    offset: int
+    nbytes: int
+    stored_nbytes: int
+    codec: str
+    checksum: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One rank's shard of one step: tensor table, chunk table and state tree."""
+
+    step: int
+    rank: int
+    world_size: int
+    node: str
+    created_unix: float
+    total_bytes: int
+    tensors: tuple[TensorEntry, ...]
+    chunks: tuple[ChunkEntry, ...]
+    tree: Any  # JSON nodes; decode with decode_tree(tree, len(tensors))
+
+    def with_chunks(self, chunks: Iterable[ChunkEntry]) -> Manifest:
+        return Manifest(
+            self.step,
+            self.rank,
+            self.world_size,
+            self.node,
+            self.created_unix,
+            self.total_bytes,
+            self.tensors,
+            tuple(chunks),
+            self.tree,
+        )
+
+    def state_tree(self) -> Any:
+        return decode_tree(self.tree, len(self.tensors))
+
+
+def tensor_nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def encode_record(body: dict[str, Any]) -> bytes:
+    """JSON body + a trailer line with the body's xxh3-128, so truncation is always detected."""
+    data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return data + _TRAILER + checksum(data).encode("ascii") + b"\n"
+
+
+def decode_record(raw: bytes, what: str) -> dict[str, Any]:
+    if len(raw) > MAX_RECORD_BYTES:
+        raise CorruptCheckpointError(f"{what}: record of {len(raw)} bytes is over the limit")
+    if len(raw) < _TRAILER_LEN or raw[-_TRAILER_LEN:-33] != _TRAILER or raw[-1:] != b"\n":
+        raise CorruptCheckpointError(f"{what}: truncated record (no checksum trailer)")
+    body, digest = raw[:-_TRAILER_LEN], raw[-33:-1]
+    if checksum(body).encode("ascii") != digest:
+        raise CorruptCheckpointError(f"{what}: record checksum mismatch")
+    try:
+        obj = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{what}: not valid JSON") from exc
+    if not isinstance(obj, dict):
+        raise CorruptCheckpointError(f"{what}: record is not an object")
+    return obj
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"non-finite constant {name} in record")
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    return encode_record(
+        {
+            "format": MANIFEST_FORMAT,
+            "version": FORMAT_VERSION,
+            "step": m.step,
+            "rank": m.rank,
+            "world_size": m.world_size,
+            "node": m.node,
+            "created_unix": m.created_unix,
+            "total_bytes": m.total_bytes,
+            "tensors": [[DTYPE_NAMES[t.dtype], list(t.shape), t.offset] for t in m.tensors],
+            "chunks": [
+                [c.key, c.at, c.offset, c.nbytes, c.stored_nbytes, c.codec, c.checksum] for c in m.chunks
+            ],
+            "tree": m.tree,
+        }
+    )
+
+
+def _int(obj: dict[str, Any], name: str, lo: int, hi: int) -> int:
+    v = obj.get(name)
+    if type(v) is not int or not lo <= v <= hi:
+        raise CorruptCheckpointError(f"manifest field {name!r} invalid: {str(v)[:40]}")
+    return v
+
+
+def _check_header(obj: dict[str, Any], fmt: str, what: str) -> None:
+    if obj.get("format") != fmt:
+        raise CorruptCheckpointError(f"{what}: not a {fmt} record")
+    version = obj.get("version")
+    if type(version) is not int or version > FORMAT_VERSION or version < 1:
+        raise CorruptCheckpointError(
+            f"{what}: format version {version!r} (this flashckpt reads <= {FORMAT_VERSION})"
+        )
+
+
+def decode_manifest(raw: bytes, what: str = "manifest", *, check_key: Callable[[str], str]) -> Manifest:
+    """Parse and validate a manifest.  ``check_key`` validates chunk object names."""
+    obj = decode_record(raw, what)
+    _check_header(obj, MANIFEST_FORMAT, what)
+    step = _int(obj, "step", 0, MAX_STEP)
+    world = _int(obj, "world_size", 1, MAX_WORLD)
+    rank = _int(obj, "rank", 0, world - 1)
+    total = _int(obj, "total_bytes", 0, MAX_TOTAL_BYTES)
+    node = obj.get("node")
+    created = obj.get("created_unix")
+    if not isinstance(node, str) or len(node) > 255 or not isinstance(created, (int, float)):
+        raise CorruptCheckpointError(f"{what}: bad node or created_unix")
+    raw_tensors, raw_chunks = obj.get("tensors"), obj.get("chunks")
+    if not isinstance(raw_tensors, list) or len(raw_tensors) > MAX_TENSORS:
+        raise CorruptCheckpointError(f"{what}: bad tensor table")
+    if not isinstance(raw_chunks, list) or len(raw_chunks) > MAX_CHUNKS:
+        raise CorruptCheckpointError(f"{what}: bad chunk table")
+    chunks = tuple(_decode_chunk(c, total, what, check_key) for c in raw_chunks)
+    ordered = sorted(chunks, key=lambda c: c.offset)
+    for a, b in itertools.pairwise(ordered):
+        if b.offset < a.offset + a.nbytes:
+            raise CorruptCheckpointError(f"{what}: chunks overlap")
+    tensors = tuple(_decode_tensor(t, total, what) for t in raw_tensors)
+    _check_coverage(tensors, ordered, what)
+    tree = obj.get("tree")
+    decode_tree(tree, len(tensors))  # validate now; callers decode again when they need it
+    return Manifest(step, rank, world, node, float(created), total, tensors, chunks, tree)
+
+
+def _decode_tensor(t: Any, total: int, what: str) -> TensorEntry:
+    if not isinstance(t, list) or len(t) != 3:
+        raise CorruptCheckpointError(f"{what}: bad tensor entry")
+    name, shape, offset = t
+    if name not in DTYPES:
+        raise CorruptCheckpointError(f"{what}: unknown dtype {str(name)[:40]!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(type(d) is int and 0 <= d <= MAX_TOTAL_BYTES for d in shape)
+    ):
+        raise CorruptCheckpointError(f"{what}: bad tensor shape")
+    dtype = DTYPES[name]
+    nbytes = tensor_nbytes(dtype, shape)
+    if type(offset) is not int or offset < 0 or offset + nbytes > total:
+        raise CorruptCheckpointError(f"{what}: tensor bytes outside the shard")
+    return TensorEntry(dtype, tuple(shape), offset, nbytes)
+
+
+def _decode_chunk(c: Any, total: int, what: str, check_key: Callable[[str], str]) -> ChunkEntry:
+    if not isinstance(c, list) or len(c) != 7:
+        raise CorruptCheckpointError(f"{what}: bad chunk entry")
+    key, at, offset, nbytes, stored, codec, digest = c
+    try:
+        key = check_key(key)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{what}: unsafe chunk name {str(key)[:80]!r}") from exc
+    ints = (at, offset, nbytes, stored)
+    if not all(type(v) is int and 0 <= v <= MAX_TOTAL_BYTES for v in ints):
+        raise CorruptCheckpointError(f"{what}: bad chunk sizes")
+    if offset + nbytes > total or codec not in KNOWN_CODECS:
+        raise CorruptCheckpointError(f"{what}: chunk outside the shard or unknown codec")
+    if codec == CODEC_RAW and stored != nbytes:
+        raise CorruptCheckpointError(f"{what}: raw chunk with stored size != size")
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{32}", digest):
+        raise CorruptCheckpointError(f"{what}: bad chunk checksum")
+    return ChunkEntry(key, at, offset, nbytes, stored, codec, digest)
+
+
+def _check_coverage(tensors: tuple[TensorEntry, ...], chunks: list[ChunkEntry], what: str) -> None:
+    """Every tensor byte must lie inside chunks (a manifest cannot point outside its data)."""
+    spans: list[list[int]] = []
+    for c in chunks:
+        if spans and c.offset == spans[-1][1]:
+            spans[-1][1] = c.offset + c.nbytes
+        elif c.nbytes:
+            spans.append([c.offset, c.offset + c.nbytes])
+    starts = [s[0] for s in spans]
+    for t in tensors:
+        if t.nbytes == 0:
+            continue
+        i = bisect.bisect_right(starts, t.offset) - 1
+        if i < 0 or t.offset + t.nbytes > spans[i][1]:
+            raise CorruptCheckpointError(f"{what}: tensor bytes not covered by any chunk")
+
+
+# --------------------------------------------------------------------------------------------
+# commit records
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """A step is committed on a tier if and only if this record exists there."""
+
+    step: int
+    world_size: int
+    created_unix: float
+    manifests: tuple[tuple[str, int, str], ...]  # (key, bytes, checksum)
+
+
+def encode_commit(c: CommitRecord) -> bytes:
+    return encode_record(
+        {
+            "format": COMMIT_FORMAT,
+            "version": FORMAT_VERSION,
+            "step": c.step,
+            "world_size": c.world_size,
+            "created_unix": c.created_unix,
+            "manifests": [list(m) for m in c.manifests],
+        }
+    )
+
+
+def decode_commit(
+    raw: bytes, what: str = "commit record", *, check_key: Callable[[str], str]
+) -> CommitRecord:
+    obj = decode_record(raw, what)
+    _check_header(obj, COMMIT_FORMAT, what)
+    step = _int(obj, "step", 0, MAX_STEP)
+    world = _int(obj, "world_size", 1, MAX_WORLD)
+    created = obj.get("created_unix")
+    ms = obj.get("manifests")
+    if not isinstance(created, (int, float)) or not isinstance(ms, list) or len(ms) != world:
+        raise CorruptCheckpointError(f"{what}: bad manifest list")
+    out = []
+    for m in ms:
+        if not (isinstance(m, list) and len(m) == 3 and isinstance(m[0], str)):
+            raise CorruptCheckpointError(f"{what}: bad manifest entry")
+        key, size, digest = m
+        try:
+            check_key(key)
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"{what}: unsafe manifest name") from exc
+        if type(size) is not int or not 0 < size <= MAX_RECORD_BYTES or not isinstance(digest, str):
+            raise CorruptCheckpointError(f"{what}: bad manifest entry")
+        out.append((key, size, digest))
+    return CommitRecord(step, world, float(created), tuple(out))
+
+
+def now() -> float:
+    return time.time()

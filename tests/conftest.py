@@ -1,0 +1,85 @@
+"""Shared fixtures: private memory-tier directories on /dev/shm that are always cleaned up."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    """A fresh, not yet existing directory on /dev/shm (tmp elsewhere), removed afterwards."""
+    base = SHM or Path(os.environ.get("TMPDIR", "/tmp"))
+    path = base / f"flashckpt-test-{uuid.uuid4().hex[:12]}"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def dirs(tmp_path: Path, shm_dir: Path) -> dict[str, Path]:
+    """storage, local and memory directories for one Checkpointer."""
+    return {"storage": tmp_path / "storage", "local": tmp_path / "local", "memory": shm_dir}
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 16)
+        self.lin = torch.nn.Linear(16, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.bn = torch.nn.BatchNorm1d(16)
+        self.head = torch.nn.Linear(16, 32, bias=False)
+        self.head.weight = self.emb.weight  # tied weights: one storage, two keys
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.bn(torch.relu(self.lin(self.emb(idx))))))
+
+
+def make_state(seed: int = 0) -> dict[str, object]:
+    """A model, an AdamW optimizer, a scheduler and plain values, as a training loop has."""
+    torch.manual_seed(seed)
+    model = TinyNet()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(optim, step_size=3, gamma=0.5)
+    return {"model": model, "optim": optim, "sched": sched, "extra": {"epoch": 0, "seen": []}}
+
+
+def train_step(state: dict[str, object], step: int) -> None:
+    """One deterministic training step (the data depends only on the step number)."""
+    model, optim, sched = state["model"], state["optim"], state["sched"]
+    assert isinstance(model, TinyNet)
+    g = torch.Generator().manual_seed(1000 + step)
+    idx = torch.randint(0, 32, (8,), generator=g)
+    loss = torch.nn.functional.cross_entropy(model(idx), idx)
+    optim.zero_grad()  # type: ignore[attr-defined]
+    loss.backward()
+    optim.step()  # type: ignore[attr-defined]
+    sched.step()  # type: ignore[attr-defined]
+    extra = state["extra"]
+    assert isinstance(extra, dict)
+    extra["epoch"] = step // 4
+    extra["seen"].append(step)
+
+
+def assert_state_equal(a: dict[str, object], b: dict[str, object]) -> None:
+    """Bitwise equality of two training states (model, optimizer, scheduler, extras)."""
+    ma, mb = a["model"].state_dict(), b["model"].state_dict()  # type: ignore[attr-defined]
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+    oa, ob = a["optim"].state_dict(), b["optim"].state_dict()  # type: ignore[attr-defined]
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for pid in oa["state"]:
+        for k, v in oa["state"][pid].items():
+            assert torch.equal(v, ob["state"][pid][k]), (pid, k)
+    assert a["sched"].state_dict() == b["sched"].state_dict()  # type: ignore[attr-defined]
+    assert a["extra"] == b["extra"]

@@ -1,0 +1,266 @@
+"""The Checkpointer end to end in one process: save, persist, restore, retention, cleanup."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+import flashckpt
+from flashckpt.format import commit_key
+from tests.conftest import assert_state_equal, make_state, train_step
+
+
+def _ckpt(dirs: dict[str, Path], **kw: object) -> flashckpt.Checkpointer:
+    kw.setdefault("local_dir", dirs["local"])
+    kw.setdefault("memory_dir", dirs["memory"])
+    return flashckpt.Checkpointer(dirs["storage"], **kw)  # type: ignore[arg-type]
+
+
+def _committed(root: Path) -> list[int]:
+    d = root / "commits"
+    return sorted(int(p.name.split("-")[1]) for p in d.iterdir()) if d.is_dir() else []
+
+
+def test_restore_with_nothing_saved_returns_none(dirs: dict[str, Path]) -> None:
+    state = make_state()
+    with _ckpt(dirs) as ckpt:
+        assert ckpt.restore(state) is None
+        assert ckpt.latest_step() is None
+
+
+def test_save_restore_continue_is_bitwise_equal_to_uninterrupted(dirs: dict[str, Path]) -> None:
+    reference = make_state()
+    for step in range(10):
+        train_step(reference, step)
+
+    state = make_state()
+    with _ckpt(dirs) as ckpt:
+        for step in range(6):
+            train_step(state, step)
+            ckpt.save(step, state)
+        ckpt.wait()
+    assert _committed(dirs["storage"]) == [3, 4, 5]
+    assert _committed(dirs["local"]) == [3, 4, 5]
+
+    resumed = make_state(seed=123)  # different initial weights: everything must come from the checkpoint
+    with _ckpt(dirs) as ckpt:
+        start = ckpt.restore(resumed)
+        assert start == 5
+        for step in range(start + 1, 10):
+            train_step(resumed, step)
+            ckpt.save(step, resumed)
+    assert_state_equal(resumed, reference)
+
+
+def test_clean_close_frees_memory_tier_and_files_are_private(dirs: dict[str, Path]) -> None:
+    state = make_state()
+    ckpt = _ckpt(dirs)
+    ckpt.save(0, state)
+    rank_dir = ckpt.memory_path
+    ckpt.wait()
+    for p in rank_dir.iterdir():
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode & 0o077 == 0, f"{p} is readable by others: {oct(mode)}"
+    assert stat.S_IMODE(rank_dir.stat().st_mode) & 0o077 == 0
+    ckpt.close()
+    assert not dirs["memory"].exists(), list(dirs["memory"].rglob("*"))
+
+
+def test_default_memory_dir_is_under_dev_shm_and_released(tmp_path: Path) -> None:
+    state = make_state()
+    with flashckpt.Checkpointer(tmp_path / "s") as ckpt:
+        ckpt.save(0, state)
+        path = ckpt.memory_path
+        assert str(path).startswith("/dev/shm/") or not os.path.isdir("/dev/shm")
+        assert any(path.glob("slot-*.bin"))
+    assert not path.exists()
+
+
+def test_every_and_persist_every(dirs: dict[str, Path]) -> None:
+    state = make_state()
+    with _ckpt(dirs, every=2, persist_every=2, keep=None) as ckpt:
+        handles = {s: ckpt.save(s, state) for s in range(9)}
+        assert [s for s, h in handles.items() if h is None] == [1, 3, 5, 7]
+        ckpt.wait()
+        # staged snapshots are steps 0,2,4,6,8 (k = 0..4); k % 2 == 0 are persisted
+        assert _committed(dirs["storage"]) == [0, 4, 8]
+        h = handles[6]
+        assert h is not None and h.tiers == ("memory",)
+        forced = ckpt.save(7, state, force=True)
+        assert forced is not None
+        forced.wait()
+        assert 7 in _committed(dirs["storage"])
+
+
+def test_close_persists_newest_memory_only_snapshot(dirs: dict[str, Path]) -> None:
+    state = make_state()
+    with _ckpt(dirs, persist_every=100) as ckpt:
+        ckpt.save(0, state)
+        train_step(state, 0)
+        h = ckpt.save(1, state)
+        assert h is not None and h.tiers == ("memory",)
+        ckpt.wait()
+        assert _committed(dirs["storage"]) == [0]
+    assert _committed(dirs["storage"]) == [0, 1]
+    assert _committed(dirs["local"]) == [0, 1]
+    assert not dirs["memory"].exists()
+
+
+def test_keep_retention_on_every_tier(dirs: dict[str, Path]) -> None:
+    state = make_state()
+    with _ckpt(dirs, keep=2) as ckpt:
+        for step in range(5):
+            ckpt.save(step, state)
+        ckpt.wait()
+        for root in (dirs["storage"], dirs["local"]):
+            assert _committed(root) == [3, 4]
+            assert sorted(p.name for p in (root / "steps").iterdir()) == ["000000000003", "000000000004"]
+        # the memory tier holds at most two snapshots (the two slots)
+        assert len(list(ckpt.memory_path.glob("step-*.manifest"))) <= 2
+
+
+def test_restore_explicit_step_and_missing_step(dirs: dict[str, Path]) -> None:
+    state = make_state()
+    saved = {}
+    with _ckpt(dirs, keep=None) as ckpt:
+        for step in range(3):
+            train_step(state, step)
+            ckpt.save(step, state)
+            saved[step] = {k: v.clone() for k, v in state["model"].state_dict().items()}  # type: ignore[attr-defined]
+    fresh = make_state(seed=5)
+    with _ckpt(dirs) as ckpt:
+        assert ckpt.restore(fresh, step=1) == 1
+        for k, v in fresh["model"].state_dict().items():  # type: ignore[attr-defined]
+            assert torch.equal(v, saved[1][k])
+        with pytest.raises(flashckpt.CheckpointNotFound):
+            ckpt.restore(fresh, step=7)
+
+
+def test_restore_prefers_memory_then_local_then_storage(dirs: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    state = make_state()
+    ckpt = _ckpt(dirs)
+    ckpt.save(0, state)
+    ckpt.wait()
+    caplog.set_level(logging.INFO, logger="flashckpt")
+    assert ckpt.restore(make_state()) == 0
+    assert "from the memory tier" in caplog.text
+    ckpt.close()
+    caplog.clear()
+    with _ckpt(dirs) as ckpt:
+        assert ckpt.restore(make_state()) == 0
+        assert "from the local tier" in caplog.text
+    caplog.clear()
+    with _ckpt(dirs, local_dir=None) as ckpt:
+        assert ckpt.restore(make_state()) == 0
+        assert "from the storage tier" in caplog.text
+
+
+def test_slot_wait_is_recorded_not_dropped(dirs: dict[str, Path]) -> None:
+    from flashckpt.backends import Fault, FaultPlan, FaultyBackend, LocalBackend
+
+    slow = FaultyBackend(
+        LocalBackend(dirs["storage"]),
+        FaultPlan([Fault(op="put", key_contains="commits/", times=None, error=None, delay_s=0.3)]),
+    )
+    state = make_state()
+    with flashckpt.Checkpointer(slow, memory_dir=dirs["memory"], keep=None) as ckpt:
+        handles = [ckpt.save(s, state) for s in range(4)]
+        waits = ckpt.stats["slot_wait_s"]
+        assert all(h is not None for h in handles)
+        ckpt.wait()
+    # both slots busy at the third and fourth save: they waited instead of being dropped
+    assert waits > 0.05
+    assert _committed(dirs["storage"]) == [0, 1, 2, 3]
+
+
+def test_stats_of_last_save(dirs: dict[str, Path]) -> None:
+    state = make_state()
+    with _ckpt(dirs) as ckpt:
+        h = ckpt.save(0, state)
+        assert h is not None
+        h.wait()
+        s = ckpt.stats
+        assert s["step"] == 0 and s["bytes"] > 0 and s["blocking_s"] > 0
+        assert set(s["persist_s"]) == {"memory", "local", "storage"}
+        assert s["errors"] == [] and s["persisted"] is True
+        assert h.durable_on() == ("memory", "local", "storage")
+
+
+def test_second_checkpointer_on_same_memory_tier_is_refused(dirs: dict[str, Path]) -> None:
+    with _ckpt(dirs), pytest.raises(flashckpt.ConfigError, match="in use"):
+        _ckpt(dirs)
+
+
+def test_use_after_close_and_bad_arguments(dirs: dict[str, Path]) -> None:
+    ckpt = _ckpt(dirs)
+    ckpt.close()
+    ckpt.close()  # idempotent
+    with pytest.raises(flashckpt.ClosedError):
+        ckpt.save(0, make_state())
+    for kw in ({"every": 0}, {"persist_every": -1}, {"keep": 0}, {"mirror": 2}, {"compression": "lz4"}):
+        with pytest.raises(flashckpt.ConfigError):
+            _ckpt(dirs, **kw)
+    with _ckpt(dirs) as ckpt, pytest.raises(flashckpt.ConfigError):
+        ckpt.save(-1, make_state())
+    with pytest.raises(flashckpt.ConfigError, match="scheme"):
+        flashckpt.Checkpointer("gopher://x/y")
+
+
+def test_resaving_a_step_replaces_it(dirs: dict[str, Path]) -> None:
+    state = make_state()
+    with _ckpt(dirs) as ckpt:
+        ckpt.save(3, state)
+        ckpt.wait()
+        with torch.no_grad():
+            state["model"].lin.weight.fill_(7.0)  # type: ignore[attr-defined]
+        ckpt.save(3, state)
+    out = flashckpt.load(dirs["storage"], step=3)
+    assert torch.all(out["model"]["lin.weight"] == 7.0)
+
+
+def test_load_offline_returns_state_dicts(dirs: dict[str, Path]) -> None:
+    state = make_state()
+    train_step(state, 0)
+    with _ckpt(dirs) as ckpt:
+        ckpt.save(0, state)
+    out = flashckpt.load(f"file://{dirs['storage']}")
+    assert set(out) == {"model", "optim", "sched", "extra"}
+    sd = state["model"].state_dict()  # type: ignore[attr-defined]
+    assert out["model"].keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(out["model"][k], sd[k])
+    assert out["optim"]["param_groups"] == state["optim"].state_dict()["param_groups"]  # type: ignore[attr-defined]
+    assert out["sched"] == state["sched"].state_dict()  # type: ignore[attr-defined]
+    assert out["extra"] == {"epoch": 0, "seen": [0]}
+    # tied weights come back as one tensor, as they were saved
+    assert out["model"]["emb.weight"] is out["model"]["head.weight"]
+    with pytest.raises(flashckpt.CheckpointNotFound):
+        flashckpt.load(dirs["local"] / "nothing-here")
+
+
+def test_commit_record_is_the_last_thing_written(dirs: dict[str, Path]) -> None:
+    from flashckpt.backends import Fault, FaultPlan, FaultyBackend, LocalBackend
+    from flashckpt.errors import StorageError
+
+    plan = FaultPlan([Fault(op="put", key_contains="commits/", after=1, times=None, error=StorageError)])
+    be = FaultyBackend(LocalBackend(dirs["storage"]), plan)
+    state = make_state()
+    with flashckpt.Checkpointer(be, memory_dir=dirs["memory"], options=flashckpt.Options(retries=1)) as ckpt:
+        ckpt.save(0, state).wait()  # type: ignore[union-attr]
+        h = ckpt.save(1, state)
+        assert h is not None
+        with pytest.raises(StorageError):
+            h.wait()
+        h.wait()  # raised once only
+        assert ckpt.stats["errors"] and "storage" in ckpt.stats["errors"][0]
+        # step 1 is fully written except its commit record: it does not exist
+        assert (dirs["storage"] / "steps" / "000000000001").is_dir()
+        assert not (dirs["storage"] / commit_key(1)).exists()
+        assert ckpt.latest_step() == 1  # memory tier has it
+        ckpt.close(_raise=False)
+    assert flashckpt.load(dirs["storage"])["extra"] == {"epoch": 0, "seen": []}
