@@ -27,7 +27,7 @@ from flashckpt.errors import (
 
 Buffer = bytes | bytearray | memoryview
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
 MAX_KEY_CHARS = 1024
 
 
@@ -41,7 +41,7 @@ def check_key(key: str) -> str:
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS:
         raise ValueError(f"invalid storage key {key!r}")
     for seg in key.split("/"):
-        if not _SEGMENT.match(seg) or seg in (".", ".."):
+        if not _SEGMENT.fullmatch(seg) or seg in (".", ".."):
             raise ValueError(f"invalid storage key {key!r}")
     return key
 

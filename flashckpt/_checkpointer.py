@@ -36,7 +36,7 @@ from flashckpt._coordinator import (
     read_memory_manifest,
     verify_chunks,
 )
-from flashckpt._staging import Slot, Stager
+from flashckpt._staging import Slot, Stager, check_fits
 from flashckpt._statewalk import flatten, load_into
 from flashckpt._transfer import Job, Persister, SaveHandle, Tier
 from flashckpt.backends import Backend, LocalBackend, open_backend
@@ -207,6 +207,9 @@ class Checkpointer:
         manifest = Manifest(
             step, self._rank, self._world, self._node, now(), layout.total_bytes, tensors, chunks, flat.tree
         )
+        # Written synchronously once the copy is complete: from here on the snapshot survives a
+        # crash of this process.  The persist thread replaces it with a checksummed (sealed) one.
+        self._memory.backend.put(memory_manifest_key(step), encode_manifest(manifest))
         tiers = self._tiers if persist else []
         handle = SaveHandle(step, ["memory", *(t.name for t in tiers)])
         self._track(handle)
@@ -433,12 +436,15 @@ class Checkpointer:
             if not self._stager.try_acquire(slot):
                 raise CorruptCheckpointError(f"slot of step {step} is busy")
             try:
-                verify_chunks(m, slot.view, pool, str(self._rank_dir))
+                sealed = verify_chunks(m, slot.view, pool, str(self._rank_dir))
+                if not m.sealed:  # the crash came before the persist thread checksummed it
+                    tier.backend.put(memory_manifest_key(step), encode_manifest(sealed))
             except BaseException:
                 self._stager.release(slot)
                 raise
-            return m, slot
+            return sealed, slot
         m = read_committed_manifest(tier.backend, step, self._rank, self._world, self._opts)
+        check_fits(m.total_bytes, self._rank_dir, f"step {step} on the {tier.name} tier")
         slot, _ = self._stager.acquire()
         try:
             if slot.step is not None:
@@ -466,12 +472,15 @@ class Checkpointer:
             e = m.tensors[i]
             src = slot.tensor(e.offset, e.nbytes, e.dtype, e.shape)
             if target is not None and target.dtype == e.dtype and tuple(target.shape) == e.shape:
-                if target.is_cuda:
-                    cuda = True
-                    target.copy_(src, non_blocking=True)
-                else:
-                    target.copy_(src)
-                return target
+                try:
+                    if target.is_cuda:
+                        cuda = True
+                        target.copy_(src, non_blocking=True)
+                    else:
+                        target.copy_(src)
+                    return target
+                except RuntimeError:  # not writable in place (e.g. an expanded, stride-0 view)
+                    pass
             device = target.device if target is not None else torch.device("cpu")
             return src.to(device=device, copy=True)
 

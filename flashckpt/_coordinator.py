@@ -8,6 +8,7 @@ any thread; the persist thread calls :func:`apply_retention`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -20,6 +21,8 @@ from flashckpt.backends import Backend
 from flashckpt.backends._base import check_key
 from flashckpt.errors import CorruptCheckpointError, ObjectNotFound
 from flashckpt.format import (
+    UNSEALED,
+    ChunkEntry,
     Manifest,
     checksum,
     commit_key,
@@ -74,7 +77,7 @@ def read_committed_manifest(be: Backend, step: int, rank: int, world: int, opts:
 
 def read_memory_manifest(be: Backend, step: int) -> Manifest:
     key = memory_manifest_key(step)
-    m = decode_manifest(be.get(key), f"memory manifest {key}", check_key=check_key)
+    m = decode_manifest(be.get(key), f"memory manifest {key}", check_key=check_key, allow_unsealed=True)
     if m.step != step:
         raise CorruptCheckpointError(f"memory manifest {key} describes step {m.step}")
     return m
@@ -104,16 +107,21 @@ def fetch_chunks(
         f.result()
 
 
-def verify_chunks(m: Manifest, view: Callable[[int, int], memoryview], pool: Executor, where: str) -> None:
-    """Verify chunks that are already in memory (the memory tier)."""
+def verify_chunks(
+    m: Manifest, view: Callable[[int, int], memoryview], pool: Executor, where: str
+) -> Manifest:
+    """Verify chunks that are already in memory (the memory tier); return the manifest with
+    every checksum filled in (unsealed chunks are checksummed, not verified)."""
 
-    def one(i: int) -> None:
-        c = m.chunks[i]
-        if checksum(view(c.at, c.stored_nbytes)) != c.checksum:
+    def one(c: ChunkEntry) -> ChunkEntry:
+        digest = checksum(view(c.at, c.stored_nbytes))
+        if c.checksum == UNSEALED:
+            return dataclasses.replace(c, checksum=digest)
+        if digest != c.checksum:
             raise CorruptCheckpointError(f"chunk at {c.at} of {c.key} in {where} fails its checksum")
+        return c
 
-    for f in [pool.submit(one, i) for i in range(len(m.chunks))]:
-        f.result()
+    return m.with_chunks(list(pool.map(one, m.chunks)))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 from flashckpt._config import Options
 from flashckpt._coordinator import committed_steps, fetch_chunks, read_committed_manifest
 from flashckpt._retry import retry
+from flashckpt._staging import check_fits
 from flashckpt._statewalk import build
 from flashckpt.backends import Backend, open_backend
 from flashckpt.backends._base import check_key
@@ -64,6 +65,7 @@ def _load_step(be: Backend, step: int, opts: Options, pool: ThreadPoolExecutor) 
     if world != 1:
         raise ConfigError(f"step {step} has {world} shards; consolidating shards is not supported yet")
     m = read_committed_manifest(be, step, 0, 1, opts)
+    check_fits(m.total_bytes, None, f"step {step}")
     buf = mmap.mmap(-1, max(m.total_bytes, 1))
     try:
         fetch_chunks(be, m, lambda off, n: memoryview(buf)[off : off + n], pool, opts)

@@ -17,6 +17,7 @@ Threads: ``acquire``/``stage`` run on the training thread; ``release`` on the pe
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from flashckpt._config import Options
+from flashckpt.errors import StorageFullError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,22 @@ def plan_layout(tensors: Sequence[torch.Tensor], opts: Options) -> Layout:
     if pack_start >= 0:
         chunks.append((pack_start, pack_end - pack_start))
     return Layout(signature_of(tensors), tuple(offsets), tuple(sizes), cursor, tuple(sorted(chunks)))
+
+
+def check_fits(nbytes: int, directory: Path | None, what: str) -> None:
+    """Refuse to map ``nbytes`` that the memory tier (or RAM) cannot hold, before trying.
+
+    A manifest's size is validated against its chunk table, but a hostile or simply too large
+    shard must fail cleanly here rather than exhaust shared memory.
+    """
+    if directory is not None:
+        st = os.statvfs(directory)
+        free = st.f_bavail * st.f_frsize
+        free += sum(p.stat().st_size for p in directory.glob("slot-*.bin"))
+    else:
+        free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if nbytes > free:
+        raise StorageFullError(errno.ENOMEM, f"{what} needs {nbytes} bytes of memory; {free} are free")
 
 
 class Slot:

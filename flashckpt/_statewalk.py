@@ -57,7 +57,16 @@ def flatten(state: Any) -> FlatState:
         t = t.detach()
         key = None
         if t.numel() > 0:
-            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+            key = (
+                t.device,
+                t.untyped_storage().data_ptr(),
+                t.storage_offset(),
+                t.shape,
+                t.stride(),
+                t.dtype,
+                t.is_conj(),
+                t.is_neg(),
+            )
             if key in seen:
                 return TensorRef(seen[key])
         tensors.append(t)
@@ -189,6 +198,8 @@ class _Loader:
                 old_list[:] = items
                 return old_list
             return items
+        if isinstance(node, torch.Size):  # a tuple subclass, but a plain value
+            return node
         if isinstance(node, tuple):
             old_t = current if isinstance(current, tuple) and len(current) == len(node) else None
             items = [

@@ -208,6 +208,7 @@ class Persister:
             try:
                 self.persist(tier, m, job.slot)
             except BaseException as exc:
+                self._discard(tier, m)
                 secs = time.perf_counter() - t0
                 log.error(
                     "flashckpt: step %d failed on the %s tier (%s) after %.2f s: %s",
@@ -235,6 +236,15 @@ class Persister:
             ChunkEntry(slot.name, c.offset, c.offset, c.nbytes, c.nbytes, c.codec, d)
             for c, d in zip(m.chunks, digests, strict=True)
         )
+
+    def _discard(self, tier: Tier, m: Manifest) -> None:
+        """Best effort: remove this shard's partial writes of a failed step (they use space)."""
+        be = tier.backend
+        try:
+            be.delete(manifest_key(m.step, m.rank, m.world_size))
+            be.delete_prefix(chunk_key(m.step, m.rank, m.world_size, 0).rsplit("/", 1)[0] + "/")
+        except FlashCkptError as exc:
+            log.debug("could not remove partial step %d on %s: %s", m.step, be.url, exc)
 
     def persist(self, tier: Tier, m: Manifest, slot: Slot) -> None:
         """Write one shard (chunks, manifest, commit record) to ``tier`` and apply retention."""

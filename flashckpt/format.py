@@ -32,6 +32,9 @@ MANIFEST_FORMAT = "flashckpt.manifest"
 COMMIT_FORMAT = "flashckpt.commit"
 CODEC_RAW = "raw/1"
 KNOWN_CODECS = frozenset({CODEC_RAW})
+#: Checksum of a chunk in a memory-tier manifest written at the end of the staging copy,
+#: before the background thread has checksummed it ("sealed" it).
+UNSEALED = ""
 
 # Hard parser limits: a manifest that exceeds any of them is rejected before use.
 MAX_RECORD_BYTES = 1 << 30
@@ -260,7 +263,7 @@ def decode_tree(node: Any, n_tensors: int, depth: int = 0) -> Any:
         return _FLOAT_WORDS[v]
     if tag == "size":
         dims = _list(v)
-        if not all(type(d) is int and d >= 0 for d in dims):
+        if len(dims) > MAX_NDIM or not all(type(d) is int and 0 <= d <= MAX_TOTAL_BYTES for d in dims):
             raise CorruptCheckpointError("bad torch.Size node")
         return torch.Size(dims)
     if tag in ("set", "frozenset"):
@@ -271,7 +274,7 @@ def decode_tree(node: Any, n_tensors: int, depth: int = 0) -> Any:
             return base64.b64decode(v.encode("ascii"), validate=True)
         except ValueError as exc:
             raise CorruptCheckpointError("bad bytes node") from exc
-    if tag == "dtype" and v in DTYPES:
+    if tag == "dtype" and isinstance(v, str) and v in DTYPES:
         return DTYPES[v]
     if tag == "device" and isinstance(v, str):
         try:
@@ -347,6 +350,10 @@ class Manifest:
             self.tree,
         )
 
+    @property
+    def sealed(self) -> bool:
+        return all(c.checksum != UNSEALED for c in self.chunks)
+
     def state_tree(self) -> Any:
         return decode_tree(self.tree, len(self.tensors))
 
@@ -405,6 +412,13 @@ def encode_manifest(m: Manifest) -> bytes:
     )
 
 
+def _time(obj: dict[str, Any], what: str) -> float:
+    v: Any = obj.get("created_unix")
+    if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
+        raise CorruptCheckpointError(f"{what}: bad created_unix")
+    return float(v)
+
+
 def _int(obj: dict[str, Any], name: str, lo: int, hi: int) -> int:
     v = obj.get(name)
     if type(v) is not int or not lo <= v <= hi:
@@ -422,8 +436,14 @@ def _check_header(obj: dict[str, Any], fmt: str, what: str) -> None:
         )
 
 
-def decode_manifest(raw: bytes, what: str = "manifest", *, check_key: Callable[[str], str]) -> Manifest:
-    """Parse and validate a manifest.  ``check_key`` validates chunk object names."""
+def decode_manifest(
+    raw: bytes, what: str = "manifest", *, check_key: Callable[[str], str], allow_unsealed: bool = False
+) -> Manifest:
+    """Parse and validate a manifest.  ``check_key`` validates chunk object names.
+
+    ``allow_unsealed`` admits chunks whose checksum is :data:`UNSEALED` (memory tier only:
+    a snapshot whose copy finished but whose checksums are still being computed).
+    """
     obj = decode_record(raw, what)
     _check_header(obj, MANIFEST_FORMAT, what)
     step = _int(obj, "step", 0, MAX_STEP)
@@ -431,31 +451,34 @@ def decode_manifest(raw: bytes, what: str = "manifest", *, check_key: Callable[[
     rank = _int(obj, "rank", 0, world - 1)
     total = _int(obj, "total_bytes", 0, MAX_TOTAL_BYTES)
     node = obj.get("node")
-    created = obj.get("created_unix")
-    if not isinstance(node, str) or len(node) > 255 or not isinstance(created, (int, float)):
-        raise CorruptCheckpointError(f"{what}: bad node or created_unix")
+    created = _time(obj, what)
+    if not isinstance(node, str) or len(node) > 255:
+        raise CorruptCheckpointError(f"{what}: bad node")
     raw_tensors, raw_chunks = obj.get("tensors"), obj.get("chunks")
     if not isinstance(raw_tensors, list) or len(raw_tensors) > MAX_TENSORS:
         raise CorruptCheckpointError(f"{what}: bad tensor table")
     if not isinstance(raw_chunks, list) or len(raw_chunks) > MAX_CHUNKS:
         raise CorruptCheckpointError(f"{what}: bad chunk table")
-    chunks = tuple(_decode_chunk(c, total, what, check_key) for c in raw_chunks)
+    chunks = tuple(_decode_chunk(c, total, what, check_key, allow_unsealed) for c in raw_chunks)
     ordered = sorted(chunks, key=lambda c: c.offset)
     for a, b in itertools.pairwise(ordered):
         if b.offset < a.offset + a.nbytes:
             raise CorruptCheckpointError(f"{what}: chunks overlap")
+    extent = max((c.offset + c.nbytes for c in chunks), default=0)
+    if total != extent:
+        raise CorruptCheckpointError(f"{what}: total_bytes {total} does not match the chunks ({extent})")
     tensors = tuple(_decode_tensor(t, total, what) for t in raw_tensors)
     _check_coverage(tensors, ordered, what)
     tree = obj.get("tree")
     decode_tree(tree, len(tensors))  # validate now; callers decode again when they need it
-    return Manifest(step, rank, world, node, float(created), total, tensors, chunks, tree)
+    return Manifest(step, rank, world, node, created, total, tensors, chunks, tree)
 
 
 def _decode_tensor(t: Any, total: int, what: str) -> TensorEntry:
     if not isinstance(t, list) or len(t) != 3:
         raise CorruptCheckpointError(f"{what}: bad tensor entry")
     name, shape, offset = t
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:
         raise CorruptCheckpointError(f"{what}: unknown dtype {str(name)[:40]!r}")
     if (
         not isinstance(shape, list)
@@ -467,10 +490,14 @@ def _decode_tensor(t: Any, total: int, what: str) -> TensorEntry:
     nbytes = tensor_nbytes(dtype, shape)
     if type(offset) is not int or offset < 0 or offset + nbytes > total:
         raise CorruptCheckpointError(f"{what}: tensor bytes outside the shard")
+    if offset % max(1, dtype.itemsize):
+        raise CorruptCheckpointError(f"{what}: tensor offset not aligned to its element size")
     return TensorEntry(dtype, tuple(shape), offset, nbytes)
 
 
-def _decode_chunk(c: Any, total: int, what: str, check_key: Callable[[str], str]) -> ChunkEntry:
+def _decode_chunk(
+    c: Any, total: int, what: str, check_key: Callable[[str], str], allow_unsealed: bool
+) -> ChunkEntry:
     if not isinstance(c, list) or len(c) != 7:
         raise CorruptCheckpointError(f"{what}: bad chunk entry")
     key, at, offset, nbytes, stored, codec, digest = c
@@ -481,11 +508,13 @@ def _decode_chunk(c: Any, total: int, what: str, check_key: Callable[[str], str]
     ints = (at, offset, nbytes, stored)
     if not all(type(v) is int and 0 <= v <= MAX_TOTAL_BYTES for v in ints):
         raise CorruptCheckpointError(f"{what}: bad chunk sizes")
-    if offset + nbytes > total or codec not in KNOWN_CODECS:
+    if offset + nbytes > total or not isinstance(codec, str) or codec not in KNOWN_CODECS:
         raise CorruptCheckpointError(f"{what}: chunk outside the shard or unknown codec")
     if codec == CODEC_RAW and stored != nbytes:
         raise CorruptCheckpointError(f"{what}: raw chunk with stored size != size")
-    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{32}", digest):
+    if not isinstance(digest, str) or not (
+        re.fullmatch(r"[0-9a-f]{32}", digest) or (allow_unsealed and digest == UNSEALED)
+    ):
         raise CorruptCheckpointError(f"{what}: bad chunk checksum")
     return ChunkEntry(key, at, offset, nbytes, stored, codec, digest)
 
@@ -541,9 +570,9 @@ def decode_commit(
     _check_header(obj, COMMIT_FORMAT, what)
     step = _int(obj, "step", 0, MAX_STEP)
     world = _int(obj, "world_size", 1, MAX_WORLD)
-    created = obj.get("created_unix")
+    created = _time(obj, what)
     ms = obj.get("manifests")
-    if not isinstance(created, (int, float)) or not isinstance(ms, list) or len(ms) != world:
+    if not isinstance(ms, list) or len(ms) != world:
         raise CorruptCheckpointError(f"{what}: bad manifest list")
     out = []
     for m in ms:
@@ -554,10 +583,15 @@ def decode_commit(
             check_key(key)
         except ValueError as exc:
             raise CorruptCheckpointError(f"{what}: unsafe manifest name") from exc
-        if type(size) is not int or not 0 < size <= MAX_RECORD_BYTES or not isinstance(digest, str):
+        if (
+            type(size) is not int
+            or not 0 < size <= MAX_RECORD_BYTES
+            or not isinstance(digest, str)
+            or not re.fullmatch(r"[0-9a-f]{32}", digest)
+        ):
             raise CorruptCheckpointError(f"{what}: bad manifest entry")
         out.append((key, size, digest))
-    return CommitRecord(step, world, float(created), tuple(out))
+    return CommitRecord(step, world, created, tuple(out))
 
 
 def now() -> float:

@@ -141,7 +141,9 @@ def test_restore_explicit_step_and_missing_step(dirs: dict[str, Path]) -> None:
             ckpt.restore(fresh, step=7)
 
 
-def test_restore_prefers_memory_then_local_then_storage(dirs: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+def test_restore_prefers_memory_then_local_then_storage(
+    dirs: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     state = make_state()
     ckpt = _ckpt(dirs)
     ckpt.save(0, state)
@@ -258,9 +260,11 @@ def test_commit_record_is_the_last_thing_written(dirs: dict[str, Path]) -> None:
             h.wait()
         h.wait()  # raised once only
         assert ckpt.stats["errors"] and "storage" in ckpt.stats["errors"][0]
-        # step 1 is fully written except its commit record: it does not exist
-        assert (dirs["storage"] / "steps" / "000000000001").is_dir()
+        # step 1 failed at its commit record: it does not exist, and its partial files are gone
         assert not (dirs["storage"] / commit_key(1)).exists()
+        assert not (dirs["storage"] / "steps" / "000000000001").exists()
+        puts = [k for k in plan.seen]  # the commit rule saw both steps' commit puts
+        assert plan.seen[0] == 2 and puts == [0]
         assert ckpt.latest_step() == 1  # memory tier has it
         ckpt.close(_raise=False)
     assert flashckpt.load(dirs["storage"])["extra"] == {"epoch": 0, "seen": []}

@@ -81,12 +81,13 @@ def test_sigkill_mid_persist_restores_from_memory_and_salvages(tmp_path: Path, s
     )
     try:
         _wait_for(proc, "STAGED 2")
-        rank_dir = shm_dir / "r00000-of-00001"
         deadline = time.monotonic() + 30
-        while not (rank_dir / "step-000000000002.manifest").exists():  # checksummed into memory
+        while _committed(storage) != [0, 1]:  # step 1 done: the persist thread is on step 2
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert _committed(storage) == [0, 1]  # step 2 is stuck in its (slow) chunk puts
+        time.sleep(0.3)  # step 2 is now stuck in its (slow) chunk puts
+        assert _committed(storage) == [0, 1]
+        rank_dir = shm_dir / "r00000-of-00001"
     finally:
         _kill(proc)
 
@@ -148,7 +149,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_bitwise_equal(
     assert_state_equal(resumed, _reference(steps))
 
 
-def test_killed_before_the_snapshot_is_checksummed_falls_back(tmp_path: Path, shm_dir: Path) -> None:
+def test_killed_during_the_staging_copy_falls_back(tmp_path: Path, shm_dir: Path) -> None:
     """A slot whose manifest was never written (crash during staging / before checksums) is
     not a snapshot: restore uses the previous step."""
     storage = tmp_path / "storage"

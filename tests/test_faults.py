@@ -1,0 +1,106 @@
+"""Storage failures during saves: retried, reported, never fatal, never damaging older steps."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import flashckpt
+from flashckpt.backends import Fault, FaultPlan, FaultyBackend, LocalBackend
+from flashckpt.errors import StorageError, StorageFullError, TransientStorageError
+from tests.conftest import make_state, train_step
+
+FAST_RETRY = flashckpt.Options(retries=4, backoff_s=0.01, backoff_max_s=0.05)
+
+
+def _committed(root: Path) -> list[int]:
+    d = root / "commits"
+    return sorted(int(p.name.split("-")[1]) for p in d.iterdir()) if d.is_dir() else []
+
+
+def test_transient_errors_are_retried_until_the_step_commits(tmp_path: Path, shm_dir: Path) -> None:
+    plan = FaultPlan([Fault(op="put", key_contains="steps/", times=3, error=TransientStorageError)])
+    be = FaultyBackend(LocalBackend(tmp_path / "s"), plan)
+    state = make_state()
+    with flashckpt.Checkpointer(be, memory_dir=shm_dir, options=FAST_RETRY) as ckpt:
+        h = ckpt.save(0, state)
+        assert h is not None
+        h.wait()
+        assert ckpt.stats["errors"] == []
+    assert plan.fired == 3
+    assert _committed(tmp_path / "s") == [0]
+
+
+def test_a_failing_tier_is_reported_and_the_others_go_on(tmp_path: Path, shm_dir: Path) -> None:
+    plan = FaultPlan([Fault(op="put", times=None, error=StorageError)])
+    local = FaultyBackend(LocalBackend(tmp_path / "l"), plan)
+    state = make_state()
+    with flashckpt.Checkpointer(
+        tmp_path / "s", local_dir=local, memory_dir=shm_dir, options=FAST_RETRY
+    ) as ckpt:
+        h = ckpt.save(0, state)
+        assert h is not None
+        with pytest.raises(StorageError, match="injected"):
+            h.wait()
+        assert h.durable_on() == ("memory", "storage")
+        assert len(ckpt.stats["errors"]) == 1 and ckpt.stats["errors"][0].startswith("local:")
+        assert not (tmp_path / "l" / "steps").exists() or not any((tmp_path / "l" / "steps").rglob("*"))
+        ckpt.close(_raise=False)
+    assert _committed(tmp_path / "s") == [0]
+
+
+def test_truncated_read_on_one_tier_falls_back_to_the_next(tmp_path: Path, shm_dir: Path) -> None:
+    state = make_state()
+    train_step(state, 0)
+    with flashckpt.Checkpointer(tmp_path / "s", local_dir=tmp_path / "l", memory_dir=shm_dir) as ckpt:
+        ckpt.save(0, state)
+    plan = FaultPlan([Fault(op="get", key_contains="steps/", times=None, error=None, truncate_to=100)])
+    local = FaultyBackend(LocalBackend(tmp_path / "l"), plan)
+    fresh = make_state(seed=1)
+    with flashckpt.Checkpointer(tmp_path / "s", local_dir=local, memory_dir=shm_dir) as ckpt:
+        assert ckpt.restore(fresh) == 0
+    assert plan.fired > 0
+    for k, v in state["model"].state_dict().items():  # type: ignore[attr-defined]
+        assert torch.equal(v, fresh["model"].state_dict()[k])  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system (tmpfs), so that writes fail with a real ENOSPC."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_enospc_on_the_local_tier(tiny_fs: Path, tmp_path: Path, shm_dir: Path) -> None:
+    state = make_state()
+    train_step(state, 0)
+    with flashckpt.Checkpointer(
+        tmp_path / "s", local_dir=tiny_fs, memory_dir=shm_dir, options=FAST_RETRY, keep=None
+    ) as ckpt:
+        ckpt.save(0, state).wait()  # type: ignore[union-attr]
+        state["extra"]["big"] = torch.ones(1 << 19)  # type: ignore[index]  # 2 MiB: cannot fit
+        h = ckpt.save(1, state)
+        assert h is not None
+        train_step(state, 1)  # training goes on while the save fails in the background
+        with pytest.raises(StorageFullError):
+            h.wait()
+        assert "StorageFullError" in ckpt.stats["errors"][0]
+        assert h.durable_on() == ("memory", "storage")
+        del state["extra"]["big"]  # type: ignore[attr-defined]
+        ckpt.save(2, state).wait()  # type: ignore[union-attr]  # the failed step's partial files were removed
+        ckpt.close(_raise=False)
+    assert _committed(tiny_fs) == [0, 2]
+    assert _committed(tmp_path / "s") == [0, 1, 2]
+    out0 = flashckpt.load(tiny_fs, step=0)
+    assert out0["extra"]["seen"] == [0]
