@@ -39,7 +39,7 @@ from flashckpt._coordinator import (
 from flashckpt._staging import Slot, Stager, check_fits
 from flashckpt._statewalk import flatten, load_into
 from flashckpt._transfer import Job, Persister, SaveHandle, Tier
-from flashckpt.backends import Backend, LocalBackend, open_backend
+from flashckpt.backends import Backend, LocalBackend, open_backend, translate_os_error
 from flashckpt.errors import (
     CheckpointNotFound,
     ClosedError,
@@ -194,9 +194,14 @@ class Checkpointer:
                     self._memory.backend.delete(memory_manifest_key(s.step))
                     s.step = None
             cold = self._stager.stage(slot, flat.tensors, layout)
+        except OSError as exc:  # the memory tier is full: report, never kill training
+            self._stager.release(slot)
+            return self._failed_save(step, translate_os_error(exc, f"stage step {step}"), t0)
         except BaseException:
             self._stager.release(slot)
             raise
+        if cold:  # the state grew: grow the other slot too, off the training thread
+            self._stager.prefault(layout.total_bytes)
         self._stager.mark_staged(slot, step)
         persist = force or (step // self._every) % self._persist_every == 0
         tensors = tuple(
@@ -209,7 +214,11 @@ class Checkpointer:
         )
         # Written synchronously once the copy is complete: from here on the snapshot survives a
         # crash of this process.  The persist thread replaces it with a checksummed (sealed) one.
-        self._memory.backend.put(memory_manifest_key(step), encode_manifest(manifest))
+        try:
+            self._memory.backend.put(memory_manifest_key(step), encode_manifest(manifest))
+        except StorageError as exc:
+            self._stager.release(slot)
+            return self._failed_save(step, exc, t0)
         tiers = self._tiers if persist else []
         handle = SaveHandle(step, ["memory", *(t.name for t in tiers)])
         self._track(handle)
@@ -237,6 +246,26 @@ class Checkpointer:
             f", waited {waited:.3f} s for a slot" if waited > 1e-3 else "",
             " (cold slot)" if cold else "",
         )
+        return handle
+
+    def _failed_save(self, step: int, exc: StorageError, t0: float) -> SaveHandle:
+        """A save that could not even be staged (memory tier full): a handle that failed."""
+        log.error("flashckpt: step %d could not be staged in %s: %s", step, self._rank_dir, exc)
+        handle = SaveHandle(step, ["memory"])
+        handle._finish_tier("memory", 0.0, exc)
+        self._track(handle)
+        with self._stats_lock:
+            self._stats.update(
+                step=step,
+                blocking_s=time.perf_counter() - t0,
+                slot_wait_s=0.0,
+                bytes=0,
+                cold=False,
+                persisted=False,
+                persist_s={},
+                errors=[f"memory: {type(exc).__name__}: {exc}"],
+                saves=self._stats["saves"] + 1,
+            )
         return handle
 
     def restore(self, state: Any, *, step: int | Literal["latest"] = "latest") -> int | None:

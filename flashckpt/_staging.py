@@ -135,11 +135,10 @@ class Slot:
             self._unmap()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
             try:
-                size = os.fstat(fd).st_size
-                if size < capacity:
-                    os.ftruncate(fd, capacity)
-                else:
-                    capacity = size
+                capacity = max(capacity, os.fstat(fd).st_size)
+                # Allocate every page now: a sparse tmpfs file that cannot be filled later would
+                # kill the training process with SIGBUS on the copy instead of raising here.
+                os.posix_fallocate(fd, 0, capacity)
                 flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
                 self._mm = mmap.mmap(fd, capacity, flags=flags)
             finally:
@@ -208,6 +207,8 @@ class Stager:
         self._cond = threading.Condition()
         self._last: Slot | None = None
         self._prefault_thread: threading.Thread | None = None
+        self._prefault_bytes = 0
+        self._prefault_running = False
         self._streams: dict[int, Any] = {}
         self._layouts: dict[Any, Layout] = {}
 
@@ -261,25 +262,42 @@ class Stager:
 
     # -- prefault ----------------------------------------------------------------------------
     def prefault(self, nbytes: int) -> None:
-        """Fault both slots in to ``nbytes`` on a background thread (no-op when big enough)."""
+        """Fault both slots in to ``nbytes`` on a background thread; returns at once.
+
+        Slots that are busy (being persisted) are skipped; a save that finds its slot too
+        small grows it itself.
+        """
         if not self.opts.prefault or all(s.mapped and s.capacity >= nbytes for s in self.slots):
             return
-        self.join_prefault()
+        with self._cond:
+            self._prefault_bytes = max(self._prefault_bytes, nbytes)
+            t = self._prefault_thread
+            if t is not None and t.is_alive() and self._prefault_running:
+                return  # the running thread picks the new size up before it exits
+            self._prefault_running = True
+        t = threading.Thread(target=self._prefault_loop, name="flashckpt-prefault", daemon=True)
+        self._prefault_thread = t
+        t.start()
 
-        def run() -> None:
+    def _prefault_loop(self) -> None:
+        done = 0
+        while True:
+            with self._cond:
+                want = self._prefault_bytes
+                if want <= done:
+                    self._prefault_running = False
+                    return
             t0 = time.perf_counter()
             for slot in self.slots:
                 if self.try_acquire(slot):
                     try:
-                        slot.ensure(nbytes)
+                        slot.ensure(want)
                     except OSError as exc:
-                        log.warning("prefaulting %s failed: %s", slot.path, exc)
+                        log.warning("prefaulting %s to %d bytes failed: %s", slot.path, want, exc)
                     finally:
                         self.release(slot)
-            log.debug("prefaulted slots to %d bytes in %.3f s", nbytes, time.perf_counter() - t0)
-
-        self._prefault_thread = threading.Thread(target=run, name="flashckpt-prefault", daemon=True)
-        self._prefault_thread.start()
+            log.debug("prefaulted slots to %d bytes in %.3f s", want, time.perf_counter() - t0)
+            done = want
 
     def join_prefault(self) -> None:
         t = self._prefault_thread

@@ -104,3 +104,30 @@ def test_enospc_on_the_local_tier(tiny_fs: Path, tmp_path: Path, shm_dir: Path) 
     assert _committed(tmp_path / "s") == [0, 1, 2]
     out0 = flashckpt.load(tiny_fs, step=0)
     assert out0["extra"]["seen"] == [0]
+
+
+def test_memory_tier_full_fails_the_save_not_the_training(tmp_path: Path) -> None:
+    """A real 8 MiB tmpfs as the memory tier: a state that outgrows it cannot be staged; the
+    save reports StorageFullError (never SIGBUS), and saves work again once it fits."""
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        state = make_state()
+        with flashckpt.Checkpointer(tmp_path / "s", memory_dir=mnt, keep=None) as ckpt:
+            ckpt.save(0, state).wait()  # type: ignore[union-attr]
+            state["extra"]["big"] = torch.ones(4 << 20)  # type: ignore[index]  # 16 MiB
+            h = ckpt.save(1, state)
+            assert h is not None and h.done()
+            with pytest.raises(StorageFullError):
+                h.wait()
+            assert "StorageFullError" in ckpt.stats["errors"][0]
+            del state["extra"]["big"]  # type: ignore[attr-defined]
+            train_step(state, 0)
+            ckpt.save(2, state).wait()  # type: ignore[union-attr]
+        assert _committed(tmp_path / "s") == [0, 2]
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
