@@ -474,7 +474,7 @@ class Checkpointer:
             return sealed, slot
         m = read_committed_manifest(tier.backend, step, self._rank, self._world, self._opts)
         check_fits(m.total_bytes, self._rank_dir, f"step {step} on the {tier.name} tier")
-        slot, _ = self._stager.acquire()
+        slot, _ = self._stager.acquire(replacing=step)
         try:
             if slot.step is not None:
                 self._memory.backend.delete(memory_manifest_key(slot.step))

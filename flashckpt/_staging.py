@@ -222,18 +222,26 @@ class Stager:
         return cached
 
     # -- slot hand-out -----------------------------------------------------------------------
-    def acquire(self, *, avoid_step: int | None = None) -> tuple[Slot, float]:
+    def acquire(self, *, replacing: int | None = None) -> tuple[Slot, float]:
         """Block until a slot is free; mark it busy.  Returns the slot and seconds waited.
 
-        Prefers the slot that does not hold the newest staged step, so the newest snapshot in
-        memory stays intact while the next one is written.
+        Prefers a slot holding step ``replacing`` (a copy about to be replaced anyway), then an
+        empty slot, then the slot that does not hold the newest staged step, so the newest
+        snapshot in memory stays intact while the next one is written.
         """
         t0 = time.perf_counter()
         with self._cond:
             while True:
                 free = [s for s in self.slots if not s.busy]
                 if free:
-                    free.sort(key=lambda s: (s is self._last, s.step is not None, s.step or 0))
+                    free.sort(
+                        key=lambda s: (
+                            replacing is None or s.step != replacing,
+                            s.step is not None,
+                            s is self._last,
+                            s.step or 0,
+                        )
+                    )
                     slot = free[0]
                     slot.busy = True
                     return slot, time.perf_counter() - t0

@@ -268,3 +268,52 @@ def test_commit_record_is_the_last_thing_written(dirs: dict[str, Path]) -> None:
         assert ckpt.latest_step() == 1  # memory tier has it
         ckpt.close(_raise=False)
     assert flashckpt.load(dirs["storage"])["extra"] == {"epoch": 0, "seen": []}
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def test_a_flipped_byte_on_each_tier_falls_back_tier_by_tier_then_step_by_step(
+    dirs: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    from flashckpt._coordinator import read_memory_manifest
+
+    state = make_state()
+    snapshots = {}
+    with _ckpt(dirs, keep=None) as ckpt:
+        for step in range(2):
+            train_step(state, step)
+            ckpt.save(step, state)
+            snapshots[step] = {k: v.clone() for k, v in state["model"].state_dict().items()}  # type: ignore[attr-defined]
+        ckpt.wait()
+        m = read_memory_manifest(ckpt._memory.backend, 1)
+        big = max(m.chunks, key=lambda c: c.nbytes)
+        _flip(ckpt.memory_path / big.key, big.at + big.nbytes // 2)  # the slot holding step 1
+        caplog.set_level(logging.INFO, logger="flashckpt")
+
+        def restored() -> tuple[int | None, dict[str, object]]:
+            fresh = make_state(seed=42)
+            return ckpt.restore(fresh), fresh
+
+        step, fresh = restored()
+        assert step == 1 and "from the local tier" in caplog.text
+        assert "step 1 on the memory tier is unusable" in caplog.text
+        for d in ("local", "storage"):
+            chunk = dirs[d] / "steps" / "000000000001" / "r00000-of-00001" / "000000"
+            _flip(chunk, chunk.stat().st_size // 2)
+        # restoring from local put step 1 back into a slot; corrupt that copy too
+        m = read_memory_manifest(ckpt._memory.backend, 1)
+        big = max(m.chunks, key=lambda c: c.nbytes)
+        _flip(ckpt.memory_path / big.key, big.at + 7)
+        caplog.clear()
+        step, fresh = restored()
+        assert step == 0 and "from the memory tier" in caplog.text
+        for k, v in fresh["model"].state_dict().items():  # type: ignore[attr-defined]
+            assert torch.equal(v, snapshots[0][k])
+        with pytest.raises(flashckpt.CheckpointNotFound):
+            ckpt.restore(make_state(), step=1)
