@@ -187,7 +187,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         flat = flatten(state)
         layout = self._stager.layout(flat.tensors)
-        slot, waited = self._stager.acquire()
+        slot, waited = self._stager.acquire(layout.total_bytes)
         try:
             for s in self._stager.slots:  # the slot's old step, and an older copy of this step
                 if s.step is not None and (s is slot or s.step == step) and (s is slot or not s.busy):
@@ -474,7 +474,7 @@ class Checkpointer:
             return sealed, slot
         m = read_committed_manifest(tier.backend, step, self._rank, self._world, self._opts)
         check_fits(m.total_bytes, self._rank_dir, f"step {step} on the {tier.name} tier")
-        slot, _ = self._stager.acquire(replacing=step)
+        slot, _ = self._stager.acquire(m.total_bytes, replacing=step)
         try:
             if slot.step is not None:
                 self._memory.backend.delete(memory_manifest_key(slot.step))

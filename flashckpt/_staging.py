@@ -118,6 +118,7 @@ class Slot:
         self.capacity = 0
         self.step: int | None = None  # the step whose bytes this slot holds, if any
         self.busy = False
+        self.prefaulting = False  # busy because the prefault thread is mapping it
         self._mm: mmap.mmap | None = None
         self._buf: torch.Tensor | None = None
         self._pinned = False
@@ -222,12 +223,14 @@ class Stager:
         return cached
 
     # -- slot hand-out -----------------------------------------------------------------------
-    def acquire(self, *, replacing: int | None = None) -> tuple[Slot, float]:
+    def acquire(self, nbytes: int = 0, *, replacing: int | None = None) -> tuple[Slot, float]:
         """Block until a slot is free; mark it busy.  Returns the slot and seconds waited.
 
         Prefers a slot holding step ``replacing`` (a copy about to be replaced anyway), then an
         empty slot, then the slot that does not hold the newest staged step, so the newest
-        snapshot in memory stays intact while the next one is written.
+        snapshot in memory stays intact while the next one is written.  If that slot is not
+        yet mapped for ``nbytes`` while the prefault thread is faulting the other one in,
+        waits for the prefault: it finishes sooner than a cold mapping would.
         """
         t0 = time.perf_counter()
         with self._cond:
@@ -243,8 +246,10 @@ class Stager:
                         )
                     )
                     slot = free[0]
-                    slot.busy = True
-                    return slot, time.perf_counter() - t0
+                    cold = not slot.mapped or slot.capacity < nbytes
+                    if not (cold and any(p.prefaulting for p in self.slots)):
+                        slot.busy = True
+                        return slot, time.perf_counter() - t0
                 self._cond.wait()
 
     def try_acquire(self, slot: Slot) -> bool:
@@ -298,11 +303,13 @@ class Stager:
             t0 = time.perf_counter()
             for slot in self.slots:
                 if self.try_acquire(slot):
+                    slot.prefaulting = True
                     try:
                         slot.ensure(want)
                     except OSError as exc:
                         log.warning("prefaulting %s to %d bytes failed: %s", slot.path, want, exc)
                     finally:
+                        slot.prefaulting = False
                         self.release(slot)
             log.debug("prefaulted slots to %d bytes in %.3f s", want, time.perf_counter() - t0)
             done = want
