@@ -334,6 +334,7 @@ class Checkpointer:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             h.wait(left)
         self._handles = [h for h in self._handles if not h.done()]
+        self._persister.join()  # retention of the last commits, which follows them
 
     def latest_step(self) -> int | None:
         """The newest step held by any tier (not verified: ``restore`` verifies)."""
@@ -414,8 +415,7 @@ class Checkpointer:
     def _drain(self) -> None:
         """Wait for every queued background job, without raising their errors."""
         self._stager.join_prefault()
-        for h in list(self._handles):
-            h._event.wait()
+        self._persister.join()
 
     def _inventory(self) -> list[tuple[Tier, list[int]]]:
         inv: list[tuple[Tier, list[int]]] = [(self._memory, memory_steps(self._memory.backend))]

@@ -172,24 +172,52 @@ class Persister:
         while True:
             job = self._queue.get()
             if job is None:
+                self._queue.task_done()
                 return
             try:
-                self._run(job)
-            except BaseException as exc:  # never let the thread die silently
-                log.exception("flashckpt persist of step %d failed unexpectedly", job.manifest.step)
-                for name in job.handle.tiers:
-                    if name in job.handle._pending:
-                        job.handle._finish_tier(name, 0.0, exc)
+                self._process(job)
             finally:
-                self.stager.release(job.slot)
-                for cb in job.on_done:
-                    try:
-                        cb(job.handle)
-                    except Exception:
-                        log.exception("flashckpt completion callback failed")
+                self._queue.task_done()
 
-    def _run(self, job: Job) -> None:
+    def join(self) -> None:
+        """Block until every submitted job, retention included, is finished."""
+        self._queue.join()
+
+    def _process(self, job: Job) -> None:
+        committed: list[Tier] = []
+        try:
+            committed = self._run(job)
+        except BaseException as exc:  # never let the thread die silently
+            log.exception("flashckpt persist of step %d failed unexpectedly", job.manifest.step)
+            for name in job.handle.tiers:
+                if name in job.handle._pending:
+                    job.handle._finish_tier(name, 0.0, exc)
+        finally:
+            self.stager.release(job.slot)
+            for cb in job.on_done:
+                try:
+                    cb(job.handle)
+                except Exception:
+                    log.exception("flashckpt completion callback failed")
+        # Retention runs after the step is reported durable and its slot is free: deleting
+        # old steps is not part of the cost of this save.
+        for tier in committed:
+            self._retain(tier)
+
+    def _retain(self, tier: Tier) -> None:
+        if self.keep is None:
+            return
+        try:
+            apply_retention(tier.backend, self.keep, self.opts)
+        except FlashCkptError as exc:  # retention failing never fails a save
+            log.warning(
+                "flashckpt: retention on the %s tier (%s) failed: %s", tier.name, tier.backend.url, exc
+            )
+
+    def _run(self, job: Job) -> list[Tier]:
+        """Seal and persist one job; return the tiers on which it was committed."""
         m = job.manifest
+        committed: list[Tier] = []
         if not job.hashed:
             t0 = time.perf_counter()
             try:
@@ -201,7 +229,7 @@ class Persister:
                 log.error("flashckpt: step %d could not be written to the memory tier: %s", m.step, exc)
                 for name in job.handle.tiers:
                     job.handle._finish_tier(name, 0.0, exc)
-                return
+                return committed
             job.handle._finish_tier("memory", time.perf_counter() - t0)
         for tier in job.tiers:
             t0 = time.perf_counter()
@@ -229,6 +257,8 @@ class Persister:
                 m.total_bytes / max(secs, 1e-9) / 1e9,
             )
             job.handle._finish_tier(tier.name, secs)
+            committed.append(tier)
+        return committed
 
     def _hash(self, m: Manifest, slot: Slot) -> Manifest:
         digests = list(self.pool.map(lambda c: checksum(slot.view(c.offset, c.nbytes)), m.chunks))
@@ -247,7 +277,7 @@ class Persister:
             log.debug("could not remove partial step %d on %s: %s", m.step, be.url, exc)
 
     def persist(self, tier: Tier, m: Manifest, slot: Slot) -> None:
-        """Write one shard (chunks, manifest, commit record) to ``tier`` and apply retention."""
+        """Write one shard to ``tier``: chunks, then the manifest, then the commit record."""
         be, opts = tier.backend, self.opts
         # Re-saving a step number: un-commit first, so the step is never committed while torn.
         retry(lambda: be.delete(commit_key(m.step)), f"uncommit step {m.step}", opts)
@@ -275,11 +305,6 @@ class Persister:
         record = CommitRecord(m.step, m.world_size, now(), ((mkey, len(mdata), checksum(mdata)),))
         cdata = encode_commit(record)
         retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
-        if self.keep is not None:
-            try:
-                apply_retention(be, self.keep, opts)
-            except FlashCkptError as exc:  # retention failing never fails the save
-                log.warning("flashckpt: retention on %s failed: %s", be.url, exc)
 
 
 def _putter(be: Backend, key: str, view: memoryview) -> Callable[[], None]:
