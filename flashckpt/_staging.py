@@ -23,7 +23,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,26 @@ log = logging.getLogger(__name__)
 _PAGE = 4096
 _LINE = 64
 _GROW = 2 << 20  # capacities are rounded up to 2 MiB
+_PIECE = 16 << 20  # the prefault thread faults this much between checks for a running copy
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+
+
+def _probe_populate_write() -> bool:
+    """True if this kernel supports MADV_POPULATE_WRITE (it reports ENOMEM instead of SIGBUS)."""
+    if not hasattr(mmap.mmap, "madvise") or os.uname().sysname != "Linux":
+        return False
+    try:
+        m = mmap.mmap(-1, mmap.PAGESIZE)
+        try:
+            m.madvise(_MADV_POPULATE_WRITE)
+        finally:
+            m.close()
+        return True
+    except OSError:
+        return False
+
+
+_CAN_POPULATE_WRITE = _probe_populate_write()
 
 
 def _round_up(n: int, align: int) -> int:
@@ -127,8 +147,15 @@ class Slot:
     def mapped(self) -> bool:
         return self._buf is not None
 
-    def ensure(self, nbytes: int, *, populate: bool = True) -> bool:
-        """Map at least ``nbytes``; return True if fresh memory had to be mapped."""
+    def ensure(self, nbytes: int, *, pause: Callable[[], None] | None = None) -> bool:
+        """Map at least ``nbytes``; return True if fresh memory had to be mapped.
+
+        Every page is allocated (``fallocate``: a sparse tmpfs file that cannot be filled
+        later would kill the process with SIGBUS on the copy instead of raising here) and
+        mapped in up front.  With ``pause`` (the prefault thread), the work is done in
+        ``_PIECE`` steps and ``pause()`` is called between them, so that a save copying into
+        the other slot does not compete with page faulting for the two cores.
+        """
         with self.lock:
             if self._buf is not None and self.capacity >= nbytes:
                 return False
@@ -137,11 +164,23 @@ class Slot:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
             try:
                 capacity = max(capacity, os.fstat(fd).st_size)
-                # Allocate every page now: a sparse tmpfs file that cannot be filled later would
-                # kill the training process with SIGBUS on the copy instead of raising here.
-                os.posix_fallocate(fd, 0, capacity)
-                flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-                self._mm = mmap.mmap(fd, capacity, flags=flags)
+                if pause is None or not _CAN_POPULATE_WRITE:
+                    os.posix_fallocate(fd, 0, capacity)
+                    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                    self._mm = mmap.mmap(fd, capacity, flags=flags)
+                else:
+                    os.ftruncate(fd, max(capacity, os.fstat(fd).st_size))
+                    self._mm = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED)
+                    for off in range(0, capacity, _PIECE):
+                        pause()
+                        n = min(_PIECE, capacity - off)
+                        os.posix_fallocate(fd, off, n)
+                        self._mm.madvise(_MADV_POPULATE_WRITE, off, n)
+            except BaseException:
+                if self._mm is not None:
+                    self._mm.close()
+                    self._mm = None
+                raise
             finally:
                 os.close(fd)
             self._buf = torch.frombuffer(self._mm, dtype=torch.uint8)
@@ -210,6 +249,7 @@ class Stager:
         self._prefault_thread: threading.Thread | None = None
         self._prefault_bytes = 0
         self._prefault_running = False
+        self._copying = False
         self._streams: dict[int, Any] = {}
         self._layouts: dict[Any, Layout] = {}
 
@@ -305,7 +345,7 @@ class Stager:
                 if self.try_acquire(slot):
                     slot.prefaulting = True
                     try:
-                        slot.ensure(want)
+                        slot.ensure(want, pause=self._wait_for_copies)
                     except OSError as exc:
                         log.warning("prefaulting %s to %d bytes failed: %s", slot.path, want, exc)
                     finally:
@@ -313,6 +353,12 @@ class Stager:
                         self.release(slot)
             log.debug("prefaulted slots to %d bytes in %.3f s", want, time.perf_counter() - t0)
             done = want
+
+    def _wait_for_copies(self) -> None:
+        """Prefault thread: hold off while the training thread is copying into a slot."""
+        with self._cond:
+            while self._copying:
+                self._cond.wait()
 
     def join_prefault(self) -> None:
         t = self._prefault_thread
@@ -329,6 +375,17 @@ class Stager:
         soon as this returns.
         """
         cold = slot.ensure(layout.total_bytes)
+        with self._cond:
+            self._copying = True
+        try:
+            self._copy(slot, tensors, layout)
+        finally:
+            with self._cond:
+                self._copying = False
+                self._cond.notify_all()
+        return cold
+
+    def _copy(self, slot: Slot, tensors: Sequence[torch.Tensor], layout: Layout) -> None:
         by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         host: list[tuple[torch.Tensor, torch.Tensor]] = []
         for t, off, n in zip(tensors, layout.offsets, layout.nbytes, strict=True):
@@ -355,7 +412,6 @@ class Stager:
             dst.copy_(src)
         for stream in streams:
             stream.synchronize()
-        return cold
 
     def _stream(self, device: torch.device) -> Any:
         idx = device.index if device.index is not None else torch.cuda.current_device()
