@@ -17,6 +17,7 @@ Threads: ``acquire``/``stage`` run on the training thread; ``release`` on the pe
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import mmap
@@ -39,22 +40,50 @@ _PAGE = 4096
 _LINE = 64
 _GROW = 2 << 20  # capacities are rounded up to 2 MiB
 _PIECE = 16 << 20  # the prefault thread faults this much between checks for a running copy
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in, report ENOMEM instead of SIGBUS
+
+
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    """libc ``madvise`` through ctypes, which releases the GIL (``mmap.madvise`` and
+    ``mmap(MAP_POPULATE)`` hold it on CPython 3.11, stalling the training thread)."""
+    if os.uname().sysname != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+
+    def madvise(addr: int, length: int, advice: int) -> int:
+        return int(fn(addr, length, advice))
+
+    return madvise
+
+
+_madvise = _libc_madvise()
+
+
+def _populate_write(addr: int, length: int) -> None:
+    assert _madvise is not None
+    if _madvise(addr, length, _MADV_POPULATE_WRITE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"MADV_POPULATE_WRITE failed: {os.strerror(err)}")
 
 
 def _probe_populate_write() -> bool:
-    """True if this kernel supports MADV_POPULATE_WRITE (it reports ENOMEM instead of SIGBUS)."""
-    if not hasattr(mmap.mmap, "madvise") or os.uname().sysname != "Linux":
+    """True if this kernel supports MADV_POPULATE_WRITE."""
+    if _madvise is None:
         return False
+    m = mmap.mmap(-1, mmap.PAGESIZE)
     try:
-        m = mmap.mmap(-1, mmap.PAGESIZE)
-        try:
-            m.madvise(_MADV_POPULATE_WRITE)
-        finally:
-            m.close()
-        return True
-    except OSError:
-        return False
+        t = torch.frombuffer(m, dtype=torch.uint8)
+        ok = _madvise(t.data_ptr(), mmap.PAGESIZE, _MADV_POPULATE_WRITE) == 0
+        del t
+        return ok
+    finally:
+        m.close()
 
 
 _CAN_POPULATE_WRITE = _probe_populate_write()
@@ -162,24 +191,36 @@ class Slot:
             capacity = max(_round_up(max(nbytes, 1), _GROW), self.capacity)
             self._unmap()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            old_size = os.fstat(fd).st_size
             try:
-                capacity = max(capacity, os.fstat(fd).st_size)
-                if pause is None or not _CAN_POPULATE_WRITE:
+                capacity = max(capacity, old_size)
+                if not _CAN_POPULATE_WRITE:
                     os.posix_fallocate(fd, 0, capacity)
                     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
                     self._mm = mmap.mmap(fd, capacity, flags=flags)
                 else:
+                    # posix_fallocate and libc madvise release the GIL: other threads
+                    # (the training thread above all) run while pages are faulted in.
                     os.ftruncate(fd, max(capacity, os.fstat(fd).st_size))
                     self._mm = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED)
+                    base = torch.frombuffer(self._mm, dtype=torch.uint8).data_ptr()
                     for off in range(0, capacity, _PIECE):
-                        pause()
+                        if pause is not None:
+                            pause()
                         n = min(_PIECE, capacity - off)
                         os.posix_fallocate(fd, off, n)
-                        self._mm.madvise(_MADV_POPULATE_WRITE, off, n)
+                        _populate_write(base + off, n)
             except BaseException:
                 if self._mm is not None:
-                    self._mm.close()
+                    try:
+                        self._mm.close()
+                    except BufferError:
+                        pass
                     self._mm = None
+                try:  # give back what a failed growth allocated (the memory tier may be full)
+                    os.ftruncate(fd, old_size)
+                except OSError:
+                    pass
                 raise
             finally:
                 os.close(fd)
