@@ -12,6 +12,7 @@ if __name__ != "flashckpt.backends":  # pragma: no cover - guard against `import
 from flashckpt.backends._base import Backend, Capabilities, translate_os_error
 from flashckpt.backends._registry import open_backend, redact_url
 from flashckpt.backends.faults import Fault, FaultPlan, FaultyBackend
+from flashckpt.backends.fsspec import FsspecBackend
 from flashckpt.backends.local import LocalBackend
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Fault",
     "FaultPlan",
     "FaultyBackend",
+    "FsspecBackend",
     "LocalBackend",
     "open_backend",
     "redact_url",

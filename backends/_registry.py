@@ -40,7 +40,15 @@ def open_backend(
         if parts.netloc not in ("", "localhost"):
             raise ConfigError(f"file:// URL with a host is not supported: {redact_url(text)}")
         return LocalBackend(parts.path)
-    raise ConfigError(
-        f"storage scheme {parts.scheme!r} is not supported by this version "
-        f"(local paths and file:// URLs are): {redact_url(text)}"
-    )
+    from flashckpt.backends.fsspec import FsspecBackend
+
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(parts.scheme)
+    except (ImportError, ValueError) as exc:
+        hint = " (pip install 'flashckpt[s3]')" if parts.scheme in ("s3", "s3a") else ""
+        raise ConfigError(
+            f"no fsspec file system for {parts.scheme!r} URLs{hint}: {redact_url(text)}"
+        ) from exc
+    return FsspecBackend(text, storage_options=storage_options)

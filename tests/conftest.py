@@ -83,3 +83,40 @@ def assert_state_equal(a: dict[str, object], b: dict[str, object]) -> None:
             assert torch.equal(v, ob["state"][pid][k]), (pid, k)
     assert a["sched"].state_dict() == b["sched"].state_dict()  # type: ignore[attr-defined]
     assert a["extra"] == b["extra"]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3 server (moto) on 127.0.0.1 and a free port, for the whole session."""
+    import logging
+    import socket
+
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: str) -> dict[str, object]:
+    """A fresh bucket: ``{"url": "s3://bucket/run", "storage_options": {...}}``."""
+    import boto3
+
+    bucket = f"flashckpt-{uuid.uuid4().hex[:12]}"
+    creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", **creds).create_bucket(Bucket=bucket)
+    options = {
+        "endpoint_url": s3_server,
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    return {"url": f"s3://{bucket}/run", "bucket": bucket, "endpoint": s3_server, "storage_options": options}

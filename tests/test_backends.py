@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from flashckpt.backends import (
     Fault,
     FaultPlan,
     FaultyBackend,
+    FsspecBackend,
     LocalBackend,
     open_backend,
     redact_url,
@@ -30,11 +32,16 @@ from flashckpt.errors import (
 )
 
 
-@pytest.fixture(params=["local", "local-buffered", "shm", "faulty-passthrough"])
+@pytest.fixture(params=["local", "local-buffered", "shm", "faulty-passthrough", "fsspec-memory", "s3"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path, shm_dir: Path) -> Iterator[Backend]:
     kind = request.param
     be: Backend
-    if kind == "local":
+    if kind == "s3":
+        s3 = request.getfixturevalue("s3")
+        be = FsspecBackend(str(s3["url"]), storage_options=s3["storage_options"])  # type: ignore[arg-type]
+    elif kind == "fsspec-memory":
+        be = FsspecBackend(f"memory://flashckpt-{uuid.uuid4().hex[:8]}/root")
+    elif kind == "local":
         be = LocalBackend(tmp_path / "root")
     elif kind == "local-buffered":
         be = LocalBackend(tmp_path / "root", direct_io=False, fsync=False)
@@ -130,9 +137,10 @@ def test_concurrent_puts(backend: Backend) -> None:
 
 def test_no_temporary_files_left(backend: Backend, tmp_path: Path) -> None:
     backend.put("a/b", b"x" * 10)
-    root = getattr(getattr(backend, "inner", backend), "root", None)
-    if root is not None:
-        assert [p.name for p in Path(root).rglob("*") if p.is_file()] == ["b"]
+    inner = getattr(backend, "inner", backend)
+    if isinstance(inner, LocalBackend):
+        assert [p.name for p in Path(inner.root).rglob("*") if p.is_file()] == ["b"]
+    assert backend.list("") == ["a/b"]
 
 
 @pytest.mark.parametrize(

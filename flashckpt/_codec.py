@@ -1,0 +1,95 @@
+"""Chunk codecs: ``raw/1``, ``zstd/1`` and byte-grouped ``zstd-bg{2,4,8}/1``.
+
+Byte grouping splits each element of a floating-point tensor into byte planes (all first
+bytes, then all second bytes, ...) before zstd: exponents and high mantissa bytes of trained
+weights are far more compressible apart than interleaved.  The transpose is numpy's strided
+copy, which keeps pace with zstd (a torch tensor-op version measured ~0.1 GB/s here).
+
+Pure functions; zstd and numpy release the GIL, so several threads encode in parallel.
+A chunk that does not shrink is stored raw; the codec id (with its version) is recorded per
+chunk in the manifest.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from flashckpt.errors import ConfigError, CorruptCheckpointError
+
+RAW = "raw/1"
+_ZSTD_RE = re.compile(r"^zstd(?:-bg([248]))?/1$")
+_SPEC_RE = re.compile(r"^zstd(?::(-?\d+))?$")
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How a tier stores chunks: ``level=None`` means raw."""
+
+    level: int | None = None
+
+    @staticmethod
+    def parse(spec: str | None) -> Compression:
+        """``None``/``"none"``/``"raw"`` -> raw; ``"zstd"`` -> level 1; ``"zstd:LEVEL"``."""
+        if spec is None or spec in ("none", "raw"):
+            return Compression(None)
+        m = _SPEC_RE.match(spec) if isinstance(spec, str) else None
+        if not m:
+            raise ConfigError(f"compression must be None, 'zstd' or 'zstd:LEVEL', got {spec!r}")
+        level = int(m.group(1)) if m.group(1) else 1
+        if not -7 <= level <= 22:
+            raise ConfigError(f"zstd level must be in [-7, 22], got {level}")
+        return Compression(level)
+
+    def __str__(self) -> str:
+        return "raw" if self.level is None else f"zstd:{self.level}"
+
+
+def is_known(codec: str) -> bool:
+    return codec == RAW or bool(_ZSTD_RE.match(codec))
+
+
+def encode(data: memoryview, group: int, comp: Compression) -> tuple[str, bytes | memoryview]:
+    """Encode one chunk.  ``group`` is the element size to byte-group by (1 = none).
+
+    Returns ``(codec, stored)``; ``stored`` is ``data`` itself when raw is smaller or asked for.
+    """
+    if comp.level is None or len(data) == 0:
+        return RAW, data
+    src: memoryview = data
+    codec = "zstd/1"
+    if group in (2, 4, 8) and len(data) % group == 0:
+        arr = np.frombuffer(data, dtype=np.uint8).reshape(-1, group)
+        src = memoryview(np.ascontiguousarray(arr.T)).cast("B")  # type: ignore[arg-type]
+        codec = f"zstd-bg{group}/1"
+    out = zstandard.ZstdCompressor(level=comp.level, write_content_size=True).compress(src)
+    if len(out) >= len(data):
+        return RAW, data
+    return codec, out
+
+
+def decode(codec: str, stored: bytes | memoryview, out: memoryview) -> None:
+    """Decode ``stored`` into ``out`` (exactly ``len(out)`` bytes).  Raises CorruptCheckpointError."""
+    if codec == RAW:
+        if len(stored) != len(out):
+            raise CorruptCheckpointError("raw chunk of the wrong size")
+        out[:] = stored
+        return
+    m = _ZSTD_RE.match(codec)
+    if not m:
+        raise CorruptCheckpointError(f"unknown codec {codec!r}")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=len(out))
+    except zstandard.ZstdError as exc:
+        raise CorruptCheckpointError(f"chunk does not decompress: {exc}") from exc
+    if len(raw) != len(out):
+        raise CorruptCheckpointError(f"chunk decompresses to {len(raw)} bytes, expected {len(out)}")
+    group = int(m.group(1) or 1)
+    if group == 1:
+        out[:] = raw
+        return
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(group, -1)
+    np.copyto(np.frombuffer(out, dtype=np.uint8).reshape(-1, group), planes.T)
