@@ -350,10 +350,6 @@ class Stager:
             slot.step = step
             self._last = slot
 
-    def idle(self) -> bool:
-        with self._cond:
-            return not any(s.busy for s in self.slots)
-
     # -- prefault ----------------------------------------------------------------------------
     def prefault(self, nbytes: int) -> None:
         """Fault both slots in to ``nbytes`` on a background thread; returns at once.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,18 +69,23 @@ def test_truncated_read_on_one_tier_falls_back_to_the_next(tmp_path: Path, shm_d
         assert torch.equal(v, fresh["model"].state_dict()[k])  # type: ignore[attr-defined]
 
 
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB file system (tmpfs), so that writes fail with a real ENOSPC."""
-    mnt = tmp_path / "tiny"
+@contextlib.contextmanager
+def _tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A real, small file system (tmpfs) at ``mnt``, so that writes fail with a real ENOSPC."""
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    with _tmpfs(tmp_path / "tiny", "1m") as mnt:
+        yield mnt
 
 
 def test_enospc_on_the_local_tier(tiny_fs: Path, tmp_path: Path, shm_dir: Path) -> None:
@@ -109,12 +115,7 @@ def test_enospc_on_the_local_tier(tiny_fs: Path, tmp_path: Path, shm_dir: Path) 
 def test_memory_tier_full_fails_the_save_not_the_training(tmp_path: Path) -> None:
     """A real 8 MiB tmpfs as the memory tier: a state that outgrows it cannot be staged; the
     save reports StorageFullError (never SIGBUS), and saves work again once it fits."""
-    mnt = tmp_path / "shm"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
+    with _tmpfs(tmp_path / "shm", "8m") as mnt:
         state = make_state()
         with flashckpt.Checkpointer(tmp_path / "s", memory_dir=mnt, keep=None) as ckpt:
             ckpt.save(0, state).wait()  # type: ignore[union-attr]
@@ -129,5 +130,3 @@ def test_memory_tier_full_fails_the_save_not_the_training(tmp_path: Path) -> Non
             ckpt.save(2, state).wait()  # type: ignore[union-attr]
         assert _committed(tmp_path / "s") == [0, 2]
         assert list(mnt.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
