@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from flashckpt._codec import Compression
 from flashckpt._config import Options, default_memory_root, node_id, options_from_env
 from flashckpt._coordinator import (
     committed_steps,
@@ -62,6 +63,21 @@ from flashckpt.format import (
 log = logging.getLogger(__name__)
 
 
+def _compression_per_tier(spec: str | dict[str, str | None] | None) -> dict[str, Compression]:
+    """``None``: per-tier defaults; ``"zstd[:L]"``/``"none"``: the storage tier; a dict: explicit
+    per tier (``{"local": None, "storage": "zstd:3"}``)."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        return {"storage": Compression.parse(spec)}
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"local", "storage"}
+        if unknown:
+            raise ConfigError(f"compression: unknown tiers {sorted(unknown)} (use 'local', 'storage')")
+        return {k: Compression.parse(v) for k, v in spec.items()}
+    raise ConfigError(f"compression must be None, a string or a dict, got {spec!r}")
+
+
 class Checkpointer:
     """Flash checkpoints for one training process.  See the module docstring for call order.
 
@@ -75,7 +91,9 @@ class Checkpointer:
             ``k % persist_every == 0``; the others live in memory only.  Forced saves persist.
         keep: committed steps kept on each persistent tier (``None``: keep all).
         mirror: peer copies in other nodes' memory (not available in this version: 0/None).
-        compression: ``None`` (compression is not available in this version).
+        compression: ``None`` (default: zstd level 1 for object storage, raw for POSIX tiers),
+            ``"zstd"``/``"zstd:LEVEL"``/``"none"`` for the storage tier, or a dict per tier,
+            e.g. ``{"local": None, "storage": "zstd:3"}``.
         storage_options: passed to the storage backend.
         process_group: the job's process group (multi-rank jobs are not supported yet).
         options: tuning knobs (:class:`flashckpt.Options`).
@@ -91,7 +109,7 @@ class Checkpointer:
         persist_every: int = 1,
         keep: int | None = 3,
         mirror: int | None = None,
-        compression: str | None = None,
+        compression: str | dict[str, str | None] | None = None,
         storage_options: dict[str, Any] | None = None,
         process_group: Any = None,
         options: Options | None = None,
@@ -103,13 +121,12 @@ class Checkpointer:
             raise ConfigError(f"keep must be an int >= 1 or None, got {keep!r}")
         if mirror not in (None, 0):
             raise ConfigError("mirror > 0 (peer replicas) is not available in this version")
-        if compression is not None:
-            raise ConfigError(f"compression={compression!r} is not available in this version")
         self._opts = options_from_env(options)
         self._every, self._persist_every, self._keep = every, persist_every, keep
         self._rank, self._world = self._ranks(process_group)
         self._node = node_id()
 
+        per_tier = _compression_per_tier(compression)
         storage_be = open_backend(storage, storage_options=storage_options)
         self._tiers: list[Tier] = []
         if local_dir is not None:
@@ -118,10 +135,13 @@ class Checkpointer:
                 if isinstance(local_dir, Backend)
                 else LocalBackend(local_dir, fsync=self._opts.fsync, direct_io=self._opts.direct_io)
             )
-            self._tiers.append(Tier("local", local_be))
+            self._tiers.append(Tier("local", local_be, per_tier.get("local", Compression(None))))
         if isinstance(storage_be, LocalBackend) and not isinstance(storage, Backend):
             storage_be = LocalBackend(storage_be.root, fsync=self._opts.fsync, direct_io=self._opts.direct_io)
-        self._tiers.append(Tier("storage", storage_be))
+        # Default: compress for object storage (zstd level 1 outruns the network path), not
+        # for POSIX tiers (it is slower than NVMe writes here).
+        default = Compression(None) if isinstance(storage_be, LocalBackend) else Compression(1)
+        self._tiers.append(Tier("storage", storage_be, per_tier.get("storage", default)))
 
         job = hashlib.sha256(storage_be.url.encode()).hexdigest()[:16]
         root = Path(memory_dir) if memory_dir is not None else Path(default_memory_root()) / job

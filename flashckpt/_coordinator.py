@@ -15,12 +15,14 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from flashckpt._codec import decode
 from flashckpt._config import Options
 from flashckpt._retry import retry
 from flashckpt.backends import Backend
 from flashckpt.backends._base import check_key
 from flashckpt.errors import CorruptCheckpointError, ObjectNotFound
 from flashckpt.format import (
+    CODEC_RAW,
     UNSEALED,
     ChunkEntry,
     Manifest,
@@ -94,12 +96,16 @@ def fetch_chunks(
 
     def one(i: int) -> None:
         c = m.chunks[i]
-        view = dest(c.offset, c.stored_nbytes)
-        n = retry(lambda: be.get_into(c.key, view, offset=c.at), f"get {c.key}", opts)
+        view = dest(c.offset, c.nbytes)
+        # raw chunks land in place; encoded ones go through a buffer of their stored size
+        into = view if c.codec == CODEC_RAW else memoryview(bytearray(c.stored_nbytes))
+        n = retry(lambda: be.get_into(c.key, into, offset=c.at), f"get {c.key}", opts)
         if n != c.stored_nbytes:
             raise CorruptCheckpointError(
                 f"chunk {c.key} on {be.url} is truncated ({n} of {c.stored_nbytes} bytes)"
             )
+        if c.codec != CODEC_RAW:
+            decode(c.codec, into, view)
         if checksum(view) != c.checksum:
             raise CorruptCheckpointError(f"chunk {c.key} on {be.url} fails its checksum")
 

@@ -16,6 +16,8 @@ thread.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import logging
 import queue
 import threading
@@ -23,7 +25,9 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+from flashckpt._codec import Compression, encode
 from flashckpt._config import Options
 from flashckpt._coordinator import apply_retention
 from flashckpt._retry import retry
@@ -45,6 +49,8 @@ from flashckpt.format import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+RAW_TIER = Compression(None)
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class Tier:
 
     name: str
     backend: Backend
+    compression: Compression = RAW_TIER
 
 
 class _Failure:
@@ -293,12 +300,12 @@ class Persister:
             )
             for i, c in enumerate(m.chunks)
         ]
-        futures: list[Future[None]] = []
-        for src, dst in zip(m.chunks, chunks, strict=True):
+        groups = _byte_groups(m)
+        futures: list[Future[ChunkEntry]] = []
+        for src, dst, group in zip(m.chunks, chunks, groups, strict=True):
             view = slot.view(src.at, src.stored_nbytes)
-            futures.append(self.pool.submit(retry, _putter(be, dst.key, view), f"put {dst.key}", opts))
-        _wait_all(futures)
-        out = m.with_chunks(chunks)
+            futures.append(self.pool.submit(self._put_chunk, tier, dst, view, group))
+        out = m.with_chunks(_wait_all(futures))
         mkey = manifest_key(m.step, m.rank, m.world_size)
         mdata = encode_manifest(out)
         retry(lambda: be.put(mkey, mdata), f"put {mkey}", opts)
@@ -306,17 +313,38 @@ class Persister:
         cdata = encode_commit(record)
         retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
 
+    def _put_chunk(self, tier: Tier, c: ChunkEntry, view: memoryview, group: int) -> ChunkEntry:
+        """I/O pool: encode one chunk for ``tier`` (if it compresses) and put it.  At most
+        ``io_threads`` encoded buffers exist at once: host memory stays bounded."""
+        codec, stored = encode(view, group, tier.compression)
+        retry(lambda: tier.backend.put(c.key, stored), f"put {c.key}", self.opts)
+        return dataclasses.replace(c, stored_nbytes=len(stored), codec=codec)
 
-def _putter(be: Backend, key: str, view: memoryview) -> Callable[[], None]:
-    return lambda: be.put(key, view)
+
+def _byte_groups(m: Manifest) -> list[int]:
+    """Per chunk: the element size to byte-group by before zstd (1 = none).  Only chunks
+    inside one floating-point tensor are grouped (packs of small tensors are not)."""
+    spans = sorted((t.offset, t.offset + t.nbytes, t.dtype) for t in m.tensors if t.nbytes)
+    starts = [s[0] for s in spans]
+    out = []
+    for c in m.chunks:
+        i = bisect.bisect_right(starts, c.offset) - 1
+        group = 1
+        if i >= 0 and c.offset + c.nbytes <= spans[i][1]:
+            dtype = spans[i][2]
+            if dtype.is_floating_point and dtype.itemsize in (2, 4, 8):
+                group = dtype.itemsize
+        out.append(group)
+    return out
 
 
-def _wait_all(futures: list[Future[None]]) -> None:
+def _wait_all(futures: list[Future[T]]) -> list[T]:
     """Wait for every future; cancel the rest and raise the first error if one fails."""
     error: BaseException | None = None
+    results: list[T] = []
     for f in futures:
         try:
-            f.result()
+            results.append(f.result())
         except BaseException as exc:
             if error is None:
                 error = exc
@@ -324,3 +352,4 @@ def _wait_all(futures: list[Future[None]]) -> None:
                     g.cancel()
     if error is not None:
         raise error
+    return results

@@ -75,3 +75,62 @@ def test_bad_credentials_fail_in_the_background_without_leaking(
 def test_unknown_scheme_is_a_clear_error() -> None:
     with pytest.raises(flashckpt.ConfigError, match="no fsspec file system"):
         flashckpt.Checkpointer("nosuchscheme://x/y")
+
+
+def test_object_storage_is_compressed_by_default_and_posix_is_not(
+    s3: dict[str, object], tmp_path: Path, shm_dir: Path
+) -> None:
+    """bf16 weights drawn like trained weights: byte-grouped zstd on S3, raw on local NVMe."""
+    import boto3
+
+    g = torch.Generator().manual_seed(0)
+    state = {"w": (torch.randn(4 << 20, generator=g) * 0.02).to(torch.bfloat16)}
+    url = str(s3["url"])
+    with flashckpt.Checkpointer(
+        url, local_dir=tmp_path / "l", memory_dir=shm_dir, storage_options=_opts(s3)
+    ) as ckpt:
+        ckpt.save(0, state)
+    client = boto3.client(
+        "s3",
+        endpoint_url=str(s3["endpoint"]),
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="y",
+    )
+    objs = client.list_objects_v2(Bucket=str(s3["bucket"]), Prefix="run/steps/")["Contents"]
+    chunk_bytes = sum(o["Size"] for o in objs if not o["Key"].endswith(".manifest"))
+    raw = state["w"].numel() * 2
+    assert chunk_bytes <= 0.75 * raw
+    local_chunks = sum(
+        p.stat().st_size
+        for p in (tmp_path / "l" / "steps").rglob("*")
+        if p.is_file() and p.suffix != ".manifest"
+    )
+    assert local_chunks == raw
+    out = flashckpt.load(url, storage_options=_opts(s3))
+    assert torch.equal(out["w"].view(torch.int16), state["w"].view(torch.int16))
+    fresh = {"w": torch.zeros_like(state["w"])}
+    with flashckpt.Checkpointer(url, memory_dir=shm_dir, storage_options=_opts(s3)) as ckpt:
+        assert ckpt.restore(fresh) == 0
+    assert torch.equal(fresh["w"].view(torch.int16), state["w"].view(torch.int16))
+
+
+def test_explicit_compression_per_tier(tmp_path: Path, shm_dir: Path) -> None:
+    state = {"w": (torch.randn(1 << 20) * 0.02).to(torch.bfloat16)}
+    with flashckpt.Checkpointer(
+        tmp_path / "s",
+        local_dir=tmp_path / "l",
+        memory_dir=shm_dir,
+        compression={"local": None, "storage": "zstd:3"},
+    ) as ckpt:
+        ckpt.save(0, state)
+
+    def size(root: Path) -> int:
+        files = (root / "steps").rglob("*")
+        return sum(p.stat().st_size for p in files if p.suffix != ".manifest" and p.is_file())
+
+    assert size(tmp_path / "l") == (1 << 20) * 2
+    assert size(tmp_path / "s") < 0.75 * (1 << 20) * 2
+    assert torch.equal(flashckpt.load(tmp_path / "s")["w"], state["w"])
+    with pytest.raises(flashckpt.ConfigError):
+        flashckpt.Checkpointer(tmp_path / "s", memory_dir=shm_dir, compression={"nvme": "zstd"})
