@@ -209,8 +209,9 @@ class Checkpointer:
         layout = self._stager.layout(flat.tensors)
         slot, waited = self._stager.acquire(layout.total_bytes)
         try:
-            for s in self._stager.slots:  # the slot's old step, and an older copy of this step
-                if s.step is not None and (s is slot or s.step == step) and (s is slot or not s.busy):
+            # Forget what the slot held, and an idle older copy of this same step number.
+            for s in self._stager.slots:
+                if s.step is not None and (s is slot or (s.step == step and not s.busy)):
                     self._memory.backend.delete(memory_manifest_key(s.step))
                     s.step = None
             cold = self._stager.stage(slot, flat.tensors, layout)
