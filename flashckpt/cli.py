@@ -55,7 +55,7 @@ def _verify(args: argparse.Namespace) -> int:
                 rec = decode_commit(be.get(commit_key(step)), check_key=check_key)
                 for rank in range(rec.world_size):
                     m = read_committed_manifest(be, step, rank, rec.world_size, opts)
-                    size = max((c.stored_nbytes for c in m.chunks), default=0)
+                    size = max((c.nbytes for c in m.chunks), default=0)
                     buf = bytearray(size)  # one chunk at a time: bounded memory
                     for c in m.chunks:
                         fetch_chunks(be, m.with_chunks([c]), _scratch(buf), pool, opts)
