@@ -38,7 +38,7 @@ from flashckpt._coordinator import (
     verify_chunks,
 )
 from flashckpt._staging import Slot, Stager, check_fits
-from flashckpt._statewalk import flatten, load_into
+from flashckpt._statewalk import find_targets, flatten, load_into
 from flashckpt._transfer import Job, Persister, SaveHandle, Tier
 from flashckpt.backends import Backend, LocalBackend, open_backend, translate_os_error
 from flashckpt.errors import (
@@ -306,10 +306,13 @@ class Checkpointer:
         t0 = time.perf_counter()
         inventory = self._inventory()
         last_error: BaseException | None = None
+        touched = False  # a failed source may already have written into the state
         for src in plan_sources(inventory, want):
+            filled: dict[int, torch.Tensor] = {}
             try:
-                m, slot = self._load(src.tier, src.step)
+                m, slot = self._load(src.tier, src.step, state, filled)
             except (CorruptCheckpointError, StorageError) as exc:
+                touched = touched or bool(filled)
                 log.warning(
                     "flashckpt: step %d on the %s tier is unusable, trying the next: %s",
                     src.step,
@@ -319,7 +322,7 @@ class Checkpointer:
                 last_error = exc
                 continue
             try:
-                self._apply(m, slot, state)
+                self._apply(m, slot, state, filled)
             except BaseException:
                 self._stager.release(slot)
                 raise
@@ -334,6 +337,11 @@ class Checkpointer:
             )
             self._after_restore(m, slot, src.tier, inventory)
             return m.step
+        if touched:
+            raise CorruptCheckpointError(
+                "no intact step could be restored, and a corrupt snapshot in memory was found only "
+                "while it was being loaded: the state is partially overwritten; rebuild it"
+            ) from last_error
         if want is not None:
             raise CheckpointNotFound(f"step {want} is not available intact on any tier") from last_error
         if last_error is not None:
@@ -477,8 +485,16 @@ class Checkpointer:
                 return s
         raise CorruptCheckpointError(f"memory snapshot of step {m.step} has no slot")
 
-    def _load(self, tier: Tier, step: int) -> tuple[Manifest, Slot]:
-        """Return the verified manifest of ``step`` and a busy slot holding its bytes."""
+    def _load(
+        self, tier: Tier, step: int, state: Any, filled: dict[int, torch.Tensor]
+    ) -> tuple[Manifest, Slot]:
+        """Return the verified manifest of ``step`` and a busy slot holding its bytes.
+
+        From the memory tier, tensors of ``state`` that the step will be loaded into (CPU,
+        contiguous, same dtype and shape) are filled while the slot is checksummed: one pass
+        over memory instead of two.  They are recorded in ``filled``; if verification fails
+        after that, the caller knows the state was written to.
+        """
         pool = self._persister.pool
         if tier is self._memory:
             m = read_memory_manifest(tier.backend, step)
@@ -486,7 +502,10 @@ class Checkpointer:
             if not self._stager.try_acquire(slot):
                 raise CorruptCheckpointError(f"slot of step {step} is busy")
             try:
-                sealed = verify_chunks(m, slot.view, pool, str(self._rank_dir))
+                fills = self._fills(m, state, filled)
+                sealed = verify_chunks(
+                    m, slot.view, pool, str(self._rank_dir), base=slot.address, fills=fills
+                )
                 if not m.sealed:  # the crash came before the persist thread checksummed it
                     tier.backend.put(memory_manifest_key(step), encode_manifest(sealed))
             except BaseException:
@@ -513,12 +532,34 @@ class Checkpointer:
             raise
         return local, slot
 
-    def _apply(self, m: Manifest, slot: Slot, state: Any) -> None:
+    @staticmethod
+    def _fills(m: Manifest, state: Any, filled: dict[int, torch.Tensor]) -> list[tuple[int, int, int]]:
+        """Pick the live tensors a memory-tier restore can fill while it checksums."""
+
+        def accept(i: int, t: torch.Tensor) -> bool:
+            e = m.tensors[i]
+            return (
+                e.nbytes > 0
+                and t.device.type == "cpu"
+                and t.dtype == e.dtype
+                and tuple(t.shape) == e.shape
+                and t.is_contiguous()
+                and not t.is_conj()
+                and not t.is_neg()
+            )
+
+        filled.update(find_targets(state, m.state_tree(), accept))
+        entries = ((m.tensors[i], t) for i, t in filled.items())
+        return sorted((e.offset, e.offset + e.nbytes, t.data_ptr()) for e, t in entries)
+
+    def _apply(self, m: Manifest, slot: Slot, state: Any, filled: dict[int, torch.Tensor]) -> None:
         tree = m.state_tree()
         cuda = False
 
         def materialize(i: int, target: torch.Tensor | None) -> torch.Tensor:
             nonlocal cuda
+            if target is not None and filled.get(i) is target:
+                return target  # already filled while the slot was checksummed
             e = m.tensors[i]
             src = slot.tensor(e.offset, e.nbytes, e.dtype, e.shape)
             if target is not None and target.dtype == e.dtype and tuple(target.shape) == e.shape:

@@ -8,12 +8,16 @@ any thread; the persist thread calls :func:`apply_retention`.
 
 from __future__ import annotations
 
+import bisect
+import ctypes
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import xxhash
 
 from flashckpt._codec import decode
 from flashckpt._config import Options
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
 
 _COMMIT_NAME = re.compile(r"^step-(\d{12})$")
 _STEP_DIR = re.compile(r"^(\d{12})/$")
+_PIECE = 1 << 20  # checksum-and-copy granularity: stays in cache between the two
 
 
 def committed_steps(be: Backend, opts: Options) -> list[int]:
@@ -114,13 +119,43 @@ def fetch_chunks(
 
 
 def verify_chunks(
-    m: Manifest, view: Callable[[int, int], memoryview], pool: Executor, where: str
+    m: Manifest,
+    view: Callable[[int, int], memoryview],
+    pool: Executor,
+    where: str,
+    *,
+    base: int = 0,
+    fills: Sequence[tuple[int, int, int]] = (),
 ) -> Manifest:
     """Verify chunks that are already in memory (the memory tier); return the manifest with
-    every checksum filled in (unsealed chunks are checksummed, not verified)."""
+    every checksum filled in (unsealed chunks are checksummed, not verified).
+
+    ``fills`` (sorted ``(start, end, dst_address)`` byte ranges of the shard, memory at
+    ``base``) are copied out while each chunk is checksummed, piece by cache-sized piece, so
+    the bytes are read from memory once instead of twice.  If a chunk then fails, those
+    destinations hold a mix of bytes: the caller must treat them as overwritten.
+    """
+    starts = [f[0] for f in fills]
 
     def one(c: ChunkEntry) -> ChunkEntry:
-        digest = checksum(view(c.at, c.stored_nbytes))
+        if not fills:
+            digest = checksum(view(c.at, c.stored_nbytes))
+        else:
+            h = xxhash.xxh3_128()
+            end = c.at + c.stored_nbytes
+            j = max(0, bisect.bisect_right(starts, c.at) - 1)
+            for p in range(c.at, end, _PIECE):
+                q = min(p + _PIECE, end)
+                h.update(view(p, q - p))
+                while j < len(fills) and fills[j][1] <= p:
+                    j += 1
+                k = j
+                while k < len(fills) and fills[k][0] < q:
+                    lo, hi = max(p, fills[k][0]), min(q, fills[k][1])
+                    if lo < hi:
+                        ctypes.memmove(fills[k][2] + (lo - fills[k][0]), base + lo, hi - lo)
+                    k += 1
+            digest = h.hexdigest()
         if c.checksum == UNSEALED:
             return dataclasses.replace(c, checksum=digest)
         if digest != c.checksum:

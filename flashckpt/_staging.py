@@ -244,6 +244,12 @@ class Slot:
         assert self._buf is not None
         return self._buf[offset : offset + nbytes].view(dtype).view(tuple(shape))
 
+    @property
+    def address(self) -> int:
+        """Address of the mapping (valid while the slot is held busy)."""
+        assert self._buf is not None
+        return int(self._buf.data_ptr())
+
     def view(self, offset: int, nbytes: int) -> memoryview:
         assert self._mm is not None
         return memoryview(self._mm)[offset : offset + nbytes]

@@ -10,7 +10,7 @@ Called on the training thread only.  Flattening does not copy tensor data.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,6 +210,38 @@ class _Loader:
                 return old_t
             return tuple(items)
         return node
+
+
+def find_targets(
+    state: Any, tree: Any, accept: Callable[[int, torch.Tensor], bool]
+) -> dict[int, torch.Tensor]:
+    """The live tensors that ``load_into`` would copy saved tensor ``i`` into, for each ``i``
+    where ``accept(i, tensor)``.  A dry walk: nothing is mutated, no ``load_state_dict`` runs
+    (``Stateful`` objects are looked into through ``state_dict()``)."""
+    found: dict[int, torch.Tensor] = {}
+
+    def walk(current: Any, node: Any) -> None:
+        if isinstance(node, TensorRef):
+            if isinstance(current, torch.Tensor) and node.index not in found and accept(node.index, current):
+                found[node.index] = current
+        elif isinstance(node, StatefulRecord):
+            if is_stateful(current):
+                walk(current.state_dict(), node.state)
+        elif isinstance(node, dict):
+            if isinstance(current, Mapping):
+                for k, v in node.items():
+                    walk(current.get(k), v)
+        elif (
+            isinstance(node, (list, tuple))
+            and not isinstance(node, torch.Size)
+            and isinstance(current, (list, tuple))
+            and len(current) == len(node)
+        ):
+            for c, v in zip(current, node, strict=True):
+                walk(c, v)
+
+    walk(state, tree)
+    return found
 
 
 def load_into(state: Any, tree: Any, materialize: Materialize) -> None:

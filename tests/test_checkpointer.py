@@ -303,6 +303,10 @@ def test_a_flipped_byte_on_each_tier_falls_back_tier_by_tier_then_step_by_step(
         step, fresh = restored()
         assert step == 1 and "from the local tier" in caplog.text
         assert "step 1 on the memory tier is unusable" in caplog.text
+        # the corrupt memory copy was partly copied into the state before the checksum failed;
+        # the intact copy from the local tier then overwrote all of it
+        for k, v in fresh["model"].state_dict().items():  # type: ignore[attr-defined]
+            assert torch.equal(v, snapshots[1][k]), k
         for d in ("local", "storage"):
             chunk = dirs[d] / "steps" / "000000000001" / "r00000-of-00001" / "000000"
             _flip(chunk, chunk.stat().st_size // 2)
@@ -317,3 +321,27 @@ def test_a_flipped_byte_on_each_tier_falls_back_tier_by_tier_then_step_by_step(
             assert torch.equal(v, snapshots[0][k])
         with pytest.raises(flashckpt.CheckpointNotFound):
             ckpt.restore(make_state(), step=1)
+
+
+def test_a_corrupt_memory_only_snapshot_that_was_partly_loaded_is_an_error(dirs: dict[str, Path]) -> None:
+    """Restore from memory fills the state while it checksums; if the only copy then proves
+    corrupt, restore must not return None as if the state were untouched."""
+    from flashckpt._coordinator import read_memory_manifest
+
+    state = {"w": torch.arange(1 << 20, dtype=torch.float32), "b": torch.ones(3)}
+    with _ckpt(dirs, local_dir=None, persist_every=1000) as ckpt:
+        ckpt.save(0, state, force=True)  # step 0 is on storage
+        state["w"] += 1
+        ckpt.save(1, state)  # step 1 lives in memory only
+        ckpt.wait()
+        m = read_memory_manifest(ckpt._memory.backend, 1)
+        last = max(m.chunks, key=lambda c: c.at)  # corrupt the end: most bytes are copied first
+        _flip(ckpt.memory_path / last.key, last.at + last.nbytes - 1)
+        target = {"w": torch.zeros(1 << 20), "b": torch.zeros(3)}
+        # step 0 on storage is intact: it is used, and it overwrites what step 1 left behind
+        assert ckpt.restore(target) == 0
+        assert torch.equal(target["w"], torch.arange(1 << 20, dtype=torch.float32))
+        with pytest.raises(flashckpt.CorruptCheckpointError, match="partially overwritten"):
+            ckpt.restore({"w": torch.zeros(1 << 20), "b": torch.zeros(3)}, step=1)
+        assert ckpt.restore({}, step=0) == 0  # nothing to fill: nothing touched
+        ckpt.close(_raise=False)
