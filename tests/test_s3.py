@@ -134,3 +134,37 @@ def test_explicit_compression_per_tier(tmp_path: Path, shm_dir: Path) -> None:
     assert torch.equal(flashckpt.load(tmp_path / "s")["w"], state["w"])
     with pytest.raises(flashckpt.ConfigError):
         flashckpt.Checkpointer(tmp_path / "s", memory_dir=shm_dir, compression={"nvme": "zstd"})
+
+
+@pytest.mark.parametrize("kind", ["503", "500", "drop"])
+def test_s3_faults_during_a_save_then_commit(s3: dict[str, object], shm_dir: Path, kind: str) -> None:
+    """Throttling, 5xx and dropped connections on chunk uploads (through a real proxy in front
+    of the server): the step commits once the faults stop; the older step is untouched; the
+    training thread never waits for it."""
+    from tests.s3proxy import FaultProxy, ProxyFault, ProxyPlan
+
+    plan = ProxyPlan()
+    proxy = FaultProxy(str(s3["endpoint"]), plan)
+    try:
+        opts = {**_opts(s3), "endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 1}}}
+        state = make_state()
+        options = flashckpt.Options(retries=8, backoff_s=0.05, backoff_max_s=0.5)
+        url = str(s3["url"])
+        with flashckpt.Checkpointer(
+            url, memory_dir=shm_dir, storage_options=opts, keep=None, options=options
+        ) as ckpt:
+            ckpt.save(0, state).wait()  # type: ignore[union-attr]
+            plan.faults.append(ProxyFault("PUT", "/steps/000000000001/", kind, times=4))  # type: ignore[arg-type]
+            train_step(state, 0)
+            h = ckpt.save(1, state)
+            assert h is not None
+            assert ckpt.stats["blocking_s"] < 5  # staged; the faults are the persist thread's business
+            h.wait(timeout=120)
+            assert ckpt.stats["errors"] == []
+        assert plan.fired == 4
+        out1 = flashckpt.load(url, storage_options=_opts(s3), step=1)
+        assert out1["extra"]["seen"] == [0]
+        out0 = flashckpt.load(url, storage_options=_opts(s3), step=0)
+        assert out0["extra"]["seen"] == []
+    finally:
+        proxy.close()
