@@ -437,6 +437,7 @@ class Checkpointer:
             if self._stats.get("step") != handle.step:
                 return
             self._stats["persist_s"] = dict(handle.persist_s)
+            self._stats["written_bytes"] = dict(handle.written_bytes)
             self._stats["errors"] = [
                 f"{f.tier}: {type(f.error).__name__}: {f.error}" for f in handle.failures
             ]

@@ -26,6 +26,7 @@ from flashckpt.backends import Backend
 from flashckpt.backends._base import check_key
 from flashckpt.errors import CorruptCheckpointError, ObjectNotFound
 from flashckpt.format import (
+    CHUNKS_PREFIX,
     CODEC_RAW,
     UNSEALED,
     ChunkEntry,
@@ -212,4 +213,31 @@ def apply_retention(be: Backend, keep: int, opts: Options) -> list[int]:
         except ObjectNotFound:
             pass
         removed.append(s)
+    if doomed or removed:
+        collect_chunks(be, sorted(kept), opts)
     return removed
+
+
+def collect_chunks(be: Backend, kept: Sequence[int], opts: Options) -> int:
+    """Delete chunk objects that no manifest of a kept step references; return how many.
+
+    Safe against this process's saves: the persist thread runs it between jobs, and a save
+    only reuses chunks of the newest commit, which is always kept.  (Across ranks, the
+    job-wide retention must also respect saves in flight on other ranks.)
+    """
+    referenced: set[str] = set()
+
+    def get(key: str) -> bytes:
+        return retry(lambda: be.get(key), f"get {key}", opts)
+
+    for s in kept:
+        record = decode_commit(get(commit_key(s)), check_key=check_key)
+        for key, _size, _digest in record.manifests:
+            m = decode_manifest(get(key), key, check_key=check_key)
+            referenced.update(c.key for c in m.chunks)
+    deleted = 0
+    for key in retry(lambda: be.list(CHUNKS_PREFIX), f"list chunks on {be.url}", opts):
+        if key not in referenced:
+            retry(lambda k=key: be.delete(k), f"delete {key}", opts)  # type: ignore[misc]
+            deleted += 1
+    return deleted

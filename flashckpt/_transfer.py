@@ -29,7 +29,7 @@ from typing import TypeVar
 
 from flashckpt._codec import Compression, encode
 from flashckpt._config import Options
-from flashckpt._coordinator import apply_retention
+from flashckpt._coordinator import apply_retention, committed_steps, read_committed_manifest
 from flashckpt._retry import retry
 from flashckpt._staging import Slot, Stager
 from flashckpt.backends import Backend
@@ -90,6 +90,8 @@ class SaveHandle:
         self.step = step
         self.tiers = tuple(tiers)
         self.persist_s: dict[str, float] = {}
+        #: chunk bytes written per persistent tier (unchanged chunks are not written again)
+        self.written_bytes: dict[str, int] = {}
         self.failures: list[_Failure] = []
         self._pending = set(self.tiers)
         self._event = threading.Event()
@@ -161,6 +163,7 @@ class Persister:
             max(opts.io_threads, opts.hash_threads), thread_name_prefix="flashckpt-io"
         )
         self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._known_chunks: dict[str, dict[str, ChunkEntry]] = {}  # persist thread only
         self._thread = threading.Thread(target=self._loop, name="flashckpt-persist", daemon=True)
         self._thread.start()
 
@@ -241,7 +244,7 @@ class Persister:
         for tier in job.tiers:
             t0 = time.perf_counter()
             try:
-                self.persist(tier, m, job.slot)
+                job.handle.written_bytes[tier.name] = self.persist(tier, m, job.slot)
             except BaseException as exc:
                 self._discard(tier, m)
                 secs = time.perf_counter() - t0
@@ -275,36 +278,53 @@ class Persister:
         )
 
     def _discard(self, tier: Tier, m: Manifest) -> None:
-        """Best effort: remove this shard's partial writes of a failed step (they use space)."""
+        """Best effort: remove this shard's manifest of a failed step.  Its new chunks are
+        shared by content and may be referenced by other steps: the next retention pass
+        deletes those that no kept step references."""
         be = tier.backend
         try:
             be.delete(manifest_key(m.step, m.rank, m.world_size))
-            be.delete_prefix(chunk_key(m.step, m.rank, m.world_size, 0).rsplit("/", 1)[0] + "/")
         except FlashCkptError as exc:
             log.debug("could not remove partial step %d on %s: %s", m.step, be.url, exc)
 
-    def persist(self, tier: Tier, m: Manifest, slot: Slot) -> None:
-        """Write one shard to ``tier``: chunks, then the manifest, then the commit record."""
+    def _known(self, tier: Tier, m: Manifest) -> dict[str, ChunkEntry]:
+        """Chunks of this shard already on ``tier`` (from its newest commit), by checksum."""
+        known = self._known_chunks.get(tier.name)
+        if known is None:
+            known = {}
+            try:
+                steps = committed_steps(tier.backend, self.opts)
+                if steps:
+                    prev = read_committed_manifest(tier.backend, steps[-1], m.rank, m.world_size, self.opts)
+                    known = {c.checksum: c for c in prev.chunks}
+            except FlashCkptError as exc:  # nothing to reuse: everything is written again
+                log.debug("no chunks to reuse on %s: %s", tier.backend.url, exc)
+            self._known_chunks[tier.name] = known
+        return known
+
+    def persist(self, tier: Tier, m: Manifest, slot: Slot) -> int:
+        """Write one shard to ``tier``: new chunks, then the manifest, then the commit record.
+
+        Chunks are content-addressed: one whose bytes the tier's newest commit already holds is
+        referenced again, not encoded or written.  Returns the chunk bytes written.
+        """
         be, opts = tier.backend, self.opts
         # Re-saving a step number: un-commit first, so the step is never committed while torn.
         retry(lambda: be.delete(commit_key(m.step)), f"uncommit step {m.step}", opts)
-        chunks = [
-            ChunkEntry(
-                chunk_key(m.step, m.rank, m.world_size, i),
-                0,
-                c.offset,
-                c.nbytes,
-                c.stored_nbytes,
-                c.codec,
-                c.checksum,
-            )
-            for i, c in enumerate(m.chunks)
-        ]
+        known = self._known(tier, m)
         groups = _byte_groups(m)
         futures: list[Future[ChunkEntry]] = []
-        for src, dst, group in zip(m.chunks, chunks, groups, strict=True):
+        written: list[Future[ChunkEntry]] = []
+        for src, group in zip(m.chunks, groups, strict=True):
+            hit = known.get(src.checksum)
+            if hit is not None and hit.nbytes == src.nbytes:
+                done: Future[ChunkEntry] = Future()
+                done.set_result(dataclasses.replace(hit, offset=src.offset))
+                futures.append(done)
+                continue
             view = slot.view(src.at, src.stored_nbytes)
-            futures.append(self.pool.submit(self._put_chunk, tier, dst, view, group))
+            written.append(self.pool.submit(self._put_chunk, tier, src, view, group))
+            futures.append(written[-1])
         out = m.with_chunks(_wait_all(futures))
         mkey = manifest_key(m.step, m.rank, m.world_size)
         mdata = encode_manifest(out)
@@ -312,13 +332,16 @@ class Persister:
         record = CommitRecord(m.step, m.world_size, now(), ((mkey, len(mdata), checksum(mdata)),))
         cdata = encode_commit(record)
         retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
+        self._known_chunks[tier.name] = {c.checksum: c for c in out.chunks}
+        return sum(f.result().stored_nbytes for f in written)
 
     def _put_chunk(self, tier: Tier, c: ChunkEntry, view: memoryview, group: int) -> ChunkEntry:
-        """I/O pool: encode one chunk for ``tier`` (if it compresses) and put it.  At most
-        ``io_threads`` encoded buffers exist at once: host memory stays bounded."""
+        """I/O pool: encode one chunk for ``tier`` (if it compresses) and put it at its content
+        address.  At most ``io_threads`` encoded buffers exist at once: memory stays bounded."""
         codec, stored = encode(view, group, tier.compression)
-        retry(lambda: tier.backend.put(c.key, stored), f"put {c.key}", self.opts)
-        return dataclasses.replace(c, stored_nbytes=len(stored), codec=codec)
+        key = chunk_key(c.checksum, codec)
+        retry(lambda: tier.backend.put(key, stored), f"put {key}", self.opts)
+        return ChunkEntry(key, 0, c.offset, c.nbytes, len(stored), codec, c.checksum)
 
 
 def _byte_groups(m: Manifest) -> list[int]:

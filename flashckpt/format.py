@@ -111,8 +111,13 @@ def manifest_key(step: int, rank: int, world_size: int) -> str:
     return f"{step_prefix(step)}{shard_name(rank, world_size)}.manifest"
 
 
-def chunk_key(step: int, rank: int, world_size: int, index: int) -> str:
-    return f"{step_prefix(step)}{shard_name(rank, world_size)}/{index:06d}"
+CHUNKS_PREFIX = "chunks/"
+
+
+def chunk_key(digest: str, codec: str) -> str:
+    """Content address of a chunk: its raw bytes' checksum and how they are stored.  Shared by
+    every step (and rank) that holds the same bytes: an unchanged chunk is written once."""
+    return f"{CHUNKS_PREFIX}{digest[:2]}/{digest}.{codec.replace('/', '-')}"
 
 
 def memory_manifest_key(step: int) -> str:

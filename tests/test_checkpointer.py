@@ -12,7 +12,7 @@ import torch
 
 import flashckpt
 from flashckpt.format import commit_key
-from tests.conftest import assert_state_equal, make_state, train_step
+from tests.conftest import assert_state_equal, chunk_paths, make_state, train_step
 
 
 def _ckpt(dirs: dict[str, Path], **kw: object) -> flashckpt.Checkpointer:
@@ -120,6 +120,9 @@ def test_keep_retention_on_every_tier(dirs: dict[str, Path]) -> None:
         for root in (dirs["storage"], dirs["local"]):
             assert _committed(root) == [3, 4]
             assert sorted(p.name for p in (root / "steps").iterdir()) == ["000000000003", "000000000004"]
+            # chunks no kept step references are gone; the kept ones are all there
+            kept = {p for s in (3, 4) for p in chunk_paths(root, s)}
+            assert {p for p in (root / "chunks").rglob("*") if p.is_file()} == kept
         # the memory tier holds at most two snapshots (the two slots)
         assert len(list(ckpt.memory_path.glob("step-*.manifest"))) <= 2
 
@@ -308,7 +311,7 @@ def test_a_flipped_byte_on_each_tier_falls_back_tier_by_tier_then_step_by_step(
         for k, v in fresh["model"].state_dict().items():  # type: ignore[attr-defined]
             assert torch.equal(v, snapshots[1][k]), k
         for d in ("local", "storage"):
-            chunk = dirs[d] / "steps" / "000000000001" / "r00000-of-00001" / "000000"
+            chunk = chunk_paths(dirs[d], 1)[0]
             _flip(chunk, chunk.stat().st_size // 2)
         # restoring from local put step 1 back into a slot; corrupt that copy too
         m = read_memory_manifest(ckpt._memory.backend, 1)
@@ -345,3 +348,30 @@ def test_a_corrupt_memory_only_snapshot_that_was_partly_loaded_is_an_error(dirs:
             ckpt.restore({"w": torch.zeros(1 << 20), "b": torch.zeros(3)}, step=1)
         assert ckpt.restore({}, step=0) == 0  # nothing to fill: nothing touched
         ckpt.close(_raise=False)
+
+
+def test_unchanged_chunks_are_not_written_again(dirs: dict[str, Path]) -> None:
+    """A LoRA-like fine-tuning state: frozen base weights, small trainable adapters.  The
+    second save writes only what changed; retention keeps every chunk a kept step needs."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"layer{i}.weight": torch.randn(512, 1024, generator=g) for i in range(4)}  # 2 MiB each
+    lora = {f"layer{i}.lora_{ab}": torch.zeros(8, 1024) for i in range(4) for ab in "AB"}
+    state = {"base": base, "lora": lora, "step": 0}
+    with _ckpt(dirs, keep=1) as ckpt:
+        ckpt.save(0, state).wait()  # type: ignore[union-attr]
+        first = ckpt.stats["written_bytes"]
+        for step in (1, 2):
+            for t in lora.values():
+                t.add_(0.01)
+            state["step"] = step
+            ckpt.save(step, state).wait()  # type: ignore[union-attr]
+            again = ckpt.stats["written_bytes"]
+            for tier in ("local", "storage"):
+                assert 0 < again[tier] <= 0.1 * first[tier], (tier, again, first)
+        ckpt.wait()
+    for root in (dirs["storage"], dirs["local"]):
+        assert sorted(p.name for p in (root / "commits").iterdir()) == ["step-000000000002"]
+        assert {p for p in (root / "chunks").rglob("*") if p.is_file()} == set(chunk_paths(root, 2))
+    out = flashckpt.load(dirs["storage"])
+    assert all(torch.equal(out["base"][k], v) for k, v in base.items())
+    assert all(torch.equal(out["lora"][k], v) for k, v in lora.items()) and out["step"] == 2

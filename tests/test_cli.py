@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import flashckpt
+from tests.conftest import chunk_paths
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -25,6 +26,7 @@ def test_ls_and_verify_raw_and_compressed(tmp_path: Path, shm_dir: Path) -> None
         root = tmp_path / comp
         with flashckpt.Checkpointer(root, memory_dir=shm_dir, compression=comp, keep=None) as ckpt:
             for step in (3, 4):
+                state["w"] = state["w"] + 1  # a new chunk for each step (unchanged ones are shared)
                 ckpt.save(step, state)
         out = _cli("ls", str(root), "--json")
         assert out.returncode == 0, out.stderr
@@ -34,7 +36,7 @@ def test_ls_and_verify_raw_and_compressed(tmp_path: Path, shm_dir: Path) -> None
         assert ok.returncode == 0 and "step 3: ok" in ok.stdout and "step 4: ok" in ok.stdout, (
             ok.stdout + ok.stderr
         )
-        chunk = next((root / "steps" / "000000000004").rglob("000000"))
+        chunk = chunk_paths(root, 4)[0]
         data = bytearray(chunk.read_bytes())
         data[len(data) // 2] ^= 0x10
         chunk.write_bytes(bytes(data))

@@ -40,6 +40,7 @@ from flashckpt.format import (
     encode_record,
     manifest_key,
 )
+from tests.conftest import chunk_paths
 
 HEX = "0123456789abcdef" * 2
 CHUNK0 = "steps/000000000007/r00000-of-00001/000000"
@@ -738,40 +739,40 @@ def _save_three(dirs: dict[str, Path]) -> None:
     ]
 
 
-def _shard_dir(root: Path, step: int) -> Path:
-    return root / "steps" / f"{step:012d}" / "r00000-of-00001"
+def _chunk(root: Path, step: int, index: int = 0) -> Path:
+    return chunk_paths(root, step)[index]
 
 
 def _flip_chunk(root: Path) -> None:
-    path = _shard_dir(root, 2) / "000000"
+    path = _chunk(root, 2)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x04
     path.write_bytes(bytes(data))
 
 
 def _flip_last_chunk(root: Path) -> None:
-    path = sorted(_shard_dir(root, 2).iterdir())[-1]
+    path = _chunk(root, 2, -1)
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))
 
 
 def _truncate_chunk(root: Path) -> None:
-    path = _shard_dir(root, 2) / "000000"
+    path = _chunk(root, 2)
     os.truncate(path, path.stat().st_size - 1000)
 
 
 def _empty_chunk(root: Path) -> None:
-    os.truncate(_shard_dir(root, 2) / "000000", 0)
+    os.truncate(_chunk(root, 2), 0)
 
 
 def _delete_chunk(root: Path) -> None:
-    (_shard_dir(root, 2) / "000000").unlink()
+    (_chunk(root, 2)).unlink()
 
 
 def _extend_chunk(root: Path) -> None:
     # extra bytes after the chunk are not read: harmless, so this must NOT make the step unusable
-    with open(_shard_dir(root, 2) / "000000", "ab") as f:
+    with open(_chunk(root, 2), "ab") as f:
         f.write(b"junk")
 
 
@@ -831,8 +832,11 @@ def _chunk_absolute(body: dict[str, Any]) -> None:
 
 
 def _chunk_other_step(body: dict[str, Any]) -> None:
-    # a name that is safe but points at step 1's data: the checksum must catch it
-    body["chunks"][0][0] = body["chunks"][0][0].replace("000000000002", "000000000001")
+    # a name that is safe but points at other data (another chunk's object): the checksum
+    # must catch it
+    others = [c[0] for c in body["chunks"] if c[0] != body["chunks"][0][0]]
+    assert others, "the saved state must have at least two distinct chunks"
+    body["chunks"][0][0] = others[-1]
 
 
 def _chunk_is_a_directory(body: dict[str, Any]) -> None:
@@ -906,7 +910,7 @@ def test_harmless_trailing_bytes_in_a_chunk_are_not_corruption(dirs: dict[str, P
 def test_every_step_corrupt_means_not_found(dirs: dict[str, Path]) -> None:
     _save_three(dirs)
     for step in range(3):
-        path = _shard_dir(dirs["storage"], step) / "000000"
+        path = _chunk(dirs["storage"], step)
         data = bytearray(path.read_bytes())
         data[0] ^= 0xFF
         path.write_bytes(bytes(data))
@@ -924,7 +928,7 @@ def test_hostile_chunk_name_never_touches_files_outside_root(dirs: dict[str, Pat
     """A manifest (with a matching commit) naming ``../outside`` must not read that file."""
     _save_three(dirs)
     outside = dirs["storage"].parent / "outside"
-    big = _shard_dir(dirs["storage"], 2) / "000000"
+    big = _chunk(dirs["storage"], 2)
     outside.write_bytes(big.read_bytes())  # identical bytes: only the name check can stop it
     big.unlink()
 

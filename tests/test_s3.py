@@ -97,13 +97,13 @@ def test_object_storage_is_compressed_by_default_and_posix_is_not(
         aws_access_key_id="x",
         aws_secret_access_key="y",
     )
-    objs = client.list_objects_v2(Bucket=str(s3["bucket"]), Prefix="run/steps/")["Contents"]
+    objs = client.list_objects_v2(Bucket=str(s3["bucket"]), Prefix="run/chunks/")["Contents"]
     chunk_bytes = sum(o["Size"] for o in objs if not o["Key"].endswith(".manifest"))
     raw = state["w"].numel() * 2
     assert chunk_bytes <= 0.75 * raw
     local_chunks = sum(
         p.stat().st_size
-        for p in (tmp_path / "l" / "steps").rglob("*")
+        for p in (tmp_path / "l" / "chunks").rglob("*")
         if p.is_file() and p.suffix != ".manifest"
     )
     assert local_chunks == raw
@@ -126,7 +126,7 @@ def test_explicit_compression_per_tier(tmp_path: Path, shm_dir: Path) -> None:
         ckpt.save(0, state)
 
     def size(root: Path) -> int:
-        files = (root / "steps").rglob("*")
+        files = (root / "chunks").rglob("*")
         return sum(p.stat().st_size for p in files if p.suffix != ".manifest" and p.is_file())
 
     assert size(tmp_path / "l") == (1 << 20) * 2
