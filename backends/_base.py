@@ -56,8 +56,6 @@ class Capabilities:
     exclusive_create: bool = False
     #: Data survives a crash of the machine (fsync'd disk, object store); False for shm.
     durable: bool = True
-    #: ``path_of`` returns a local file path (enables O_DIRECT and zero-copy reads).
-    local_files: bool = False
 
 
 @runtime_checkable

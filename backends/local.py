@@ -58,7 +58,7 @@ class LocalBackend:
         self._dir_mode = 0o700 if private else 0o777
         self._file_mode = 0o600 if private else 0o666
         self._piece = max(_ALIGN, direct_write_bytes - direct_write_bytes % _ALIGN)
-        self._caps = Capabilities(exclusive_create=True, durable=durable, local_files=True)
+        self._caps = Capabilities(exclusive_create=True, durable=durable)
         self._made_dirs: set[Path] = set()
         self._lock = threading.Lock()
 

@@ -21,6 +21,18 @@ def _ckpt(dirs: dict[str, Path], **kw: object) -> flashckpt.Checkpointer:
     return flashckpt.Checkpointer(dirs["storage"], **kw)  # type: ignore[arg-type]
 
 
+def _train_and_save(
+    ckpt: flashckpt.Checkpointer, state: dict[str, object], steps: int
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Train and save ``steps`` steps; return a copy of the model weights at each step."""
+    saved = {}
+    for step in range(steps):
+        train_step(state, step)
+        ckpt.save(step, state)
+        saved[step] = {k: v.clone() for k, v in state["model"].state_dict().items()}  # type: ignore[attr-defined]
+    return saved
+
+
 def _committed(root: Path) -> list[int]:
     d = root / "commits"
     return sorted(int(p.name.split("-")[1]) for p in d.iterdir()) if d.is_dir() else []
@@ -129,12 +141,8 @@ def test_keep_retention_on_every_tier(dirs: dict[str, Path]) -> None:
 
 def test_restore_explicit_step_and_missing_step(dirs: dict[str, Path]) -> None:
     state = make_state()
-    saved = {}
     with _ckpt(dirs, keep=None) as ckpt:
-        for step in range(3):
-            train_step(state, step)
-            ckpt.save(step, state)
-            saved[step] = {k: v.clone() for k, v in state["model"].state_dict().items()}  # type: ignore[attr-defined]
+        saved = _train_and_save(ckpt, state, 3)
     fresh = make_state(seed=5)
     with _ckpt(dirs) as ckpt:
         assert ckpt.restore(fresh, step=1) == 1
@@ -287,12 +295,8 @@ def test_a_flipped_byte_on_each_tier_falls_back_tier_by_tier_then_step_by_step(
     from flashckpt._coordinator import read_memory_manifest
 
     state = make_state()
-    snapshots = {}
     with _ckpt(dirs, keep=None) as ckpt:
-        for step in range(2):
-            train_step(state, step)
-            ckpt.save(step, state)
-            snapshots[step] = {k: v.clone() for k, v in state["model"].state_dict().items()}  # type: ignore[attr-defined]
+        snapshots = _train_and_save(ckpt, state, 2)
         ckpt.wait()
         m = read_memory_manifest(ckpt._memory.backend, 1)
         big = max(m.chunks, key=lambda c: c.nbytes)
