@@ -213,7 +213,7 @@ class Checkpointer:
             for s in self._stager.slots:
                 if s.step is not None and (s is slot or (s.step == step and not s.busy)):
                     self._memory.backend.delete(memory_manifest_key(s.step))
-                    s.step = None
+                    s.step, s.durable = None, False
             cold = self._stager.stage(slot, flat.tensors, layout)
         except OSError as exc:  # the memory tier is full: report, never kill training
             self._stager.release(slot)
@@ -474,7 +474,7 @@ class Checkpointer:
                         raise CorruptCheckpointError("slot holds a newer step")
                     if slot.step is not None:
                         self._memory.backend.delete(memory_manifest_key(slot.step))
-                    slot.step = step
+                    slot.step, slot.durable = step, False
             except (CorruptCheckpointError, StorageError) as exc:
                 log.warning("flashckpt: dropping memory snapshot of step %d: %s", step, exc)
                 self._memory.backend.delete(memory_manifest_key(step))
@@ -519,7 +519,7 @@ class Checkpointer:
         try:
             if slot.step is not None:
                 self._memory.backend.delete(memory_manifest_key(slot.step))
-                slot.step = None
+                slot.step, slot.durable = None, False
             slot.ensure(m.total_bytes)
             fetch_chunks(tier.backend, m, slot.view, pool, self._opts)
             local = m.with_chunks(
@@ -584,9 +584,9 @@ class Checkpointer:
         self, m: Manifest, slot: Slot, tier: Tier, inventory: list[tuple[Tier, list[int]]]
     ) -> None:
         """Salvage a memory-only step, and prefault the other slot for the next saves."""
-        self._stager.mark_staged(slot, m.step)
         held = {t.name: set(s) for t, s in inventory}
         missing = [t for t in self._tiers if m.step not in held.get(t.name, set())]
+        self._stager.mark_staged(slot, m.step, durable=bool(self._tiers) and not missing)
         if tier is self._memory and missing:
             log.info(
                 "flashckpt: step %d was only in memory; persisting it to %s",

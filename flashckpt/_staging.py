@@ -166,6 +166,9 @@ class Slot:
         self.lock = threading.Lock()
         self.capacity = 0
         self.step: int | None = None  # the step whose bytes this slot holds, if any
+        # The step is committed on every persisting tier: this copy is only a cache of it and
+        # may be overwritten by the next save without losing anything.
+        self.durable = False
         self.busy = False
         self.prefaulting = False  # busy because the prefault thread is mapping it
         self._mm: mmap.mmap | None = None
@@ -175,6 +178,10 @@ class Slot:
     @property
     def mapped(self) -> bool:
         return self._buf is not None
+
+    def warm(self, nbytes: int) -> bool:
+        """Mapped for at least ``nbytes``: a copy into it faults no fresh memory."""
+        return self._buf is not None and self.capacity >= nbytes
 
     def ensure(self, nbytes: int, *, pause: Callable[[], None] | None = None) -> bool:
         """Map at least ``nbytes``; return True if fresh memory had to be mapped.
@@ -315,8 +322,11 @@ class Stager:
 
         Prefers a slot holding step ``replacing`` (a copy about to be replaced anyway), then an
         empty slot, then the slot that does not hold the newest staged step, so the newest
-        snapshot in memory stays intact while the next one is written.  If that slot is not
-        yet mapped for ``nbytes`` while the prefault thread is faulting the other one in,
+        snapshot in memory stays intact while the next one is written.  A slot that is already
+        mapped for ``nbytes`` is taken over a cold one when what it holds is durable elsewhere
+        (the slot a restore just filled, while the other is still being faulted in: the first
+        save after a restart then costs a copy, not a page-faulting pass).  If the chosen slot
+        is not yet mapped for ``nbytes`` while the prefault thread is faulting the other one in,
         waits for the prefault: it finishes sooner than a cold mapping would.
         """
         t0 = time.perf_counter()
@@ -333,8 +343,11 @@ class Stager:
                         )
                     )
                     slot = free[0]
-                    cold = not slot.mapped or slot.capacity < nbytes
-                    if not (cold and any(p.prefaulting for p in self.slots)):
+                    if not slot.warm(nbytes):
+                        slot = next(
+                            (s for s in free if s.warm(nbytes) and (s.step is None or s.durable)), slot
+                        )
+                    if slot.warm(nbytes) or not any(p.prefaulting for p in self.slots):
                         slot.busy = True
                         return slot, time.perf_counter() - t0
                 self._cond.wait()
@@ -351,10 +364,16 @@ class Stager:
             slot.busy = False
             self._cond.notify_all()
 
-    def mark_staged(self, slot: Slot, step: int) -> None:
+    def mark_staged(self, slot: Slot, step: int, *, durable: bool = False) -> None:
         with self._cond:
             slot.step = step
+            slot.durable = durable
             self._last = slot
+
+    def mark_durable(self, slot: Slot) -> None:
+        """Persist thread, while it holds ``slot``: its step is now committed on every tier."""
+        with self._cond:
+            slot.durable = True
 
     # -- prefault ----------------------------------------------------------------------------
     def prefault(self, nbytes: int) -> None:

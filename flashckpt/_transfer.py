@@ -203,6 +203,8 @@ class Persister:
                 if name in job.handle._pending:
                     job.handle._finish_tier(name, 0.0, exc)
         finally:
+            if job.tiers and len(committed) == len(job.tiers) and not job.handle.failures:
+                self.stager.mark_durable(job.slot)
             self.stager.release(job.slot)
             for cb in job.on_done:
                 try:

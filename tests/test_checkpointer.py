@@ -379,3 +379,31 @@ def test_unchanged_chunks_are_not_written_again(dirs: dict[str, Path]) -> None:
     out = flashckpt.load(dirs["storage"])
     assert all(torch.equal(out["base"][k], v) for k, v in base.items())
     assert all(torch.equal(out["lora"][k], v) for k, v in lora.items()) and out["step"] == 2
+
+
+def test_a_save_reuses_a_warm_slot_whose_step_is_durable_instead_of_faulting_a_cold_one(
+    dirs: dict[str, Path],
+) -> None:
+    # Without a prefault the second slot stays cold; the first save after a restore (the
+    # restored slot is mapped, its step committed everywhere) must not fault fresh memory.
+    state = make_state()
+    opts = flashckpt.Options(prefault=False)
+    with _ckpt(dirs, options=opts, persist_every=100) as ckpt:
+        ckpt.save(0, state)
+        ckpt.wait()
+        assert ckpt.restore(make_state()) == 0
+        train_step(state, 0)
+        ckpt.save(1, state)  # memory only: step 1 is not durable
+        assert ckpt.stats["cold"] is False
+        ckpt.wait()
+        train_step(state, 1)
+        ckpt.save(2, state)
+        # the only warm slot holds step 1, which lives nowhere else: it is kept
+        assert ckpt.stats["cold"] is True
+        ckpt.wait()
+        memory = sorted(p.name for p in ckpt.memory_path.iterdir() if p.name.endswith(".manifest"))
+        assert memory == ["step-000000000001.manifest", "step-000000000002.manifest"]
+        restored = make_state()
+        assert ckpt.restore(restored, step=1) == 1  # from memory: it was kept, and is salvaged
+        ckpt.wait()
+        assert _committed(dirs["storage"]) == [0, 1]
