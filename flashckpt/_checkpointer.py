@@ -37,6 +37,7 @@ from flashckpt._coordinator import (
     read_memory_manifest,
     verify_chunks,
 )
+from flashckpt._dist import Control
 from flashckpt._staging import Slot, Stager, check_fits
 from flashckpt._statewalk import find_targets, flatten, load_into
 from flashckpt._transfer import Job, Persister, SaveHandle, Tier
@@ -45,6 +46,7 @@ from flashckpt.errors import (
     CheckpointNotFound,
     ClosedError,
     ConfigError,
+    CoordinationError,
     CorruptCheckpointError,
     FlashCkptError,
     StorageError,
@@ -55,6 +57,7 @@ from flashckpt.format import (
     Manifest,
     TensorEntry,
     encode_manifest,
+    manifest_key,
     memory_manifest_key,
     now,
     shard_name,
@@ -123,17 +126,26 @@ class Checkpointer:
             raise ConfigError("mirror > 0 (peer replicas) is not available in this version")
         self._opts = options_from_env(options)
         self._every, self._persist_every, self._keep = every, persist_every, keep
-        self._rank, self._world = self._ranks(process_group)
+        self._ctl = Control(process_group, self._opts.coord_timeout_s)
+        self._rank, self._world = self._ctl.rank, self._ctl.world
         self._node = node_id()
+        self._seq = 0  # saves staged so far: the same on every rank, names a save among them
+        self._restores = 0  # likewise for restores
 
         per_tier = _compression_per_tier(compression)
         storage_be = open_backend(storage, storage_options=storage_options)
         self._tiers: list[Tier] = []
         if local_dir is not None:
+            # A node-local disk: in a multi-rank job each rank keeps its shard in its own
+            # directory there, with its own commit records (see docs/format.md).
             local_be = (
                 local_dir
                 if isinstance(local_dir, Backend)
-                else LocalBackend(local_dir, fsync=self._opts.fsync, direct_io=self._opts.direct_io)
+                else LocalBackend(
+                    Path(local_dir) / shard_name(self._rank, self._world) if self._world > 1 else local_dir,
+                    fsync=self._opts.fsync,
+                    direct_io=self._opts.direct_io,
+                )
             )
             self._tiers.append(Tier("local", local_be, per_tier.get("local", Compression(None))))
         if isinstance(storage_be, LocalBackend) and not isinstance(storage, Backend):
@@ -141,11 +153,12 @@ class Checkpointer:
         # Default: compress for object storage (zstd level 1 outruns the network path), not
         # for POSIX tiers (it is slower than NVMe writes here).
         default = Compression(None) if isinstance(storage_be, LocalBackend) else Compression(1)
-        self._tiers.append(Tier("storage", storage_be, per_tier.get("storage", default)))
+        self._tiers.append(Tier("storage", storage_be, per_tier.get("storage", default), shared=True))
 
         job = hashlib.sha256(storage_be.url.encode()).hexdigest()[:16]
         root = Path(memory_dir) if memory_dir is not None else Path(default_memory_root()) / job
         self._memory_root = root
+        self._memory_dir_given = memory_dir
         self._rank_dir = root / shard_name(self._rank, self._world)
         self._rank_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = self._take_lock()
@@ -155,7 +168,7 @@ class Checkpointer:
         )
         self._stager = Stager(self._rank_dir, self._opts)
         self._adopt_memory()
-        self._persister = Persister(self._opts, self._memory, self._stager, keep)
+        self._persister = Persister(self._opts, self._memory, self._stager, keep, self._ctl)
         self._handles: list[SaveHandle] = []
         self._last: tuple[int, Slot, bool] | None = None  # (step, slot, persisted)
         self._stats: dict[str, Any] = {"saves": 0}
@@ -185,7 +198,8 @@ class Checkpointer:
     @property
     def stats(self) -> dict[str, Any]:
         """The last save's figures: ``blocking_s``, ``slot_wait_s``, ``bytes``, ``cold``,
-        ``persisted``, ``persist_s`` per tier (filled in as tiers finish) and ``errors``."""
+        ``persisted``, ``persist_s`` per tier (filled in as tiers finish) and ``errors``; after a
+        successful ``restore``, ``restored``: its ``step``, ``tier``, ``bytes`` and ``seconds``."""
         with self._stats_lock:
             out = dict(self._stats)
             out["persist_s"] = dict(out.get("persist_s", {}))
@@ -244,7 +258,18 @@ class Checkpointer:
         handle = SaveHandle(step, ["memory", *(t.name for t in tiers)])
         self._track(handle)
         self._last = (step, slot, persist)
-        self._persister.submit(Job(manifest, slot, list(tiers), handle, on_done=[self._on_done]))
+        self._seq += 1
+        self._persister.submit(
+            Job(
+                manifest,
+                slot,
+                list(tiers),
+                handle,
+                on_done=[self._on_done],
+                seq=f"save{self._seq}",
+                generation=slot.generation,
+            )
+        )
         blocking = time.perf_counter() - t0
         with self._stats_lock:
             self._stats.update(
@@ -305,37 +330,73 @@ class Checkpointer:
         self._drain()
         t0 = time.perf_counter()
         inventory = self._inventory()
+        mine = {s for _, held in inventory for s in held if want is None or s == want}
+        # The newest step every rank can load (its own memory, its local disk, or storage).
+        everyone = self._ctl.all_gather(sorted(mine))
+        common = set(everyone[0]).intersection(*map(set, everyone[1:]))
+        if self._ctl.distributed and mine - common:
+            log.info(
+                "flashckpt: rank %d holds steps %s that not every rank has; newest common: %s",
+                self._rank,
+                sorted(mine - common)[-3:],
+                max(common) if common else None,
+            )
         last_error: BaseException | None = None
         touched = False  # a failed source may already have written into the state
-        for src in plan_sources(inventory, want):
-            filled: dict[int, torch.Tensor] = {}
-            try:
-                m, slot = self._load(src.tier, src.step, state, filled)
-            except (CorruptCheckpointError, StorageError) as exc:
-                touched = touched or bool(filled)
-                log.warning(
-                    "flashckpt: step %d on the %s tier is unusable, trying the next: %s",
-                    src.step,
-                    src.tier.name,
-                    exc,
-                )
-                last_error = exc
+        for s in sorted(common, reverse=True):
+            loaded: tuple[Manifest, Slot, Tier] | None = None
+            fatal: BaseException | None = None
+            for src in plan_sources(inventory, s):
+                filled: dict[int, torch.Tensor] = {}
+                try:
+                    m, slot = self._load(src.tier, src.step, state, filled)
+                except (CorruptCheckpointError, StorageError) as exc:
+                    touched = touched or bool(filled)
+                    log.warning(
+                        "flashckpt: step %d on the %s tier is unusable, trying the next: %s",
+                        src.step,
+                        src.tier.name,
+                        exc,
+                    )
+                    last_error = exc
+                    continue
+                try:
+                    self._apply(m, slot, state, filled)
+                except BaseException as exc:  # the state does not fit the step: the user's to fix
+                    self._stager.release(slot)
+                    fatal = exc
+                    break
+                loaded = (m, slot, src.tier)
+                break
+            outcomes = self._ctl.all_gather((loaded is not None, None if fatal is None else repr(fatal)))
+            if fatal is not None:
+                raise fatal
+            failed = [(r, f) for r, (_, f) in enumerate(outcomes) if f is not None]
+            if failed:
+                raise CoordinationError(f"restore failed on rank {failed[0][0]}: {failed[0][1]}")
+            if loaded is None or not all(ok for ok, _ in outcomes):
+                if loaded is not None:
+                    self._stager.release(loaded[1])
+                    log.warning("flashckpt: step %d is unusable on another rank; trying an older one", s)
                 continue
-            try:
-                self._apply(m, slot, state, filled)
-            except BaseException:
-                self._stager.release(slot)
-                raise
+            m, slot, tier = loaded
             secs = time.perf_counter() - t0
+            with self._stats_lock:
+                self._stats["restored"] = {
+                    "step": m.step,
+                    "tier": tier.name,
+                    "bytes": m.total_bytes,
+                    "seconds": secs,
+                }
             log.info(
                 "flashckpt: restored step %d from the %s tier, %d bytes in %.3f s (%.2f GB/s)",
                 m.step,
-                src.tier.name,
+                tier.name,
                 m.total_bytes,
                 secs,
                 m.total_bytes / max(secs, 1e-9) / 1e9,
             )
-            self._after_restore(m, slot, src.tier, inventory)
+            self._after_restore(m, slot, tier, inventory)
             return m.step
         if touched:
             raise CorruptCheckpointError(
@@ -343,7 +404,7 @@ class Checkpointer:
                 "while it was being loaded: the state is partially overwritten; rebuild it"
             ) from last_error
         if want is not None:
-            raise CheckpointNotFound(f"step {want} is not available intact on any tier") from last_error
+            raise CheckpointNotFound(f"step {want} is not available intact on every rank") from last_error
         if last_error is not None:
             log.warning("flashckpt: no usable checkpoint found; starting from scratch")
         flat = flatten(state)
@@ -400,17 +461,6 @@ class Checkpointer:
                 h.raise_failure()
 
     # -- internals -----------------------------------------------------------------------------
-    @staticmethod
-    def _ranks(process_group: Any) -> tuple[int, int]:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size(process_group)
-            if world > 1:
-                raise ConfigError("multi-rank jobs are not supported by this version yet")
-            return dist.get_rank(process_group), world
-        return 0, 1
-
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("this Checkpointer is closed")
@@ -583,24 +633,107 @@ class Checkpointer:
     def _after_restore(
         self, m: Manifest, slot: Slot, tier: Tier, inventory: list[tuple[Tier, list[int]]]
     ) -> None:
-        """Salvage a memory-only step, and prefault the other slot for the next saves."""
+        """Salvage, then prefault the other slot.  Every rank calls this (it gathers).
+
+        Snapshots staged in memory but not persisted (the crash came first) are written to the
+        tiers that lack them, oldest first: the restored step, and an older snapshot still in
+        the other slot if it is newer than what a tier holds.  On the shared tier of a
+        multi-rank job a step can only be committed with every rank's shard: the ranks whose
+        shard is missing there write it and the last of them commits; if every shard is there
+        already but the commit record is not (the committing rank died), rank 0 commits it.
+        A step restored from a persistent tier is written again only where the job needs it
+        committed: the shared tier.
+        """
+        self._restores += 1
         held = {t.name: set(s) for t, s in inventory}
         missing = [t for t in self._tiers if m.step not in held.get(t.name, set())]
         self._stager.mark_staged(slot, m.step, durable=bool(self._tiers) and not missing)
-        if tier is self._memory and missing:
-            log.info(
-                "flashckpt: step %d was only in memory; persisting it to %s",
-                m.step,
-                ", ".join(t.name for t in missing),
-            )
-            handle = SaveHandle(m.step, [t.name for t in missing])
-            self._track(handle)
+        in_memory = held.get(self._memory.name, set()) | ({m.step} if tier is self._memory else set())
+        todo: dict[int, list[Tier]] = {}
+        for t in self._tiers:
+            if t.shared and self._ctl.distributed:
+                continue
+            newest = max(held.get(t.name, set()), default=-1)
+            for s in sorted(in_memory):
+                if s not in held.get(t.name, set()) and (s == m.step or newest < s < m.step):
+                    todo.setdefault(s, []).append(t)
+        writers: dict[int, int] = {}
+        if self._ctl.distributed:  # the restored step's bytes are in its slot, wherever it came from
+            writers = self._salvage_shared(m.step, in_memory | {m.step}, held, todo)
+        for s in sorted(todo):
+            self._salvage(s, m if s == m.step else None, slot, todo[s], writers.get(s))
+        if m.step in todo:
             self._last = (m.step, slot, True)
-            self._persister.submit(Job(m, slot, missing, handle, hashed=True))
         else:
             self._stager.release(slot)
             self._last = (m.step, slot, not missing)
         self._stager.prefault(m.total_bytes)
+
+    def _salvage_shared(
+        self, restored: int, in_memory: set[int], held: dict[str, set[int]], todo: dict[int, list[Tier]]
+    ) -> dict[int, int]:
+        """Training thread, every rank: which uncommitted steps the ranks write to the shared
+        tier (added to ``todo``); returns the number of writers per step."""
+        shared = next(t for t in self._tiers if t.shared)
+        committed = held.get(shared.name, set())
+        newest = max(committed, default=-1)
+        mine = {s for s in in_memory if s not in committed and (s == restored or newest < s < restored)}
+        steps = sorted(set().union(*self._ctl.all_gather(sorted(mine))))
+        status = []
+        for s in steps:
+            try:
+                shared.backend.head(manifest_key(s, self._rank, self._world))
+                status.append("have")
+            except StorageError:
+                status.append("write" if s in in_memory else "none")
+        everyone = self._ctl.all_gather(status)
+        writers: dict[int, int] = {}
+        for i, s in enumerate(steps):
+            column = [st[i] for st in everyone]
+            if "none" in column:
+                continue  # some rank has neither the shard nor the snapshot: never complete
+            writers[s] = column.count("write")
+            if status[i] == "write":
+                todo.setdefault(s, []).append(shared)
+            elif writers[s] == 0 and self._rank == 0:
+                log.info("flashckpt: every shard of step %d is on the storage tier; committing it", s)
+                self._persister._commit_shared(shared, s, self._world)
+        return writers
+
+    def _salvage(
+        self, step: int, m: Manifest | None, slot: Slot | None, tiers: list[Tier], writers: int | None
+    ) -> None:
+        """Hand a memory snapshot to the persist thread (``m``/``slot``: the restored step,
+        whose slot the caller holds; else the snapshot is looked up and its slot taken)."""
+        if m is None:
+            try:
+                m = read_memory_manifest(self._memory.backend, step)
+                slot = self._slot_of(m)
+            except (CorruptCheckpointError, StorageError) as exc:
+                log.warning("flashckpt: cannot persist the memory snapshot of step %d: %s", step, exc)
+                return
+            if not self._stager.try_acquire(slot):
+                return
+        assert slot is not None
+        log.info(
+            "flashckpt: step %d is missing on the %s tier; persisting it from memory",
+            step,
+            ", ".join(t.name for t in tiers),
+        )
+        handle = SaveHandle(step, [t.name for t in tiers])
+        self._track(handle)
+        self._persister.submit(
+            Job(
+                m,
+                slot,
+                tiers,
+                handle,
+                hashed=m.sealed,
+                seq=f"restore{self._restores}",
+                writers=writers,
+                generation=slot.generation,
+            )
+        )
 
     def _persist_last(self) -> None:
         """On close: persist the newest snapshot if it lives in memory only."""
@@ -618,7 +751,9 @@ class Checkpointer:
         handle = SaveHandle(step, [t.name for t in self._tiers])
         self._track(handle)
         self._last = (step, slot, True)
-        self._persister.submit(Job(m, slot, list(self._tiers), handle, hashed=True))
+        self._persister.submit(
+            Job(m, slot, list(self._tiers), handle, hashed=True, seq="close", generation=slot.generation)
+        )
 
     def _last_durable(self) -> bool:
         if self._last is None:
@@ -637,7 +772,11 @@ class Checkpointer:
         for name in be.children(""):
             if not name.endswith("/"):
                 be.delete(name)
-        for d in (self._rank_dir, self._memory_root, self._memory_root.parent):
+        # the per-user directory above the default root too; never above a memory_dir given
+        dirs = [self._rank_dir, self._memory_root]
+        if self._memory_dir_given is None:
+            dirs.append(self._memory_root.parent)
+        for d in dirs:
             try:
                 d.rmdir()
             except OSError:

@@ -39,6 +39,12 @@ class Options:
     direct_io: bool = True
     #: Fault the staging slots in on a background thread as soon as the state's size is known.
     prefault: bool = True
+    #: Multi-rank jobs: how long a rank waits for the others (a collective in ``restore``, the
+    #: commit of a step) before it reports :class:`~flashckpt.CoordinationError` / a failure.
+    coord_timeout_s: float = 300.0
+    #: Multi-rank jobs: a chunk of the shared tier that no manifest references is deleted only
+    #: after it has stayed unreferenced this long (a rank may be about to reference it).
+    gc_grace_s: float = 600.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

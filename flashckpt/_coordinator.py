@@ -11,7 +11,9 @@ from __future__ import annotations
 import bisect
 import ctypes
 import dataclasses
+import logging
 import re
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -43,6 +45,8 @@ from flashckpt.format import (
 
 if TYPE_CHECKING:
     from flashckpt._transfer import Tier
+
+log = logging.getLogger(__name__)
 
 _COMMIT_NAME = re.compile(r"^step-(\d{12})$")
 _STEP_DIR = re.compile(r"^(\d{12})/$")
@@ -183,13 +187,16 @@ def plan_sources(inventory: Sequence[tuple[Tier, Sequence[int]]], step: int | No
     return [Source(s, tier) for s in steps for tier, held in inventory if s in held]
 
 
-def apply_retention(be: Backend, keep: int, opts: Options) -> list[int]:
+def apply_retention(
+    be: Backend, keep: int, opts: Options, *, gc_candidates: dict[str, float] | None = None
+) -> list[int]:
     """Keep the newest ``keep`` committed steps on ``be``; delete older ones and torn leftovers.
 
     A step is un-committed (record deleted) before its data, so a crash midway leaves an
     uncommitted directory, never a committed step with missing chunks.  Uncommitted steps
     newer than the newest commit are left alone: a save may be writing them.  Returns the
-    deleted steps.
+    deleted steps.  ``gc_candidates`` (a tier every rank of a job writes to): see
+    :func:`collect_chunks`.
     """
     steps = committed_steps(be, opts)
     if not steps:
@@ -213,31 +220,69 @@ def apply_retention(be: Backend, keep: int, opts: Options) -> list[int]:
         except ObjectNotFound:
             pass
         removed.append(s)
-    if doomed or removed:
+    if gc_candidates is not None:
+        collect_chunks(be, sorted(kept), opts, candidates=gc_candidates)
+    elif doomed or removed:
         collect_chunks(be, sorted(kept), opts)
     return removed
 
 
-def collect_chunks(be: Backend, kept: Sequence[int], opts: Options) -> int:
-    """Delete chunk objects that no manifest of a kept step references; return how many.
+def collect_chunks(
+    be: Backend, kept: Sequence[int], opts: Options, *, candidates: dict[str, float] | None = None
+) -> int:
+    """Delete chunk objects that no manifest references; return how many.
 
-    Safe against this process's saves: the persist thread runs it between jobs, and a save
-    only reuses chunks of the newest commit, which is always kept.  (Across ranks, the
-    job-wide retention must also respect saves in flight on other ranks.)
+    One process (``candidates`` is None): the manifests of the kept steps count.  Safe against
+    this process's saves: the persist thread runs it between jobs, and a save only reuses
+    chunks of its own newest manifest, which is kept.
+
+    A tier shared by the ranks of a job (rank 0 runs this): every manifest present counts,
+    committed or in flight, and a chunk is deleted only once it has been unreferenced for
+    ``opts.gc_grace_s`` across passes (``candidates`` maps it to when it was first seen so):
+    another rank may have just written it for a manifest it has not written yet.  A rank
+    reuses chunks of its own newest manifest only, and that manifest's step is retired only
+    after a newer step is committed, which needs the rank's next manifest, written first.
     """
     referenced: set[str] = set()
 
     def get(key: str) -> bytes:
         return retry(lambda: be.get(key), f"get {key}", opts)
 
-    for s in kept:
-        record = decode_commit(get(commit_key(s)), check_key=check_key)
-        for key, _size, _digest in record.manifests:
+    keys: list[str] = []
+    if candidates is None:
+        for s in kept:
+            record = decode_commit(get(commit_key(s)), check_key=check_key)
+            keys.extend(key for key, _size, _digest in record.manifests)
+    else:
+        # listed before the chunks: a manifest written after this never references a chunk
+        # that the listing below misses as new
+        listed = retry(lambda: be.list("steps/"), f"list steps on {be.url}", opts)
+        keys = [k for k in listed if k.endswith(".manifest")]
+    for key in keys:
+        try:
             m = decode_manifest(get(key), key, check_key=check_key)
-            referenced.update(c.key for c in m.chunks)
+        except (ObjectNotFound, CorruptCheckpointError) as exc:
+            if candidates is None:
+                raise
+            log.debug("collect_chunks: skipping %s: %s", key, exc)  # being retired or torn
+            continue
+        referenced.update(c.key for c in m.chunks)
     deleted = 0
-    for key in retry(lambda: be.list(CHUNKS_PREFIX), f"list chunks on {be.url}", opts):
-        if key not in referenced:
-            retry(lambda k=key: be.delete(k), f"delete {key}", opts)  # type: ignore[misc]
-            deleted += 1
+    t_now = time.monotonic()
+    chunks = retry(lambda: be.list(CHUNKS_PREFIX), f"list chunks on {be.url}", opts)
+    present = set(chunks)
+    if candidates is not None:
+        for key in list(candidates):
+            if key in referenced or key not in present:
+                del candidates[key]
+    for key in chunks:
+        if key in referenced:
+            continue
+        if candidates is not None:
+            first = candidates.setdefault(key, t_now)
+            if t_now - first < opts.gc_grace_s:
+                continue
+            del candidates[key]
+        retry(lambda k=key: be.delete(k), f"delete {key}", opts)  # type: ignore[misc]
+        deleted += 1
     return deleted

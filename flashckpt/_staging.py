@@ -169,6 +169,7 @@ class Slot:
         # The step is committed on every persisting tier: this copy is only a cache of it and
         # may be overwritten by the next save without losing anything.
         self.durable = False
+        self.generation = 0  # bumped whenever the slot takes a new snapshot
         self.busy = False
         self.prefaulting = False  # busy because the prefault thread is mapping it
         self._mm: mmap.mmap | None = None
@@ -368,12 +369,15 @@ class Stager:
         with self._cond:
             slot.step = step
             slot.durable = durable
+            slot.generation += 1
             self._last = slot
 
-    def mark_durable(self, slot: Slot) -> None:
-        """Persist thread, while it holds ``slot``: its step is now committed on every tier."""
+    def mark_durable(self, slot: Slot, generation: int) -> None:
+        """Persist thread: the snapshot ``generation`` of ``slot`` is now committed on every
+        tier (ignored if the slot has taken a newer snapshot since)."""
         with self._cond:
-            slot.durable = True
+            if slot.generation == generation:
+                slot.durable = True
 
     # -- prefault ----------------------------------------------------------------------------
     def prefault(self, nbytes: int) -> None:

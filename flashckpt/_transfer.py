@@ -30,10 +30,11 @@ from typing import TypeVar
 from flashckpt._codec import Compression, encode
 from flashckpt._config import Options
 from flashckpt._coordinator import apply_retention, committed_steps, read_committed_manifest
+from flashckpt._dist import Control
 from flashckpt._retry import retry
 from flashckpt._staging import Slot, Stager
 from flashckpt.backends import Backend
-from flashckpt.errors import FlashCkptError, WaitTimeout
+from flashckpt.errors import CoordinationError, FlashCkptError, WaitTimeout
 from flashckpt.format import (
     ChunkEntry,
     CommitRecord,
@@ -60,6 +61,10 @@ class Tier:
     name: str
     backend: Backend
     compression: Compression = RAW_TIER
+    #: Every rank of a multi-rank job writes its shard here, and a step is committed once all
+    #: of them are (the storage tier).  Otherwise the tier is this rank's own: memory, and a
+    #: node-local disk, whose commit records hold this rank's shard only.
+    shared: bool = False
 
 
 class _Failure:
@@ -149,16 +154,26 @@ class Job:
     handle: SaveHandle
     hashed: bool = False
     on_done: list[Callable[[SaveHandle], None]] = field(default_factory=list)
+    #: Names this save among the ranks (every rank makes the same calls in the same order).
+    seq: str = ""
+    #: Ranks that write this step to a shared tier in this attempt; the last one commits.
+    #: ``None``: every rank.  (A salvage after a restart: only ranks that lack their shard.)
+    writers: int | None = None
+    generation: int = 0  # the slot's generation when the job was made
 
 
 class Persister:
     """Owns the ``flashckpt-persist`` thread and the ``flashckpt-io`` pool."""
 
-    def __init__(self, opts: Options, memory: Tier, stager: Stager, keep: int | None) -> None:
+    def __init__(
+        self, opts: Options, memory: Tier, stager: Stager, keep: int | None, control: Control | None = None
+    ) -> None:
         self.opts = opts
         self.memory = memory
         self.stager = stager
         self.keep = keep
+        self.control = control if control is not None else Control(None, opts.coord_timeout_s)
+        self._gc_candidates: dict[str, dict[str, float]] = {}  # per shared tier: chunk -> first seen
         self.pool = ThreadPoolExecutor(
             max(opts.io_threads, opts.hash_threads), thread_name_prefix="flashckpt-io"
         )
@@ -195,17 +210,27 @@ class Persister:
 
     def _process(self, job: Job) -> None:
         committed: list[Tier] = []
+        released = False
         try:
-            committed = self._run(job)
+            committed, waits = self._run(job)
+            if job.tiers and len(committed) == len(job.tiers) and not job.handle.failures:
+                self.stager.mark_durable(job.slot, job.generation)
+            # Waiting for the other ranks' shards needs no slot: hand it back first.
+            self.stager.release(job.slot)
+            released = True
+            for tier, key, t0 in waits:
+                if self._await_commit(job, tier, key, t0):
+                    committed.append(tier)
+            if waits and len(committed) == len(job.tiers) and not job.handle.failures:
+                self.stager.mark_durable(job.slot, job.generation)
         except BaseException as exc:  # never let the thread die silently
             log.exception("flashckpt persist of step %d failed unexpectedly", job.manifest.step)
             for name in job.handle.tiers:
                 if name in job.handle._pending:
                     job.handle._finish_tier(name, 0.0, exc)
         finally:
-            if job.tiers and len(committed) == len(job.tiers) and not job.handle.failures:
-                self.stager.mark_durable(job.slot)
-            self.stager.release(job.slot)
+            if not released:
+                self.stager.release(job.slot)
             for cb in job.on_done:
                 try:
                     cb(job.handle)
@@ -219,17 +244,27 @@ class Persister:
     def _retain(self, tier: Tier) -> None:
         if self.keep is None:
             return
+        shared = tier.shared and self.control.distributed
+        if shared and self.control.rank != 0:
+            return  # job-wide retention of a shared tier is rank 0's
         try:
-            apply_retention(tier.backend, self.keep, self.opts)
+            apply_retention(
+                tier.backend,
+                self.keep,
+                self.opts,
+                gc_candidates=self._gc_candidates.setdefault(tier.name, {}) if shared else None,
+            )
         except FlashCkptError as exc:  # retention failing never fails a save
             log.warning(
                 "flashckpt: retention on the %s tier (%s) failed: %s", tier.name, tier.backend.url, exc
             )
 
-    def _run(self, job: Job) -> list[Tier]:
-        """Seal and persist one job; return the tiers on which it was committed."""
+    def _run(self, job: Job) -> tuple[list[Tier], list[tuple[Tier, str, float]]]:
+        """Seal and persist one job.  Returns the tiers on which it was committed, and the
+        shared tiers whose commit waits for other ranks: ``(tier, key, start time)``."""
         m = job.manifest
         committed: list[Tier] = []
+        waits: list[tuple[Tier, str, float]] = []
         if not job.hashed:
             t0 = time.perf_counter()
             try:
@@ -241,14 +276,29 @@ class Persister:
                 log.error("flashckpt: step %d could not be written to the memory tier: %s", m.step, exc)
                 for name in job.handle.tiers:
                     job.handle._finish_tier(name, 0.0, exc)
-                return committed
+                for tier in job.tiers:
+                    self._report_failure(job, tier, exc)
+                return committed, waits
             job.handle._finish_tier("memory", time.perf_counter() - t0)
         for tier in job.tiers:
             t0 = time.perf_counter()
             try:
                 job.handle.written_bytes[tier.name] = self.persist(tier, m, job.slot)
+                ckey = self._commit_key(job, tier)
+                if ckey is not None:
+                    arrived = self.control.arrive(ckey)
+                    if arrived < (job.writers or self.control.world):
+                        waits.append((tier, ckey, t0))  # another rank writes the commit record
+                        continue
+                    try:
+                        self._commit_shared(tier, m.step, m.world_size)
+                    except BaseException as exc:
+                        self.control.publish(ckey, f"the commit by rank {self.control.rank} failed: {exc}")
+                        raise
+                    self.control.publish(ckey, "ok")
             except BaseException as exc:
                 self._discard(tier, m)
+                self._report_failure(job, tier, exc)
                 secs = time.perf_counter() - t0
                 log.error(
                     "flashckpt: step %d failed on the %s tier (%s) after %.2f s: %s",
@@ -260,17 +310,62 @@ class Persister:
                 )
                 job.handle._finish_tier(tier.name, secs, exc)
                 continue
-            secs = time.perf_counter() - t0
-            log.info(
-                "flashckpt: step %d committed on %s tier in %.3f s (%.2f GB/s)",
-                m.step,
-                tier.name,
-                secs,
-                m.total_bytes / max(secs, 1e-9) / 1e9,
-            )
-            job.handle._finish_tier(tier.name, secs)
+            self._committed(job, tier, t0)
             committed.append(tier)
-        return committed
+        return committed, waits
+
+    def _committed(self, job: Job, tier: Tier, t0: float) -> None:
+        secs = time.perf_counter() - t0
+        log.info(
+            "flashckpt: step %d committed on %s tier in %.3f s (%.2f GB/s)",
+            job.manifest.step,
+            tier.name,
+            secs,
+            job.manifest.total_bytes / max(secs, 1e-9) / 1e9,
+        )
+        job.handle._finish_tier(tier.name, secs)
+
+    def _commit_key(self, job: Job, tier: Tier) -> str | None:
+        """The store key on which the ranks count arrivals for this job on a shared tier."""
+        if not (tier.shared and self.control.distributed):
+            return None
+        return f"commit/{tier.name}/{job.manifest.step}/{job.seq}"
+
+    def _report_failure(self, job: Job, tier: Tier, exc: BaseException) -> None:
+        """Tell the ranks waiting on this job's commit that it cannot happen."""
+        key = self._commit_key(job, tier)
+        if key is None:
+            return
+        try:
+            self.control.publish(key, f"rank {self.control.rank} failed: {type(exc).__name__}: {exc}")
+        except FlashCkptError as err:
+            log.warning("flashckpt: could not report the failure of step %d: %s", job.manifest.step, err)
+
+    def _await_commit(self, job: Job, tier: Tier, key: str, t0: float) -> bool:
+        """Persist thread, slot released: wait for the rank that writes the commit record."""
+        try:
+            outcome = self.control.await_outcome(key)
+            if outcome != "ok":
+                raise CoordinationError(f"step {job.manifest.step} was not committed: {outcome}")
+        except FlashCkptError as exc:
+            log.error("flashckpt: step %d on the %s tier: %s", job.manifest.step, tier.name, exc)
+            job.handle._finish_tier(tier.name, time.perf_counter() - t0, exc)
+            return False
+        self._committed(job, tier, t0)
+        return True
+
+    def _commit_shared(self, tier: Tier, step: int, world: int) -> None:
+        """The last rank to arrive: check every shard's manifest and write the commit record."""
+        be, opts = tier.backend, self.opts
+
+        def entry(rank: int) -> tuple[str, int, str]:
+            key = manifest_key(step, rank, world)
+            data = retry(lambda: be.get(key), f"get {key}", opts)
+            return key, len(data), checksum(data)
+
+        entries = tuple(self.pool.map(entry, range(world)))
+        record = CommitRecord(step, world, now(), entries)
+        retry(lambda: be.put(commit_key(step), encode_commit(record)), f"commit step {step}", opts)
 
     def _hash(self, m: Manifest, slot: Slot) -> Manifest:
         digests = list(self.pool.map(lambda c: checksum(slot.view(c.offset, c.nbytes)), m.chunks))
@@ -331,10 +426,14 @@ class Persister:
         mkey = manifest_key(m.step, m.rank, m.world_size)
         mdata = encode_manifest(out)
         retry(lambda: be.put(mkey, mdata), f"put {mkey}", opts)
-        record = CommitRecord(m.step, m.world_size, now(), ((mkey, len(mdata), checksum(mdata)),))
-        cdata = encode_commit(record)
-        retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
+        # Later saves reuse the chunks of this rank's own newest manifest: retention never
+        # deletes it before a newer manifest of this rank exists (see collect_chunks).
         self._known_chunks[tier.name] = {c.checksum: c for c in out.chunks}
+        if not (tier.shared and self.control.distributed):
+            scope = "rank" if m.world_size > 1 else "job"
+            record = CommitRecord(m.step, m.world_size, now(), ((mkey, len(mdata), checksum(mdata)),), scope)
+            cdata = encode_commit(record)
+            retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
         return sum(f.result().stored_nbytes for f in written)
 
     def _put_chunk(self, tier: Tier, c: ChunkEntry, view: memoryview, group: int) -> ChunkEntry:

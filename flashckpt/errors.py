@@ -67,6 +67,10 @@ class WaitTimeout(FlashCkptError, TimeoutError):
     """A wait with a timeout ran out before the work was durable."""
 
 
+class CoordinationError(FlashCkptError, RuntimeError):
+    """Ranks could not agree: a peer died or timed out in a collective, or the job's store failed."""
+
+
 class StorageError(FlashCkptError, OSError):
     """A tier failed to store or return bytes.  Raised at the backend edge, never past it untyped."""
 

@@ -556,19 +556,23 @@ class CommitRecord:
     world_size: int
     created_unix: float
     manifests: tuple[tuple[str, int, str], ...]  # (key, bytes, checksum)
+    #: ``"job"``: the tier holds every shard (``world_size`` manifests); ``"rank"``: a tier
+    #: private to one rank (a node-local disk in a multi-rank job) holds that rank's only.
+    scope: str = "job"
 
 
 def encode_commit(c: CommitRecord) -> bytes:
-    return encode_record(
-        {
-            "format": COMMIT_FORMAT,
-            "version": FORMAT_VERSION,
-            "step": c.step,
-            "world_size": c.world_size,
-            "created_unix": c.created_unix,
-            "manifests": [list(m) for m in c.manifests],
-        }
-    )
+    body = {
+        "format": COMMIT_FORMAT,
+        "version": FORMAT_VERSION,
+        "step": c.step,
+        "world_size": c.world_size,
+        "created_unix": c.created_unix,
+        "manifests": [list(m) for m in c.manifests],
+    }
+    if c.scope != "job":
+        body["scope"] = c.scope
+    return encode_record(body)
 
 
 def decode_commit(
@@ -579,8 +583,11 @@ def decode_commit(
     step = _int(obj, "step", 0, MAX_STEP)
     world = _int(obj, "world_size", 1, MAX_WORLD)
     created = _time(obj, what)
+    scope = obj.get("scope", "job")
+    if scope not in ("job", "rank"):
+        raise CorruptCheckpointError(f"{what}: unknown scope")
     ms = obj.get("manifests")
-    if not isinstance(ms, list) or len(ms) != world:
+    if not isinstance(ms, list) or len(ms) != (world if scope == "job" else 1):
         raise CorruptCheckpointError(f"{what}: bad manifest list")
     out = []
     for m in ms:
@@ -599,7 +606,7 @@ def decode_commit(
         ):
             raise CorruptCheckpointError(f"{what}: bad manifest entry")
         out.append((key, size, digest))
-    return CommitRecord(step, world, created, tuple(out))
+    return CommitRecord(step, world, created, tuple(out), scope)
 
 
 def now() -> float:

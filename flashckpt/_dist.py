@@ -1,0 +1,117 @@
+"""Control plane of a multi-rank job: the job's process group and its store.
+
+Two channels, chosen by thread:
+
+* **Collectives** (``all_gather``) run only on the training thread, inside calls every rank
+  makes in the same order: ``Checkpointer(...)``, ``restore``, ``close``.  They use a gloo
+  group: the job's group when it is gloo, else a gloo group created once over the same ranks
+  (an NCCL group cannot carry Python objects between hosts' CPUs).
+* **The store** (the job's c10d store, under a per-Checkpointer prefix) is what the
+  ``flashckpt-persist`` thread uses to agree on commits: a background thread never issues a
+  collective, which would interleave with the training thread's own collectives.
+
+A one-process job (no ``torch.distributed``, or world size 1) gets the same interface with
+no communication at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import secrets
+import time
+from datetime import timedelta
+from typing import Any
+
+from flashckpt.errors import CoordinationError, WaitTimeout
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.02
+
+
+class Control:
+    """Rank, world size and the two channels.  Constructed on the training thread of every
+    rank at the same time (it may run one collective)."""
+
+    def __init__(self, process_group: Any, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.rank, self.world = 0, 1
+        self._pg: Any = None
+        self._store: Any = None
+        self._prefix = ""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            if process_group is not None:
+                raise CoordinationError("process_group given but torch.distributed is not initialized")
+            return
+        pg: Any = process_group if process_group is not None else dist.group.WORLD
+        self.rank, self.world = dist.get_rank(pg), dist.get_world_size(pg)
+        if self.world == 1:
+            return
+        if dist.get_backend(pg) == "gloo":
+            self._pg = pg
+        else:
+            self._pg = dist.new_group(
+                ranks=dist.get_process_group_ranks(pg),
+                backend="gloo",
+                timeout=timedelta(seconds=timeout_s),
+            )
+        from torch.distributed.distributed_c10d import PrefixStore, _get_process_group_store
+
+        # Keys of this Checkpointer only: a nonce from rank 0, so that a store that outlives a
+        # job attempt (or a second Checkpointer in the same job) never sees stale counters.
+        nonce = self.all_gather(secrets.token_hex(8) if self.rank == 0 else None)[0]
+        self._prefix = f"flashckpt/{nonce}/"
+        self._store = PrefixStore(self._prefix, _get_process_group_store(pg))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    # -- training thread: collectives ---------------------------------------------------------
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Training thread, every rank: ``obj`` of every rank, in rank order."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        try:
+            dist.all_gather_object(out, obj, group=self._pg)
+        except RuntimeError as exc:  # a dead peer: gloo raises after the group's timeout
+            raise CoordinationError(f"all_gather among {self.world} ranks failed: {exc}") from exc
+        return out
+
+    def all_ok(self, ok: bool) -> bool:
+        """Training thread, every rank: True if every rank passed True."""
+        return all(self.all_gather(bool(ok)))
+
+    # -- any thread: the store -----------------------------------------------------------------
+    def arrive(self, key: str) -> int:
+        """Count one arrival at ``key``; return the count including this one."""
+        return int(self._call("add", key + "/n", 1))
+
+    def publish(self, key: str, outcome: str) -> None:
+        """Record the outcome of ``key`` (``"ok"`` or a failure text) for the waiting ranks."""
+        self._call("set", key + "/done", outcome.encode())
+
+    def await_outcome(self, key: str, timeout_s: float | None = None) -> str:
+        """Block until some rank publishes ``key``'s outcome; return it.  Raises
+        :class:`WaitTimeout` after ``timeout_s`` (default: the control timeout)."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        done = key + "/done"
+        while True:
+            if self._call("check", [done]):
+                return bytes(self._call("get", done)).decode(errors="replace")
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(f"no rank completed {key!r} within {self.timeout_s:.0f} s")
+            time.sleep(_POLL_S)
+
+    def _call(self, op: str, *args: Any) -> Any:
+        assert self._store is not None, "store used in a one-rank job"
+        try:
+            return getattr(self._store, op)(*args)
+        except (RuntimeError, pickle.PickleError) as exc:  # DistStoreError and friends
+            raise CoordinationError(f"store {op} {args[0]!r} failed: {exc}") from exc

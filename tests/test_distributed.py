@@ -1,0 +1,224 @@
+"""Multi-rank jobs with real processes: ``torchrun`` on gloo, real SIGKILLs, real restarts.
+
+The job (``tests/dist_worker.py``) couples its ranks through gradient all-reduces, so a rank
+resumed at a different step than its peers would diverge from the uninterrupted run: the
+bitwise comparison with that run checks that every rank came back at the same, newest
+consistent step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import flashckpt
+from flashckpt.backends._base import check_key
+from flashckpt.format import commit_key, decode_commit
+from tests.conftest import make_state
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 8
+
+
+def _torchrun(nproc: int, out: Path, storage: Path, memory: Path, *extra: str, steps: int = STEPS) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--max-restarts=1",
+        "--monitor-interval=0.2",
+        f"--master-port={_free_port()}",
+        "-m",
+        "tests.dist_worker",
+        "--out",
+        str(out),
+        "--storage",
+        str(storage),
+        "--memory",
+        str(memory),
+        "--steps",
+        str(steps),
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _finals(out: Path, nproc: int) -> list[dict[str, Any]]:
+    return [torch.load(out / f"final-rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+def _assert_same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b, strict=True):
+        for k, v in ra["model"].items():
+            assert torch.equal(v, rb["model"][k]), k
+        oa, ob = ra["optim"]["state"], rb["optim"]["state"]
+        assert oa.keys() == ob.keys()
+        for i in oa:
+            for k, v in oa[i].items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob[i][k])), (i, k)
+        assert ra["sched"] == rb["sched"]
+        assert ra["extra"] == rb["extra"]
+
+
+def _restored(out: Path, attempt: int, nproc: int) -> list[dict[str, Any]]:
+    return [json.loads((out / f"attempt{attempt}-rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def _commits(storage: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (storage / "commits").iterdir())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, list[dict[str, Any]]]]:
+    """The uninterrupted 2- and 4-rank runs."""
+    base = tmp_path_factory.mktemp("reference")
+    memory = Path(f"/dev/shm/flashckpt-test-ref-{os.getpid()}")
+    out = {}
+    try:
+        for n in (2, 4):
+            _torchrun(n, base / f"out{n}", base / f"storage{n}", memory)
+            out[n] = _finals(base / f"out{n}", n)
+        yield out
+    finally:
+        left = [p for p in memory.rglob("*") if p.is_file()] if memory.exists() else []
+        shutil.rmtree(memory, ignore_errors=True)
+        assert not left, f"a clean run left its memory tier behind: {left}"
+
+
+@pytest.mark.parametrize(
+    ("nproc", "kill_rank", "where"),
+    [(2, 1, "stage"), (2, 1, "persist"), (2, -1, "commit"), (4, 3, "persist")],
+)
+def test_a_rank_killed_mid_save_resumes_every_rank_at_the_newest_consistent_step(
+    reference: dict[int, list[dict[str, Any]]],
+    tmp_path: Path,
+    shm_dir: Path,
+    nproc: int,
+    kill_rank: int,
+    where: str,
+) -> None:
+    out, storage, local = tmp_path / "out", tmp_path / "storage", tmp_path / "local"
+    kill_step = 4
+    _torchrun(
+        nproc,
+        out,
+        storage,
+        shm_dir,
+        "--localdisk",
+        str(local),
+        "--keep",
+        "0",
+        "--kill-rank",
+        str(kill_rank),
+        "--kill-step",
+        str(kill_step),
+        "--kill-at",
+        where,
+    )
+    _assert_same(reference[nproc], _finals(out, nproc))
+    first = _restored(out, 0, nproc)
+    assert all(r["start"] is None for r in first)
+    again = _restored(out, 1, nproc)
+    # the newest step every rank had staged when the job died (the others may have gone on)
+    staged = [int((out / f"staged-rank{r}").read_text().split()[-1]) for r in range(nproc)]
+    expect = min(staged)
+    assert expect >= (kill_step - 1 if where == "stage" else kill_step)
+    assert {r["start"] for r in again} == {expect}
+    assert all(r["restored"]["tier"] == "memory" for r in again)  # no rank read storage
+    # nothing staged was lost: every step ended up committed with every rank's shard (the
+    # attempt after the crash persisted and committed what the crash interrupted)
+    assert _commits(storage) == list(range(STEPS))
+    for s in range(STEPS):
+        record = decode_commit((storage / commit_key(s)).read_bytes(), check_key=check_key)
+        assert record.world_size == nproc and len(record.manifests) == nproc
+    assert not shm_dir.exists() or not any(p.is_file() for p in shm_dir.rglob("*")), "memory-tier files left"
+
+
+def test_a_finished_job_extended_later_restores_from_each_ranks_local_disk(
+    reference: dict[int, list[dict[str, Any]]], tmp_path: Path, shm_dir: Path
+) -> None:
+    out, storage, local = tmp_path / "out", tmp_path / "storage", tmp_path / "local"
+    _torchrun(2, out, storage, shm_dir, "--localdisk", str(local), steps=5)
+    _torchrun(2, out, storage, shm_dir, "--localdisk", str(local))
+    assert [r["restored"]["tier"] for r in _restored(out, 0, 2)] == ["local", "local"]
+    _assert_same(reference[2], _finals(out, 2))
+    # the second run without its local disks (a new set of nodes): from storage
+    for p in local.iterdir():
+        subprocess.run(["rm", "-rf", str(p)], check=True)
+    (out / "final-rank0.pt").unlink()
+    _torchrun(2, out, storage, shm_dir, "--localdisk", str(local), steps=STEPS + 1)
+    got = [(r["restored"]["tier"], r["restored"]["step"]) for r in _restored(out, 0, 2)]
+    assert got == [("storage", STEPS - 1)] * 2
+    assert (out / "final-rank0.pt").exists()
+
+
+# -- a dead rank never hangs the others: torch.multiprocessing, no restarts ----------------------
+
+
+def _dead_peer_worker(rank: int, init: str, storage: str, memory: str, result: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=20)
+    )
+    opts = flashckpt.Options(coord_timeout_s=3.0)
+    ckpt = flashckpt.Checkpointer(storage, memory_dir=f"{memory}/rank{rank}", options=opts, keep=None)
+    state = make_state(seed=rank)
+    assert ckpt.restore(state) is None
+    handle = ckpt.save(0, state)
+    assert handle is not None
+    if rank == 1:
+        os._exit(0)  # gone before persisting: rank 0 waits for its shard in vain
+    try:
+        handle.wait(timeout=60)
+        outcome = "committed"
+    except flashckpt.FlashCkptError as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    try:
+        ckpt.restore(make_state(seed=rank))
+        restore = "restored"
+    except flashckpt.CoordinationError as exc:
+        restore = f"CoordinationError: {exc}"
+    Path(result).write_text(json.dumps({"save": outcome, "restore": restore}))
+    ckpt.close(_raise=False)
+    os._exit(0)
+
+
+def test_a_dead_rank_fails_the_commit_and_the_restore_of_the_others_instead_of_hanging(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    result = tmp_path / "result.json"
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.start_processes(
+        _dead_peer_worker,
+        args=(init, str(tmp_path / "storage"), str(shm_dir), str(result)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    got = json.loads(result.read_text())
+    assert got["save"].startswith("WaitTimeout") and "commit" in got["save"]
+    assert got["restore"].startswith("CoordinationError")
+    commits = tmp_path / "storage" / "commits"
+    assert not commits.exists() or not any(commits.iterdir())
