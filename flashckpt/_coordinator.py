@@ -26,7 +26,7 @@ from flashckpt._config import Options
 from flashckpt._retry import retry
 from flashckpt.backends import Backend
 from flashckpt.backends._base import check_key
-from flashckpt.errors import CorruptCheckpointError, ObjectNotFound
+from flashckpt.errors import CorruptCheckpointError, ObjectNotFound, StateMismatchError
 from flashckpt.format import (
     CHUNKS_PREFIX,
     CODEC_RAW,
@@ -73,7 +73,10 @@ def read_committed_manifest(be: Backend, step: int, rank: int, world: int, opts:
     if record.step != step:
         raise CorruptCheckpointError(f"commit record of {what} names step {record.step}")
     if record.world_size != world:
-        raise CorruptCheckpointError(f"{what} was saved by {record.world_size} ranks; this job has {world}")
+        raise StateMismatchError(
+            f"{what} was saved by {record.world_size} ranks; this job has {world} (a job restores "
+            "the world size that saved it; DTensor state can be resharded, see docs/architecture.md)"
+        )
     want = manifest_key(step, rank, world)
     entry = next((m for m in record.manifests if m[0] == want), None)
     if entry is None:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -91,17 +92,24 @@ def _commits(storage: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in (storage / "commits").iterdir())
 
 
+@dataclass
+class Reference:
+    finals: dict[int, list[dict[str, Any]]]  # world size -> each rank's final state
+    storage: dict[int, Path]  # world size -> the storage tier it left
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, list[dict[str, Any]]]]:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reference]:
     """The uninterrupted 2- and 4-rank runs."""
     base = tmp_path_factory.mktemp("reference")
     memory = Path(f"/dev/shm/flashckpt-test-ref-{os.getpid()}")
-    out = {}
+    ref = Reference({}, {})
     try:
         for n in (2, 4):
-            _torchrun(n, base / f"out{n}", base / f"storage{n}", memory)
-            out[n] = _finals(base / f"out{n}", n)
-        yield out
+            ref.storage[n] = base / f"storage{n}"
+            _torchrun(n, base / f"out{n}", ref.storage[n], memory)
+            ref.finals[n] = _finals(base / f"out{n}", n)
+        yield ref
     finally:
         left = [p for p in memory.rglob("*") if p.is_file()] if memory.exists() else []
         shutil.rmtree(memory, ignore_errors=True)
@@ -113,7 +121,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, li
     [(2, 1, "stage"), (2, 1, "persist"), (2, -1, "commit"), (4, 3, "persist")],
 )
 def test_a_rank_killed_mid_save_resumes_every_rank_at_the_newest_consistent_step(
-    reference: dict[int, list[dict[str, Any]]],
+    reference: Reference,
     tmp_path: Path,
     shm_dir: Path,
     nproc: int,
@@ -138,7 +146,7 @@ def test_a_rank_killed_mid_save_resumes_every_rank_at_the_newest_consistent_step
         "--kill-at",
         where,
     )
-    _assert_same(reference[nproc], _finals(out, nproc))
+    _assert_same(reference.finals[nproc], _finals(out, nproc))
     first = _restored(out, 0, nproc)
     assert all(r["start"] is None for r in first)
     again = _restored(out, 1, nproc)
@@ -158,13 +166,13 @@ def test_a_rank_killed_mid_save_resumes_every_rank_at_the_newest_consistent_step
 
 
 def test_a_finished_job_extended_later_restores_from_each_ranks_local_disk(
-    reference: dict[int, list[dict[str, Any]]], tmp_path: Path, shm_dir: Path
+    reference: Reference, tmp_path: Path, shm_dir: Path
 ) -> None:
     out, storage, local = tmp_path / "out", tmp_path / "storage", tmp_path / "local"
     _torchrun(2, out, storage, shm_dir, "--localdisk", str(local), steps=5)
     _torchrun(2, out, storage, shm_dir, "--localdisk", str(local))
     assert [r["restored"]["tier"] for r in _restored(out, 0, 2)] == ["local", "local"]
-    _assert_same(reference[2], _finals(out, 2))
+    _assert_same(reference.finals[2], _finals(out, 2))
     # the second run without its local disks (a new set of nodes): from storage
     for p in local.iterdir():
         subprocess.run(["rm", "-rf", str(p)], check=True)
@@ -173,6 +181,17 @@ def test_a_finished_job_extended_later_restores_from_each_ranks_local_disk(
     got = [(r["restored"]["tier"], r["restored"]["step"]) for r in _restored(out, 0, 2)]
     assert got == [("storage", STEPS - 1)] * 2
     assert (out / "final-rank0.pt").exists()
+
+
+def test_a_different_world_size_is_a_clear_error_not_a_fresh_start(
+    reference: Reference, shm_dir: Path
+) -> None:
+    storage = reference.storage[2]
+    with flashckpt.Checkpointer(storage, memory_dir=shm_dir) as ckpt:
+        with pytest.raises(flashckpt.StateMismatchError, match="saved by 2 ranks; this job has 1"):
+            ckpt.restore(make_state())
+    with pytest.raises(flashckpt.FlashCkptError):
+        flashckpt.load(storage)
 
 
 # -- a dead rank never hangs the others: torch.multiprocessing, no restarts ----------------------
