@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from flashckpt.errors import StateMismatchError, UnsupportedStateError
-from flashckpt.format import DTYPE_NAMES, StatefulRecord, TensorRef, encode_tree
+from flashckpt.format import DTYPE_NAMES, DTensorRef, StatefulRecord, TensorRef, encode_tree
 
 
 @dataclass
@@ -75,9 +75,35 @@ def flatten(state: Any) -> FlatState:
             seen[key] = len(tensors) - 1
         return TensorRef(len(tensors) - 1)
 
+    def add_dtensor(t: Any, path: str) -> DTensorRef:
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        placements = []
+        for p in t.placements:
+            if type(p) is Shard:
+                placements.append(f"S{p.dim}")
+            elif type(p) is Replicate:
+                placements.append("R")
+            else:
+                raise UnsupportedStateError(
+                    path, f"DTensor placement {p} is not supported (Shard and Replicate are)"
+                )
+        _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        ref = add_tensor(t.to_local(), path)
+        return DTensorRef(
+            ref.index,
+            tuple(int(d) for d in t.shape),
+            tuple(int(o) for o in offset),
+            tuple(placements),
+            tuple(int(d) for d in t.device_mesh.shape),
+        )
+
     def walk(obj: Any, path: str, depth: int) -> Any:
         if depth > 90:
             raise UnsupportedStateError(path, "state nested too deeply (or a reference cycle)")
+        if is_dtensor(obj):
+            return add_dtensor(obj, path)
         if isinstance(obj, torch.Tensor):
             return add_tensor(obj, path)
         if isinstance(obj, dict):
@@ -112,9 +138,16 @@ def flatten(state: Any) -> FlatState:
     return FlatState(tree, tensors, paths)
 
 
+def is_dtensor(obj: Any) -> bool:
+    """A ``torch.distributed.tensor.DTensor`` (without importing torch.distributed for others)."""
+    if not isinstance(obj, torch.Tensor) or type(obj).__name__ != "DTensor":
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(obj, DTensor)
+
+
 def _check_tensor(t: torch.Tensor, path: str) -> None:
-    if type(t).__name__ == "DTensor":
-        raise UnsupportedStateError(path, "DTensor shards are not supported yet")
     if t.layout != torch.strided:
         raise UnsupportedStateError(path, f"tensor layout {t.layout} is not supported (dense only)")
     if t.is_quantized:
@@ -137,9 +170,31 @@ class _Loader:
     """Applies a decoded tree to a live state.  ``materialize(i, target)`` returns tensor ``i``
     copied into ``target`` when compatible, else a fresh tensor (never a view of staging)."""
 
-    def __init__(self, materialize: Materialize) -> None:
+    def __init__(self, materialize: Materialize, *, in_place: bool) -> None:
         self._materialize = materialize
         self._fresh: dict[int, torch.Tensor] = {}
+        self._in_place = in_place
+
+    def dtensor(self, ref: DTensorRef, target: Any, path: str) -> Any:
+        """A DTensor shard: copied into the live DTensor's local tensor.  Building a fresh
+        state (``in_place`` False) gives the local shard as a plain tensor."""
+        if not self._in_place:
+            return self.tensor(TensorRef(ref.index), None)
+        if not is_dtensor(target):
+            raise StateMismatchError(
+                f"{path or '<root>'}: the checkpoint holds a DTensor shard here, the state has "
+                f"{type(target).__qualname__}; build the sharded state first (e.g. with "
+                "torch.distributed.checkpoint.state_dict.get_state_dict) and restore into it"
+            )
+        local = target.to_local()
+        got = self._materialize(ref.index, local)
+        if got is not local:
+            raise StateMismatchError(
+                f"{path or '<root>'}: the live DTensor's local shard is {tuple(local.shape)} "
+                f"{local.dtype}, the checkpoint's is {tuple(got.shape)} {got.dtype} (placements "
+                f"{list(ref.placements)} on a {list(ref.mesh)} mesh): the sharding changed"
+            )
+        return target
 
     def tensor(self, ref: TensorRef, target: Any) -> torch.Tensor:
         if isinstance(target, torch.Tensor):
@@ -156,6 +211,8 @@ class _Loader:
         """
         if isinstance(node, TensorRef):
             return self.tensor(node, current)
+        if isinstance(node, DTensorRef):
+            return self.dtensor(node, current, path)
         if isinstance(node, StatefulRecord):
             if is_stateful(current):
                 sd = self.value(current.state_dict(), node.state, path, exact=True)
@@ -224,6 +281,11 @@ def find_targets(
         if isinstance(node, TensorRef):
             if isinstance(current, torch.Tensor) and node.index not in found and accept(node.index, current):
                 found[node.index] = current
+        elif isinstance(node, DTensorRef):
+            if is_dtensor(current) and node.index not in found:
+                local = current.to_local()
+                if accept(node.index, local):
+                    found[node.index] = local
         elif isinstance(node, StatefulRecord):
             if is_stateful(current):
                 walk(current.state_dict(), node.state)
@@ -249,10 +311,10 @@ def load_into(state: Any, tree: Any, materialize: Materialize) -> None:
     if not isinstance(state, MutableMapping):
         raise StateMismatchError(f"restore needs a dict-like state, got {type(state).__qualname__}")
     with torch.no_grad():
-        _Loader(materialize).value(state, tree, "", exact=False)
+        _Loader(materialize, in_place=True).value(state, tree, "", exact=False)
 
 
 def build(tree: Any, materialize: Materialize) -> Any:
     """Build a fresh state from a decoded tree (``Stateful`` entries become their state dicts)."""
     with torch.no_grad():
-        return _Loader(materialize).value(None, tree, "", exact=True)
+        return _Loader(materialize, in_place=False).value(None, tree, "", exact=True)

@@ -150,6 +150,22 @@ class TensorRef:
 
 
 @dataclass(frozen=True)
+class DTensorRef:
+    """A DTensor in the state tree: this rank's local shard is tensor ``index``; the rest says
+    where the shard sits in the global tensor.  ``placements`` has one entry per mesh
+    dimension: ``"S<dim>"`` (sharded along tensor dim ``dim``) or ``"R"`` (replicated)."""
+
+    index: int
+    shape: tuple[int, ...]  # the global shape
+    offset: tuple[int, ...]  # the global index of the shard's first element
+    placements: tuple[str, ...]
+    mesh: tuple[int, ...]  # the device mesh's shape
+
+
+_PLACEMENT = re.compile(r"S([0-9]|[1-5][0-9]|6[0-3])|R")
+
+
+@dataclass(frozen=True)
 class StatefulRecord:
     """An object saved through its ``state_dict()``; ``kind`` is informational only."""
 
@@ -170,6 +186,15 @@ def encode_tree(obj: Any, path: str = "") -> Any:
         return obj
     if isinstance(obj, TensorRef):
         return {"T": "tensor", "i": obj.index}
+    if isinstance(obj, DTensorRef):
+        return {
+            "T": "dtensor",
+            "i": obj.index,
+            "shape": list(obj.shape),
+            "offset": list(obj.offset),
+            "placements": list(obj.placements),
+            "mesh": list(obj.mesh),
+        }
     if isinstance(obj, numbers.Integral):
         return int(obj)
     if isinstance(obj, numbers.Real):
@@ -243,6 +268,8 @@ def decode_tree(node: Any, n_tensors: int, depth: int = 0) -> Any:
         if type(i) is not int or not 0 <= i < n_tensors:
             raise CorruptCheckpointError(f"tensor reference {i!r} out of range")
         return TensorRef(i)
+    if tag == "dtensor":
+        return _decode_dtensor(node, n_tensors)
     if tag == "dict":
         keys, vals = node.get("k"), v
         if not isinstance(keys, list) or not isinstance(vals, list) or len(keys) != len(vals):
@@ -288,6 +315,33 @@ def decode_tree(node: Any, n_tensors: int, depth: int = 0) -> Any:
         except RuntimeError as exc:
             raise CorruptCheckpointError(f"bad device {v!r}") from exc
     raise CorruptCheckpointError(f"unknown state tree node {str(tag)[:40]!r}")
+
+
+def _decode_dtensor(node: dict[str, Any], n_tensors: int) -> DTensorRef:
+    i = node.get("i")
+    if type(i) is not int or not 0 <= i < n_tensors:
+        raise CorruptCheckpointError(f"tensor reference {i!r} out of range")
+
+    def ints(name: str, lo: int, hi: int, most: int) -> tuple[int, ...]:
+        v = node.get(name)
+        if not isinstance(v, list) or len(v) > most or not all(type(d) is int and lo <= d <= hi for d in v):
+            raise CorruptCheckpointError(f"bad dtensor node: {name}")
+        return tuple(v)
+
+    shape = ints("shape", 0, MAX_TOTAL_BYTES, MAX_NDIM)
+    offset = ints("offset", 0, MAX_TOTAL_BYTES, MAX_NDIM)
+    mesh = ints("mesh", 1, MAX_WORLD, 8)
+    placements = node.get("placements")
+    if (
+        len(offset) != len(shape)
+        or not isinstance(placements, list)
+        or len(placements) != len(mesh)
+        or not all(isinstance(p, str) and _PLACEMENT.fullmatch(p) for p in placements)
+        or any(p != "R" and int(p[1:]) >= len(shape) for p in placements)
+        or any(o > d for o, d in zip(offset, shape, strict=True))
+    ):
+        raise CorruptCheckpointError("bad dtensor node")
+    return DTensorRef(i, shape, offset, tuple(placements), mesh)
 
 
 def _list(v: Any) -> list[Any]:

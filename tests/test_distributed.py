@@ -187,9 +187,11 @@ def test_a_different_world_size_is_a_clear_error_not_a_fresh_start(
     reference: Reference, shm_dir: Path
 ) -> None:
     storage = reference.storage[2]
-    with flashckpt.Checkpointer(storage, memory_dir=shm_dir) as ckpt:
-        with pytest.raises(flashckpt.StateMismatchError, match="saved by 2 ranks; this job has 1"):
-            ckpt.restore(make_state())
+    with (
+        flashckpt.Checkpointer(storage, memory_dir=shm_dir) as ckpt,
+        pytest.raises(flashckpt.StateMismatchError, match="saved by 2 ranks; this job has 1"),
+    ):
+        ckpt.restore(make_state())
     with pytest.raises(flashckpt.FlashCkptError):
         flashckpt.load(storage)
 
@@ -241,3 +243,133 @@ def test_a_dead_rank_fails_the_commit_and_the_restore_of_the_others_instead_of_h
     assert got["restore"].startswith("CoordinationError")
     commits = tmp_path / "storage" / "commits"
     assert not commits.exists() or not any(commits.iterdir())
+
+
+# -- FSDP2 / DTensor state: local shards with their placement ------------------------------------
+
+
+class _AppState:
+    """The DCP idiom: a ``Stateful`` over ``get_state_dict`` / ``set_state_dict``."""
+
+    def __init__(self, model: torch.nn.Module, optim: torch.optim.Optimizer) -> None:
+        self.model, self.optim = model, optim
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(self.model, self.optim)
+        return {"model": msd, "optim": osd}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+def _fsdp_state() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.ReLU(), torch.nn.Linear(24, 6))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _fsdp_step(model: torch.nn.Module, optim: torch.optim.Optimizer, step: int) -> None:
+    g = torch.Generator().manual_seed(100 * torch.distributed.get_rank() + step)
+    model(torch.randn(4, 8, generator=g)).square().mean().backward()
+    optim.step()
+    optim.zero_grad()
+
+
+def _local_copy(app: _AppState) -> dict[str, torch.Tensor]:
+    from flashckpt._statewalk import flatten
+
+    flat = flatten({"app": app})
+    return {p: t.clone() for p, t in zip(flat.paths, flat.tensors, strict=True)}
+
+
+def _fsdp_worker(rank: int, world: int, init: str, storage: str, memory: str, result: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    model, optim = _fsdp_state()
+    app = _AppState(model, optim)
+    state = {"app": app, "extra": {"step": 0}}
+    checks: dict[str, bool] = {}
+    with flashckpt.Checkpointer(storage, memory_dir=f"{memory}/a{rank}", keep=None) as ckpt:
+        for step in range(3):
+            _fsdp_step(model, optim, step)
+        state["extra"]["step"] = 2
+        ckpt.save(2, state)
+        ckpt.wait()
+        saved = _local_copy(app)
+        for step in range(3, 5):
+            _fsdp_step(model, optim, step)
+        uninterrupted = _local_copy(app)
+        assert ckpt.restore(state) == 2
+        checks["from_memory"] = ckpt.stats["restored"]["tier"] == "memory"
+        now = _local_copy(app)
+        checks["restored_bitwise"] = now.keys() == saved.keys() and all(
+            torch.equal(now[k], saved[k]) for k in saved
+        )
+        for step in range(3, 5):
+            _fsdp_step(model, optim, step)
+        again = _local_copy(app)
+        checks["continued_bitwise"] = all(torch.equal(again[k], uninterrupted[k]) for k in uninterrupted)
+    # a new process's view: nothing in memory, the shard comes from storage
+    model2, optim2 = _fsdp_state()
+    app2 = _AppState(model2, optim2)
+    with flashckpt.Checkpointer(storage, memory_dir=f"{memory}/b{rank}") as ckpt:
+        assert ckpt.restore({"app": app2, "extra": {}}) == 2
+        checks["from_storage"] = ckpt.stats["restored"]["tier"] == "storage"
+        got = _local_copy(app2)
+        checks["storage_bitwise"] = all(torch.equal(got[k], saved[k]) for k in saved)
+    torch.distributed.barrier()
+    Path(f"{result}.{rank}").write_text(json.dumps(checks))
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp2_dtensor_state_saved_as_local_shards_with_placement_and_restored_in_place(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    from flashckpt.format import DTensorRef, decode_manifest, manifest_key
+
+    world = 4
+    storage, result = tmp_path / "storage", tmp_path / "result"
+    mp.start_processes(
+        _fsdp_worker,
+        args=(world, f"file://{tmp_path / 'rendezvous'}", str(storage), str(shm_dir), str(result)),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
+    for r in range(world):
+        checks = json.loads(Path(f"{result}.{r}").read_text())
+        assert checks == dict.fromkeys(checks, True) and len(checks) == 5, (r, checks)
+    # what rank 1 stored: its shard of the first layer's weight, rows 6..11 of 24
+    m = decode_manifest((storage / manifest_key(2, 1, world)).read_bytes(), check_key=check_key)
+    refs: list[DTensorRef] = []
+
+    def collect(node: Any) -> None:
+        if isinstance(node, DTensorRef):
+            refs.append(node)
+        elif isinstance(node, dict):
+            for v in node.values():
+                collect(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                collect(v)
+        elif hasattr(node, "state"):
+            collect(node.state)
+
+    collect(m.state_tree())
+    weight = [r for r in refs if r.shape == (24, 8)]
+    assert weight and all(r.placements == ("S0",) and r.mesh == (4,) and r.offset == (6, 0) for r in weight)
+    assert all(m.tensors[r.index].shape == (6, 8) for r in weight)
+    assert not shm_dir.exists() or not any(p.is_file() for p in shm_dir.rglob("*"))
