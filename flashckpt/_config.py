@@ -45,6 +45,12 @@ class Options:
     #: Multi-rank jobs: a chunk of the shared tier that no manifest references is deleted only
     #: after it has stayed unreferenced this long (a rank may be about to reference it).
     gc_grace_s: float = 600.0
+    #: Multi-rank jobs whose ranks hold the same state (data parallel, e.g. DDP): each chunk
+    #: whose bytes are the same on its owner rank goes to the shared tier from that rank only,
+    #: so N ranks write 1/N each.  Chunks that differ (per-rank RNG state) are written by
+    #: every rank as usual.  Costs one store key per rank per step; memory and local tiers
+    #: still hold every rank's full state.
+    dedup_replicated: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):

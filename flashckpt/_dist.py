@@ -97,6 +97,13 @@ class Control:
         """Record the outcome of ``key`` (``"ok"`` or a failure text) for the waiting ranks."""
         self._call("set", key + "/done", outcome.encode())
 
+    def delete(self, key: str) -> None:
+        """Best effort: drop a published outcome nobody will read again."""
+        try:
+            self._call("delete_key", key + "/done")
+        except CoordinationError as exc:
+            log.debug("flashckpt: could not delete %s: %s", key, exc)
+
     def await_outcome(self, key: str, timeout_s: float | None = None) -> str:
         """Block until some rank publishes ``key``'s outcome; return it.  Raises
         :class:`WaitTimeout` after ``timeout_s`` (default: the control timeout)."""

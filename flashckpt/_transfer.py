@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import json
 import logging
 import queue
 import threading
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from flashckpt._codec import Compression, encode
 from flashckpt._config import Options
@@ -36,6 +37,8 @@ from flashckpt._staging import Slot, Stager
 from flashckpt.backends import Backend
 from flashckpt.errors import CoordinationError, FlashCkptError, WaitTimeout
 from flashckpt.format import (
+    CODEC_PATTERN,
+    MAX_TOTAL_BYTES,
     ChunkEntry,
     CommitRecord,
     Manifest,
@@ -283,7 +286,7 @@ class Persister:
         for tier in job.tiers:
             t0 = time.perf_counter()
             try:
-                job.handle.written_bytes[tier.name] = self.persist(tier, m, job.slot)
+                job.handle.written_bytes[tier.name] = self.persist(tier, m, job.slot, job.seq)
                 ckey = self._commit_key(job, tier)
                 if ckey is not None:
                     arrived = self.control.arrive(ckey)
@@ -296,6 +299,9 @@ class Persister:
                         self.control.publish(ckey, f"the commit by rank {self.control.rank} failed: {exc}")
                         raise
                     self.control.publish(ckey, "ok")
+                    if self.opts.dedup_replicated:  # every rank has read them: its manifest is in
+                        for r in range(self.control.world):
+                            self.control.delete(f"dedup/{tier.name}/{m.step}/{job.seq}/r{r}")
             except BaseException as exc:
                 self._discard(tier, m)
                 self._report_failure(job, tier, exc)
@@ -399,29 +405,41 @@ class Persister:
             self._known_chunks[tier.name] = known
         return known
 
-    def persist(self, tier: Tier, m: Manifest, slot: Slot) -> int:
+    def persist(self, tier: Tier, m: Manifest, slot: Slot, seq: str = "") -> int:
         """Write one shard to ``tier``: new chunks, then the manifest, then the commit record.
 
         Chunks are content-addressed: one whose bytes the tier's newest commit already holds is
-        referenced again, not encoded or written.  Returns the chunk bytes written.
+        referenced again, not encoded or written.  With ``Options.dedup_replicated`` on the
+        shared tier of a multi-rank job, a chunk whose bytes its owner rank also holds is
+        written by the owner only (see :meth:`_dedup`).  Returns the chunk bytes written.
         """
         be, opts = tier.backend, self.opts
         # Re-saving a step number: un-commit first, so the step is never committed while torn.
         retry(lambda: be.delete(commit_key(m.step)), f"uncommit step {m.step}", opts)
         known = self._known(tier, m)
         groups = _byte_groups(m)
+        owners = None
+        if opts.dedup_replicated and tier.shared and self.control.distributed:
+            owners = assign_owners([c.nbytes for c in m.chunks], self.control.world)
         futures: list[Future[ChunkEntry]] = []
         written: list[Future[ChunkEntry]] = []
-        for src, group in zip(m.chunks, groups, strict=True):
+        deferred: list[int] = []  # chunks another rank owns: resolved once it has published
+        for i, (src, group) in enumerate(zip(m.chunks, groups, strict=True)):
             hit = known.get(src.checksum)
             if hit is not None and hit.nbytes == src.nbytes:
                 done: Future[ChunkEntry] = Future()
                 done.set_result(dataclasses.replace(hit, offset=src.offset))
                 futures.append(done)
                 continue
+            if owners is not None and owners[i] != self.control.rank:
+                deferred.append(i)
+                futures.append(Future())
+                continue
             view = slot.view(src.at, src.stored_nbytes)
             written.append(self.pool.submit(self._put_chunk, tier, src, view, group))
             futures.append(written[-1])
+        if owners is not None:
+            self._dedup(tier, m, slot, seq, owners, futures, written, deferred, groups)
         out = m.with_chunks(_wait_all(futures))
         mkey = manifest_key(m.step, m.rank, m.world_size)
         mdata = encode_manifest(out)
@@ -435,6 +453,63 @@ class Persister:
             cdata = encode_commit(record)
             retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
         return sum(f.result().stored_nbytes for f in written)
+
+    def _dedup(
+        self,
+        tier: Tier,
+        m: Manifest,
+        slot: Slot,
+        seq: str,
+        owners: list[int],
+        futures: list[Future[ChunkEntry]],
+        written: list[Future[ChunkEntry]],
+        deferred: list[int],
+        groups: list[int],
+    ) -> None:
+        """Deduplicated save of replicated state (persist thread; every rank runs it).
+
+        Chunk ``i`` is owned by rank ``owners[i]`` (spread by bytes).  Each rank writes the
+        chunks it owns and publishes their entries under one store key; for a chunk it does
+        not own, it waits for the owner's entries and references the owner's object when the
+        checksums agree, else (state that is not replicated after all, or an owner that never
+        publishes within ``coord_timeout_s``) writes its own.  Correctness never rests on the
+        state really being replicated; only the bytes saved do.
+        """
+        ctl = self.control
+        base = f"dedup/{tier.name}/{m.step}/{seq}/"
+        mine = {i: futures[i].result() for i in range(len(m.chunks)) if owners[i] == ctl.rank}
+        ctl.publish(
+            base + f"r{ctl.rank}",
+            json.dumps({str(i): [c.checksum, c.key, c.stored_nbytes, c.codec] for i, c in mine.items()}),
+        )
+        blobs: dict[int, dict[str, Any] | None] = {}
+        for i in deferred:
+            o, src = owners[i], m.chunks[i]
+            if o not in blobs:
+                try:
+                    blobs[o] = json.loads(ctl.await_outcome(base + f"r{o}"))
+                except (FlashCkptError, ValueError) as exc:
+                    log.warning("flashckpt: rank %d published no chunks of step %d: %s", o, m.step, exc)
+                    blobs[o] = None
+            got = (blobs[o] or {}).get(str(i))
+            # the owner's entry comes from another process: it must name this very content
+            if (
+                isinstance(got, list)
+                and len(got) == 4
+                and got[0] == src.checksum
+                and isinstance(got[3], str)
+                and CODEC_PATTERN.fullmatch(got[3])
+                and got[1] == chunk_key(src.checksum, got[3])
+                and type(got[2]) is int
+                and 0 < got[2] <= MAX_TOTAL_BYTES
+            ):
+                entry = ChunkEntry(got[1], 0, src.offset, src.nbytes, got[2], got[3], src.checksum)
+                futures[i].set_result(entry)
+                continue
+            view = slot.view(src.at, src.stored_nbytes)
+            fut = self.pool.submit(self._put_chunk, tier, src, view, groups[i])
+            written.append(fut)
+            fut.add_done_callback(lambda f, i=i: _chain(f, futures[i]))  # type: ignore[misc]
 
     def _put_chunk(self, tier: Tier, c: ChunkEntry, view: memoryview, group: int) -> ChunkEntry:
         """I/O pool: encode one chunk for ``tier`` (if it compresses) and put it at its content
@@ -460,6 +535,25 @@ def _byte_groups(m: Manifest) -> list[int]:
                 group = dtype.itemsize
         out.append(group)
     return out
+
+
+def assign_owners(sizes: list[int], world: int) -> list[int]:
+    """Deterministic owner rank per chunk: largest first, each to the least-loaded rank."""
+    load = [0] * world
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += sizes[i]
+    return owners
+
+
+def _chain(src: Future[T], dst: Future[T]) -> None:
+    exc = src.exception()
+    if exc is not None:
+        dst.set_exception(exc)
+    else:
+        dst.set_result(src.result())
 
 
 def _wait_all(futures: list[Future[T]]) -> list[T]:

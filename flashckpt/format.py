@@ -32,7 +32,7 @@ MANIFEST_FORMAT = "flashckpt.manifest"
 COMMIT_FORMAT = "flashckpt.commit"
 CODEC_RAW = "raw/1"
 #: Codec ids with their versions: ``raw/1``, ``zstd/1`` and byte-grouped ``zstd-bg{2,4,8}/1``.
-_CODEC_RE = re.compile(r"(raw|zstd|zstd-bg[248])/1")
+CODEC_PATTERN = re.compile(r"(raw|zstd|zstd-bg[248])/1")
 #: Checksum of a chunk in a memory-tier manifest written at the end of the staging copy,
 #: before the background thread has checksummed it ("sealed" it).
 UNSEALED = ""
@@ -568,7 +568,7 @@ def _decode_chunk(
     ints = (at, offset, nbytes, stored)
     if not all(type(v) is int and 0 <= v <= MAX_TOTAL_BYTES for v in ints):
         raise CorruptCheckpointError(f"{what}: bad chunk sizes")
-    if offset + nbytes > total or not isinstance(codec, str) or not _CODEC_RE.fullmatch(codec):
+    if offset + nbytes > total or not isinstance(codec, str) or not CODEC_PATTERN.fullmatch(codec):
         raise CorruptCheckpointError(f"{what}: chunk outside the shard or unknown codec")
     if codec == CODEC_RAW and stored != nbytes:
         raise CorruptCheckpointError(f"{what}: raw chunk with stored size != size")

@@ -60,9 +60,9 @@ def _arm(where: str, step: int) -> None:
 
         orig_persist = _transfer.Persister.persist
 
-        def persist(self: Any, tier: Any, m: Any, slot: Any) -> int:
+        def persist(self: Any, tier: Any, m: Any, *args: Any) -> int:
             _current["persisting"] = m.step
-            return orig_persist(self, tier, m, slot)
+            return orig_persist(self, tier, m, *args)
 
         _transfer.Persister._put_chunk = put  # type: ignore[method-assign]
         _transfer.Persister.persist = persist  # type: ignore[method-assign]
