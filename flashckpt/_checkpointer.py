@@ -38,6 +38,7 @@ from flashckpt._coordinator import (
     verify_chunks,
 )
 from flashckpt._dist import Control
+from flashckpt._reshard import StepReader
 from flashckpt._staging import Slot, Stager, check_fits
 from flashckpt._statewalk import find_targets, flatten, load_into
 from flashckpt._transfer import Job, Persister, SaveHandle, Tier
@@ -49,6 +50,7 @@ from flashckpt.errors import (
     CoordinationError,
     CorruptCheckpointError,
     FlashCkptError,
+    StateMismatchError,
     StorageError,
 )
 from flashckpt.format import (
@@ -344,12 +346,29 @@ class Checkpointer:
         last_error: BaseException | None = None
         touched = False  # a failed source may already have written into the state
         for s in sorted(common, reverse=True):
-            loaded: tuple[Manifest, Slot, Tier] | None = None
+            loaded: tuple[Manifest | None, Slot | None, Tier] | None = None
             fatal: BaseException | None = None
+            resharded: int | None = None  # bytes, when the step was saved by another world size
             for src in plan_sources(inventory, s):
                 filled: dict[int, torch.Tensor] = {}
                 try:
                     m, slot = self._load(src.tier, src.step, state, filled)
+                except StateMismatchError as exc:
+                    if not src.tier.shared:
+                        fatal = exc
+                        break
+                    try:
+                        resharded = self._reshard(src.tier, src.step, state, exc)
+                    except (CorruptCheckpointError, StorageError) as err:
+                        touched = True
+                        last_error = err
+                        log.warning("flashckpt: resharding step %d failed: %s", src.step, err)
+                        continue
+                    except BaseException as err:
+                        fatal = err
+                        break
+                    loaded = (None, None, src.tier)
+                    break
                 except (CorruptCheckpointError, StorageError) as exc:
                     touched = touched or bool(filled)
                     log.warning(
@@ -375,29 +394,35 @@ class Checkpointer:
             if failed:
                 raise CoordinationError(f"restore failed on rank {failed[0][0]}: {failed[0][1]}")
             if loaded is None or not all(ok for ok, _ in outcomes):
-                if loaded is not None:
+                if loaded is not None and loaded[1] is not None:
                     self._stager.release(loaded[1])
                     log.warning("flashckpt: step %d is unusable on another rank; trying an older one", s)
                 continue
-            m, slot, tier = loaded
+            got_m, got_slot, tier = loaded
+            nbytes = got_m.total_bytes if got_m is not None else resharded or 0
             secs = time.perf_counter() - t0
             with self._stats_lock:
                 self._stats["restored"] = {
-                    "step": m.step,
+                    "step": s,
                     "tier": tier.name,
-                    "bytes": m.total_bytes,
+                    "bytes": nbytes,
                     "seconds": secs,
+                    "resharded": got_m is None,
                 }
             log.info(
-                "flashckpt: restored step %d from the %s tier, %d bytes in %.3f s (%.2f GB/s)",
-                m.step,
+                "flashckpt: restored step %d from the %s tier%s, %d bytes in %.3f s (%.2f GB/s)",
+                s,
                 tier.name,
-                m.total_bytes,
+                " (resharded)" if got_m is None else "",
+                nbytes,
                 secs,
-                m.total_bytes / max(secs, 1e-9) / 1e9,
+                nbytes / max(secs, 1e-9) / 1e9,
             )
-            self._after_restore(m, slot, tier, inventory)
-            return m.step
+            if got_m is None or got_slot is None:
+                self._stager.prefault(self._stager.layout(flatten(state).tensors).total_bytes)
+            else:
+                self._after_restore(got_m, got_slot, tier, inventory)
+            return int(s)
         if touched:
             raise CorruptCheckpointError(
                 "no intact step could be restored, and a corrupt snapshot in memory was found only "
@@ -629,6 +654,20 @@ class Checkpointer:
         load_into(state, tree, materialize)
         if cuda:
             torch.cuda.synchronize()
+
+    def _reshard(self, tier: Tier, step: int, state: Any, mismatch: StateMismatchError) -> int:
+        """Load ``step``, saved by another world size, from the shared tier: each DTensor's
+        local shard is assembled from the saved shards that overlap it (see ``_reshard``).
+        Returns the bytes this rank read.  Re-raises ``mismatch`` when the step holds no
+        DTensors: plain per-rank state cannot be redistributed."""
+        reader = StepReader(tier.backend, step, self._opts, self._persister.pool)
+        if reader.world == self._world or not reader.has_dtensors:
+            raise mismatch
+        log.info(
+            "flashckpt: step %d was saved by %d ranks; resharding it for %d", step, reader.world, self._world
+        )
+        reader.restore_into(state, source_rank=self._rank % reader.world)
+        return reader.bytes_read
 
     def _after_restore(
         self, m: Manifest, slot: Slot, tier: Tier, inventory: list[tuple[Tier, list[int]]]

@@ -13,6 +13,7 @@ import torch
 
 from flashckpt._config import Options
 from flashckpt._coordinator import committed_steps, fetch_chunks, read_committed_manifest
+from flashckpt._reshard import StepReader
 from flashckpt._retry import retry
 from flashckpt._staging import check_fits
 from flashckpt._statewalk import build
@@ -30,6 +31,7 @@ def load(
     step: int | Literal["latest"] = "latest",
     storage_options: dict[str, Any] | None = None,
     options: Options | None = None,
+    rank: int | None = None,
 ) -> dict[str, Any]:
     """Return the state saved at ``step`` (default: the newest intact committed step).
 
@@ -37,6 +39,11 @@ def load(
     (module, optimizer, ...) is the ``state_dict()`` it saved.  Every chunk is verified.  A
     corrupt newest step is skipped with a warning when ``step="latest"``.  Any thread may call
     this; it starts and joins its own I/O threads.
+
+    A step saved by several ranks is consolidated: every DTensor (FSDP2, TP) comes back as its
+    whole global tensor, assembled from all shards; everything else comes from rank 0 (in such
+    jobs it is replicated).  ``rank=k`` returns rank ``k``'s own shard instead (DTensors as its
+    local shards).
     """
     if step != "latest" and (type(step) is not int or step < 0):
         raise ConfigError(f"step must be 'latest' or a non-negative int, got {step!r}")
@@ -51,20 +58,36 @@ def load(
     with ThreadPoolExecutor(opts.io_threads, thread_name_prefix="flashckpt-io") as pool:
         for s in reversed(steps):
             try:
-                return _load_step(be, s, opts, pool)
+                return _load_step(be, s, opts, pool, rank)
             except (CorruptCheckpointError, StorageError) as exc:
                 log.warning("flashckpt: step %d at %s is unusable: %s", s, be.url, exc)
                 last = exc
     raise CheckpointNotFound(f"no intact committed step at {be.url}") from last
 
 
-def _load_step(be: Backend, step: int, opts: Options, pool: ThreadPoolExecutor) -> dict[str, Any]:
+def _load_step(
+    be: Backend, step: int, opts: Options, pool: ThreadPoolExecutor, rank: int | None
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     raw = retry(lambda: be.get(commit_key(step)), f"get commit of step {step}", opts)
     world = decode_commit(raw, check_key=check_key).world_size
-    if world != 1:
-        raise ConfigError(f"step {step} has {world} shards; consolidating shards is not supported yet")
-    m = read_committed_manifest(be, step, 0, 1, opts)
+    if rank is not None and not 0 <= rank < world:
+        raise ConfigError(f"rank {rank} is out of range: step {step} was saved by {world} ranks")
+    if world > 1 and rank is None:
+        reader = StepReader(be, step, opts, pool)
+        out = reader.consolidate()
+        log.info(
+            "flashckpt: loaded step %d from %s, %d ranks consolidated, %d bytes read in %.3f s",
+            step,
+            be.url,
+            world,
+            reader.bytes_read,
+            time.perf_counter() - t0,
+        )
+        if not isinstance(out, dict):
+            raise CorruptCheckpointError(f"step {step} does not hold a dict state")
+        return out
+    m = read_committed_manifest(be, step, rank or 0, world, opts)
     check_fits(m.total_bytes, None, f"step {step}")
     buf = mmap.mmap(-1, max(m.total_bytes, 1))
     try:

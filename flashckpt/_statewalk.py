@@ -170,15 +170,27 @@ class _Loader:
     """Applies a decoded tree to a live state.  ``materialize(i, target)`` returns tensor ``i``
     copied into ``target`` when compatible, else a fresh tensor (never a view of staging)."""
 
-    def __init__(self, materialize: Materialize, *, in_place: bool) -> None:
+    def __init__(
+        self,
+        materialize: Materialize,
+        *,
+        in_place: bool,
+        fill_dtensor: Callable[[str, Any], None] | None = None,
+        build_dtensor: Callable[[str, DTensorRef], torch.Tensor] | None = None,
+    ) -> None:
         self._materialize = materialize
         self._fresh: dict[int, torch.Tensor] = {}
         self._in_place = in_place
+        self._fill_dtensor = fill_dtensor
+        self._build_dtensor = build_dtensor
 
     def dtensor(self, ref: DTensorRef, target: Any, path: str) -> Any:
-        """A DTensor shard: copied into the live DTensor's local tensor.  Building a fresh
-        state (``in_place`` False) gives the local shard as a plain tensor."""
+        """A DTensor shard: copied into the live DTensor's local tensor (or, with
+        ``fill_dtensor``, filled by it: resharding).  Building a fresh state (``in_place``
+        False) gives ``build_dtensor(path, ref)``, by default the local shard as a plain tensor."""
         if not self._in_place:
+            if self._build_dtensor is not None:
+                return self._build_dtensor(path, ref)
             return self.tensor(TensorRef(ref.index), None)
         if not is_dtensor(target):
             raise StateMismatchError(
@@ -186,6 +198,9 @@ class _Loader:
                 f"{type(target).__qualname__}; build the sharded state first (e.g. with "
                 "torch.distributed.checkpoint.state_dict.get_state_dict) and restore into it"
             )
+        if self._fill_dtensor is not None:
+            self._fill_dtensor(path, target)
+            return target
         local = target.to_local()
         got = self._materialize(ref.index, local)
         if got is not local:
@@ -306,15 +321,21 @@ def find_targets(
     return found
 
 
-def load_into(state: Any, tree: Any, materialize: Materialize) -> None:
-    """Load a decoded tree into ``state`` in place.  ``state`` must be a mutable mapping."""
+def load_into(
+    state: Any, tree: Any, materialize: Materialize, *, fill_dtensor: Callable[[str, Any], None] | None = None
+) -> None:
+    """Load a decoded tree into ``state`` in place.  ``state`` must be a mutable mapping.
+    ``fill_dtensor(path, live_dtensor)`` replaces the shard copy for DTensors (resharding)."""
     if not isinstance(state, MutableMapping):
         raise StateMismatchError(f"restore needs a dict-like state, got {type(state).__qualname__}")
     with torch.no_grad():
-        _Loader(materialize, in_place=True).value(state, tree, "", exact=False)
+        _Loader(materialize, in_place=True, fill_dtensor=fill_dtensor).value(state, tree, "", exact=False)
 
 
-def build(tree: Any, materialize: Materialize) -> Any:
-    """Build a fresh state from a decoded tree (``Stateful`` entries become their state dicts)."""
+def build(
+    tree: Any, materialize: Materialize, *, dtensor: Callable[[str, DTensorRef], torch.Tensor] | None = None
+) -> Any:
+    """Build a fresh state from a decoded tree (``Stateful`` entries become their state dicts).
+    ``dtensor(path, ref)`` gives the value of a DTensor (default: its local shard)."""
     with torch.no_grad():
-        return _Loader(materialize, in_place=False).value(None, tree, "", exact=True)
+        return _Loader(materialize, in_place=False, build_dtensor=dtensor).value(None, tree, "", exact=True)

@@ -192,8 +192,13 @@ def test_a_different_world_size_is_a_clear_error_not_a_fresh_start(
         pytest.raises(flashckpt.StateMismatchError, match="saved by 2 ranks; this job has 1"),
     ):
         ckpt.restore(make_state())
-    with pytest.raises(flashckpt.FlashCkptError):
-        flashckpt.load(storage)
+    # offline, the plain per-rank state of a 2-rank step: rank 0's by default, or any rank's
+    for rank in (None, 0, 1):
+        loaded = flashckpt.load(storage) if rank is None else flashckpt.load(storage, rank=rank)
+        want = reference.finals[2][rank or 0]["model"]
+        assert all(torch.equal(v, want[k]) for k, v in loaded["model"].items())
+    with pytest.raises(flashckpt.ConfigError, match="out of range"):
+        flashckpt.load(storage, rank=2)
 
 
 # -- a dead rank never hangs the others: torch.multiprocessing, no restarts ----------------------
@@ -309,6 +314,17 @@ def _fsdp_worker(rank: int, world: int, init: str, storage: str, memory: str, re
         ckpt.save(2, state)
         ckpt.wait()
         saved = _local_copy(app)
+        # the global tensors as FSDP itself assembles them (a collective): the test's yardstick
+        sd = app.state_dict()
+        full = {
+            "model": {k: v.full_tensor() for k, v in sd["model"].items()},
+            "optim": {
+                fqn: {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in st.items()}
+                for fqn, st in sd["optim"]["state"].items()
+            },
+        }
+        if rank == 0:
+            torch.save(full, f"{result}.full.pt")
         for step in range(3, 5):
             _fsdp_step(model, optim, step)
         uninterrupted = _local_copy(app)
@@ -335,7 +351,7 @@ def _fsdp_worker(rank: int, world: int, init: str, storage: str, memory: str, re
     torch.distributed.destroy_process_group()
 
 
-def test_fsdp2_dtensor_state_saved_as_local_shards_with_placement_and_restored_in_place(
+def test_fsdp2_state_saved_as_local_shards_restored_in_place_resharded_and_consolidated(
     tmp_path: Path, shm_dir: Path
 ) -> None:
     from flashckpt.format import DTensorRef, decode_manifest, manifest_key
@@ -372,7 +388,66 @@ def test_fsdp2_dtensor_state_saved_as_local_shards_with_placement_and_restored_i
     weight = [r for r in refs if r.shape == (24, 8)]
     assert weight and all(r.placements == ("S0",) and r.mesh == (4,) and r.offset == (6, 0) for r in weight)
     assert all(m.tensors[r.index].shape == (6, 8) for r in weight)
+
+    # offline: whole tensors, assembled from the 4 shards, equal to what FSDP assembles
+    whole = flashckpt.load(storage)["app"]
+    full = torch.load(f"{result}.full.pt", weights_only=False)
+    assert whole["model"].keys() == full["model"].keys()
+    assert all(torch.equal(whole["model"][k], v) for k, v in full["model"].items())
+    for fqn, st in full["optim"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(whole["optim"]["state"][fqn][k]), torch.as_tensor(v)), (fqn, k)
+    torch.save(whole, tmp_path / "whole.pt")
+
+    # the same step restored by a job of 2 ranks: resharded from storage
+    mp.start_processes(
+        _reshard_worker,
+        args=(2, f"file://{tmp_path / 'rendezvous2'}", str(storage), str(shm_dir), str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    for r in range(2):
+        checks = json.loads((tmp_path / f"reshard.{r}").read_text())
+        assert checks == {"step": 2, "tier": "storage", "resharded": True, "model": True, "optim": True}, (
+            checks
+        )
     assert not shm_dir.exists() or not any(p.is_file() for p in shm_dir.rglob("*"))
+
+
+def _reshard_worker(rank: int, world: int, init: str, storage: str, memory: str, tmp: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    model, optim = _fsdp_state()
+    _fsdp_step(model, optim, 99)  # state unlike the saved one, optimizer moments in place
+    with flashckpt.Checkpointer(storage, memory_dir=f"{memory}/c{rank}") as ckpt:
+        step = ckpt.restore({"app": _AppState(model, optim), "extra": {}})
+        info = ckpt.stats["restored"]
+    whole = torch.load(Path(tmp) / "whole.pt", weights_only=False)
+    msd, osd = get_state_dict(model, optim)
+    full = {k: v.full_tensor() for k, v in msd.items()}  # a collective: every rank
+    model_ok = full.keys() == whole["model"].keys() and all(
+        torch.equal(full[k], whole["model"][k]) for k in full
+    )
+    optim_ok = True
+    for fqn, st in osd["state"].items():
+        for k, v in st.items():
+            got = v.full_tensor() if hasattr(v, "full_tensor") else v
+            optim_ok = optim_ok and torch.equal(
+                torch.as_tensor(got), torch.as_tensor(whole["optim"]["state"][fqn][k])
+            )
+    checks = {
+        "step": step,
+        "tier": info["tier"],
+        "resharded": info["resharded"],
+        "model": model_ok,
+        "optim": optim_ok,
+    }
+    (Path(tmp) / f"reshard.{rank}").write_text(json.dumps(checks))
+    torch.distributed.destroy_process_group()
 
 
 # -- deduplicated saves of replicated (DDP) state -------------------------------------------------
