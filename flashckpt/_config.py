@@ -51,6 +51,12 @@ class Options:
     #: every rank as usual.  Costs one store key per rank per step; memory and local tiers
     #: still hold every rank's full state.
     dedup_replicated: bool = False
+    #: Peer mirrors: the cap on bytes per second one rank sends to its peers (0: no cap), so
+    #: that mirroring leaves the network and cores to training.
+    mirror_bytes_per_s: float = 0.0
+    #: Peer mirrors: socket timeout of every mirror operation; a slower peer is reported and
+    #: the transfer abandoned.
+    mirror_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -1,0 +1,444 @@
+"""Mirror: copies of ranks' staged snapshots in peers' memory, over an authenticated TCP stream.
+
+Each rank of a multi-node job runs a :class:`MirrorServer` (thread ``flashckpt-mirror-server``,
+one handler thread per connection).  Its address and a per-job secret are exchanged through
+the job's own collectives at construction; a connection must answer an HMAC challenge with
+that secret before anything else, else it is dropped.  Two requests:
+
+* ``put``: a peer pushes its sealed snapshot (manifest + the slot's bytes).  It lands in this
+  rank's memory tier, ``<rank dir>/mirrors/<owner shard>/``, in two slots of the same kind
+  and format as the owner's own (the newest two pushes are kept: retention follows the
+  owner's steps), and is checksummed before its manifest is written.
+* ``get``: during ``restore``, a rank fetches its shard's snapshot from a mirror held here
+  into its own slot.
+
+The sender is the owner's persist pipeline (``flashckpt-mirror`` thread), with a bandwidth cap
+(``Options.mirror_bytes_per_s``) and socket timeouts, so a slow or dead peer is reported on
+the ``SaveHandle`` and in ``stats`` and never blocks the training thread.  The wire format is
+length-prefixed JSON headers followed by raw bytes; a transport for NCCL/RDMA would replace
+:func:`push` / :func:`fetch` and keep the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flashckpt._config import Options
+from flashckpt._coordinator import memory_steps, read_memory_manifest
+from flashckpt._staging import Slot, check_fits
+from flashckpt.backends import LocalBackend
+from flashckpt.errors import CorruptCheckpointError, FlashCkptError, StorageError, TransientStorageError
+from flashckpt.format import MAX_RECORD_BYTES, Manifest, checksum, encode_manifest, memory_manifest_key
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"flashckpt-mirror/1"
+_HEADER = struct.Struct("!I")
+_PIECE = 4 << 20  # send / receive granularity (also the bandwidth cap's tick)
+_SHARD_RE = r"r\d{5}-of-\d{5}"
+
+
+class MirrorAuthError(FlashCkptError, PermissionError):
+    """A mirror connection did not prove it knows the job's secret (or the peer refused ours)."""
+
+
+class MirrorError(TransientStorageError):
+    """A mirror transfer failed: the peer is gone, slow beyond the timeout, or refused."""
+
+
+# -- placement ----------------------------------------------------------------------------------
+
+
+def mirror_peers(nodes: list[str], rank: int, k: int) -> list[int]:
+    """The ranks that hold ``rank``'s mirrors: one on each of the ``k`` nodes after its own
+    (in sorted node order), at the same position among that node's ranks.  Stable across steps
+    and attempts; never on the rank's own node, so one node's loss never takes a shard and all
+    of its copies."""
+    names = sorted(set(nodes))
+    by_node = {n: [r for r, m in enumerate(nodes) if m == n] for n in names}
+    mine = nodes[rank]
+    pos = by_node[mine].index(rank)
+    i = names.index(mine)
+    out = []
+    for j in range(1, min(k, len(names) - 1) + 1):
+        ranks = by_node[names[(i + j) % len(names)]]
+        out.append(ranks[pos % len(ranks)])
+    return out
+
+
+# -- wire ---------------------------------------------------------------------------------------
+
+
+def _send_header(sock: socket.socket, obj: dict[str, Any]) -> None:
+    data = json.dumps(obj).encode()
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:], min(len(view) - got, _PIECE))
+        if n == 0:
+            raise MirrorError("the peer closed the connection")
+        got += n
+
+
+def _recv_bytes(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    _recv_exact(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def _recv_header(sock: socket.socket) -> dict[str, Any]:
+    (n,) = _HEADER.unpack(_recv_bytes(sock, _HEADER.size))
+    if n > 1 << 20:
+        raise MirrorError("mirror header too large")
+    obj = json.loads(_recv_bytes(sock, n))
+    if not isinstance(obj, dict):
+        raise MirrorError("bad mirror header")
+    return obj
+
+
+def _proof(secret: bytes, challenge: bytes) -> bytes:
+    return hmac.new(secret, _MAGIC + challenge, hashlib.sha256).digest()
+
+
+class _Throttle:
+    """A bandwidth cap: ``wait(n)`` before sending ``n`` bytes."""
+
+    def __init__(self, bytes_per_s: float) -> None:
+        self.rate = bytes_per_s
+        self.t0 = time.monotonic()
+        self.sent = 0
+
+    def wait(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        self.sent += n
+        ahead = self.sent / self.rate - (time.monotonic() - self.t0)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+View = Callable[[int, int], memoryview]
+
+
+def _send_snapshot(sock: socket.socket, m: Manifest, view: View, rate: float) -> int:
+    throttle = _Throttle(rate)
+    sent = 0
+    for c in m.chunks:
+        for off in range(0, c.nbytes, _PIECE):
+            n = min(_PIECE, c.nbytes - off)
+            throttle.wait(n)
+            sock.sendall(view(c.at + off, n))
+            sent += n
+    return sent
+
+
+def _connect(addr: tuple[str, int], secret: bytes, timeout: float) -> socket.socket:
+    sock = socket.create_connection(addr, timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        challenge = _recv_bytes(sock, 32)
+        sock.sendall(_proof(secret, challenge))
+        reply = _recv_header(sock)
+        if reply.get("auth") != "ok":
+            raise MirrorAuthError(f"mirror peer {addr[0]}:{addr[1]} refused the job's secret")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# -- the client side ------------------------------------------------------------------------------
+
+
+def push(
+    addr: tuple[str, int],
+    secret: bytes,
+    owner: str,
+    m: Manifest,
+    view: Callable[[int, int], memoryview],
+    opts: Options,
+) -> int:
+    """Send the sealed snapshot ``m`` (bytes through ``view(at, n)``) to the peer at ``addr``.
+    Any thread (the ``flashckpt-mirror`` thread).  Returns the bytes sent; raises
+    :class:`MirrorError` / :class:`MirrorAuthError`."""
+    if not m.sealed:
+        raise ValueError("only sealed snapshots are mirrored")
+    data = encode_manifest(m)
+    try:
+        with _connect(addr, secret, opts.mirror_timeout_s) as sock:
+            _send_header(sock, {"op": "put", "shard": owner, "step": m.step, "manifest": len(data)})
+            sock.sendall(data)
+            sent = _send_snapshot(sock, m, view, opts.mirror_bytes_per_s)
+            reply = _recv_header(sock)
+    except MirrorAuthError:
+        raise
+    except OSError as exc:
+        raise MirrorError(f"mirror push of step {m.step} to {addr[0]}:{addr[1]} failed: {exc}") from exc
+    if reply.get("ok") is not True:
+        raise MirrorError(f"mirror peer {addr[0]}:{addr[1]} rejected step {m.step}: {reply.get('error')}")
+    return sent
+
+
+def fetch(
+    addr: tuple[str, int],
+    secret: bytes,
+    shard: str,
+    step: int,
+    into: Callable[[Manifest], Callable[[int, int], memoryview]],
+    opts: Options,
+) -> Manifest:
+    """Fetch ``shard``'s snapshot of ``step`` from the peer at ``addr``.  ``into(manifest)``
+    returns where its bytes go (``view(at, n)``, after mapping a slot big enough).  The
+    caller verifies the bytes against the returned manifest.  Training thread (``restore``)."""
+    try:
+        with _connect(addr, secret, opts.mirror_timeout_s) as sock:
+            _send_header(sock, {"op": "get", "shard": shard, "step": step})
+            reply = _recv_header(sock)
+            if reply.get("ok") is not True:
+                raise MirrorError(f"mirror peer {addr[0]}:{addr[1]} has no step {step} of {shard}")
+            n = reply.get("manifest")
+            if type(n) is not int or not 0 < n <= MAX_RECORD_BYTES:
+                raise MirrorError("bad mirror reply")
+            m = _decode(_recv_bytes(sock, n), f"{shard} step {step} from {addr[0]}:{addr[1]}")
+            if m.step != step:
+                raise CorruptCheckpointError(f"mirror peer sent step {m.step} for {step}")
+            view = into(m)
+            for c in m.chunks:
+                _recv_exact(sock, view(c.at, c.nbytes))
+    except MirrorAuthError:
+        raise
+    except OSError as exc:
+        raise MirrorError(f"fetching step {step} of {shard} from {addr[0]}:{addr[1]} failed: {exc}") from exc
+    return m
+
+
+def _decode(data: bytes, what: str) -> Manifest:
+    from flashckpt.backends._base import check_key
+    from flashckpt.format import decode_manifest
+
+    m = decode_manifest(data, f"mirrored manifest of {what}", check_key=check_key)
+    if not m.sealed:
+        raise CorruptCheckpointError(f"mirrored manifest of {what} carries no checksums")
+    keys = {c.key for c in m.chunks}
+    if not keys <= {"slot-0.bin", "slot-1.bin"}:
+        raise CorruptCheckpointError(f"mirrored manifest of {what} names unknown slots")
+    return m
+
+
+# -- the server side ------------------------------------------------------------------------------
+
+
+class _MirrorSlots:
+    """The two slots and the manifests of one owner's mirrored snapshots on this rank."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.directory = directory
+        self.backend = LocalBackend(directory, fsync=False, direct_io=False, private=True, durable=False)
+        self.slots = [Slot(directory, 0), Slot(directory, 1)]
+        self.lock = threading.Lock()  # one transfer at a time per owner
+        for s in self.slots:
+            s.adopt()
+        for step in memory_steps(self.backend):
+            try:
+                m = read_memory_manifest(self.backend, step)
+                for s in self.slots:
+                    if {c.key for c in m.chunks} <= {s.name}:
+                        s.step = step
+            except (CorruptCheckpointError, StorageError):
+                self.backend.delete(memory_manifest_key(step))
+
+    def steps(self) -> list[int]:
+        return memory_steps(self.backend)
+
+    def slot_for_put(self) -> Slot:
+        """The slot not holding the newest mirrored step (the newest stays intact)."""
+        newest = max((s.step for s in self.slots if s.step is not None), default=None)
+        free = [s for s in self.slots if s.step is None or s.step != newest]
+        return free[0]
+
+    def close(self) -> None:
+        for s in self.slots:
+            s.release_mapping()
+
+
+class MirrorServer:
+    """Serves ``put`` and ``get`` for one rank.  Created on the training thread; its threads
+    are daemons and :meth:`close` stops them."""
+
+    def __init__(
+        self,
+        rank_dir: Path,
+        secret: bytes,
+        opts: Options,
+        host: str = "",
+    ) -> None:
+        self.rank_dir = rank_dir
+        self.root = rank_dir / "mirrors"
+        self.secret = secret
+        self.opts = opts
+        self._owners: dict[str, _MirrorSlots] = {}
+        self._lock = threading.Lock()
+        self._sock = socket.create_server((host, 0))
+        self._sock.settimeout(0.2)
+        self.port = int(self._sock.getsockname()[1])
+        self._stop = threading.Event()
+        self.refused = 0
+        self.received_bytes = 0
+        self._thread = threading.Thread(target=self._accept_loop, name="flashckpt-mirror-server", daemon=True)
+        self._thread.start()
+
+    # -- inventory --------------------------------------------------------------------------------
+    def holdings(self) -> dict[str, list[int]]:
+        """Owner shard -> mirrored steps held here (adopting what an earlier process left)."""
+        out = {}
+        if self.root.is_dir():
+            import re
+
+            for d in sorted(self.root.iterdir()):
+                if d.is_dir() and re.fullmatch(_SHARD_RE, d.name):
+                    out[d.name] = self._slots(d.name).steps()
+        return out
+
+    def _slots(self, owner: str) -> _MirrorSlots:
+        with self._lock:
+            ms = self._owners.get(owner)
+            if ms is None:
+                ms = self._owners[owner] = _MirrorSlots(self.root / owner)
+            return ms
+
+    # -- connections ------------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, peer = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(
+                target=self._serve, args=(conn, peer), name="flashckpt-mirror-conn", daemon=True
+            ).start()
+
+    def _serve(self, conn: socket.socket, peer: Any) -> None:
+        with conn:
+            conn.settimeout(self.opts.mirror_timeout_s)
+            try:
+                challenge = secrets.token_bytes(32)
+                conn.sendall(challenge)
+                if not hmac.compare_digest(_recv_bytes(conn, 32), _proof(self.secret, challenge)):
+                    self.refused += 1
+                    log.warning("flashckpt: refused a mirror connection from %s: wrong secret", peer)
+                    _send_header(conn, {"auth": "refused"})
+                    return
+                _send_header(conn, {"auth": "ok"})
+                req = _recv_header(conn)
+                if req.get("op") == "put":
+                    self._put(conn, req)
+                elif req.get("op") == "get":
+                    self._get(conn, req)
+                else:
+                    _send_header(conn, {"ok": False, "error": "unknown request"})
+            except (OSError, FlashCkptError, ValueError) as exc:
+                log.warning("flashckpt: mirror connection from %s failed: %s", peer, exc)
+
+    def _put(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        import re
+
+        owner, step, n = req.get("shard"), req.get("step"), req.get("manifest")
+        if not (isinstance(owner, str) and re.fullmatch(_SHARD_RE, owner)) or type(step) is not int:
+            raise MirrorError("bad put request")
+        if type(n) is not int or not 0 < n <= MAX_RECORD_BYTES:
+            raise MirrorError("bad put request")
+        m = _decode(_recv_bytes(conn, n), f"{owner} step {step}")
+        if m.step != step:
+            raise MirrorError("put: manifest of another step")
+        ms = self._slots(owner)
+        with ms.lock:
+            slot = ms.slot_for_put()
+            if slot.step is not None:
+                ms.backend.delete(memory_manifest_key(slot.step))
+                slot.step = None
+            check_fits(m.total_bytes, ms.directory, f"mirror of {owner} step {step}")
+            slot.ensure(m.total_bytes)
+            for c in m.chunks:
+                _recv_exact(conn, slot.view(c.at, c.nbytes))
+            self.received_bytes += sum(c.nbytes for c in m.chunks)
+            bad = [c.offset for c in m.chunks if checksum(slot.view(c.at, c.nbytes)) != c.checksum]
+            if bad:
+                _send_header(conn, {"ok": False, "error": f"chunks at {bad[:3]} fail their checksums"})
+                return
+            m = m.with_chunks(_rename(c, slot.name) for c in m.chunks)
+            ms.backend.put(memory_manifest_key(step), encode_manifest(m))
+            slot.step = step
+        _send_header(conn, {"ok": True})
+
+    def _get(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        shard, step = req.get("shard"), req.get("step")
+        if not isinstance(shard, str) or type(step) is not int:
+            raise MirrorError("bad get request")
+        ms = self._slots(shard) if (self.root / shard).is_dir() else None
+        if ms is None or step not in ms.steps():
+            _send_header(conn, {"ok": False, "error": "not here"})
+            return
+        with ms.lock:
+            m = read_memory_manifest(ms.backend, step)
+            slot = next(s for s in ms.slots if s.step == step)
+            self._send(conn, m, slot)
+
+    def _send(self, conn: socket.socket, m: Manifest, slot: Slot) -> None:
+        data = encode_manifest(m)
+        _send_header(conn, {"ok": True, "manifest": len(data)})
+        conn.sendall(data)
+        _send_snapshot(conn, m, slot.view, 0)
+
+    # -- lifetime ---------------------------------------------------------------------------------
+    def drop(self) -> None:
+        """Delete every mirror held here (the job finished cleanly)."""
+        with self._lock:
+            for ms in self._owners.values():
+                ms.close()
+            self._owners.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        self._thread.join(timeout=5)
+        with self._lock:
+            for ms in self._owners.values():
+                ms.close()
+
+
+def _rename(c: Any, key: str) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(c, key=key)
+
+
+def default_host() -> str:
+    """The address peers reach this rank's mirror server at: ``FLASHCKPT_MIRROR_HOST``, else
+    the address the host name resolves to."""
+    host = os.environ.get("FLASHCKPT_MIRROR_HOST")
+    if host:
+        return host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
