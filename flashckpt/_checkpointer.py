@@ -15,12 +15,14 @@ checksums and transfers), ``flashckpt-prefault`` (slot faulting).  ``close`` joi
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import fcntl
 import hashlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +31,7 @@ import torch
 from flashckpt._codec import Compression
 from flashckpt._config import Options, default_memory_root, node_id, options_from_env
 from flashckpt._coordinator import (
+    Source,
     committed_steps,
     fetch_chunks,
     memory_steps,
@@ -38,6 +41,7 @@ from flashckpt._coordinator import (
     verify_chunks,
 )
 from flashckpt._dist import Control
+from flashckpt._mirror import MirrorServer, default_host, fetch, mirror_peers
 from flashckpt._reshard import StepReader
 from flashckpt._staging import Slot, Stager, check_fits
 from flashckpt._statewalk import find_targets, flatten, load_into
@@ -95,7 +99,8 @@ class Checkpointer:
         persist_every: snapshot ``k`` (counted in multiples of ``every``) is persisted when
             ``k % persist_every == 0``; the others live in memory only.  Forced saves persist.
         keep: committed steps kept on each persistent tier (``None``: keep all).
-        mirror: peer copies in other nodes' memory (not available in this version: 0/None).
+        mirror: copies of each rank's snapshots in the memory of peers on other nodes
+            (``None``: 1 when the job spans more than one node, else 0).
         compression: ``None`` (default: zstd level 1 for object storage, raw for POSIX tiers),
             ``"zstd"``/``"zstd:LEVEL"``/``"none"`` for the storage tier, or a dict per tier,
             e.g. ``{"local": None, "storage": "zstd:3"}``.
@@ -124,8 +129,8 @@ class Checkpointer:
                 raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
         if keep is not None and (type(keep) is not int or keep < 1):
             raise ConfigError(f"keep must be an int >= 1 or None, got {keep!r}")
-        if mirror not in (None, 0):
-            raise ConfigError("mirror > 0 (peer replicas) is not available in this version")
+        if mirror is not None and (type(mirror) is not int or mirror < 0):
+            raise ConfigError(f"mirror must be None or an int >= 0, got {mirror!r}")
         self._opts = options_from_env(options)
         self._every, self._persist_every, self._keep = every, persist_every, keep
         self._ctl = Control(process_group, self._opts.coord_timeout_s)
@@ -171,6 +176,15 @@ class Checkpointer:
         self._stager = Stager(self._rank_dir, self._opts)
         self._adopt_memory()
         self._persister = Persister(self._opts, self._memory, self._stager, keep, self._ctl)
+        self._mirror_server: MirrorServer | None = None
+        self._addrs: list[tuple[str, int]] = []
+        self._mirrors = 0
+        try:
+            self._setup_mirrors(mirror)
+        except BaseException:
+            self._persister.close()
+            os.close(self._lock_fd)
+            raise
         self._handles: list[SaveHandle] = []
         self._last: tuple[int, Slot, bool] | None = None  # (step, slot, persisted)
         self._stats: dict[str, Any] = {"saves": 0}
@@ -257,7 +271,8 @@ class Checkpointer:
             self._stager.release(slot)
             return self._failed_save(step, exc, t0)
         tiers = self._tiers if persist else []
-        handle = SaveHandle(step, ["memory", *(t.name for t in tiers)])
+        mirrored = bool(self._persister.mirror_peers)
+        handle = SaveHandle(step, ["memory", *(["mirror"] if mirrored else []), *(t.name for t in tiers)])
         self._track(handle)
         self._last = (step, slot, persist)
         self._seq += 1
@@ -270,6 +285,7 @@ class Checkpointer:
                 on_done=[self._on_done],
                 seq=f"save{self._seq}",
                 generation=slot.generation,
+                mirror=mirrored,
             )
         )
         blocking = time.perf_counter() - t0
@@ -333,9 +349,26 @@ class Checkpointer:
         t0 = time.perf_counter()
         inventory = self._inventory()
         mine = {s for _, held in inventory for s in held if want is None or s == want}
-        # The newest step every rank can load (its own memory, its local disk, or storage).
-        everyone = self._ctl.all_gather(sorted(mine))
-        common = set(everyone[0]).intersection(*map(set, everyone[1:]))
+        holdings = self._mirror_server.holdings() if self._mirror_server is not None else {}
+        # The newest step every rank can load: from its own memory, its local disk, storage, or
+        # a mirror of its shard in a peer's memory.
+        everyone = self._ctl.all_gather((sorted(mine), holdings))
+        me = shard_name(self._rank, self._world)
+        mirrored: dict[int, list[int]] = {}  # step -> ranks holding a mirror of this rank's shard
+        for q, (_, held_q) in enumerate(everyone):
+            for step_q in held_q.get(me, []):
+                if want is None or step_q == want:
+                    mirrored.setdefault(step_q, []).append(q)
+
+        def available(r: int) -> set[int]:
+            shard = shard_name(r, self._world)
+            out = set(everyone[r][0])
+            for _, held_q in everyone:
+                out.update(x for x in held_q.get(shard, []) if want is None or x == want)
+            return out
+
+        common = set.intersection(*(available(r) for r in range(self._world)))
+        mine |= set(mirrored)
         if self._ctl.distributed and mine - common:
             log.info(
                 "flashckpt: rank %d holds steps %s that not every rank has; newest common: %s",
@@ -349,8 +382,27 @@ class Checkpointer:
             loaded: tuple[Manifest | None, Slot | None, Tier] | None = None
             fatal: BaseException | None = None
             resharded: int | None = None  # bytes, when the step was saved by another world size
-            for src in plan_sources(inventory, s):
+            sources: list[tuple[Source, int | None]] = [(src, None) for src in plan_sources(inventory, s)]
+            at = 1 if sources and sources[0][0].tier is self._memory else 0
+            mirror_tier = Tier("mirror", self._memory.backend)
+            sources[at:at] = [(Source(s, mirror_tier), q) for q in mirrored.get(s, [])]
+            for src, peer in sources:
                 filled: dict[int, torch.Tensor] = {}
+                if peer is not None:  # a mirror of this rank's shard in a peer's memory
+                    try:
+                        m, slot = self._load_mirror(peer, s)
+                    except FlashCkptError as exc:
+                        log.warning("flashckpt: step %d from rank %d's mirror is unusable: %s", s, peer, exc)
+                        last_error = exc
+                        continue
+                    try:
+                        self._apply(m, slot, state, filled)
+                    except BaseException as exc:
+                        self._stager.release(slot)
+                        fatal = exc
+                        break
+                    loaded = (m, slot, mirror_tier)
+                    break
                 try:
                     m, slot = self._load(src.tier, src.step, state, filled)
                 except StateMismatchError as exc:
@@ -420,8 +472,8 @@ class Checkpointer:
             )
             if got_m is None or got_slot is None:
                 self._stager.prefault(self._stager.layout(flatten(state).tensors).total_bytes)
-            else:
-                self._after_restore(got_m, got_slot, tier, inventory)
+            else:  # a fetched mirror is in this rank's memory tier now
+                self._after_restore(got_m, got_slot, self._memory if tier is mirror_tier else tier, inventory)
             return int(s)
         if touched:
             raise CorruptCheckpointError(
@@ -470,8 +522,11 @@ class Checkpointer:
             self._persist_last()
             self._drain()
             clean = self._last_durable()
+            self._close_mirrors(clean)
         finally:
             self._persister.close()
+            if self._mirror_server is not None:
+                self._mirror_server.close()
             self._stager.close(unlink=clean)
             if clean:
                 self._release_memory()
@@ -486,6 +541,62 @@ class Checkpointer:
                 h.raise_failure()
 
     # -- internals -----------------------------------------------------------------------------
+    def _setup_mirrors(self, mirror: int | None) -> None:
+        """Every rank, at construction: where each rank's mirrors go, and a server per rank.
+
+        Ranks serve the mirrors they hold whenever the job spans several nodes (also those an
+        earlier attempt left, when this one mirrors nothing new).
+        """
+        nodes = self._ctl.all_gather(self._node)
+        n_nodes = len(set(nodes))
+        k = (1 if n_nodes > 1 else 0) if mirror is None else mirror
+        if k > n_nodes - 1:
+            if mirror:
+                log.warning(
+                    "flashckpt: mirror=%d but the job spans %d node(s): %d cop%s per snapshot",
+                    mirror,
+                    n_nodes,
+                    n_nodes - 1,
+                    "y" if n_nodes == 2 else "ies",
+                )
+            k = n_nodes - 1
+        self._mirrors = k
+        if n_nodes < 2:
+            return
+        self._mirror_server = MirrorServer(self._rank_dir, self._ctl.secret, self._opts)
+        self._addrs = [tuple(a) for a in self._ctl.all_gather((default_host(), self._mirror_server.port))]
+        self._persister.mirror_peers = [(p, self._addrs[p]) for p in mirror_peers(nodes, self._rank, k)]
+        self._persister.mirror_owner = shard_name(self._rank, self._world)
+        peers = [p for p, _ in self._persister.mirror_peers]
+        log.debug("flashckpt: rank %d mirrors to ranks %s", self._rank, peers)
+
+    def _close_mirrors(self, clean: bool) -> None:
+        """On close: drop the mirrors this rank holds for owners that closed cleanly (their
+        snapshots are durable), keep the others for the next attempt.  Store only, no
+        collective: an owner that never closes is waited for ``coord_timeout_s`` at most."""
+        server = self._mirror_server
+        if server is None:
+            return
+        try:
+            self._ctl.publish(f"closed/r{self._rank}", "clean" if clean else "dirty")
+        except FlashCkptError as exc:
+            log.warning("flashckpt: keeping the mirrors held here: %s", exc)
+            return
+        for owner in server.holdings():
+            rank, world = int(owner[1:6]), int(owner[-5:])
+            if world != self._world:  # a mirror from a job of another shape: nobody restores it
+                server.drop(owner)
+                continue
+            try:
+                outcome = self._ctl.await_outcome(f"closed/r{rank}")
+            except FlashCkptError as exc:
+                log.warning("flashckpt: keeping the mirror of %s: %s", owner, exc)
+                continue
+            if outcome == "clean":
+                server.drop(owner)
+            else:
+                log.warning("flashckpt: keeping the mirror of %s: its owner is not durable", owner)
+
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("this Checkpointer is closed")
@@ -654,6 +765,38 @@ class Checkpointer:
         load_into(state, tree, materialize)
         if cuda:
             torch.cuda.synchronize()
+
+    def _load_mirror(self, peer: int, step: int) -> tuple[Manifest, Slot]:
+        """Fetch this rank's shard of ``step`` from the mirror rank ``peer`` holds, into a free
+        slot of this rank's memory tier, and verify every chunk.  Returns a busy slot."""
+        held: list[Slot] = []
+
+        def into(m: Manifest) -> Callable[[int, int], memoryview]:
+            check_fits(m.total_bytes, self._rank_dir, f"step {step} from rank {peer}'s mirror")
+            slot, _ = self._stager.acquire(m.total_bytes, replacing=step)
+            held.append(slot)
+            if slot.step is not None:
+                self._memory.backend.delete(memory_manifest_key(slot.step))
+                slot.step, slot.durable = None, False
+            slot.ensure(m.total_bytes)
+            return slot.view
+
+        try:
+            me = shard_name(self._rank, self._world)
+            m = fetch(self._addrs[peer], self._ctl.secret, me, step, into, self._opts)
+            if (m.rank, m.world_size) != (self._rank, self._world):
+                raise CorruptCheckpointError(f"rank {peer}'s mirror of step {step} holds another shard")
+            slot = held[0]
+            local = m.with_chunks(dataclasses.replace(c, key=slot.name) for c in m.chunks)
+            where = f"rank {peer}'s mirror"
+            sealed = verify_chunks(local, slot.view, self._persister.pool, where, base=slot.address)
+            self._memory.backend.put(memory_manifest_key(step), encode_manifest(sealed))
+            slot.step = step
+        except BaseException:
+            for slot in held:
+                self._stager.release(slot)
+            raise
+        return sealed, slot
 
     def _reshard(self, tier: Tier, step: int, state: Any, mismatch: StateMismatchError) -> int:
         """Load ``step``, saved by another world size, from the shared tier: each DTensor's

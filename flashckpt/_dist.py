@@ -40,6 +40,9 @@ class Control:
         self._pg: Any = None
         self._store: Any = None
         self._prefix = ""
+        #: Shared by the ranks of this Checkpointer only (drawn by rank 0, sent over the job's
+        #: group): authenticates mirror connections.
+        self.secret = b""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -62,7 +65,8 @@ class Control:
 
         # Keys of this Checkpointer only: a nonce from rank 0, so that a store that outlives a
         # job attempt (or a second Checkpointer in the same job) never sees stale counters.
-        nonce = self.all_gather(secrets.token_hex(8) if self.rank == 0 else None)[0]
+        token = self.all_gather(secrets.token_hex(32) if self.rank == 0 else None)[0]
+        nonce, self.secret = token[:16], bytes.fromhex(token)
         self._prefix = f"flashckpt/{nonce}/"
         self._store = PrefixStore(self._prefix, _get_process_group_store(pg))
 

@@ -409,13 +409,18 @@ class MirrorServer:
         _send_snapshot(conn, m, slot.view, 0)
 
     # -- lifetime ---------------------------------------------------------------------------------
-    def drop(self) -> None:
-        """Delete every mirror held here (the job finished cleanly)."""
+    def drop(self, owner: str | None = None) -> None:
+        """Delete the mirrors of ``owner`` (default: all) held here: their owner is durable."""
         with self._lock:
-            for ms in self._owners.values():
-                ms.close()
-            self._owners.clear()
-        shutil.rmtree(self.root, ignore_errors=True)
+            for name in [owner] if owner is not None else list(self._owners):
+                ms = self._owners.pop(name, None)
+                if ms is not None:
+                    ms.close()
+        shutil.rmtree(self.root if owner is None else self.root / owner, ignore_errors=True)
+        try:
+            self.root.rmdir()
+        except OSError:
+            pass
 
     def close(self) -> None:
         self._stop.set()

@@ -32,6 +32,7 @@ from flashckpt._codec import Compression, encode
 from flashckpt._config import Options
 from flashckpt._coordinator import apply_retention, committed_steps, read_committed_manifest
 from flashckpt._dist import Control
+from flashckpt._mirror import push
 from flashckpt._retry import retry
 from flashckpt._staging import Slot, Stager
 from flashckpt.backends import Backend
@@ -163,6 +164,7 @@ class Job:
     #: ``None``: every rank.  (A salvage after a restart: only ranks that lack their shard.)
     writers: int | None = None
     generation: int = 0  # the slot's generation when the job was made
+    mirror: bool = False  # also push the snapshot to the peers' memory (tier "mirror")
 
 
 class Persister:
@@ -177,6 +179,10 @@ class Persister:
         self.keep = keep
         self.control = control if control is not None else Control(None, opts.coord_timeout_s)
         self._gc_candidates: dict[str, dict[str, float]] = {}  # per shared tier: chunk -> first seen
+        #: (peer rank, address) of the ranks holding this rank's mirrors; set by the Checkpointer
+        self.mirror_peers: list[tuple[int, tuple[str, int]]] = []
+        self.mirror_owner = ""  # this rank's shard name, as the peers file it
+        self._mirror_pool = ThreadPoolExecutor(1, thread_name_prefix="flashckpt-mirror")
         self.pool = ThreadPoolExecutor(
             max(opts.io_threads, opts.hash_threads), thread_name_prefix="flashckpt-io"
         )
@@ -194,6 +200,7 @@ class Persister:
         self._queue.put(None)
         self._thread.join()
         self.pool.shutdown(wait=True)
+        self._mirror_pool.shutdown(wait=True)
 
     # -- persist thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -283,6 +290,7 @@ class Persister:
                     self._report_failure(job, tier, exc)
                 return committed, waits
             job.handle._finish_tier("memory", time.perf_counter() - t0)
+        pushes = self._start_mirrors(job, m)
         for tier in job.tiers:
             t0 = time.perf_counter()
             try:
@@ -318,7 +326,42 @@ class Persister:
                 continue
             self._committed(job, tier, t0)
             committed.append(tier)
+        self._finish_mirrors(job, pushes)
         return committed, waits
+
+    def _start_mirrors(self, job: Job, m: Manifest) -> list[tuple[int, float, Future[int]]]:
+        """Persist thread: start pushing the sealed snapshot to each peer (off this thread,
+        alongside the tier writes; the slot stays held until they are done)."""
+        if not (job.mirror and self.mirror_peers):
+            return []
+        t0 = time.perf_counter()
+        return [
+            (
+                peer,
+                t0,
+                self._mirror_pool.submit(
+                    push, addr, self.control.secret, self.mirror_owner, m, job.slot.view, self.opts
+                ),
+            )
+            for peer, addr in self.mirror_peers
+        ]
+
+    def _finish_mirrors(self, job: Job, pushes: list[tuple[int, float, Future[int]]]) -> None:
+        if not pushes:
+            return
+        error: BaseException | None = None
+        sent = 0
+        for peer, _t0, fut in pushes:
+            try:
+                sent += fut.result()
+            except Exception as exc:  # a slow or dead peer never fails the save's other tiers
+                log.warning(
+                    "flashckpt: mirroring step %d to rank %d failed: %s", job.manifest.step, peer, exc
+                )
+                error = error or exc
+        secs = time.perf_counter() - pushes[0][1]
+        job.handle.written_bytes["mirror"] = sent
+        job.handle._finish_tier("mirror", secs, error)
 
     def _committed(self, job: Job, tier: Tier, t0: float) -> None:
         secs = time.perf_counter() - t0

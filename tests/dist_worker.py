@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--kill-rank", type=int, default=-1)
     ap.add_argument("--kill-step", type=int, default=-1)
     ap.add_argument("--kill-at", default="")
+    ap.add_argument("--mirror", type=int, default=None)
+    ap.add_argument("--die-at-end", action="store_true", help="SIGKILL every rank once all is durable")
     args = ap.parse_args()
 
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -142,6 +144,7 @@ def main() -> None:
         local_dir=local,
         memory_dir=f"{args.memory}/node{node}",
         keep=args.keep or None,
+        mirror=args.mirror,
         options=opts,
     ) as ckpt:
         start = ckpt.restore(state)
@@ -156,6 +159,9 @@ def main() -> None:
                 with open(out / f"staged-rank{rank}", "a") as f:
                     f.write(f"{step}\n")
         ckpt.wait()
+        if args.die_at_end:
+            dist.barrier()  # every rank's saves (and mirrors) are done: now the job dies
+            _die()
     final = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
     torch.save(final, out / f"final-rank{rank}.pt")
     dist.destroy_process_group()

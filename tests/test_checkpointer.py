@@ -215,7 +215,14 @@ def test_use_after_close_and_bad_arguments(dirs: dict[str, Path]) -> None:
     ckpt.close()  # idempotent
     with pytest.raises(flashckpt.ClosedError):
         ckpt.save(0, make_state())
-    for kw in ({"every": 0}, {"persist_every": -1}, {"keep": 0}, {"mirror": 2}, {"compression": "lz4"}):
+    for kw in (
+        {"every": 0},
+        {"persist_every": -1},
+        {"keep": 0},
+        {"mirror": -1},
+        {"mirror": "1"},
+        {"compression": "lz4"},
+    ):
         with pytest.raises(flashckpt.ConfigError):
             _ckpt(dirs, **kw)
     with _ckpt(dirs) as ckpt, pytest.raises(flashckpt.ConfigError):

@@ -535,3 +535,83 @@ def test_deduplicated_ddp_saves_write_each_replicated_byte_once(tmp_path: Path, 
         for p in ("plain", "dedup")
     }
     assert chunks["plain"] == chunks["dedup"]
+
+
+# -- peer mirrors: lose a node, resume without storage --------------------------------------------
+
+
+def _two_nodes(
+    out: Path, storage: Path, memory: Path, *extra: str, steps: int, expect_ok: bool = True
+) -> None:
+    """Two torchrun agents on localhost (``--nnodes=2``, static rendezvous), 2 ranks each;
+    ranks 2k and 2k+1 are node k (their own FLASHCKPT_NODE_ID and memory directory)."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "FLASHCKPT_MIRROR_HOST": "127.0.0.1",
+    }
+    procs = []
+    for node in (0, 1):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            f"--node-rank={node}",
+            "--nproc-per-node=2",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+            "--max-restarts=0",
+            "--monitor-interval=0.2",
+            "-m",
+            "tests.dist_worker",
+            "--out",
+            str(out),
+            "--storage",
+            str(storage),
+            "--memory",
+            str(memory),
+            "--steps",
+            str(steps),
+            *extra,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    if expect_ok:
+        assert all(p.returncode == 0 for p in procs), "\n".join(x[-4000:] for x in logs)
+
+
+def test_a_lost_node_resumes_from_its_peers_memory_with_storage_gone(
+    reference: Reference, tmp_path: Path, shm_dir: Path
+) -> None:
+    out, storage, local = tmp_path / "out", tmp_path / "storage", tmp_path / "local"
+    # train 6 of 8 steps with one mirror per snapshot, then the whole job dies
+    _two_nodes(out, storage, shm_dir, "--localdisk", str(local), "--die-at-end", steps=6, expect_ok=False)
+    assert {json.loads((out / f"attempt0-rank{r}.json").read_text())["start"] for r in range(4)} == {None}
+    held = sorted(p.relative_to(shm_dir).parts[0:4] for p in shm_dir.rglob("mirrors/*/step-*.manifest"))
+    # node0 holds node1's shards and the other way round
+    assert {(h[0], h[3]) for h in held} == {
+        ("node0", "r00002-of-00004"),
+        ("node0", "r00003-of-00004"),
+        ("node1", "r00000-of-00004"),
+        ("node1", "r00001-of-00004"),
+    }
+    # node1 is lost with its memory; every local disk and the whole storage tier are gone too
+    for gone in (shm_dir / "node1", local, storage):
+        shutil.rmtree(gone)
+    # a fresh node1 joins; the job goes on to step 8
+    _two_nodes(out, storage, shm_dir, "--localdisk", str(local), steps=STEPS)
+    restored = _restored(out, 0, 4)
+    assert [r["start"] for r in restored] == [5, 5, 5, 5]
+    assert [r["restored"]["tier"] for r in restored] == ["memory", "memory", "mirror", "mirror"]
+    _assert_same(reference.finals[4], _finals(out, 4))
+    # the resumed steps are committed again, and a clean run leaves no memory or mirror behind
+    assert _commits(storage)[-1] == STEPS - 1
+    assert not any(p.is_file() for p in shm_dir.rglob("*")), sorted(shm_dir.rglob("*"))
