@@ -101,3 +101,88 @@ def test_mirror_placement_is_on_other_nodes_and_spread() -> None:
     # uneven nodes: every rank still gets a peer on another node
     uneven = ["a", "a", "a", "b"]
     assert all(uneven[p] != uneven[r] for r in range(4) for p in mirror_peers(uneven, r, 1))
+
+
+def _victim_worker(rank: int, init: str, storage: str, memory: str, result: str) -> None:
+    """Two ranks on two simulated nodes, each mirroring to the other.  Rank 1 is SIGKILLed
+    while it receives rank 0's snapshot of step 2; rank 0 trains on."""
+    import json
+    import os
+    import signal
+    import time
+    from datetime import timedelta
+
+    import torch
+
+    from flashckpt import _mirror
+    from tests.conftest import train_step
+
+    os.environ["FLASHCKPT_NODE_ID"] = f"node{rank}"
+    os.environ["FLASHCKPT_MIRROR_HOST"] = "127.0.0.1"
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=30)
+    )
+    if rank == 1:
+        orig = _mirror.MirrorServer._put
+
+        def put(self: _mirror.MirrorServer, conn: socket.socket, req: dict[str, object]) -> None:
+            if req.get("step") == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            orig(self, conn, req)
+
+        _mirror.MirrorServer._put = put  # type: ignore[method-assign]
+    opts = flashckpt.Options(coord_timeout_s=3.0, mirror_timeout_s=3.0)
+    ckpt = flashckpt.Checkpointer(storage, memory_dir=f"{memory}/node{rank}", options=opts)
+    state = make_state(seed=rank)
+    assert ckpt.restore(state) is None
+    out: dict[str, object] = {"saved": [], "errors": {}}
+    handles = {}
+    for step in range(5):
+        train_step(state, step)
+        handles[step] = ckpt.save(step, state)
+        out["saved"].append(step)  # type: ignore[attr-defined]
+        if step < 2:
+            handles[step].wait()  # type: ignore[union-attr]
+    if rank == 1:
+        while True:  # until rank 0's push of step 2 arrives
+            time.sleep(0.1)
+    for step, h in handles.items():
+        assert h is not None
+        try:
+            h.wait(timeout=60)
+        except flashckpt.FlashCkptError:
+            pass
+        out["errors"][str(step)] = sorted({f.tier for f in h.failures})  # type: ignore[index]
+    out["stats_errors"] = ckpt.stats["errors"]
+    out["memory"] = sorted(p.name for p in ckpt.memory_path.glob("step-*.manifest"))
+    ckpt.close(_raise=False)
+    Path(result).write_text(json.dumps(out))
+
+
+def test_a_peer_killed_during_a_mirror_transfer_does_not_stop_training(tmp_path: Path, shm_dir: Path) -> None:
+    import json
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    result = tmp_path / "rank0.json"
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [
+        ctx.Process(
+            target=_victim_worker, args=(r, init, str(tmp_path / "storage"), str(shm_dir), str(result))
+        )
+        for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, -9]
+    got = json.loads(result.read_text())
+    assert got["saved"] == [0, 1, 2, 3, 4]  # every save returned
+    assert got["errors"]["0"] == got["errors"]["1"] == []  # mirrored and committed
+    # from step 2 on the mirror is gone (reported), and so is the commit it would have joined
+    for step in ("2", "3", "4"):
+        assert "mirror" in got["errors"][step] and "storage" in got["errors"][step], got["errors"]
+    assert any(e.startswith("mirror:") for e in got["stats_errors"])
+    # the snapshots themselves are safe in rank 0's memory tier, kept for the next attempt
+    assert got["memory"] == ["step-000000000003.manifest", "step-000000000004.manifest"]
