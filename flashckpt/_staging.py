@@ -307,6 +307,8 @@ class Stager:
         self._copying = False
         self._streams: dict[int, Any] = {}
         self._layouts: dict[Any, Layout] = {}
+        #: Saves blocked in ``acquire`` right now (read by the persist thread, unlocked).
+        self.waiters = 0
 
     # -- layout ------------------------------------------------------------------------------
     def layout(self, tensors: Sequence[torch.Tensor]) -> Layout:
@@ -351,7 +353,11 @@ class Stager:
                     if slot.warm(nbytes) or not any(p.prefaulting for p in self.slots):
                         slot.busy = True
                         return slot, time.perf_counter() - t0
-                self._cond.wait()
+                self.waiters += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self.waiters -= 1
 
     def try_acquire(self, slot: Slot) -> bool:
         with self._cond:

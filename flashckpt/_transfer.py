@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -183,6 +183,7 @@ class Persister:
         self.mirror_peers: list[tuple[int, tuple[str, int]]] = []
         self.mirror_owner = ""  # this rank's shard name, as the peers file it
         self._mirror_pool = ThreadPoolExecutor(1, thread_name_prefix="flashckpt-mirror")
+        self._mirror_abort = threading.Event()
         self.pool = ThreadPoolExecutor(
             max(opts.io_threads, opts.hash_threads), thread_name_prefix="flashckpt-io"
         )
@@ -334,13 +335,21 @@ class Persister:
         alongside the tier writes; the slot stays held until they are done)."""
         if not (job.mirror and self.mirror_peers):
             return []
+        self._mirror_abort.clear()
         t0 = time.perf_counter()
         return [
             (
                 peer,
                 t0,
                 self._mirror_pool.submit(
-                    push, addr, self.control.secret, self.mirror_owner, m, job.slot.view, self.opts
+                    push,
+                    addr,
+                    self.control.secret,
+                    self.mirror_owner,
+                    m,
+                    job.slot.view,
+                    self.opts,
+                    self._mirror_abort,
                 ),
             )
             for peer, addr in self.mirror_peers
@@ -349,6 +358,12 @@ class Persister:
     def _finish_mirrors(self, job: Job, pushes: list[tuple[int, float, Future[int]]]) -> None:
         if not pushes:
             return
+        # Only the pushes hold the slot now.  If a save is waiting for it, the peers cannot keep
+        # up: abandon this snapshot's mirror (reported) rather than cost training time.
+        while not all(f.done() for _, _, f in pushes):
+            if self.stager.waiters:
+                self._mirror_abort.set()
+            wait([f for _, _, f in pushes], timeout=0.02)
         error: BaseException | None = None
         sent = 0
         for peer, _t0, fut in pushes:
