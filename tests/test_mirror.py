@@ -180,9 +180,10 @@ def test_a_peer_killed_during_a_mirror_transfer_does_not_stop_training(tmp_path:
     got = json.loads(result.read_text())
     assert got["saved"] == [0, 1, 2, 3, 4]  # every save returned
     assert got["errors"]["0"] == got["errors"]["1"] == []  # mirrored and committed
-    # from step 2 on the mirror is gone (reported), and so is the commit it would have joined
+    # from step 2 on the mirror is gone, reported per step (the storage commits of these steps
+    # succeed or time out depending on how far rank 1 got before it died)
     for step in ("2", "3", "4"):
-        assert "mirror" in got["errors"][step] and "storage" in got["errors"][step], got["errors"]
+        assert "mirror" in got["errors"][step], got["errors"]
     assert any(e.startswith("mirror:") for e in got["stats_errors"])
     # the snapshots themselves are safe in rank 0's memory tier, kept for the next attempt
     assert got["memory"] == ["step-000000000003.manifest", "step-000000000004.manifest"]
