@@ -135,7 +135,7 @@ class _Throttle:
         self.sent += n
         ahead = self.sent / self.rate - (time.monotonic() - self.t0)
         while ahead > 0:
-            time.sleep(min(ahead, 0.05))
+            time.sleep(min(ahead, 0.01))
             self._check()
             ahead = self.sent / self.rate - (time.monotonic() - self.t0)
 

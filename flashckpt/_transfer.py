@@ -363,7 +363,7 @@ class Persister:
         while not all(f.done() for _, _, f in pushes):
             if self.stager.waiters:
                 self._mirror_abort.set()
-            wait([f for _, _, f in pushes], timeout=0.02)
+            wait([f for _, _, f in pushes], timeout=0.005)
         error: BaseException | None = None
         sent = 0
         for peer, _t0, fut in pushes:
