@@ -335,11 +335,16 @@ class Checkpointer:
     def restore(self, state: Any, *, step: int | Literal["latest"] = "latest") -> int | None:
         """Load the newest complete step (or ``step``) into ``state`` in place.
 
-        Tries the memory tier, then local, then storage; a step that fails verification on
-        one tier is tried on the next, then the next older step is used (with a warning).
-        Returns the step, or ``None`` when nothing was saved.  A step found only in memory is
-        persisted again in the background (salvage).  Raises :class:`CheckpointNotFound` when
-        an explicit ``step`` is not available intact.
+        Every rank of a job calls this at the same time; they agree on the newest step that
+        every rank can load.  Each rank tries its own memory, then a peer's mirror of its
+        shard, then its local tier, then storage; a step that fails verification on one
+        source is tried on the next, and if it fails on every source of some rank, all ranks
+        go on to the next older step (with a warning).  A DTensor step saved by another world
+        size is resharded from storage.  Returns the step, or ``None`` when nothing was saved.
+        A step that a persistent tier lacks is persisted again in the background (salvage).
+        Raises :class:`CheckpointNotFound` when an explicit ``step`` is not available intact,
+        and :class:`CorruptCheckpointError` when nothing intact remains after the state was
+        already written to.
         """
         self._check_open()
         if step != "latest" and (type(step) is not int or step < 0):
@@ -446,8 +451,10 @@ class Checkpointer:
             if failed:
                 raise CoordinationError(f"restore failed on rank {failed[0][0]}: {failed[0][1]}")
             if loaded is None or not all(ok for ok, _ in outcomes):
-                if loaded is not None and loaded[1] is not None:
-                    self._stager.release(loaded[1])
+                if loaded is not None:  # this rank's state holds step s; the older one overwrites it
+                    touched = True
+                    if loaded[1] is not None:
+                        self._stager.release(loaded[1])
                     log.warning("flashckpt: step %d is unusable on another rank; trying an older one", s)
                 continue
             got_m, got_slot, tier = loaded
@@ -475,10 +482,11 @@ class Checkpointer:
             else:  # a fetched mirror is in this rank's memory tier now
                 self._after_restore(got_m, got_slot, self._memory if tier is mirror_tier else tier, inventory)
             return int(s)
-        if touched:
+        if any(self._ctl.all_gather(touched)):  # every rank decides alike
             raise CorruptCheckpointError(
-                "no intact step could be restored, and a corrupt snapshot in memory was found only "
-                "while it was being loaded: the state is partially overwritten; rebuild it"
+                "no step could be restored on every rank, and a state was already written to (a "
+                "snapshot found corrupt while it was loaded, or a step another rank could not "
+                "load): the state is partially overwritten; rebuild it"
             ) from last_error
         if want is not None:
             raise CheckpointNotFound(f"step {want} is not available intact on every rank") from last_error
