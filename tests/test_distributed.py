@@ -615,3 +615,60 @@ def test_a_lost_node_resumes_from_its_peers_memory_with_storage_gone(
     # the resumed steps are committed again, and a clean run leaves no memory or mirror behind
     assert _commits(storage)[-1] == STEPS - 1
     assert not any(p.is_file() for p in shm_dir.rglob("*")), sorted(shm_dir.rglob("*"))
+
+
+# -- one rank's newest step is corrupt everywhere: every rank takes the older one -----------------
+
+
+def _two_phase_worker(rank: int, phase: int, init: str, storage: str, memory: str, out: str) -> None:
+    from tests.conftest import train_step
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"{init}{phase}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    state = make_state(seed=rank)
+    ckpt = flashckpt.Checkpointer(storage, memory_dir=f"{memory}/m{rank}", keep=None)
+    if phase == 0:
+        for step in range(3):
+            train_step(state, step)
+            ckpt.save(step, state)
+            if step == 1:
+                torch.save(state["model"].state_dict(), f"{out}/step1-rank{rank}.pt")  # type: ignore[attr-defined]
+        ckpt.wait()
+        torch.distributed.barrier()
+        os._exit(0)  # a crash: the memory tier stays
+    got = ckpt.restore(state)
+    want = torch.load(f"{out}/step1-rank{rank}.pt")
+    same = all(torch.equal(v, want[k]) for k, v in state["model"].state_dict().items())  # type: ignore[attr-defined]
+    Path(f"{out}/restored-rank{rank}.json").write_text(json.dumps({"step": got, "same": same}))
+    ckpt.close()
+    torch.distributed.destroy_process_group()
+
+
+def test_a_step_corrupt_on_one_rank_everywhere_sends_every_rank_to_the_older_step(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    from flashckpt.format import decode_manifest, manifest_key
+
+    storage, init = tmp_path / "storage", f"file://{tmp_path / 'rdzv'}"
+    args = (init, str(storage), str(shm_dir), str(tmp_path))
+    mp.start_processes(_two_phase_worker, args=(0, *args), nprocs=2, join=True, start_method="spawn")
+    # rank 1's step 2: one byte flipped in memory and in storage
+    mem = shm_dir / "m1" / "r00001-of-00002"
+    m = decode_manifest(
+        (mem / "step-000000000002.manifest").read_bytes(), check_key=check_key, allow_unsealed=True
+    )
+    c = m.chunks[0]
+    with open(mem / c.key, "r+b") as f:
+        f.seek(c.at)
+        b = f.read(1)
+        f.seek(c.at)
+        f.write(bytes([b[0] ^ 1]))
+    m = decode_manifest((storage / manifest_key(2, 1, 2)).read_bytes(), check_key=check_key)
+    chunk = storage / m.chunks[0].key
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 1
+    chunk.write_bytes(bytes(data))
+    mp.start_processes(_two_phase_worker, args=(1, *args), nprocs=2, join=True, start_method="spawn")
+    got = [json.loads((tmp_path / f"restored-rank{r}.json").read_text()) for r in range(2)]
+    assert got == [{"step": 1, "same": True}, {"step": 1, "same": True}]
