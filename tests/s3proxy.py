@@ -2,7 +2,11 @@
 
 Requests are forwarded byte for byte to the server; a declared plan makes chosen requests
 fail the way S3 does under load: ``503 SlowDown``, ``500 InternalError``, or a connection
-dropped before any response.  Thread-per-connection; stop it with ``close()``.
+dropped before any response; or the way a full or over-quota store does (``507
+XMinioStorageFull``, ``403 QuotaExceeded``, ``400 EntityTooLarge``); or hang: ``stall`` reads
+the request and never answers, ``stall-body`` answers with the headers and half the body and
+then sends nothing, ``stall-upload`` stops reading the request body after 64 KiB.  A stalled
+connection is held open until ``close()``.  Thread-per-connection; stop it with ``close()``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
 
-Kind = Literal["503", "500", "drop"]
+Kind = Literal["503", "500", "drop", "507", "quota", "too-large", "stall", "stall-body", "stall-upload"]
 
 
 @dataclass
@@ -44,7 +48,11 @@ class ProxyPlan:
 _ERRORS = {
     "503": (503, "SlowDown", "Please reduce your request rate."),
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
+    "507": (507, "XMinioStorageFull", "Storage backend has reached its minimum free drive threshold."),
+    "quota": (403, "QuotaExceeded", "The bucket quota has been exceeded."),
+    "too-large": (400, "EntityTooLarge", "Your proposed upload exceeds the maximum allowed size."),
 }
+_STALL_S = 300.0  # upper bound of a stall; close() ends every stall at once
 
 
 class FaultProxy:
@@ -72,14 +80,23 @@ class FaultProxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(n) if n else b""
 
+            def _stall(self) -> None:
+                proxy._stop.wait(_STALL_S)
+                self.close_connection = True
+
             def _handle(self) -> None:
-                body = self._body()
                 kind = plan.match(self.command, self.path)
+                if kind == "stall-upload":
+                    self.rfile.read(min(64 << 10, int(self.headers.get("Content-Length") or 0)))
+                    return self._stall()
+                body = self._body()
+                if kind == "stall":
+                    return self._stall()
                 if kind == "drop":
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
-                if kind is not None:
+                if kind in _ERRORS:
                     status, code, msg = _ERRORS[kind]
                     xml = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>{msg}</Message></Error>"
                     data = xml.encode()
@@ -102,6 +119,10 @@ class FaultProxy:
                             self.send_header(k, v)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
+                    if kind == "stall-body":
+                        self.wfile.write(data[: len(data) // 2])
+                        self.wfile.flush()
+                        return self._stall()
                     if self.command != "HEAD":
                         self.wfile.write(data)
                 finally:
@@ -113,11 +134,12 @@ class FaultProxy:
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.plan = plan
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self.server.serve_forever, name="s3-fault-proxy", daemon=True)
         self._thread.start()
-        del proxy
 
     def close(self) -> None:
+        self._stop.set()
         self.server.shutdown()
         self.server.server_close()
         self._thread.join()

@@ -8,6 +8,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,3 +191,150 @@ def test_open_backend_and_redaction(tmp_path: Path) -> None:
         open_backend("weird://user:secret@host/x")
     assert "secret" not in str(ei.value)
     assert redact_url("s3://AKIA:SECRET@bucket/x") == "s3://***@bucket/x"
+
+
+def test_reads_at_and_past_the_end(backend: Backend) -> None:
+    backend.put("a", b"0123456789")
+    assert backend.get_into("a", memoryview(bytearray(5)), offset=8) == 2
+    assert backend.get_into("a", memoryview(bytearray(5)), offset=10) == 0
+    assert backend.get_into("a", memoryview(bytearray(5)), offset=20) == 0
+    assert backend.get("a", offset=20, length=3) == b""
+    backend.put("empty", b"")
+    assert backend.get("empty") == b""
+    assert backend.get_into("empty", memoryview(bytearray(5))) == 0
+
+
+def _s3_client(s3: dict[str, object]) -> Any:
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=str(s3["endpoint"]),
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def test_s3_large_objects_go_in_parts_and_come_back_in_ranges(s3: dict[str, object]) -> None:
+    """Above ``range_bytes`` a put is a multipart upload and a read is parallel ranged GETs,
+    each streamed into its slice of the caller's buffer."""
+    part = 5 << 20  # S3's smallest part
+    be = FsspecBackend(str(s3["url"]), storage_options=s3["storage_options"], range_bytes=part)  # type: ignore[arg-type]
+    try:
+        data = os.urandom(2 * part + 12345)
+        be.put("big", memoryview(data))
+        etag = _s3_client(s3).head_object(Bucket=s3["bucket"], Key="run/big")["ETag"]
+        assert etag.strip('"').endswith("-3")  # three parts
+        buf = bytearray(len(data) + 100)
+        assert be.get_into("big", memoryview(buf)) == len(data)
+        assert bytes(buf[: len(data)]) == data
+        assert be.get("big", offset=part - 7, length=part + 14) == data[part - 7 : 2 * part + 7]
+        tail = bytearray(2 * part)  # from inside the second part to past the end
+        assert be.get_into("big", memoryview(tail), offset=part + 1) == len(data) - part - 1
+        assert bytes(tail[: len(data) - part - 1]) == data[part + 1 :]
+        be.put("list", [memoryview(data)[:part], b"+", memoryview(data)[part:]])
+        assert be.get("list") == data[:part] + b"+" + data[part:]
+    finally:
+        be.close()
+
+
+def test_s3_a_failed_multipart_upload_is_aborted(s3: dict[str, object]) -> None:
+    """A part that fails fails the put with a retryable error, and the upload is aborted:
+    no parts are left stored (and billed) on the server."""
+    from tests.s3proxy import FaultProxy, ProxyFault, ProxyPlan
+
+    plan = ProxyPlan([ProxyFault("PUT", "partNumber=2", "500", times=1)])
+    proxy = FaultProxy(str(s3["endpoint"]), plan)
+    opts = {**s3["storage_options"], "endpoint_url": proxy.url}  # type: ignore[dict-item]
+    be = FsspecBackend(str(s3["url"]), storage_options=opts, range_bytes=5 << 20)
+    try:
+        data = os.urandom(11 << 20)
+        with pytest.raises(TransientStorageError):
+            be.put("big", data)
+        assert plan.fired == 1
+        uploads = _s3_client(s3).list_multipart_uploads(Bucket=s3["bucket"])
+        assert uploads.get("Uploads", []) == []
+        with pytest.raises(ObjectNotFound):
+            be.head("big")
+        be.put("big", data)  # the fault is spent
+        assert be.get("big") == data
+    finally:
+        be.close()
+        proxy.close()
+
+
+def test_s3_timeouts_and_retries_are_explicit_and_overridable(s3: dict[str, object]) -> None:
+    from flashckpt.backends.fsspec import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, s3_defaults
+
+    opts = s3_defaults({"key": "k", "config_kwargs": {"read_timeout": 99}}, max_concurrency=16)
+    assert opts["key"] == "k"
+    assert opts["config_kwargs"] == {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "read_timeout": 99,
+        "max_pool_connections": 16,
+        "retries": {"max_attempts": 0},
+        "response_checksum_validation": "when_required",
+    }
+    be = FsspecBackend(str(s3["url"]), storage_options=s3["storage_options"])  # type: ignore[arg-type]
+    try:
+        config = be.fs.config_kwargs
+        assert config["connect_timeout"] == CONNECT_TIMEOUT_S and config["read_timeout"] == READ_TIMEOUT_S
+        retries = config["retries"]  # botocore rewrites it as total_max_attempts once connected
+        assert retries.get("total_max_attempts", retries.get("max_attempts", 0) + 1) == 1
+        assert be.fs.retries == 1  # one attempt inside s3fs and botocore: the transfer layer retries
+        be.put("k", b"v")
+        assert be.get("k") == b"v"
+    finally:
+        be.close()
+
+
+def test_object_store_errors_are_translated_by_code_and_status() -> None:
+    from botocore.exceptions import ClientError, ReadTimeoutError
+
+    from flashckpt.backends.fsspec import translate
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError(
+            {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+        )
+
+    cases: list[tuple[BaseException, type[StorageError]]] = [
+        (client_error("XMinioStorageFull", 507), StorageFullError),
+        (client_error("SomethingNew", 507), StorageFullError),  # 507 is never transient
+        (client_error("QuotaExceeded", 403), StorageFullError),
+        (client_error("XMinioAdminBucketQuotaExceeded", 400), StorageFullError),
+        (client_error("EntityTooLarge", 400), StorageFullError),
+        (client_error("SlowDown", 503), TransientStorageError),
+        (client_error("InternalError", 500), TransientStorageError),
+        (ReadTimeoutError(endpoint_url="http://x"), TransientStorageError),
+        (TimeoutError("no progress"), TransientStorageError),
+    ]
+    for exc, kind in cases:
+        err = translate(exc, "put k")
+        assert type(err) is kind, (exc, err)
+        assert err.retryable is (kind is TransientStorageError)
+        wrapped = OSError(errno.EIO, "s3fs's translation")  # what s3fs raises, the ClientError as cause
+        wrapped.__cause__ = exc
+        assert type(translate(wrapped, "put k")) is kind
+    full = translate(client_error("XMinioStorageFull", 507), "put k")
+    assert full.errno == errno.ENOSPC and isinstance(full, StorageError)
+
+
+def test_s3_puts_carry_the_crc32_botocore_would_send(s3: dict[str, object]) -> None:
+    """The backend computes each body's CRC32 off the event loop; S3 must store the same
+    checksum as for the same bytes put by boto3 (moto does not verify it, so compare)."""
+    client = _s3_client(s3)
+    be = FsspecBackend(str(s3["url"]), storage_options=s3["storage_options"], range_bytes=5 << 20)  # type: ignore[arg-type]
+    try:
+        for size in (0, 1, 3 << 20):
+            data = os.urandom(size)
+            client.put_object(Bucket=s3["bucket"], Key="run/ref", Body=data)
+            be.put("mine", data)
+            sums = [
+                client.head_object(Bucket=s3["bucket"], Key=k, ChecksumMode="ENABLED").get("ChecksumCRC32")
+                for k in ("run/ref", "run/mine")
+            ]
+            assert sums[0] is not None and sums[0] == sums[1], size
+    finally:
+        be.close()

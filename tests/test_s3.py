@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -166,5 +168,157 @@ def test_s3_faults_during_a_save_then_commit(s3: dict[str, object], shm_dir: Pat
         assert out1["extra"]["seen"] == [0]
         out0 = flashckpt.load(url, storage_options=_opts(s3), step=0)
         assert out0["extra"]["seen"] == []
+    finally:
+        proxy.close()
+
+
+def _through(proxy_url: str, s3: dict[str, object], read_timeout_s: float = 2.0) -> dict[str, object]:
+    """Storage options for the fault proxy, with short timeouts and no retries inside botocore."""
+    config = {
+        "read_timeout": read_timeout_s,
+        "connect_timeout": read_timeout_s,
+        "retries": {"max_attempts": 0},
+    }
+    return {**_opts(s3), "endpoint_url": proxy_url, "config_kwargs": config}
+
+
+def _big_state() -> dict[str, object]:
+    """One 24 MiB tensor, stored raw: one chunk, a body larger than what the loopback socket
+    buffers absorb, so a server that stops reading it really blocks the sender."""
+    return {"big": torch.randn(6 << 20, generator=torch.Generator().manual_seed(0)), "extra": {"n": 1}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "why"), [("stall", "ReadTimeoutError"), ("stall-upload", "no progress")])
+def test_a_stalled_upload_times_out_and_is_retried(
+    s3: dict[str, object], shm_dir: Path, caplog: pytest.LogCaptureFixture, kind: str, why: str
+) -> None:
+    """A server that never answers a chunk PUT (``stall``), or stops reading its body midway
+    (``stall-upload``, which aiohttp's read timeout does not cover): the attempt fails after
+    the read timeout, as a retryable error, and the retry commits the step."""
+    from tests.s3proxy import FaultProxy, ProxyFault, ProxyPlan
+
+    caplog.set_level(logging.WARNING, logger="flashckpt")
+
+    plan = ProxyPlan([ProxyFault("PUT", "/run/chunks/", kind, times=1)])  # type: ignore[arg-type]
+    proxy = FaultProxy(str(s3["endpoint"]), plan)
+    try:
+        state = _big_state()
+        options = flashckpt.Options(retries=4, backoff_s=0.05, backoff_max_s=0.2)
+        url = str(s3["url"])
+        with flashckpt.Checkpointer(
+            url,
+            memory_dir=shm_dir,
+            storage_options=_through(proxy.url, s3),
+            compression="none",
+            options=options,
+        ) as ckpt:
+            t0 = time.monotonic()
+            h = ckpt.save(0, state)
+            assert h is not None
+            h.wait(timeout=120)
+            waited = time.monotonic() - t0
+            assert ckpt.stats["errors"] == []
+        assert plan.fired == 1
+        assert waited >= 2.0  # the stalled attempt was given its read timeout, no less
+        assert why in caplog.text  # the retry names the timeout that ended the attempt
+        out = flashckpt.load(url, storage_options=_opts(s3))
+        assert torch.equal(out["big"], state["big"])  # type: ignore[arg-type]
+    finally:
+        proxy.close()
+
+
+@pytest.mark.slow
+def test_a_stalled_download_times_out_and_restore_retries(s3: dict[str, object], shm_dir: Path) -> None:
+    """A GET whose body stops halfway: the read fails after the read timeout, the transfer
+    layer reads the chunk again, and restore returns the step intact."""
+    from tests.s3proxy import FaultProxy, ProxyFault, ProxyPlan
+
+    url = str(s3["url"])
+    state = _big_state()
+    with flashckpt.Checkpointer(
+        url, memory_dir=shm_dir, storage_options=_opts(s3), compression="none"
+    ) as ckpt:
+        ckpt.save(3, state)
+    assert not shm_dir.exists()
+    plan = ProxyPlan([ProxyFault("GET", "/run/chunks/", "stall-body", times=1)])
+    proxy = FaultProxy(str(s3["endpoint"]), plan)
+    try:
+        fresh = {"big": torch.zeros(6 << 20), "extra": {"n": 0}}
+        options = flashckpt.Options(retries=3, backoff_s=0.05, backoff_max_s=0.2)
+        with flashckpt.Checkpointer(
+            url, memory_dir=shm_dir, storage_options=_through(proxy.url, s3), options=options
+        ) as ckpt:
+            t0 = time.monotonic()
+            assert ckpt.restore(fresh) == 3
+            assert time.monotonic() - t0 >= 2.0
+        assert plan.fired == 1
+        assert torch.equal(fresh["big"], state["big"])  # type: ignore[arg-type]
+    finally:
+        proxy.close()
+
+
+@pytest.mark.slow
+def test_a_hung_server_is_reported_not_waited_for(s3: dict[str, object], shm_dir: Path) -> None:
+    """Every PUT of the new step hangs: after ``Options.retries`` read timeouts the save fails
+    with a retryable StorageError (instead of waiting forever); the older step is untouched."""
+    from tests.s3proxy import FaultProxy, ProxyFault, ProxyPlan
+
+    plan = ProxyPlan()
+    proxy = FaultProxy(str(s3["endpoint"]), plan)
+    try:
+        url = str(s3["url"])
+        state = make_state()
+        options = flashckpt.Options(retries=2, backoff_s=0.05, backoff_max_s=0.2)
+        with flashckpt.Checkpointer(
+            url, memory_dir=shm_dir, storage_options=_through(proxy.url, s3), keep=None, options=options
+        ) as ckpt:
+            ckpt.save(0, state).wait(timeout=60)  # type: ignore[union-attr]
+            plan.faults.append(ProxyFault("PUT", "/run/", "stall", times=1000))
+            train_step(state, 0)
+            t0 = time.monotonic()
+            h = ckpt.save(1, state)
+            assert h is not None
+            with pytest.raises(flashckpt.StorageError) as ei:
+                h.wait(timeout=120)
+            assert time.monotonic() - t0 < 60
+            assert ei.value.retryable and "timeout" in str(ei.value).lower()
+            ckpt.close(_raise=False)
+        assert plan.fired >= 2  # both attempts were made, each one timed out
+        assert flashckpt.load(url, storage_options=_opts(s3))["extra"]["seen"] == []  # step 0
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("kind", ["507", "quota", "too-large"])
+def test_a_full_object_store_is_storage_full_and_not_retried(
+    s3: dict[str, object], shm_dir: Path, kind: str
+) -> None:
+    """An object store out of space or over quota (MinIO's ``507 XMinioStorageFull``,
+    ``QuotaExceeded``, ``EntityTooLarge``) fails the save with StorageFullError, the error the
+    local tier raises for ENOSPC: not retried, reported once; the older step is untouched."""
+    from tests.s3proxy import FaultProxy, ProxyFault, ProxyPlan
+
+    plan = ProxyPlan()
+    proxy = FaultProxy(str(s3["endpoint"]), plan)
+    try:
+        url = str(s3["url"])
+        state = make_state()
+        options = flashckpt.Options(retries=5, backoff_s=0.05)
+        with flashckpt.Checkpointer(
+            url, memory_dir=shm_dir, storage_options=_through(proxy.url, s3), keep=None, options=options
+        ) as ckpt:
+            ckpt.save(0, state).wait(timeout=60)  # type: ignore[union-attr]
+            plan.faults.append(ProxyFault("PUT", "/run/chunks/", kind, times=1000))  # type: ignore[arg-type]
+            train_step(state, 0)
+            h = ckpt.save(1, state)
+            assert h is not None
+            with pytest.raises(flashckpt.StorageFullError) as ei:
+                h.wait(timeout=60)
+            assert not ei.value.retryable and ei.value.errno == errno.ENOSPC
+            assert "StorageFullError" in ckpt.stats["errors"][0]
+            ckpt.close(_raise=False)
+        assert plan.fired == 1  # not retried
+        assert flashckpt.load(url, storage_options=_opts(s3))["extra"]["seen"] == []
     finally:
         proxy.close()
