@@ -55,7 +55,8 @@ def _torchrun(nproc: int, out: Path, storage: Path, memory: Path, *extra: str, s
         str(steps),
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # torchrun's agent leaves log directories and error files under TMPDIR: keep them in out
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(out)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
@@ -552,6 +553,7 @@ def _two_nodes(
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
         "FLASHCKPT_MIRROR_HOST": "127.0.0.1",
+        "TMPDIR": str(out),  # torchrun's log directories and error files
     }
     procs = []
     for node in (0, 1):
