@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from flashckpt.backends._base import Backend, Buffer, Capabilities
 from flashckpt.errors import StorageError, TransientStorageError
@@ -29,7 +29,8 @@ Op = Literal["put", "get", "head", "list", "delete"]
 
 @dataclass(frozen=True, kw_only=True)
 class Fault:
-    """One rule of a :class:`FaultPlan`.  ``get`` covers ``get`` and ``get_into``."""
+    """One rule of a :class:`FaultPlan`.  ``get`` covers ``get`` and ``get_into``; ``list``
+    covers ``list`` and ``children``."""
 
     op: Op
     key_contains: str = ""
@@ -39,6 +40,10 @@ class Fault:
     errno: int = errno.EIO
     delay_s: float = 0.0
     truncate_to: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.op not in get_args(Op):
+            raise ValueError(f"Fault.op must be one of {get_args(Op)}, got {self.op!r}")
 
 
 @dataclass

@@ -56,6 +56,7 @@ from flashckpt.errors import (
     FlashCkptError,
     StateMismatchError,
     StorageError,
+    TransientStorageError,
 )
 from flashckpt.format import (
     CODEC_RAW,
@@ -138,6 +139,7 @@ class Checkpointer:
         self._node = node_id()
         self._seq = 0  # saves staged so far: the same on every rank, names a save among them
         self._restores = 0  # likewise for restores
+        self._unlisted: list[tuple[Tier, StorageError]] = []  # tiers the last inventory could not list
 
         per_tier = _compression_per_tier(compression)
         storage_be = open_backend(storage, storage_options=storage_options)
@@ -482,7 +484,14 @@ class Checkpointer:
             else:  # a fetched mirror is in this rank's memory tier now
                 self._after_restore(got_m, got_slot, self._memory if tier is mirror_tier else tier, inventory)
             return int(s)
-        if any(self._ctl.all_gather(touched)):  # every rank decides alike
+        outcome = self._ctl.all_gather((touched, [f"rank {self._rank}: {t.name}" for t, _ in self._unlisted]))
+        unlisted = [x for _, u in outcome for x in u]
+        if unlisted and want is None:  # every rank decides alike
+            raise TransientStorageError(
+                f"nothing restorable was found, but some tiers could not be listed ({', '.join(unlisted)}): "
+                "refusing to start from scratch; retry when they are reachable"
+            ) from (self._unlisted[0][1] if self._unlisted else last_error)
+        if any(t for t, _ in outcome):
             raise CorruptCheckpointError(
                 "no step could be restored on every rank, and a state was already written to (a "
                 "snapshot found corrupt while it was loaded, or a step another rank could not "
@@ -642,12 +651,16 @@ class Checkpointer:
         self._persister.join()
 
     def _inventory(self) -> list[tuple[Tier, list[int]]]:
+        """What each tier holds; a tier that cannot be listed counts as empty and is recorded
+        in ``self._unlisted`` (``restore`` then refuses to start from scratch)."""
         inv: list[tuple[Tier, list[int]]] = [(self._memory, memory_steps(self._memory.backend))]
+        self._unlisted = []
         for tier in self._tiers:
             try:
                 inv.append((tier, committed_steps(tier.backend, self._opts)))
             except StorageError as exc:
                 log.warning("flashckpt: cannot list the %s tier (%s): %s", tier.name, tier.backend.url, exc)
+                self._unlisted.append((tier, exc))
                 inv.append((tier, []))
         return inv
 

@@ -14,6 +14,19 @@ import torch
 SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_torch_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Worker processes that import FSDP create torch's inductor cache: keep it in pytest's
+    temporary directory instead of /tmp/torchinductor_<user>."""
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("torchinductor"))
+    yield
+    if old is None:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+
+
 @pytest.fixture
 def shm_dir() -> Iterator[Path]:
     """A fresh, not yet existing directory on /dev/shm (tmp elsewhere), removed afterwards."""

@@ -130,3 +130,25 @@ def test_memory_tier_full_fails_the_save_not_the_training(tmp_path: Path) -> Non
             ckpt.save(2, state).wait()  # type: ignore[union-attr]
         assert _committed(tmp_path / "s") == [0, 2]
         assert list(mnt.iterdir()) == []
+
+
+def test_an_unreachable_storage_tier_is_not_taken_for_an_empty_one(dirs: dict[str, Path]) -> None:
+    from flashckpt.backends import Fault, FaultPlan, FaultyBackend, LocalBackend
+
+    state = make_state()
+    with flashckpt.Checkpointer(dirs["storage"], memory_dir=dirs["memory"]) as ckpt:
+        ckpt.save(0, state)
+    down = FaultyBackend(
+        LocalBackend(dirs["storage"]),
+        FaultPlan([Fault(op="list", key_contains="commits", times=None)]),
+    )
+    opts = flashckpt.Options(retries=2, backoff_s=0.01)
+    with flashckpt.Checkpointer(down, memory_dir=dirs["memory"], options=opts) as ckpt:
+        # nothing in memory, storage unreachable: an error to retry, never a fresh start
+        with pytest.raises(flashckpt.TransientStorageError, match="refusing to start from scratch"):
+            ckpt.restore(make_state())
+        with pytest.raises(ValueError, match=r"Fault\.op"):
+            Fault(op="children")  # type: ignore[arg-type]
+        # a snapshot in memory is restored all the same
+        ckpt.save(1, state, force=True)
+        assert ckpt.restore(make_state()) == 1
