@@ -23,8 +23,11 @@ def open_backend(
     target: str | os.PathLike[str] | Backend,
     *,
     storage_options: Mapping[str, Any] | None = None,
+    max_concurrency: int = 4,
+    range_bytes: int = 64 << 20,
 ) -> Backend:
     """Return a backend for a local path, a ``file://`` URL, or pass a ready backend through.
+    ``max_concurrency`` / ``range_bytes``: see :class:`FsspecBackend` (object stores).
 
     Called from the training thread during ``Checkpointer`` construction.
     """
@@ -51,4 +54,6 @@ def open_backend(
         raise ConfigError(
             f"no fsspec file system for {parts.scheme!r} URLs{hint}: {redact_url(text)}"
         ) from exc
-    return FsspecBackend(text, storage_options=storage_options)
+    return FsspecBackend(
+        text, storage_options=storage_options, max_concurrency=max_concurrency, range_bytes=range_bytes
+    )

@@ -142,7 +142,12 @@ class Checkpointer:
         self._unlisted: list[tuple[Tier, StorageError]] = []  # tiers the last inventory could not list
 
         per_tier = _compression_per_tier(compression)
-        storage_be = open_backend(storage, storage_options=storage_options)
+        storage_be = open_backend(
+            storage,
+            storage_options=storage_options,
+            max_concurrency=self._opts.io_threads,
+            range_bytes=self._opts.chunk_bytes,
+        )
         self._tiers: list[Tier] = []
         if local_dir is not None:
             # A node-local disk: in a multi-rank job each rank keeps its shard in its own
