@@ -27,8 +27,6 @@ from flashckpt.errors import CoordinationError, WaitTimeout
 
 log = logging.getLogger(__name__)
 
-_POLL_S = 0.02
-
 
 class Control:
     """Rank, world size and the two channels.  Constructed on the training thread of every
@@ -110,15 +108,19 @@ class Control:
 
     def await_outcome(self, key: str, timeout_s: float | None = None) -> str:
         """Block until some rank publishes ``key``'s outcome; return it.  Raises
-        :class:`WaitTimeout` after ``timeout_s`` (default: the control timeout)."""
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        :class:`WaitTimeout` after ``timeout_s`` (default: the control timeout).  A server-side
+        wait of the store, not polling: thousands of waiting ranks cost the store nothing."""
+        t = self.timeout_s if timeout_s is None else timeout_s
         done = key + "/done"
-        while True:
-            if self._call("check", [done]):
-                return bytes(self._call("get", done)).decode(errors="replace")
-            if time.monotonic() >= deadline:
-                raise WaitTimeout(f"no rank completed {key!r} within {self.timeout_s:.0f} s")
-            time.sleep(_POLL_S)
+        assert self._store is not None, "store used in a one-rank job"
+        t0 = time.monotonic()
+        try:
+            self._store.wait([done], timedelta(seconds=t))
+        except RuntimeError as exc:  # the store's own timeout error differs by store type
+            if time.monotonic() - t0 >= t * 0.99:
+                raise WaitTimeout(f"no rank completed {key!r} within {t:.0f} s") from exc
+            raise CoordinationError(f"store wait for {key!r} failed: {exc}") from exc
+        return bytes(self._call("get", done)).decode(errors="replace")
 
     def _call(self, op: str, *args: Any) -> Any:
         assert self._store is not None, "store used in a one-rank job"
