@@ -191,7 +191,7 @@ def plan_sources(inventory: Sequence[tuple[Tier, Sequence[int]]], step: int | No
 
 
 def apply_retention(
-    be: Backend, keep: int, opts: Options, *, gc_candidates: dict[str, float] | None = None
+    be: Backend, keep: int, opts: Options, *, gc_candidates: dict[str, tuple[int, float]] | None = None
 ) -> list[int]:
     """Keep the newest ``keep`` committed steps on ``be``; delete older ones and torn leftovers.
 
@@ -231,7 +231,11 @@ def apply_retention(
 
 
 def collect_chunks(
-    be: Backend, kept: Sequence[int], opts: Options, *, candidates: dict[str, float] | None = None
+    be: Backend,
+    kept: Sequence[int],
+    opts: Options,
+    *,
+    candidates: dict[str, tuple[int, float]] | None = None,
 ) -> int:
     """Delete chunk objects that no manifest references; return how many.
 
@@ -239,12 +243,16 @@ def collect_chunks(
     this process's saves: the persist thread runs it between jobs, and a save only reuses
     chunks of its own newest manifest, which is kept.
 
-    A tier shared by the ranks of a job (rank 0 runs this): every manifest present counts,
-    committed or in flight, and a chunk is deleted only once it has been unreferenced for
-    ``opts.gc_grace_s`` across passes (``candidates`` maps it to when it was first seen so):
-    another rank may have just written it for a manifest it has not written yet.  A rank
-    reuses chunks of its own newest manifest only, and that manifest's step is retired only
-    after a newer step is committed, which needs the rank's next manifest, written first.
+    A tier shared by the ranks of a job (rank 0 runs this after each commit): every manifest
+    present counts, committed or in flight; and another rank may have written a chunk for a
+    manifest it has not written yet.  So a chunk is deleted only if it was already
+    unreferenced at a pass made at an older commit (``candidates`` maps it to the newest
+    committed step and the time when it was first seen so), and at least ``opts.gc_grace_s``
+    ago.  That suffices because a rank writes the chunks of step S+1 only after it has seen
+    step S committed (or failed): by the next commit after a chunk was written, the manifest
+    that references it exists.  A rank reuses chunks of its own newest manifest only, and
+    that manifest's step is retired only after a newer step is committed, which needs the
+    rank's next manifest, written first.
     """
     referenced: set[str] = set()
 
@@ -272,6 +280,7 @@ def collect_chunks(
         referenced.update(c.key for c in m.chunks)
     deleted = 0
     t_now = time.monotonic()
+    newest = max(kept, default=-1)
     chunks = retry(lambda: be.list(CHUNKS_PREFIX), f"list chunks on {be.url}", opts)
     present = set(chunks)
     if candidates is not None:
@@ -282,8 +291,8 @@ def collect_chunks(
         if key in referenced:
             continue
         if candidates is not None:
-            first = candidates.setdefault(key, t_now)
-            if t_now - first < opts.gc_grace_s:
+            seen_at, first = candidates.setdefault(key, (newest, t_now))
+            if seen_at >= newest or t_now - first < opts.gc_grace_s:
                 continue
             del candidates[key]
         retry(lambda k=key: be.delete(k), f"delete {key}", opts)  # type: ignore[misc]

@@ -178,7 +178,8 @@ class Persister:
         self.stager = stager
         self.keep = keep
         self.control = control if control is not None else Control(None, opts.coord_timeout_s)
-        self._gc_candidates: dict[str, dict[str, float]] = {}  # per shared tier: chunk -> first seen
+        # per shared tier: unreferenced chunk -> (newest commit, time) when first seen so
+        self._gc_candidates: dict[str, dict[str, tuple[int, float]]] = {}
         #: (peer rank, address) of the ranks holding this rank's mirrors; set by the Checkpointer
         self.mirror_peers: list[tuple[int, tuple[str, int]]] = []
         self.mirror_owner = ""  # this rank's shard name, as the peers file it
