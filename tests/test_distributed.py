@@ -33,31 +33,45 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
 
 
-def _torchrun(nproc: int, out: Path, storage: Path, memory: Path, *extra: str, steps: int = STEPS) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [
+def _job_cmd(
+    launcher: list[str], out: Path, storage: Path, memory: Path, steps: int, extra: tuple[str, ...]
+) -> list[str]:
+    """``torchrun <launcher args> -m tests.dist_worker <worker args>``."""
+    worker = ["--out", str(out), "--storage", str(storage), "--memory", str(memory), "--steps", str(steps)]
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        *launcher,
+        "-m",
+        "tests.dist_worker",
+        *worker,
+        *extra,
+    ]
+
+
+def _job_env(out: Path) -> dict[str, str]:
+    # torchrun's agent leaves log directories and error files under TMPDIR: keep them in out
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "FLASHCKPT_MIRROR_HOST": "127.0.0.1",
+        "TMPDIR": str(out),
+    }
+
+
+def _torchrun(nproc: int, out: Path, storage: Path, memory: Path, *extra: str, steps: int = STEPS) -> None:
+    """One torchrun agent (one restart allowed) running ``nproc`` ranks."""
+    out.mkdir(parents=True, exist_ok=True)
+    launcher = [
         f"--nproc-per-node={nproc}",
         "--max-restarts=1",
         "--monitor-interval=0.2",
         f"--master-port={_free_port()}",
-        "-m",
-        "tests.dist_worker",
-        "--out",
-        str(out),
-        "--storage",
-        str(storage),
-        "--memory",
-        str(memory),
-        "--steps",
-        str(steps),
-        *extra,
     ]
-    # torchrun's agent leaves log directories and error files under TMPDIR: keep them in out
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(out)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    cmd = _job_cmd(launcher, out, storage, memory, steps, extra)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_job_env(out), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
@@ -558,19 +572,9 @@ def _two_nodes(
     ranks 2k and 2k+1 are node k (their own FLASHCKPT_NODE_ID and memory directory)."""
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-        "FLASHCKPT_MIRROR_HOST": "127.0.0.1",
-        "TMPDIR": str(out),  # torchrun's log directories and error files
-    }
     procs = []
     for node in (0, 1):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
+        launcher = [
             "--nnodes=2",
             f"--node-rank={node}",
             "--nproc-per-node=2",
@@ -578,21 +582,11 @@ def _two_nodes(
             f"--master-port={port}",
             "--max-restarts=0",
             "--monitor-interval=0.2",
-            "-m",
-            "tests.dist_worker",
-            "--out",
-            str(out),
-            "--storage",
-            str(storage),
-            "--memory",
-            str(memory),
-            "--steps",
-            str(steps),
-            *extra,
         ]
+        cmd = _job_cmd(launcher, out, storage, memory, steps, extra)
         procs.append(
             subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                cmd, cwd=ROOT, env=_job_env(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
         )
     logs = [p.communicate(timeout=300)[0] for p in procs]
