@@ -905,7 +905,7 @@ class Checkpointer:
                 todo.setdefault(s, []).append(shared)
             elif writers[s] == 0 and self._rank == 0:
                 log.info("flashckpt: every shard of step %d is on the storage tier; committing it", s)
-                self._persister._commit_shared(shared, s, self._world)
+                self._persister.commit_shared(shared, s, self._world)
         return writers
 
     def _salvage(

@@ -23,11 +23,13 @@ length-prefixed JSON headers followed by raw bytes; a transport for NCCL/RDMA wo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -50,7 +52,7 @@ log = logging.getLogger(__name__)
 _MAGIC = b"flashckpt-mirror/1"
 _HEADER = struct.Struct("!I")
 _PIECE = 4 << 20  # send / receive granularity (also the bandwidth cap's tick)
-_SHARD_RE = r"r\d{5}-of-\d{5}"
+_SHARD_RE = re.compile(r"r\d{5}-of-\d{5}")
 
 
 class MirrorAuthError(FlashCkptError, PermissionError):
@@ -323,10 +325,8 @@ class MirrorServer:
         """Owner shard -> mirrored steps held here (adopting what an earlier process left)."""
         out = {}
         if self.root.is_dir():
-            import re
-
             for d in sorted(self.root.iterdir()):
-                if d.is_dir() and re.fullmatch(_SHARD_RE, d.name):
+                if d.is_dir() and _SHARD_RE.fullmatch(d.name):
                     out[d.name] = self._slots(d.name).steps()
         return out
 
@@ -373,10 +373,8 @@ class MirrorServer:
                 log.warning("flashckpt: mirror connection from %s failed: %s", peer, exc)
 
     def _put(self, conn: socket.socket, req: dict[str, Any]) -> None:
-        import re
-
         owner, step, n = req.get("shard"), req.get("step"), req.get("manifest")
-        if not (isinstance(owner, str) and re.fullmatch(_SHARD_RE, owner)) or type(step) is not int:
+        if not (isinstance(owner, str) and _SHARD_RE.fullmatch(owner)) or type(step) is not int:
             raise MirrorError("bad put request")
         if type(n) is not int or not 0 < n <= MAX_RECORD_BYTES:
             raise MirrorError("bad put request")
@@ -396,7 +394,7 @@ class MirrorServer:
             self.received_bytes += sum(c.nbytes for c in m.chunks)
             # Not checksummed here (a memory pass per snapshot, on the peer's cores): the
             # manifest carries the checksums and every restore verifies every byte it loads.
-            m = m.with_chunks(_rename(c, slot.name) for c in m.chunks)
+            m = m.with_chunks(dataclasses.replace(c, key=slot.name) for c in m.chunks)
             ms.backend.put(memory_manifest_key(step), encode_manifest(m))
             slot.step = step
         _send_header(conn, {"ok": True})
@@ -441,12 +439,6 @@ class MirrorServer:
         with self._lock:
             for ms in self._owners.values():
                 ms.close()
-
-
-def _rename(c: Any, key: str) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(c, key=key)
 
 
 def default_host() -> str:

@@ -304,7 +304,7 @@ class Persister:
                         waits.append((tier, ckey, t0))  # another rank writes the commit record
                         continue
                     try:
-                        self._commit_shared(tier, m.step, m.world_size)
+                        self.commit_shared(tier, m.step, m.world_size)
                     except BaseException as exc:
                         self.control.publish(ckey, f"the commit by rank {self.control.rank} failed: {exc}")
                         raise
@@ -419,7 +419,7 @@ class Persister:
         self._committed(job, tier, t0)
         return True
 
-    def _commit_shared(self, tier: Tier, step: int, world: int) -> None:
+    def commit_shared(self, tier: Tier, step: int, world: int) -> None:
         """The last rank to arrive: check every shard's manifest and write the commit record."""
         be, opts = tier.backend, self.opts
 

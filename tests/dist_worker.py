@@ -67,14 +67,14 @@ def _arm(where: str, step: int) -> None:
         _transfer.Persister._put_chunk = put  # type: ignore[method-assign]
         _transfer.Persister.persist = persist  # type: ignore[method-assign]
     elif where == "commit":
-        orig_commit = _transfer.Persister._commit_shared
+        orig_commit = _transfer.Persister.commit_shared
 
         def commit(self: Any, tier: Any, s: int, world: int) -> None:
             if tier.name == "storage" and s == step:
                 _die()
             orig_commit(self, tier, s, world)
 
-        _transfer.Persister._commit_shared = commit  # type: ignore[method-assign]
+        _transfer.Persister.commit_shared = commit  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown --kill-at {where}")
 
