@@ -420,7 +420,8 @@ class Persister:
         return True
 
     def commit_shared(self, tier: Tier, step: int, world: int) -> None:
-        """The last rank to arrive: check every shard's manifest and write the commit record."""
+        """Check every shard's manifest and write the commit record (persist thread of the last
+        rank to arrive; or rank 0's training thread, when a salvage finds every shard there)."""
         be, opts = tier.backend, self.opts
 
         def entry(rank: int) -> tuple[str, int, str]:
