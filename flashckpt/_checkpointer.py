@@ -361,7 +361,11 @@ class Checkpointer:
         t0 = time.perf_counter()
         inventory = self._inventory()
         mine = {s for _, held in inventory for s in held if want is None or s == want}
-        holdings = self._mirror_server.holdings() if self._mirror_server is not None else {}
+        holdings: dict[str, list[int]] = {}
+        if self._mirror_server is not None:
+            # shard directories this node keeps for ranks that run elsewhere now (renumbered)
+            self._mirror_server.claim_orphans(self._memory_root, self._world)
+            holdings = self._mirror_server.holdings()
         # The newest step every rank can load: from its own memory, its local disk, storage, or
         # a mirror of its shard in a peer's memory.
         everyone = self._ctl.all_gather((sorted(mine), holdings))

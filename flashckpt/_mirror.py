@@ -14,6 +14,13 @@ that secret before anything else, else it is dropped.  Two requests:
 * ``get``: during ``restore``, a rank fetches its shard's snapshot from a mirror held here
   into its own slot.
 
+A server also serves **orphaned shard directories** of its node: when ranks are renumbered
+across nodes between attempts, rank ``r``'s memory (and the mirrors it held) stays in
+``<memory root>/r<r>-of-<world>/`` on the node it ran on, where no rank of the new attempt
+uses that directory.  During ``restore`` one rank on that node claims it (the directory's
+``flock``, which live ranks hold on their own) and serves its snapshots and mirrors like
+mirrors; a clean close drops what it served once the owners are durable.
+
 The sender is the owner's persist pipeline (``flashckpt-mirror`` thread), with a bandwidth cap
 (``Options.mirror_bytes_per_s``) and socket timeouts, so a slow or dead peer is reported on
 the ``SaveHandle`` and in ``stats`` and never blocks the training thread.  The wire format is
@@ -24,6 +31,7 @@ length-prefixed JSON headers followed by raw bytes; a transport for NCCL/RDMA wo
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import hmac
 import json
@@ -37,11 +45,12 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from flashckpt._config import Options
-from flashckpt._coordinator import memory_steps, read_memory_manifest
+from flashckpt._coordinator import memory_steps, read_memory_manifest, verify_chunks
 from flashckpt._staging import Slot, check_fits
 from flashckpt.backends import LocalBackend
 from flashckpt.errors import CorruptCheckpointError, FlashCkptError, StorageError, TransientStorageError
@@ -294,6 +303,41 @@ class _MirrorSlots:
             s.release_mapping()
 
 
+class _Orphan:
+    """A shard directory of this node that no rank of this attempt uses, claimed (locked) by
+    this rank's server: the snapshots its rank left, and the mirrors it held for others."""
+
+    def __init__(self, directory: Path, fd: int) -> None:
+        self.directory = directory
+        self.fd = fd
+        self.own = _MirrorSlots(directory)
+        mirrors = directory / "mirrors"
+        self.mirrors = {
+            d.name: _MirrorSlots(d)
+            for d in (sorted(mirrors.iterdir()) if mirrors.is_dir() else [])
+            if d.is_dir() and _SHARD_RE.fullmatch(d.name)
+        }
+
+    def empty(self) -> bool:
+        return not self.own.steps() and not self.mirrors
+
+    def drop_own(self) -> None:
+        """Delete the snapshots the shard's rank left here (the slots and their manifests)."""
+        with self.own.lock:
+            self.own.close()
+            for step in self.own.steps():
+                self.own.backend.delete(memory_manifest_key(step))
+            for s in self.own.slots:
+                s.path.unlink(missing_ok=True)
+                s.step = None
+
+    def close(self) -> None:
+        self.own.close()
+        for ms in self.mirrors.values():
+            ms.close()
+        os.close(self.fd)
+
+
 class MirrorServer:
     """Serves ``put`` and ``get`` for one rank.  Created on the training thread; its threads
     are daemons and :meth:`close` stops them."""
@@ -310,7 +354,9 @@ class MirrorServer:
         self.secret = secret
         self.opts = opts
         self._owners: dict[str, _MirrorSlots] = {}
+        self._orphans: dict[str, _Orphan] = {}
         self._lock = threading.Lock()
+        self._hash_pool: ThreadPoolExecutor | None = None
         self._sock = socket.create_server((host, 0))
         self._sock.settimeout(0.2)
         self.port = int(self._sock.getsockname()[1])
@@ -322,13 +368,57 @@ class MirrorServer:
 
     # -- inventory --------------------------------------------------------------------------------
     def holdings(self) -> dict[str, list[int]]:
-        """Owner shard -> mirrored steps held here (adopting what an earlier process left)."""
-        out = {}
+        """Shard -> steps of it held here: mirrors pushed to this rank (adopting what an
+        earlier process left), and the snapshots and mirrors of claimed orphan directories."""
+        out: dict[str, set[int]] = {}
         if self.root.is_dir():
             for d in sorted(self.root.iterdir()):
                 if d.is_dir() and _SHARD_RE.fullmatch(d.name):
-                    out[d.name] = self._slots(d.name).steps()
-        return out
+                    out.setdefault(d.name, set()).update(self._slots(d.name).steps())
+        with self._lock:
+            orphans = list(self._orphans.items())
+        for shard, o in orphans:
+            out.setdefault(shard, set()).update(o.own.steps())
+            for owner, ms in o.mirrors.items():
+                out.setdefault(owner, set()).update(ms.steps())
+        return {k: sorted(v) for k, v in sorted(out.items())}
+
+    def claim_orphans(self, memory_root: Path, world: int) -> list[str]:
+        """Training thread, in ``restore`` (every live rank has locked its own directory by
+        then): lock the shard directories of ``world``-rank jobs under ``memory_root`` that no
+        process holds, and serve them.  Returns the shards newly claimed."""
+        claimed = []
+        suffix = f"-of-{world:05d}"
+        for d in sorted(memory_root.iterdir()) if memory_root.is_dir() else []:
+            name = d.name
+            if not (_SHARD_RE.fullmatch(name) and name.endswith(suffix)) or d == self.rank_dir:
+                continue
+            with self._lock:
+                if name in self._orphans:
+                    continue
+            try:
+                fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a live rank's own directory, or another rank claimed it
+                os.close(fd)
+                continue
+            try:
+                orphan = _Orphan(d, fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            with self._lock:
+                self._orphans[name] = orphan
+            claimed.append(name)
+            log.info(
+                "flashckpt: serving %s, left on this node by a rank that runs elsewhere now: steps %s",
+                name,
+                orphan.own.steps(),
+            )
+        return claimed
 
     def _slots(self, owner: str) -> _MirrorSlots:
         with self._lock:
@@ -336,6 +426,17 @@ class MirrorServer:
             if ms is None:
                 ms = self._owners[owner] = _MirrorSlots(self.root / owner)
             return ms
+
+    def _sources(self, shard: str) -> list[_MirrorSlots]:
+        """Where snapshots of ``shard`` may be held here."""
+        out = [self._slots(shard)] if (self.root / shard).is_dir() else []
+        with self._lock:
+            for name, o in self._orphans.items():
+                if name == shard:
+                    out.append(o.own)
+                if shard in o.mirrors:
+                    out.append(o.mirrors[shard])
+        return out
 
     # -- connections ------------------------------------------------------------------------------
     def _accept_loop(self) -> None:
@@ -401,16 +502,29 @@ class MirrorServer:
 
     def _get(self, conn: socket.socket, req: dict[str, Any]) -> None:
         shard, step = req.get("shard"), req.get("step")
-        if not isinstance(shard, str) or type(step) is not int:
+        if not (isinstance(shard, str) and _SHARD_RE.fullmatch(shard)) or type(step) is not int:
             raise MirrorError("bad get request")
-        ms = self._slots(shard) if (self.root / shard).is_dir() else None
-        if ms is None or step not in ms.steps():
-            _send_header(conn, {"ok": False, "error": "not here"})
-            return
-        with ms.lock:
-            m = read_memory_manifest(ms.backend, step)
-            slot = next(s for s in ms.slots if s.step == step)
-            self._send(conn, m, slot)
+        for ms in self._sources(shard):
+            if step not in ms.steps():
+                continue
+            with ms.lock:
+                m = read_memory_manifest(ms.backend, step)
+                slot = next((s for s in ms.slots if s.step == step), None)
+                if slot is None or not slot.mapped:
+                    continue
+                if not m.sealed:  # an orphan's snapshot whose rank died before checksumming it
+                    m = verify_chunks(m, slot.view, self._pool(), str(ms.directory))
+                    ms.backend.put(memory_manifest_key(step), encode_manifest(m))
+                self._send(conn, m, slot)
+                return
+        _send_header(conn, {"ok": False, "error": "not here"})
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._hash_pool is None:
+                n = max(1, self.opts.hash_threads)
+                self._hash_pool = ThreadPoolExecutor(n, thread_name_prefix="flashckpt-mirror-hash")
+            return self._hash_pool
 
     def _send(self, conn: socket.socket, m: Manifest, slot: Slot) -> None:
         data = encode_manifest(m)
@@ -420,25 +534,48 @@ class MirrorServer:
 
     # -- lifetime ---------------------------------------------------------------------------------
     def drop(self, owner: str | None = None) -> None:
-        """Delete the mirrors of ``owner`` (default: all) held here: their owner is durable."""
+        """Delete the snapshots of ``owner`` (default: all) held here, mirrors and orphaned
+        ones: their owner is durable.  An orphan directory left empty is removed."""
         with self._lock:
             for name in [owner] if owner is not None else list(self._owners):
                 ms = self._owners.pop(name, None)
                 if ms is not None:
                     ms.close()
+            orphans = list(self._orphans.items())
         shutil.rmtree(self.root if owner is None else self.root / owner, ignore_errors=True)
         try:
             self.root.rmdir()
         except OSError:
             pass
+        for name, o in orphans:
+            if owner is None or name == owner:
+                o.drop_own()
+            for held in [owner] if owner is not None else list(o.mirrors):
+                ms = o.mirrors.pop(held, None)
+                if ms is not None:
+                    ms.close()
+                    shutil.rmtree(ms.directory, ignore_errors=True)
+            if o.empty():
+                with self._lock:
+                    self._orphans.pop(name, None)
+                shutil.rmtree(o.directory, ignore_errors=True)
+                o.close()
 
     def close(self) -> None:
+        """Stop serving; orphan directories still held are unlocked and kept for the next
+        attempt."""
         self._stop.set()
         self._sock.close()
         self._thread.join(timeout=5)
         with self._lock:
             for ms in self._owners.values():
                 ms.close()
+            for o in self._orphans.values():
+                o.close()
+            self._orphans.clear()
+            pool, self._hash_pool = self._hash_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def default_host() -> str:

@@ -4,8 +4,9 @@
 
 Each rank trains its own shard of a small model (a ``TinyNet`` seeded by its rank) with
 gradients averaged over the gloo group, so the ranks are coupled exactly as in data- and
-model-parallel jobs.  Ranks 2k and 2k+1 form simulated node k: ``FLASHCKPT_NODE_ID`` and a
-memory directory per node.  Initialisation uses a per-attempt ``PrefixStore`` (DESIGN.md).
+model-parallel jobs.  Ranks 2k and 2k+1 form simulated node k (``--node-shift`` renumbers:
+node k+SHIFT): ``FLASHCKPT_NODE_ID`` and a memory directory per node.  Initialisation uses a
+per-attempt ``PrefixStore`` (DESIGN.md).
 
 ``--kill-rank R --kill-step S --kill-at WHERE`` SIGKILLs rank R in attempt 0 while step S is
 ``stage`` (half copied into the slot), ``persist`` (a chunk of it being written to storage) or
@@ -118,11 +119,12 @@ def main() -> None:
     ap.add_argument("--kill-at", default="")
     ap.add_argument("--mirror", type=int, default=None)
     ap.add_argument("--die-at-end", action="store_true", help="SIGKILL every rank once all is durable")
+    ap.add_argument("--node-shift", type=int, default=0, help="ranks 2k, 2k+1 run on node k+SHIFT")
     args = ap.parse_args()
 
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    node = rank // 2
+    node = (rank // 2 + args.node_shift) % max(1, world // 2)
     os.environ["FLASHCKPT_NODE_ID"] = f"node{node}"
     dist.init_process_group(
         "gloo",

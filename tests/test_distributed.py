@@ -623,6 +623,30 @@ def test_a_lost_node_resumes_from_its_peers_memory_with_storage_gone(
     assert not any(p.is_file() for p in shm_dir.rglob("*")), sorted(shm_dir.rglob("*"))
 
 
+def test_ranks_renumbered_across_nodes_restore_from_the_memory_their_shards_left(
+    reference: Reference, tmp_path: Path, shm_dir: Path
+) -> None:
+    """The new attempt puts ranks 0-1 on node1 and ranks 2-3 on node0: each shard's memory,
+    and the mirrors its rank held, stay in a directory of the node it ran on, which no rank
+    of the new attempt owns.  One rank there claims and serves it."""
+    out, storage = tmp_path / "out", tmp_path / "storage"
+    _two_nodes(out, storage, shm_dir, "--die-at-end", steps=6, expect_ok=False)
+    # node1 is lost with its memory, and the storage tier is gone: node0's memory is all there is
+    for gone in (shm_dir / "node1", storage):
+        shutil.rmtree(gone)
+    _two_nodes(out, storage, shm_dir, "--node-shift", "1", steps=STEPS)
+    restored = _restored(out, 0, 4)
+    assert [r["start"] for r in restored] == [5, 5, 5, 5]
+    # ranks 0-1 (on the fresh node1) from the shards they left on node0, ranks 2-3 from the
+    # mirrors node0's old ranks held for them: every one through a peer's memory
+    assert [r["restored"]["tier"] for r in restored] == ["mirror"] * 4
+    _assert_same(reference.finals[4], _finals(out, 4))
+    assert _commits(storage)[-1] == STEPS - 1
+    _verify_all(storage, 4)
+    # the orphaned directories are dropped once their owners closed clean
+    assert not any(p.is_file() for p in shm_dir.rglob("*")), sorted(shm_dir.rglob("*"))
+
+
 # -- one rank's newest step is corrupt everywhere: every rank takes the older one -----------------
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
+import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -10,6 +14,7 @@ import pytest
 import flashckpt
 from flashckpt._coordinator import read_memory_manifest
 from flashckpt._mirror import MirrorAuthError, MirrorServer, fetch, mirror_peers, push
+from flashckpt.format import UNSEALED, encode_manifest, memory_manifest_key
 from tests.conftest import make_state
 
 SECRET = b"s" * 32
@@ -92,6 +97,53 @@ def test_a_connection_without_the_jobs_secret_is_refused(dirs: dict[str, Path]) 
         ckpt.close()
 
 
+def test_an_orphaned_shard_directory_is_claimed_once_served_sealed_and_dropped(dirs: dict[str, Path]) -> None:
+    """Rank 0 of a 2-rank job ran on this node and now runs elsewhere: its directory (an
+    unsealed snapshot: it died before checksumming) is claimed by one server, not by a live
+    rank's directory, and served with checksums."""
+    root = dirs["memory"] / "job"
+    owner = flashckpt.Checkpointer(dirs["storage"], memory_dir=root / "owner")
+    owner.save(7, make_state())
+    owner.wait()
+    m = read_memory_manifest(owner._memory.backend, 7)
+    slot_bytes = (owner.memory_path / "slot-0.bin").read_bytes()
+    orphan = root / "r00000-of-00002"  # what the crashed rank left: its slots and manifests
+    shutil.copytree(owner.memory_path, orphan, ignore=shutil.ignore_patterns("lock"))
+    owner.close()
+    unsealed = m.with_chunks(dataclasses.replace(c, checksum=UNSEALED) for c in m.chunks)
+    (orphan / memory_manifest_key(7)).write_bytes(encode_manifest(unsealed))
+    live = root / "r00003-of-00002"  # a live rank's own directory: locked, never claimed
+    live.mkdir()
+    fd = os.open(live / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    servers = [
+        MirrorServer(root / f"r0000{r}-of-00002", SECRET, flashckpt.Options(), "127.0.0.1") for r in (1, 2)
+    ]
+    try:
+        assert servers[0].claim_orphans(root, 2) == ["r00000-of-00002"]
+        assert servers[1].claim_orphans(root, 2) == []  # one claimer per directory
+        assert servers[0].claim_orphans(root, 3) == []  # another world size is not ours
+        assert servers[0].holdings() == {"r00000-of-00002": [7]}
+        buf = bytearray(len(slot_bytes))
+        got = fetch(
+            ("127.0.0.1", servers[0].port),
+            SECRET,
+            "r00000-of-00002",
+            7,
+            lambda _m: lambda at, n: memoryview(buf)[at : at + n],
+            flashckpt.Options(),
+        )
+        assert [c.checksum for c in got.chunks] == [c.checksum for c in m.chunks]
+        assert all(buf[c.at : c.at + c.nbytes] == slot_bytes[c.at : c.at + c.nbytes] for c in m.chunks)
+        servers[0].drop("r00000-of-00002")
+        assert not orphan.exists() and servers[0].holdings() == {}
+        assert live.exists()
+    finally:
+        os.close(fd)
+        for server in servers:
+            server.close()
+
+
 def test_mirror_placement_is_on_other_nodes_and_spread() -> None:
     nodes = ["a", "a", "b", "b", "c", "c"]
     assert [mirror_peers(nodes, r, 1) for r in range(6)] == [[2], [3], [4], [5], [0], [1]]
@@ -107,7 +159,6 @@ def _victim_worker(rank: int, init: str, storage: str, memory: str, result: str)
     """Two ranks on two simulated nodes, each mirroring to the other.  Rank 1 is SIGKILLed
     while it receives rank 0's snapshot of step 2; rank 0 trains on."""
     import json
-    import os
     import signal
     import time
     from datetime import timedelta
