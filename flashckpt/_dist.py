@@ -106,6 +106,13 @@ class Control:
         except CoordinationError as exc:
             log.debug("flashckpt: could not delete %s: %s", key, exc)
 
+    def outcome_now(self, key: str) -> str | None:
+        """``key``'s published outcome, or ``None`` if no rank has published it yet (no wait)."""
+        done = key + "/done"
+        if not self._call("check", [done]):
+            return None
+        return bytes(self._call("get", done)).decode(errors="replace")
+
     def await_outcome(self, key: str, timeout_s: float | None = None) -> str:
         """Block until some rank publishes ``key``'s outcome; return it.  Raises
         :class:`WaitTimeout` after ``timeout_s`` (default: the control timeout).  A server-side

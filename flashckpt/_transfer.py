@@ -189,6 +189,10 @@ class Persister:
             max(opts.io_threads, opts.hash_threads), thread_name_prefix="flashckpt-io"
         )
         self._queue: queue.Queue[Job | None] = queue.Queue()
+        #: A shared-tier commit this rank stopped waiting for (``WaitTimeout``): (key, step).
+        #: Until it resolves, later saves skip the shared tier at once (reported) instead of
+        #: each waiting ``coord_timeout_s`` for a rank that is likely dead.  Persist thread only.
+        self._stalled: tuple[str, int] | None = None
         self._known_chunks: dict[str, dict[str, ChunkEntry]] = {}  # persist thread only
         self._thread = threading.Thread(target=self._loop, name="flashckpt-persist", daemon=True)
         self._thread.start()
@@ -296,8 +300,10 @@ class Persister:
         for tier in job.tiers:
             t0 = time.perf_counter()
             try:
-                job.handle.written_bytes[tier.name] = self.persist(tier, m, job.slot, job.seq)
                 ckey = self._commit_key(job, tier)
+                if ckey is not None:
+                    self._check_stalled(tier)
+                job.handle.written_bytes[tier.name] = self.persist(tier, m, job.slot, job.seq)
                 if ckey is not None:
                     arrived = self.control.arrive(ckey)
                     if arrived < (job.writers or self.control.world):
@@ -406,10 +412,31 @@ class Persister:
         except FlashCkptError as err:
             log.warning("flashckpt: could not report the failure of step %d: %s", job.manifest.step, err)
 
+    def _check_stalled(self, tier: Tier) -> None:
+        """Persist thread, before writing to a shared tier: raise if an earlier commit this rank
+        gave up waiting for is still unresolved.  A step is written only after the previous
+        one was seen committed (the chunk GC relies on it, see ``collect_chunks``), so waiting
+        again here would cost each save ``coord_timeout_s``."""
+        if self._stalled is None:
+            return
+        key, step = self._stalled
+        if self.control.outcome_now(key) is None:
+            raise CoordinationError(
+                f"not written to the {tier.name} tier: step {step}'s commit is still waiting for "
+                f"a rank (gave up after {self.control.timeout_s:.0f} s); this tier resumes once "
+                "that rank catches up, or after a restart"
+            )
+        log.info("flashckpt: step %d's commit resolved late; writing the %s tier again", step, tier.name)
+        self._stalled = None
+
     def _await_commit(self, job: Job, tier: Tier, key: str, t0: float) -> bool:
         """Persist thread, slot released: wait for the rank that writes the commit record."""
         try:
-            outcome = self.control.await_outcome(key)
+            try:
+                outcome = self.control.await_outcome(key)
+            except WaitTimeout:
+                self._stalled = (key, job.manifest.step)
+                raise
             if outcome != "ok":
                 raise CoordinationError(f"step {job.manifest.step} was not committed: {outcome}")
         except FlashCkptError as exc:

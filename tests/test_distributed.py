@@ -241,17 +241,22 @@ def _dead_peer_worker(rank: int, init: str, storage: str, memory: str, result: s
     assert handle is not None
     if rank == 1:
         os._exit(0)  # gone before persisting: rank 0 waits for its shard in vain
-    try:
-        handle.wait(timeout=60)
-        outcome = "committed"
-    except flashckpt.FlashCkptError as exc:
-        outcome = f"{type(exc).__name__}: {exc}"
+    outcomes = []
+    for step in (1, 2, 3):  # training goes on; the first commit is given up on after the timeout
+        try:
+            handle.wait(timeout=60)
+            outcomes.append(("committed", handle.durable_on()))
+        except flashckpt.FlashCkptError as exc:
+            outcomes.append((f"{type(exc).__name__}: {exc}", handle.durable_on()))
+        if step < 3:
+            handle = ckpt.save(step, state)
+            assert handle is not None
     try:
         ckpt.restore(make_state(seed=rank))
         restore = "restored"
     except flashckpt.CoordinationError as exc:
         restore = f"CoordinationError: {exc}"
-    Path(result).write_text(json.dumps({"save": outcome, "restore": restore}))
+    Path(result).write_text(json.dumps({"saves": outcomes, "restore": restore}))
     ckpt.close(_raise=False)
     os._exit(0)
 
@@ -269,10 +274,69 @@ def test_a_dead_rank_fails_the_commit_and_the_restore_of_the_others_instead_of_h
         start_method="spawn",
     )
     got = json.loads(result.read_text())
-    assert got["save"].startswith("WaitTimeout") and "commit" in got["save"]
+    first, *later = got["saves"]
+    assert first[0].startswith("WaitTimeout") and "commit" in first[0]
+    # the later saves skip the storage tier at once instead of each waiting out the timeout;
+    # the memory tier still has them
+    for error, durable in later:
+        assert error.startswith("CoordinationError") and "still waiting for a rank" in error, error
+        assert durable == ["memory"]
     assert got["restore"].startswith("CoordinationError")
     commits = tmp_path / "storage" / "commits"
     assert not commits.exists() or not any(commits.iterdir())
+
+
+def _late_peer_worker(rank: int, init: str, storage: str, memory: str, result: str) -> None:
+    """Rank 1 stages step 0 only after rank 0 gave up on its commit and skipped step 1."""
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    store = _get_default_store()
+    opts = flashckpt.Options(coord_timeout_s=2.0)
+    ckpt = flashckpt.Checkpointer(storage, memory_dir=f"{memory}/rank{rank}", options=opts, keep=None)
+    state = make_state(seed=rank)
+    outcomes = []
+
+    def save(step: int) -> None:
+        handle = ckpt.save(step, state)
+        assert handle is not None
+        try:
+            handle.wait(timeout=60)
+            outcomes.append("committed")
+        except flashckpt.FlashCkptError as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+
+    if rank == 0:
+        save(0)  # rank 1 is late: the commit is given up on
+        save(1)  # skipped at once: step 0 is still unresolved
+        store.set("test/go", "1")
+        store.wait(["test/rank1-saved-1"])
+    else:
+        store.wait(["test/go"])
+        save(0)  # the last to arrive: commits step 0
+        save(1)  # rank 0 skipped it: reported as not committed
+        store.set("test/rank1-saved-1", "1")
+    save(2)  # rank 0 sees step 0 resolved and writes the tier again
+    Path(f"{result}{rank}").write_text(json.dumps(outcomes))
+    ckpt.close()
+    torch.distributed.destroy_process_group()
+
+
+def test_a_late_rank_pauses_the_shared_tier_until_it_catches_up(tmp_path: Path, shm_dir: Path) -> None:
+    result = tmp_path / "result"
+    init = f"file://{tmp_path / 'rendezvous'}"
+    args = (init, str(tmp_path / "storage"), str(shm_dir), str(result))
+    mp.start_processes(_late_peer_worker, args=args, nprocs=2, join=True, start_method="spawn")
+    got = [json.loads(Path(f"{result}{r}").read_text()) for r in range(2)]
+    assert got[0][0].startswith("WaitTimeout"), got[0]
+    assert got[0][1].startswith("CoordinationError") and "still waiting for a rank" in got[0][1], got[0]
+    assert got[1][0] == "committed"
+    assert got[1][1].startswith("CoordinationError") and "not committed" in got[1][1], got[1]
+    assert got[0][2] == got[1][2] == "committed"
+    assert _commits(tmp_path / "storage") == [0, 2]
+    _verify_all(tmp_path / "storage", 2)
 
 
 # -- FSDP2 / DTensor state: local shards with their placement ------------------------------------
