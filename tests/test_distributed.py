@@ -339,6 +339,47 @@ def test_a_late_rank_pauses_the_shared_tier_until_it_catches_up(tmp_path: Path, 
     _verify_all(tmp_path / "storage", 2)
 
 
+# -- a job whose main group is not gloo (NCCL on GPUs): control runs on a gloo group of its own ---
+
+
+def _non_gloo_worker(rank: int, init: str, storage: str, memory: str, result: str) -> None:
+    """The main group is torch's in-process ``fake`` backend (no GPU here for NCCL): it runs
+    no communication, so every collective flashckpt needs must go over its own gloo group."""
+    import torch.testing._internal.distributed.fake_pg  # registers the "fake" backend
+
+    # a real store: with an init_method, the fake backend rendezvouses on a store of its own
+    store = torch.distributed.FileStore(init, 2)
+    torch.distributed.init_process_group("fake", store=store, rank=rank, world_size=2)
+    assert torch.distributed.get_backend() == "fake"
+    state = make_state(seed=rank)
+    with flashckpt.Checkpointer(storage, memory_dir=f"{memory}/rank{rank}", keep=None) as ckpt:
+        control = ckpt._ctl._pg
+        assert control is not torch.distributed.group.WORLD
+        assert torch.distributed.get_backend(control) == "gloo"
+        assert ckpt.restore(state) is None
+        for step in range(3):
+            ckpt.save(step, make_state(seed=10 * rank + step))
+        ckpt.wait()
+    with flashckpt.Checkpointer(storage, memory_dir=f"{memory}/rank{rank}", keep=None) as ckpt:
+        got = ckpt.restore(state)
+    want = make_state(seed=10 * rank + 2)["model"].state_dict()  # type: ignore[attr-defined]
+    same = all(torch.equal(v, want[k]) for k, v in state["model"].state_dict().items())  # type: ignore[attr-defined]
+    Path(f"{result}{rank}").write_text(json.dumps({"step": got, "same": same}))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_job_whose_main_group_is_not_gloo_coordinates_over_its_own_gloo_group(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    result, storage = tmp_path / "result", tmp_path / "storage"
+    args = (str(tmp_path / "rendezvous"), str(storage), str(shm_dir), str(result))
+    mp.start_processes(_non_gloo_worker, args=args, nprocs=2, join=True, start_method="spawn")
+    got = [json.loads(Path(f"{result}{r}").read_text()) for r in range(2)]
+    assert got == [{"step": 2, "same": True}] * 2
+    assert _commits(storage) == [0, 1, 2]
+    _verify_all(storage, 2)
+
+
 # -- FSDP2 / DTensor state: local shards with their placement ------------------------------------
 
 
