@@ -88,6 +88,40 @@ def _compression_per_tier(spec: str | dict[str, str | None] | None) -> dict[str,
     raise ConfigError(f"compression must be None, a string or a dict, got {spec!r}")
 
 
+@dataclasses.dataclass
+class _RestorePlan:
+    """What this rank's tiers hold, the steps every rank can load (newest first), and per
+    step the peers holding a copy of this rank's shard."""
+
+    inventory: list[tuple[Tier, list[int]]]
+    steps: list[int]
+    mirrored: dict[int, list[int]]
+
+
+@dataclasses.dataclass
+class _Loaded:
+    """A step loaded into the state: from ``tier``, staged in ``slot`` (held busy) under
+    ``manifest``; both ``None`` when it was resharded from storage."""
+
+    step: int
+    tier: Tier
+    manifest: Manifest | None
+    slot: Slot | None
+    nbytes: int
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Across the steps a restore tries: whether the state was written to, the last error."""
+
+    touched: bool = False
+    last_error: BaseException | None = None
+
+    def failed(self, exc: BaseException, *, touched: bool) -> None:
+        self.last_error = exc
+        self.touched = self.touched or touched
+
+
 class Checkpointer:
     """Flash checkpoints for one training process.  See the module docstring for call order.
 
@@ -180,6 +214,9 @@ class Checkpointer:
             "memory",
             LocalBackend(self._rank_dir, fsync=False, direct_io=False, private=True, durable=False),
         )
+        # A copy of this rank's shard in a peer's memory (a mirror, or the shard's own memory
+        # left on a node its rank moved away from), fetched into this rank's memory tier.
+        self._mirror_tier = Tier("mirror", self._memory.backend)
         self._stager = Stager(self._rank_dir, self._opts)
         self._adopt_memory()
         self._persister = Persister(self._opts, self._memory, self._stager, keep, self._ctl)
@@ -359,159 +396,14 @@ class Checkpointer:
         want = None if step == "latest" else int(step)
         self._drain()
         t0 = time.perf_counter()
-        inventory = self._inventory()
-        mine = {s for _, held in inventory for s in held if want is None or s == want}
-        holdings: dict[str, list[int]] = {}
-        if self._mirror_server is not None:
-            # shard directories this node keeps for ranks that run elsewhere now (renumbered)
-            self._mirror_server.claim_orphans(self._memory_root, self._world)
-            holdings = self._mirror_server.holdings()
-        # The newest step every rank can load: from its own memory, its local disk, storage, or
-        # a mirror of its shard in a peer's memory.
-        everyone = self._ctl.all_gather((sorted(mine), holdings))
-        me = shard_name(self._rank, self._world)
-        mirrored: dict[int, list[int]] = {}  # step -> ranks holding a mirror of this rank's shard
-        for q, (_, held_q) in enumerate(everyone):
-            for step_q in held_q.get(me, []):
-                if want is None or step_q == want:
-                    mirrored.setdefault(step_q, []).append(q)
-
-        def available(r: int) -> set[int]:
-            shard = shard_name(r, self._world)
-            out = set(everyone[r][0])
-            for _, held_q in everyone:
-                out.update(x for x in held_q.get(shard, []) if want is None or x == want)
-            return out
-
-        common = set.intersection(*(available(r) for r in range(self._world)))
-        mine |= set(mirrored)
-        if self._ctl.distributed and mine - common:
-            log.info(
-                "flashckpt: rank %d holds steps %s that not every rank has; newest common: %s",
-                self._rank,
-                sorted(mine - common)[-3:],
-                max(common) if common else None,
-            )
-        last_error: BaseException | None = None
-        touched = False  # a failed source may already have written into the state
-        for s in sorted(common, reverse=True):
-            loaded: tuple[Manifest | None, Slot | None, Tier] | None = None
-            fatal: BaseException | None = None
-            resharded: int | None = None  # bytes, when the step was saved by another world size
-            sources: list[tuple[Source, int | None]] = [(src, None) for src in plan_sources(inventory, s)]
-            at = 1 if sources and sources[0][0].tier is self._memory else 0
-            mirror_tier = Tier("mirror", self._memory.backend)
-            sources[at:at] = [(Source(s, mirror_tier), q) for q in mirrored.get(s, [])]
-            for src, peer in sources:
-                filled: dict[int, torch.Tensor] = {}
-                if peer is not None:  # a mirror of this rank's shard in a peer's memory
-                    try:
-                        m, slot = self._load_mirror(peer, s)
-                    except FlashCkptError as exc:
-                        log.warning("flashckpt: step %d from rank %d's mirror is unusable: %s", s, peer, exc)
-                        last_error = exc
-                        continue
-                    try:
-                        self._apply(m, slot, state, filled)
-                    except BaseException as exc:
-                        self._stager.release(slot)
-                        fatal = exc
-                        break
-                    loaded = (m, slot, mirror_tier)
-                    break
-                try:
-                    m, slot = self._load(src.tier, src.step, state, filled)
-                except StateMismatchError as exc:
-                    if not src.tier.shared:
-                        fatal = exc
-                        break
-                    try:
-                        resharded = self._reshard(src.tier, src.step, state, exc)
-                    except (CorruptCheckpointError, StorageError) as err:
-                        touched = True
-                        last_error = err
-                        log.warning("flashckpt: resharding step %d failed: %s", src.step, err)
-                        continue
-                    except BaseException as err:
-                        fatal = err
-                        break
-                    loaded = (None, None, src.tier)
-                    break
-                except (CorruptCheckpointError, StorageError) as exc:
-                    touched = touched or bool(filled)
-                    log.warning(
-                        "flashckpt: step %d on the %s tier is unusable, trying the next: %s",
-                        src.step,
-                        src.tier.name,
-                        exc,
-                    )
-                    last_error = exc
-                    continue
-                try:
-                    self._apply(m, slot, state, filled)
-                except BaseException as exc:  # the state does not fit the step: the user's to fix
-                    self._stager.release(slot)
-                    fatal = exc
-                    break
-                loaded = (m, slot, src.tier)
-                break
-            outcomes = self._ctl.all_gather((loaded is not None, None if fatal is None else repr(fatal)))
-            if fatal is not None:
-                raise fatal
-            failed = [(r, f) for r, (_, f) in enumerate(outcomes) if f is not None]
-            if failed:
-                raise CoordinationError(f"restore failed on rank {failed[0][0]}: {failed[0][1]}")
-            if loaded is None or not all(ok for ok, _ in outcomes):
-                if loaded is not None:  # this rank's state holds step s; the older one overwrites it
-                    touched = True
-                    if loaded[1] is not None:
-                        self._stager.release(loaded[1])
-                    log.warning("flashckpt: step %d is unusable on another rank; trying an older one", s)
-                continue
-            got_m, got_slot, tier = loaded
-            nbytes = got_m.total_bytes if got_m is not None else resharded or 0
-            secs = time.perf_counter() - t0
-            with self._stats_lock:
-                self._stats["restored"] = {
-                    "step": s,
-                    "tier": tier.name,
-                    "bytes": nbytes,
-                    "seconds": secs,
-                    "resharded": got_m is None,
-                }
-            log.info(
-                "flashckpt: restored step %d from the %s tier%s, %d bytes in %.3f s (%.2f GB/s)",
-                s,
-                tier.name,
-                " (resharded)" if got_m is None else "",
-                nbytes,
-                secs,
-                nbytes / max(secs, 1e-9) / 1e9,
-            )
-            if got_m is None or got_slot is None:
-                self._stager.prefault(self._stager.layout(flatten(state).tensors).total_bytes)
-            else:  # a fetched mirror is in this rank's memory tier now
-                self._after_restore(got_m, got_slot, self._memory if tier is mirror_tier else tier, inventory)
-            return int(s)
-        outcome = self._ctl.all_gather((touched, [f"rank {self._rank}: {t.name}" for t, _ in self._unlisted]))
-        unlisted = [x for _, u in outcome for x in u]
-        if unlisted and want is None:  # every rank decides alike
-            raise TransientStorageError(
-                f"nothing restorable was found, but some tiers could not be listed ({', '.join(unlisted)}): "
-                "refusing to start from scratch; retry when they are reachable"
-            ) from (self._unlisted[0][1] if self._unlisted else last_error)
-        if any(t for t, _ in outcome):
-            raise CorruptCheckpointError(
-                "no step could be restored on every rank, and a state was already written to (a "
-                "snapshot found corrupt while it was loaded, or a step another rank could not "
-                "load): the state is partially overwritten; rebuild it"
-            ) from last_error
-        if want is not None:
-            raise CheckpointNotFound(f"step {want} is not available intact on every rank") from last_error
-        if last_error is not None:
-            log.warning("flashckpt: no usable checkpoint found; starting from scratch")
-        flat = flatten(state)
-        self._stager.prefault(self._stager.layout(flat.tensors).total_bytes)
+        plan = self._plan_restore(want)
+        progress = _Progress()
+        for s in plan.steps:
+            loaded, fatal = self._load_step(s, state, plan, progress)
+            if self._agree(s, loaded, fatal, progress):
+                assert loaded is not None
+                return self._restored(loaded, plan, state, t0)
+        self._restore_nothing(want, state, progress)
         return None
 
     def prepare(self, state: Any) -> None:
@@ -795,6 +687,172 @@ class Checkpointer:
         load_into(state, tree, materialize)
         if cuda:
             torch.cuda.synchronize()
+
+    def _plan_restore(self, want: int | None) -> _RestorePlan:
+        """Training thread, every rank (gathers): what each rank can load, and the steps every
+        rank can load, newest first."""
+        inventory = self._inventory()
+        mine = {s for _, held in inventory for s in held if want is None or s == want}
+        holdings: dict[str, list[int]] = {}
+        if self._mirror_server is not None:
+            # shard directories this node keeps for ranks that run elsewhere now (renumbered)
+            self._mirror_server.claim_orphans(self._memory_root, self._world)
+            holdings = self._mirror_server.holdings()
+        # The newest step every rank can load: from its own memory, its local disk, storage,
+        # or a copy of its shard in a peer's memory.
+        everyone = self._ctl.all_gather((sorted(mine), holdings))
+        wanted = (lambda x: True) if want is None else (lambda x: x == want)
+
+        def available(r: int) -> set[int]:
+            shard = shard_name(r, self._world)
+            out = set(everyone[r][0])
+            for _, held_q in everyone:
+                out.update(x for x in held_q.get(shard, []) if wanted(x))
+            return out
+
+        me = shard_name(self._rank, self._world)
+        mirrored: dict[int, list[int]] = {}  # step -> ranks holding a copy of this rank's shard
+        for q, (_, held_q) in enumerate(everyone):
+            for step_q in held_q.get(me, []):
+                if wanted(step_q):
+                    mirrored.setdefault(step_q, []).append(q)
+        common = set.intersection(*(available(r) for r in range(self._world)))
+        mine |= set(mirrored)
+        if self._ctl.distributed and mine - common:
+            log.info(
+                "flashckpt: rank %d holds steps %s that not every rank has; newest common: %s",
+                self._rank,
+                sorted(mine - common)[-3:],
+                max(common) if common else None,
+            )
+        return _RestorePlan(inventory, sorted(common, reverse=True), mirrored)
+
+    def _load_step(
+        self, s: int, state: Any, plan: _RestorePlan, progress: _Progress
+    ) -> tuple[_Loaded | None, BaseException | None]:
+        """Training thread: load step ``s`` into ``state`` from this rank's cheapest source
+        that verifies.  Returns what was loaded (``None``: no source worked), and an error
+        that ends the restore on every rank (the state does not fit the step)."""
+        sources: list[tuple[Source, int | None]] = [(src, None) for src in plan_sources(plan.inventory, s)]
+        at = 1 if sources and sources[0][0].tier is self._memory else 0
+        sources[at:at] = [(Source(s, self._mirror_tier), q) for q in plan.mirrored.get(s, [])]
+        for src, peer in sources:
+            filled: dict[int, torch.Tensor] = {}
+            try:
+                if peer is not None:  # a copy of this rank's shard in a peer's memory
+                    m, slot = self._load_mirror(peer, s)
+                else:
+                    m, slot = self._load(src.tier, src.step, state, filled)
+            except StateMismatchError as exc:
+                if peer is not None:
+                    progress.failed(exc, touched=False)
+                    log.warning("flashckpt: step %d in rank %d's memory is another shape: %s", s, peer, exc)
+                    continue
+                if not src.tier.shared:
+                    return None, exc
+                try:
+                    nbytes = self._reshard(src.tier, src.step, state, exc)
+                except (CorruptCheckpointError, StorageError) as err:
+                    progress.failed(err, touched=True)
+                    log.warning("flashckpt: resharding step %d failed: %s", src.step, err)
+                    continue
+                except BaseException as err:
+                    return None, err
+                return _Loaded(s, src.tier, None, None, nbytes), None
+            except (CorruptCheckpointError, StorageError) as exc:
+                progress.failed(exc, touched=bool(filled))
+                where = f"rank {peer}'s memory" if peer is not None else f"the {src.tier.name} tier"
+                log.warning("flashckpt: step %d on %s is unusable, trying the next source: %s", s, where, exc)
+                continue
+            except FlashCkptError as exc:  # a peer refusing the job's secret, or the like
+                if peer is None:
+                    raise
+                progress.failed(exc, touched=False)
+                log.warning("flashckpt: step %d from rank %d's memory is unusable: %s", s, peer, exc)
+                continue
+            try:
+                self._apply(m, slot, state, filled)
+            except BaseException as exc:  # the state does not fit the step: the user's to fix
+                self._stager.release(slot)
+                return None, exc
+            return _Loaded(s, src.tier, m, slot, m.total_bytes), None
+        return None, None
+
+    def _agree(
+        self, s: int, loaded: _Loaded | None, fatal: BaseException | None, progress: _Progress
+    ) -> bool:
+        """Training thread, every rank (gathers): True if every rank loaded step ``s``.  Raises
+        a rank's fatal error on every rank; else, if another rank failed, the state holds
+        step ``s`` here and the next older step will overwrite it."""
+        outcomes = self._ctl.all_gather((loaded is not None, None if fatal is None else repr(fatal)))
+        if fatal is not None:
+            raise fatal
+        failed = [(r, f) for r, (_, f) in enumerate(outcomes) if f is not None]
+        if failed:
+            raise CoordinationError(f"restore failed on rank {failed[0][0]}: {failed[0][1]}")
+        if loaded is not None and all(ok for ok, _ in outcomes):
+            return True
+        if loaded is not None:
+            progress.touched = True
+            if loaded.slot is not None:
+                self._stager.release(loaded.slot)
+            log.warning("flashckpt: step %d is unusable on another rank; trying an older one", s)
+        return False
+
+    def _restored(self, loaded: _Loaded, plan: _RestorePlan, state: Any, t0: float) -> int:
+        """Training thread, every rank: record and log a restore, then salvage (gathers)."""
+        s, tier = loaded.step, loaded.tier
+        secs = time.perf_counter() - t0
+        resharded = loaded.manifest is None
+        with self._stats_lock:
+            self._stats["restored"] = {
+                "step": s,
+                "tier": tier.name,
+                "bytes": loaded.nbytes,
+                "seconds": secs,
+                "resharded": resharded,
+            }
+        log.info(
+            "flashckpt: restored step %d from the %s tier%s, %d bytes in %.3f s (%.2f GB/s)",
+            s,
+            tier.name,
+            " (resharded)" if resharded else "",
+            loaded.nbytes,
+            secs,
+            loaded.nbytes / max(secs, 1e-9) / 1e9,
+        )
+        if loaded.manifest is None or loaded.slot is None:  # resharded: nothing of it is staged
+            self._stager.prefault(self._stager.layout(flatten(state).tensors).total_bytes)
+        else:  # a fetched copy is in this rank's memory tier now
+            where = self._memory if tier is self._mirror_tier else tier
+            self._after_restore(loaded.manifest, loaded.slot, where, plan.inventory)
+        return int(s)
+
+    def _restore_nothing(self, want: int | None, state: Any, progress: _Progress) -> None:
+        """Training thread, every rank (gathers): no step could be restored.  Raise if that is
+        not a clean fresh start, else prefault the slots for ``state``."""
+        outcome = self._ctl.all_gather(
+            (progress.touched, [f"rank {self._rank}: {t.name}" for t, _ in self._unlisted])
+        )
+        unlisted = [x for _, u in outcome for x in u]
+        if unlisted and want is None:  # every rank decides alike
+            raise TransientStorageError(
+                f"nothing restorable was found, but some tiers could not be listed ({', '.join(unlisted)}): "
+                "refusing to start from scratch; retry when they are reachable"
+            ) from (self._unlisted[0][1] if self._unlisted else progress.last_error)
+        if any(t for t, _ in outcome):
+            raise CorruptCheckpointError(
+                "no step could be restored on every rank, and a state was already written to (a "
+                "snapshot found corrupt while it was loaded, or a step another rank could not "
+                "load): the state is partially overwritten; rebuild it"
+            ) from progress.last_error
+        if want is not None:
+            raise CheckpointNotFound(f"step {want} is not available intact on every rank") from (
+                progress.last_error
+            )
+        if progress.last_error is not None:
+            log.warning("flashckpt: no usable checkpoint found; starting from scratch")
+        self._stager.prefault(self._stager.layout(flatten(state).tensors).total_bytes)
 
     def _load_mirror(self, peer: int, step: int) -> tuple[Manifest, Slot]:
         """Fetch this rank's shard of ``step`` from the mirror rank ``peer`` holds, into a free
