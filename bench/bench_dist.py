@@ -11,7 +11,11 @@ Measured in one run:
   made durable before the next so that persistence does not overlap the next copy);
 * storage bytes written per rank, by a data-parallel state (identical on every rank) with and
   without ``Options.dedup_replicated``;
-* restore time per rank from memory (the same Checkpointer) and from storage (a fresh one).
+* restore time per rank from memory (the same Checkpointer) and from storage (a fresh one);
+* restore after a lost node: the ranks as 2 simulated nodes with ``mirror=1``; the job dies
+  (every process exits without closing), node 1's memory is deleted, and a new job restores:
+  node 0's ranks from their own memory, node 1's from the mirrors node 0 holds (over
+  loopback TCP, every byte verified).
 
 The state per rank is transformer-shaped: bf16 weights, fp32 master weights and two Adam
 moments, 4 MiB to 64 MiB tensors.  Storage is a local directory (``--dir``, default /tmp).
@@ -152,6 +156,35 @@ def worker(rank: int, world: int, init: str, args: argparse.Namespace, out_dir: 
     torch.distributed.destroy_process_group()
 
 
+def lost_node_worker(rank: int, world: int, phase: int, args: argparse.Namespace, out_dir: str) -> None:
+    """Phase 0: save one mirrored step, then die.  Phase 1: restore it, node 1's memory gone."""
+    torch.set_num_threads(args.threads)
+    os.environ["FLASHCKPT_NODE_ID"] = f"node{rank // 2}"
+    os.environ["FLASHCKPT_MIRROR_HOST"] = "127.0.0.1"
+    init = f"file://{args.dir}/rendezvous-lost-{phase}"
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=300)
+    )
+    state = make_state(args.mib, seed=rank)
+    opts = flashckpt.Options(coord_timeout_s=300)
+    memory = Path(args.shm) / "lost" / f"node{rank // 2}"
+    ckpt = flashckpt.Checkpointer(Path(args.dir) / "storage-lost", memory_dir=memory, mirror=1, options=opts)
+    if phase == 0:
+        assert ckpt.restore(state) is None
+        handle = ckpt.save(0, state)
+        assert handle is not None
+        handle.wait()
+        torch.distributed.barrier()
+        os._exit(0)  # the whole job dies: memory and mirrors stay
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    assert ckpt.restore(state) == 0
+    res = {"seconds": time.perf_counter() - t0, "tier": ckpt.stats["restored"]["tier"]}
+    ckpt.close()
+    (Path(out_dir) / f"lost{rank}.json").write_text(json.dumps(res))
+    torch.distributed.destroy_process_group()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, default=4)
@@ -179,13 +212,28 @@ def main() -> None:
             start_method="spawn",
         )
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(args.ranks)]
+        lost: list[dict[str, Any]] = []
+        if args.ranks >= 4 and args.ranks % 2 == 0:
+            for phase in (0, 1):
+                mp.start_processes(
+                    lost_node_worker,
+                    args=(args.ranks, phase, args, str(out)),
+                    nprocs=args.ranks,
+                    join=True,
+                    start_method="spawn",
+                )
+                if phase == 0:
+                    shutil.rmtree(shm / "lost" / "node1")  # node 1 is lost with its memory
+            lost = [json.loads((out / f"lost{r}.json").read_text()) for r in range(args.ranks)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
-    report(args, single, ranks)
+    report(args, single, ranks, lost)
 
 
-def report(args: argparse.Namespace, single: float, ranks: list[dict[str, Any]]) -> None:
+def report(
+    args: argparse.Namespace, single: float, ranks: list[dict[str, Any]], lost: list[dict[str, Any]]
+) -> None:
     n = args.ranks
     nbytes = ranks[0]["bytes"]
 
@@ -214,6 +262,17 @@ def report(args: argparse.Namespace, single: float, ranks: list[dict[str, Any]])
             f"{worst('restore_storage') / worst('restore_memory'):.1f}x memory",
         ),
     ]
+    if lost:
+        for tier in sorted({r["tier"] for r in lost}):
+            who = [r for r, x in enumerate(lost) if x["tier"] == tier]
+            secs = max(lost[r]["seconds"] for r in who)
+            rows.append(
+                (
+                    f"after losing node 1: ranks {', '.join(map(str, who))} restore from {tier} (slowest)",
+                    f"{secs:.3f} s",
+                    f"{secs / worst('restore_storage'):.2f}x storage",
+                )
+            )
     plain = [r["ddp_written_False"] for r in ranks]
     dedup = [r["ddp_written_True"] for r in ranks]
     rows += [
@@ -242,7 +301,8 @@ def report(args: argparse.Namespace, single: float, ranks: list[dict[str, Any]])
         for name, value, ratio in rows:
             print(f"{name:<62} {value:>20} {ratio}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"single_floor": single, "ranks": ranks}, indent=1))
+        raw = {"single_floor": single, "ranks": ranks, "lost": lost}
+        Path(args.json).write_text(json.dumps(raw, indent=1))
 
 
 if __name__ == "__main__":
