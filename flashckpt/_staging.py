@@ -156,6 +156,60 @@ def check_fits(nbytes: int, directory: Path | None, what: str) -> None:
         raise StorageFullError(errno.ENOMEM, f"{what} needs {nbytes} bytes of memory; {free} are free")
 
 
+class _Faulting:
+    """A slot mapping being faulted in, ``_PIECE`` by ``_PIECE``: the prefault thread claims
+    pieces, and so does a save that would otherwise wait for it (``Slot.help_fault``), so
+    the two cores fault the slot in together.  Page faults on tmpfs scale with threads (on
+    this project's VM two threads fault 2 GiB in 0.84-1.10 s, one in 1.6 s)."""
+
+    def __init__(self, fd: int, base: int, capacity: int) -> None:
+        self.fd, self.base, self.capacity = fd, base, capacity
+        self.next = 0  # first unclaimed byte
+        self.active = 0  # pieces being faulted right now
+        self.helped = 0  # bytes faulted by helpers
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+
+    def left(self) -> bool:
+        with self.cond:
+            return self.next < self.capacity and self.error is None
+
+    def work(self, pause: Callable[[], None] | None = None, *, helper: bool = False) -> None:
+        """Fault unclaimed pieces in until none is left.  Raises the first error (and no
+        piece is claimed after it)."""
+        while True:
+            if pause is not None:
+                pause()
+            with self.cond:
+                if self.next >= self.capacity or self.error is not None:
+                    return
+                off = self.next
+                self.next += _PIECE
+                self.active += 1
+            n = min(_PIECE, self.capacity - off)
+            error: BaseException | None = None
+            try:
+                os.posix_fallocate(self.fd, off, n)
+                _populate_write(self.base + off, n)
+            except BaseException as exc:
+                error = exc
+            with self.cond:
+                self.active -= 1
+                if error is not None and self.error is None:
+                    self.error = error
+                if error is None and helper:
+                    self.helped += n
+                self.cond.notify_all()
+            if error is not None:
+                raise error
+
+    def drain(self) -> None:
+        """Wait for every claimed piece to be done (the owner, before closing ``fd``)."""
+        with self.cond:
+            while self.active:
+                self.cond.wait()
+
+
 class Slot:
     """One shared-memory staging buffer.  Mapping changes happen under ``lock``."""
 
@@ -172,6 +226,7 @@ class Slot:
         self.generation = 0  # bumped whenever the slot takes a new snapshot
         self.busy = False
         self.prefaulting = False  # busy because the prefault thread is mapping it
+        self.faulting: _Faulting | None = None  # set while ``ensure`` faults pages in
         self._mm: mmap.mmap | None = None
         self._buf: torch.Tensor | None = None
         self._pinned = False
@@ -212,12 +267,13 @@ class Slot:
                     os.ftruncate(fd, max(capacity, os.fstat(fd).st_size))
                     self._mm = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED)
                     base = torch.frombuffer(self._mm, dtype=torch.uint8).data_ptr()
-                    for off in range(0, capacity, _PIECE):
-                        if pause is not None:
-                            pause()
-                        n = min(_PIECE, capacity - off)
-                        os.posix_fallocate(fd, off, n)
-                        _populate_write(base + off, n)
+                    job = _Faulting(fd, base, capacity)
+                    self.faulting = job
+                    try:
+                        job.work(pause)
+                    finally:
+                        self.faulting = None
+                        job.drain()  # a helper's piece may still be running: fd stays open
             except BaseException:
                 if self._mm is not None:
                     try:
@@ -236,6 +292,19 @@ class Slot:
             self.capacity = capacity
             self._pin()
             return True
+
+    def help_fault(self) -> int:
+        """Training thread, waiting for this slot's prefault: fault pieces of it in too.
+        Returns the bytes this call faulted.  Errors are the prefault thread's to report."""
+        job = self.faulting
+        if job is None:
+            return 0
+        before = job.helped
+        try:
+            job.work(helper=True)
+        except OSError:
+            pass
+        return job.helped - before
 
     def adopt(self) -> bool:
         """Map a slot file left by an earlier process; False if there is none."""
@@ -305,6 +374,8 @@ class Stager:
         self._prefault_bytes = 0
         self._prefault_running = False
         self._copying = False
+        #: bytes of slots the training thread faulted in while a save waited for the prefault
+        self.helped_bytes = 0
         self._streams: dict[int, Any] = {}
         self._layouts: dict[Any, Layout] = {}
         #: Saves blocked in ``acquire`` right now (read by the persist thread, unlocked).
@@ -330,11 +401,12 @@ class Stager:
         (the slot a restore just filled, while the other is still being faulted in: the first
         save after a restart then costs a copy, not a page-faulting pass).  If the chosen slot
         is not yet mapped for ``nbytes`` while the prefault thread is faulting the other one in,
-        waits for the prefault: it finishes sooner than a cold mapping would.
+        waits for the prefault, and faults pieces of that slot in alongside it meanwhile (two
+        threads fault memory in faster than one).
         """
         t0 = time.perf_counter()
-        with self._cond:
-            while True:
+        while True:
+            with self._cond:
                 free = [s for s in self.slots if not s.busy]
                 if free:
                     free.sort(
@@ -353,11 +425,17 @@ class Stager:
                     if slot.warm(nbytes) or not any(p.prefaulting for p in self.slots):
                         slot.busy = True
                         return slot, time.perf_counter() - t0
-                self.waiters += 1
-                try:
-                    self._cond.wait()
-                finally:
-                    self.waiters -= 1
+                # Waiting for the prefault: fault that slot in alongside it rather than idle.
+                target = next((p for p in self.slots if p.prefaulting), None)
+                job = target.faulting if target is not None else None
+                if target is None or job is None or not job.left():
+                    self.waiters += 1
+                    try:  # re-checked now and then: a prefault may start faulting a slot in
+                        self._cond.wait(0.05 if target is not None else None)
+                    finally:
+                        self.waiters -= 1
+                    continue
+            self.helped_bytes += target.help_fault()
 
     def try_acquire(self, slot: Slot) -> bool:
         with self._cond:
