@@ -550,11 +550,13 @@ class MirrorServer:
         for name, o in orphans:
             if owner is None or name == owner:
                 o.drop_own()
-            for held in [owner] if owner is not None else list(o.mirrors):
-                ms = o.mirrors.pop(held, None)
-                if ms is not None:
+            with self._lock:  # the serving threads look these up
+                held = [owner] if owner is not None else list(o.mirrors)
+                gone = [o.mirrors.pop(h) for h in held if h in o.mirrors]
+            for ms in gone:
+                with ms.lock:
                     ms.close()
-                    shutil.rmtree(ms.directory, ignore_errors=True)
+                shutil.rmtree(ms.directory, ignore_errors=True)
             if o.empty():
                 with self._lock:
                     self._orphans.pop(name, None)
