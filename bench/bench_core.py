@@ -1008,7 +1008,7 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("  persist_s['storage'] (paired ratio to raw)", lambda r: _persist_pair(r)),
     ("  retention (deleting the previous step), wherever it ran", lambda r: _s(r.get("so_retention"))),
     ("  background work after durable (ckpt.wait() after handle.wait())", lambda r: _after(r)),
-    ("  persist_s['memory'] (checksums, before any write)", lambda r: _s(r.get("so_persist_memory"))),
+    ("  persist_s['memory'] (until all checksums are known)", lambda r: _s(r.get("so_persist_memory"))),
     ("flashckpt local+storage: save -> durable on local", lambda r: _vs(r, "durable_local", "raw", "raw")),
     ("flashckpt local+storage: save -> durable on both", lambda r: _vs(r, "durable_all", "raw", "raw")),
     ("  persist_s['local'] / ['storage']", lambda r: _pair(r, "persist_local", "persist_storage")),

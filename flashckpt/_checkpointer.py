@@ -60,6 +60,7 @@ from flashckpt.errors import (
 )
 from flashckpt.format import (
     CODEC_RAW,
+    SHARD_PATTERN,
     ChunkEntry,
     Manifest,
     TensorEntry,
@@ -466,6 +467,7 @@ class Checkpointer:
         earlier attempt left, when this one mirrors nothing new).
         """
         nodes = self._ctl.all_gather(self._node)
+        self._node_lead = nodes.index(self._node) == self._rank  # the lowest rank on this node
         n_nodes = len(set(nodes))
         k = (1 if n_nodes > 1 else 0) if mirror is None else mirror
         if k > n_nodes - 1:
@@ -693,6 +695,8 @@ class Checkpointer:
         rank can load, newest first."""
         inventory = self._inventory()
         mine = {s for _, held in inventory for s in held if want is None or s == want}
+        if self._node_lead:
+            self._warn_foreign_shards()
         holdings: dict[str, list[int]] = {}
         if self._mirror_server is not None:
             # shard directories this node keeps for ranks that run elsewhere now (renumbered)
@@ -726,6 +730,30 @@ class Checkpointer:
                 max(common) if common else None,
             )
         return _RestorePlan(inventory, sorted(common, reverse=True), mirrored)
+
+    def _warn_foreign_shards(self) -> None:
+        """The lowest rank of a node, in ``restore``: name memory-tier directories left by a
+        job of another world size.  This job never reads them (resharding reads storage), and
+        deleting them is the user's call: they may hold the only copy of a step if that job
+        resumes with its old size."""
+        suffix = f"-of-{self._world:05d}"
+        try:
+            other = sorted(
+                d.name
+                for d in self._memory_root.iterdir()
+                if d.is_dir() and SHARD_PATTERN.fullmatch(d.name) and not d.name.endswith(suffix)
+            )
+        except OSError:
+            return
+        if other:
+            log.warning(
+                "flashckpt: %s holds memory-tier shards of a job with another world size (%s%s), which "
+                "this %d-rank job never reads; delete them if that job will not resume",
+                self._memory_root,
+                ", ".join(other[:4]),
+                ", ..." if len(other) > 4 else "",
+                self._world,
+            )
 
     def _load_step(
         self, s: int, state: Any, plan: _RestorePlan, progress: _Progress

@@ -37,7 +37,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -54,14 +53,13 @@ from flashckpt._coordinator import memory_steps, read_memory_manifest, verify_ch
 from flashckpt._staging import Slot, check_fits
 from flashckpt.backends import LocalBackend
 from flashckpt.errors import CorruptCheckpointError, FlashCkptError, StorageError, TransientStorageError
-from flashckpt.format import MAX_RECORD_BYTES, Manifest, encode_manifest, memory_manifest_key
+from flashckpt.format import MAX_RECORD_BYTES, SHARD_PATTERN, Manifest, encode_manifest, memory_manifest_key
 
 log = logging.getLogger(__name__)
 
 _MAGIC = b"flashckpt-mirror/1"
 _HEADER = struct.Struct("!I")
 _PIECE = 4 << 20  # send / receive granularity (also the bandwidth cap's tick)
-_SHARD_RE = re.compile(r"r\d{5}-of-\d{5}")
 
 
 class MirrorAuthError(FlashCkptError, PermissionError):
@@ -315,7 +313,7 @@ class _Orphan:
         self.mirrors = {
             d.name: _MirrorSlots(d)
             for d in (sorted(mirrors.iterdir()) if mirrors.is_dir() else [])
-            if d.is_dir() and _SHARD_RE.fullmatch(d.name)
+            if d.is_dir() and SHARD_PATTERN.fullmatch(d.name)
         }
 
     def empty(self) -> bool:
@@ -373,7 +371,7 @@ class MirrorServer:
         out: dict[str, set[int]] = {}
         if self.root.is_dir():
             for d in sorted(self.root.iterdir()):
-                if d.is_dir() and _SHARD_RE.fullmatch(d.name):
+                if d.is_dir() and SHARD_PATTERN.fullmatch(d.name):
                     out.setdefault(d.name, set()).update(self._slots(d.name).steps())
         with self._lock:
             orphans = list(self._orphans.items())
@@ -391,7 +389,7 @@ class MirrorServer:
         suffix = f"-of-{world:05d}"
         for d in sorted(memory_root.iterdir()) if memory_root.is_dir() else []:
             name = d.name
-            if not (_SHARD_RE.fullmatch(name) and name.endswith(suffix)) or d == self.rank_dir:
+            if not (SHARD_PATTERN.fullmatch(name) and name.endswith(suffix)) or d == self.rank_dir:
                 continue
             with self._lock:
                 if name in self._orphans:
@@ -475,7 +473,7 @@ class MirrorServer:
 
     def _put(self, conn: socket.socket, req: dict[str, Any]) -> None:
         owner, step, n = req.get("shard"), req.get("step"), req.get("manifest")
-        if not (isinstance(owner, str) and _SHARD_RE.fullmatch(owner)) or type(step) is not int:
+        if not (isinstance(owner, str) and SHARD_PATTERN.fullmatch(owner)) or type(step) is not int:
             raise MirrorError("bad put request")
         if type(n) is not int or not 0 < n <= MAX_RECORD_BYTES:
             raise MirrorError("bad put request")
@@ -502,7 +500,7 @@ class MirrorServer:
 
     def _get(self, conn: socket.socket, req: dict[str, Any]) -> None:
         shard, step = req.get("shard"), req.get("step")
-        if not (isinstance(shard, str) and _SHARD_RE.fullmatch(shard)) or type(step) is not int:
+        if not (isinstance(shard, str) and SHARD_PATTERN.fullmatch(shard)) or type(step) is not int:
             raise MirrorError("bad get request")
         for ms in self._sources(shard):
             if step not in ms.steps():

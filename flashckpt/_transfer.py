@@ -3,7 +3,10 @@
 For each staged snapshot, the ``flashckpt-persist`` thread
 
 1. checksums every chunk in the slot (on the ``flashckpt-io`` pool; xxh3 releases the GIL),
-2. writes the memory-tier manifest (the snapshot now survives a crash of the process),
+   each chunk's write to the first persistent tier following its checksum in the same task,
+   so that checksumming overlaps the writes,
+2. once every checksum is known, writes the sealed memory-tier manifest (a crash from then on
+   finds a verified snapshot; before, ``save`` left an unsealed one) and starts the mirrors,
 3. for each persistent tier (local, then storage): writes the chunks in parallel, then the
    manifest, then the commit record, then applies retention,
 4. releases the slot.
@@ -24,7 +27,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -188,6 +191,8 @@ class Persister:
         self.pool = ThreadPoolExecutor(
             max(opts.io_threads, opts.hash_threads), thread_name_prefix="flashckpt-io"
         )
+        #: checksums of a fresh snapshot, running ahead of its writes on ``pool``
+        self.hash_pool = ThreadPoolExecutor(opts.hash_threads, thread_name_prefix="flashckpt-hash")
         self._queue: queue.Queue[Job | None] = queue.Queue()
         #: A shared-tier commit this rank stopped waiting for (``WaitTimeout``): (key, step).
         #: Until it resolves, later saves skip the shared tier at once (reported) instead of
@@ -206,6 +211,7 @@ class Persister:
         self._queue.put(None)
         self._thread.join()
         self.pool.shutdown(wait=True)
+        self.hash_pool.shutdown(wait=True)
         self._mirror_pool.shutdown(wait=True)
 
     # -- persist thread ----------------------------------------------------------------------
@@ -247,6 +253,13 @@ class Persister:
         finally:
             if not released:
                 self.stager.release(job.slot)
+            # Every tier is reported by now; one that is not would hang its waiters forever.
+            left = [name for name in job.handle.tiers if name in job.handle._pending]
+            if left:
+                log.error("flashckpt: step %d: tiers %s were never reported (a bug)", job.manifest.step, left)
+                for name in left:
+                    error = FlashCkptError(f"internal error: the {name} tier was not reported")
+                    job.handle._finish_tier(name, 0.0, error)
             for cb in job.on_done:
                 try:
                     cb(job.handle)
@@ -281,29 +294,59 @@ class Persister:
         m = job.manifest
         committed: list[Tier] = []
         waits: list[tuple[Tier, str, float]] = []
-        if not job.hashed:
-            t0 = time.perf_counter()
+        pushes: list[tuple[int, float, Future[int]]] = []
+        t_seal = time.perf_counter()
+        # Checksums are computed in the first tier's chunk tasks, each before its write
+        # (unless that tier deduplicates across ranks, which needs them all up front).
+        # (A snapshot without chunks counts as sealed: it has nothing to checksum.)
+        pipelined = not job.hashed and not m.sealed and bool(job.tiers) and not self._dedups(job.tiers[0])
+
+        def sealed(sm: Manifest) -> None:
+            """Every checksum is known: the memory tier's manifest, then the mirrors."""
+            nonlocal m, pushes
+            m = sm
+            error: BaseException | None = None
             try:
-                m = self._hash(m, job.slot)
-                data = encode_manifest(m)
-                key = memory_manifest_key(m.step)
-                self.memory.backend.put(key, data)
+                self.memory.backend.put(memory_manifest_key(sm.step), encode_manifest(sm))
+            except BaseException as exc:  # the tiers go on: their writes carry the checksums
+                log.error("flashckpt: step %d's sealed manifest was not written to memory: %s", sm.step, exc)
+                error = exc
+            job.handle._finish_tier("memory", time.perf_counter() - t_seal, error)
+            pushes = self._start_mirrors(job, sm)
+
+        def seal_now() -> bool:
+            """Checksum the whole slot here (the first tier did not get to it); False, with
+            every tier still pending failed, if that fails."""
+            try:
+                sm = self._hash(m, job.slot)
             except BaseException as exc:
-                log.error("flashckpt: step %d could not be written to the memory tier: %s", m.step, exc)
-                for name in job.handle.tiers:
-                    job.handle._finish_tier(name, 0.0, exc)
+                log.error("flashckpt: step %d could not be checksummed: %s", m.step, exc)
                 for tier in job.tiers:
-                    self._report_failure(job, tier, exc)
+                    if tier.name in job.handle._pending:
+                        self._report_failure(job, tier, exc)
+                for name in job.handle.tiers:
+                    if name in job.handle._pending:
+                        job.handle._finish_tier(name, 0.0, exc)
+                return False
+            sealed(sm)
+            return True
+
+        if job.hashed:
+            pushes = self._start_mirrors(job, m)
+        elif not pipelined and not seal_now():
+            return committed, waits
+        for i, tier in enumerate(job.tiers):
+            if not m.sealed and i > 0 and not seal_now():  # the first tier failed before sealing
                 return committed, waits
-            job.handle._finish_tier("memory", time.perf_counter() - t0)
-        pushes = self._start_mirrors(job, m)
-        for tier in job.tiers:
             t0 = time.perf_counter()
             try:
                 ckey = self._commit_key(job, tier)
                 if ckey is not None:
                     self._check_stalled(tier)
-                job.handle.written_bytes[tier.name] = self.persist(tier, m, job.slot, job.seq)
+                on_sealed = sealed if pipelined and i == 0 else None
+                job.handle.written_bytes[tier.name] = self.persist(
+                    tier, m, job.slot, job.seq, on_sealed=on_sealed
+                )
                 if ckey is not None:
                     arrived = self.control.arrive(ckey)
                     if arrived < (job.writers or self.control.world):
@@ -334,6 +377,8 @@ class Persister:
                 continue
             self._committed(job, tier, t0)
             committed.append(tier)
+        if not m.sealed and not seal_now():  # the only tier failed before sealing
+            return committed, waits
         self._finish_mirrors(job, pushes)
         return committed, waits
 
@@ -492,21 +537,37 @@ class Persister:
             self._known_chunks[tier.name] = known
         return known
 
-    def persist(self, tier: Tier, m: Manifest, slot: Slot, seq: str = "") -> int:
+    def persist(
+        self,
+        tier: Tier,
+        m: Manifest,
+        slot: Slot,
+        seq: str = "",
+        *,
+        on_sealed: Callable[[Manifest], None] | None = None,
+    ) -> int:
         """Write one shard to ``tier``: new chunks, then the manifest, then the commit record.
 
         Chunks are content-addressed: one whose bytes the tier's newest commit already holds is
         referenced again, not encoded or written.  With ``Options.dedup_replicated`` on the
         shared tier of a multi-rank job, a chunk whose bytes its owner rank also holds is
         written by the owner only (see :meth:`_dedup`).  Returns the chunk bytes written.
+
+        ``m`` may be unsealed (no checksums yet) when ``on_sealed`` is given: each chunk task
+        checksums its chunk before it writes it, and ``on_sealed(sealed manifest)`` is called
+        on this thread as soon as every checksum is known, while the writes go on.
         """
         be, opts = tier.backend, self.opts
         # Re-saving a step number: un-commit first, so the step is never committed while torn.
         retry(lambda: be.delete(commit_key(m.step)), f"uncommit step {m.step}", opts)
         known = self._known(tier, m)
         groups = _byte_groups(m)
+        if not m.sealed:
+            if on_sealed is None or self._dedups(tier):
+                raise ValueError("an unsealed manifest is persisted only with on_sealed, without dedup")
+            return self._persist_unsealed(tier, m, slot, known, groups, on_sealed)
         owners = None
-        if opts.dedup_replicated and tier.shared and self.control.distributed:
+        if self._dedups(tier):
             owners = assign_owners([c.nbytes for c in m.chunks], self.control.world)
         futures: list[Future[ChunkEntry]] = []
         written: list[Future[ChunkEntry]] = []
@@ -528,6 +589,78 @@ class Persister:
         if owners is not None:
             self._dedup(tier, m, slot, seq, owners, futures, written, deferred, groups)
         out = m.with_chunks(_wait_all(futures))
+        self._finish_persist(tier, m, out)
+        return sum(f.result().stored_nbytes for f in written)
+
+    def _persist_unsealed(
+        self,
+        tier: Tier,
+        m: Manifest,
+        slot: Slot,
+        known: dict[str, ChunkEntry],
+        groups: list[int],
+        on_sealed: Callable[[Manifest], None],
+    ) -> int:
+        """``persist`` of a snapshot not yet checksummed.  Chunks are checksummed on the
+        ``flashckpt-hash`` pool at memory speed; as each checksum is known, the chunk's write
+        (unless ``known`` holds its bytes) goes to the I/O pool, so the first writes start
+        after one chunk's checksum instead of all of them."""
+        digests: list[Future[str]] = [Future() for _ in m.chunks]
+        entries: list[Future[ChunkEntry]] = [Future() for _ in m.chunks]
+        writes: list[Future[ChunkEntry]] = []
+        reused: set[int] = set()
+        stop = threading.Event()
+
+        def hash_then_write(i: int, src: ChunkEntry, group: int) -> None:
+            """Hash pool: checksum chunk ``i``, then hand its write to the I/O pool."""
+            view = slot.view(src.at, src.stored_nbytes)
+            try:
+                d = checksum(view)
+            except BaseException as exc:
+                _settle(digests[i], error=exc)
+                _settle(entries[i], error=exc)
+                return
+            _settle(digests[i], d)
+            c = ChunkEntry(slot.name, src.offset, src.offset, src.nbytes, src.nbytes, src.codec, d)
+            hit = known.get(d)
+            if hit is not None and hit.nbytes == c.nbytes:
+                reused.add(i)
+                _settle(entries[i], dataclasses.replace(hit, offset=c.offset))
+            elif stop.is_set():  # the tier failed: write nothing more from this slot
+                _settle(entries[i], error=CancelledError())
+            else:
+                write = self.pool.submit(self._put_chunk, tier, c, view, group)
+                writes.append(write)
+                write.add_done_callback(lambda f: _settle_from(f, entries[i]))
+
+        tasks = [
+            self.hash_pool.submit(hash_then_write, i, src, group)
+            for i, (src, group) in enumerate(zip(m.chunks, groups, strict=True))
+        ]
+        try:
+            sealed = m.with_chunks(
+                ChunkEntry(slot.name, c.offset, c.offset, c.nbytes, c.nbytes, c.codec, d)
+                for c, d in zip(m.chunks, _wait_all(digests), strict=True)
+            )
+            on_sealed(sealed)
+            out = sealed.with_chunks(_wait_all(entries))
+        except BaseException:
+            # The slot goes back to the stager after this: nothing may read it any more.
+            stop.set()
+            for t in tasks:
+                t.cancel()
+            wait(tasks)  # every hash task has returned: no write is submitted after this
+            for w in writes:
+                w.cancel()
+            wait(list(writes))
+            raise
+        self._finish_persist(tier, sealed, out)
+        return sum(e.stored_nbytes for i, e in enumerate(out.chunks) if i not in reused)
+
+    def _finish_persist(self, tier: Tier, m: Manifest, out: Manifest) -> None:
+        """The manifest of ``out`` (``m`` with the tier's chunk entries), then, on a tier of
+        this rank's own, its commit record."""
+        be, opts = tier.backend, self.opts
         mkey = manifest_key(m.step, m.rank, m.world_size)
         mdata = encode_manifest(out)
         retry(lambda: be.put(mkey, mdata), f"put {mkey}", opts)
@@ -539,7 +672,6 @@ class Persister:
             record = CommitRecord(m.step, m.world_size, now(), ((mkey, len(mdata), checksum(mdata)),), scope)
             cdata = encode_commit(record)
             retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
-        return sum(f.result().stored_nbytes for f in written)
 
     def _dedup(
         self,
@@ -598,6 +730,10 @@ class Persister:
             written.append(fut)
             fut.add_done_callback(lambda f, i=i: _chain(f, futures[i]))  # type: ignore[misc]
 
+    def _dedups(self, tier: Tier) -> bool:
+        """Chunks of replicated state are written once per job on this tier."""
+        return self.opts.dedup_replicated and tier.shared and self.control.distributed
+
     def _put_chunk(self, tier: Tier, c: ChunkEntry, view: memoryview, group: int) -> ChunkEntry:
         """I/O pool: encode one chunk for ``tier`` (if it compresses) and put it at its content
         address.  At most ``io_threads`` encoded buffers exist at once: memory stays bounded."""
@@ -633,6 +769,28 @@ def assign_owners(sizes: list[int], world: int) -> list[int]:
         owners[i] = r
         load[r] += sizes[i]
     return owners
+
+
+def _settle(dst: Future[T], result: T | None = None, *, error: BaseException | None = None) -> None:
+    """Complete ``dst`` unless it is done already (cancelled by a failing wait)."""
+    try:
+        if error is not None:
+            dst.set_exception(error)
+        else:
+            dst.set_result(result)  # type: ignore[arg-type]
+    except InvalidStateError:
+        pass
+
+
+def _settle_from(src: Future[T], dst: Future[T]) -> None:
+    if src.cancelled():
+        dst.cancel()
+        return
+    exc = src.exception()
+    if exc is not None:
+        _settle(dst, error=exc)
+    else:
+        _settle(dst, src.result())
 
 
 def _chain(src: Future[T], dst: Future[T]) -> None:

@@ -103,6 +103,10 @@ def step_prefix(step: int) -> str:
     return f"steps/{step:012d}/"
 
 
+#: How ``shard_name`` names a shard (also its memory-tier directory).
+SHARD_PATTERN = re.compile(r"r\d{5}-of-\d{5}")
+
+
 def shard_name(rank: int, world_size: int) -> str:
     return f"r{rank:05d}-of-{world_size:05d}"
 

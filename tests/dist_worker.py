@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import signal
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,18 @@ from tests.conftest import make_state
 
 def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+# Held by the training thread from ``save`` until the step is written to ``staged-rank{R}``.
+# A kill from a background thread (persist, commit) takes it first, so that the file never
+# misses a step whose save had returned; if the training thread holds it for long, it is
+# blocked inside ``save`` (waiting for a slot), where a kill is just as exact.
+_window = threading.Lock()
+
+
+def _die_from_background() -> None:
+    _window.acquire(timeout=5)
+    _die()
 
 
 def _arm(where: str, step: int) -> None:
@@ -56,14 +69,14 @@ def _arm(where: str, step: int) -> None:
 
         def put(self: Any, tier: Any, c: Any, view: Any, group: int) -> Any:
             if tier.name == "storage" and _current["persisting"] == step:
-                _die()
+                _die_from_background()
             return orig_put(self, tier, c, view, group)
 
         orig_persist = _transfer.Persister.persist
 
-        def persist(self: Any, tier: Any, m: Any, *args: Any) -> int:
+        def persist(self: Any, tier: Any, m: Any, *args: Any, **kwargs: Any) -> int:
             _current["persisting"] = m.step
-            return orig_persist(self, tier, m, *args)
+            return orig_persist(self, tier, m, *args, **kwargs)
 
         _transfer.Persister._put_chunk = put  # type: ignore[method-assign]
         _transfer.Persister.persist = persist  # type: ignore[method-assign]
@@ -72,7 +85,7 @@ def _arm(where: str, step: int) -> None:
 
         def commit(self: Any, tier: Any, s: int, world: int) -> None:
             if tier.name == "storage" and s == step:
-                _die()
+                _die_from_background()
             orig_commit(self, tier, s, world)
 
         _transfer.Persister.commit_shared = commit  # type: ignore[method-assign]
@@ -156,10 +169,11 @@ def main() -> None:
         for step in range(first, args.steps):
             train_step(state, step, rank)
             _current["step"] = step
-            ckpt.save(step, state)
-            if attempt == 0:
-                with open(out / f"staged-rank{rank}", "a") as f:
-                    f.write(f"{step}\n")
+            with _window:
+                ckpt.save(step, state)
+                if attempt == 0:
+                    with open(out / f"staged-rank{rank}", "a") as f:
+                        f.write(f"{step}\n")
         ckpt.wait()
         if args.die_at_end:
             dist.barrier()  # every rank's saves (and mirrors) are done: now the job dies

@@ -414,3 +414,16 @@ def test_a_save_reuses_a_warm_slot_whose_step_is_durable_instead_of_faulting_a_c
         assert ckpt.restore(restored, step=1) == 1  # from memory: it was kept, and is salvaged
         ckpt.wait()
         assert _committed(dirs["storage"]) == [0, 1]
+
+
+def test_memory_left_by_a_job_of_another_world_size_is_named_not_read_or_deleted(
+    dirs: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    old = dirs["memory"] / "r00001-of-00004"  # a shard of the same job when it ran on 4 ranks
+    old.mkdir(parents=True)
+    (old / "slot-0.bin").write_bytes(b"x" * 4096)
+    with _ckpt(dirs) as ckpt, caplog.at_level(logging.WARNING, logger="flashckpt"):
+        assert ckpt.restore(make_state()) is None
+    said = [r.getMessage() for r in caplog.records]
+    assert any("r00001-of-00004" in m and "another world size" in m for m in said), said
+    assert (old / "slot-0.bin").read_bytes() == b"x" * 4096

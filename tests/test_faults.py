@@ -152,3 +152,31 @@ def test_an_unreachable_storage_tier_is_not_taken_for_an_empty_one(dirs: dict[st
         # a snapshot in memory is restored all the same
         ckpt.save(1, state, force=True)
         assert ckpt.restore(make_state()) == 1
+
+
+@pytest.mark.parametrize("two_tiers", [True, False])
+def test_a_first_tier_failing_before_any_checksum_still_seals_the_snapshot(
+    tmp_path: Path, shm_dir: Path, two_tiers: bool
+) -> None:
+    """Checksums are computed by the first tier's chunk tasks; if that tier fails before
+    starting them (here: it cannot even un-commit the step), the snapshot is checksummed
+    anyway: the memory tier's manifest is sealed and the next tier is written."""
+    from flashckpt._coordinator import read_memory_manifest
+
+    plan = FaultPlan([Fault(op="delete", key_contains="commits/", times=None, error=StorageError)])
+    failing = FaultyBackend(LocalBackend(tmp_path / "bad"), plan)
+    state = make_state()
+    tiers: dict[str, object] = (
+        {"storage": tmp_path / "s", "local_dir": failing} if two_tiers else {"storage": failing}
+    )
+    with flashckpt.Checkpointer(memory_dir=shm_dir, options=FAST_RETRY, **tiers) as ckpt:  # type: ignore[arg-type]
+        h = ckpt.save(0, state)
+        assert h is not None
+        with pytest.raises(StorageError, match="injected"):
+            h.wait(timeout=60)
+        assert h.durable_on() == (("memory", "storage") if two_tiers else ("memory",))
+        assert read_memory_manifest(ckpt._memory.backend, 0).sealed
+        ckpt.close(_raise=False)
+    assert plan.fired > 0
+    if two_tiers:
+        assert _committed(tmp_path / "s") == [0]
