@@ -8,8 +8,9 @@ Call order (one process per rank; every method from the training thread only)::
         ckpt.save(step, state)         # a memory copy; returns a SaveHandle
     ckpt.close()                       # waits, persists the newest snapshot, frees memory
 
-Background threads: ``flashckpt-persist`` (one, ordered jobs), ``flashckpt-io-*`` (chunk
-checksums and transfers), ``flashckpt-prefault`` (slot faulting).  ``close`` joins them all.
+Background threads: ``flashckpt-persist`` (one, ordered jobs), ``flashckpt-hash-*`` (chunk
+checksums), ``flashckpt-io-*`` (transfers, verification), ``flashckpt-prefault`` (slot
+faulting), ``flashckpt-mirror*`` (peer mirrors, multi-node jobs).  ``close`` joins them all.
 """
 
 from __future__ import annotations

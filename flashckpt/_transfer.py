@@ -2,9 +2,9 @@
 
 For each staged snapshot, the ``flashckpt-persist`` thread
 
-1. checksums every chunk in the slot (on the ``flashckpt-io`` pool; xxh3 releases the GIL),
-   each chunk's write to the first persistent tier following its checksum in the same task,
-   so that checksumming overlaps the writes,
+1. checksums every chunk in the slot (on the ``flashckpt-hash`` pool; xxh3 releases the GIL),
+   each chunk's write to the first persistent tier (on the ``flashckpt-io`` pool) starting as
+   soon as its checksum is known, so that checksumming overlaps the writes,
 2. once every checksum is known, writes the sealed memory-tier manifest (a crash from then on
    finds a verified snapshot; before, ``save`` left an unsealed one) and starts the mirrors,
 3. for each persistent tier (local, then storage): writes the chunks in parallel, then the
@@ -171,7 +171,7 @@ class Job:
 
 
 class Persister:
-    """Owns the ``flashckpt-persist`` thread and the ``flashckpt-io`` pool."""
+    """Owns the ``flashckpt-persist`` thread and the ``flashckpt-hash`` and ``flashckpt-io`` pools."""
 
     def __init__(
         self, opts: Options, memory: Tier, stager: Stager, keep: int | None, control: Control | None = None
