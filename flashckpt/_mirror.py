@@ -396,18 +396,24 @@ class MirrorServer:
                     continue
             try:
                 fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except OSError:
+            except OSError as exc:
+                log.warning("flashckpt: cannot open %s: %s", d, exc)
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # a live rank's own directory, or another rank claimed it
                 os.close(fd)
                 continue
-            try:
-                orphan = _Orphan(d, fd)
-            except BaseException:
+            except OSError as exc:
                 os.close(fd)
-                raise
+                log.warning("flashckpt: cannot lock %s: %s", d, exc)
+                continue
+            try:  # one unreadable leftover must not fail the restore (every rank waits on it)
+                orphan = _Orphan(d, fd)
+            except Exception as exc:
+                os.close(fd)
+                log.warning("flashckpt: not serving %s: %s", d, exc)
+                continue
             with self._lock:
                 self._orphans[name] = orphan
             claimed.append(name)
@@ -468,7 +474,7 @@ class MirrorServer:
                     self._get(conn, req)
                 else:
                     _send_header(conn, {"ok": False, "error": "unknown request"})
-            except (OSError, FlashCkptError, ValueError) as exc:
+            except (OSError, FlashCkptError, ValueError, RuntimeError) as exc:  # (a pool shut down)
                 log.warning("flashckpt: mirror connection from %s failed: %s", peer, exc)
 
     def _put(self, conn: socket.socket, req: dict[str, Any]) -> None:

@@ -274,6 +274,8 @@ class Slot:
                     finally:
                         self.faulting = None
                         job.drain()  # a helper's piece may still be running: fd stays open
+                    if job.error is not None:  # a helper's piece failed: the slot has holes
+                        raise job.error
             except BaseException:
                 if self._mm is not None:
                     try:

@@ -339,10 +339,16 @@ class Persister:
             if not m.sealed and i > 0 and not seal_now():  # the first tier failed before sealing
                 return committed, waits
             t0 = time.perf_counter()
+            ckey = self._commit_key(job, tier)
+            if ckey is not None:
+                try:
+                    self._check_stalled(tier, job)
+                except FlashCkptError as exc:  # nothing was written: nothing to discard
+                    self._report_failure(job, tier, exc)
+                    log.error("flashckpt: step %d skips the %s tier: %s", m.step, tier.name, exc)
+                    job.handle._finish_tier(tier.name, 0.0, exc)
+                    continue
             try:
-                ckey = self._commit_key(job, tier)
-                if ckey is not None:
-                    self._check_stalled(tier)
                 on_sealed = sealed if pipelined and i == 0 else None
                 job.handle.written_bytes[tier.name] = self.persist(
                     tier, m, job.slot, job.seq, on_sealed=on_sealed
@@ -360,7 +366,7 @@ class Persister:
                     self.control.publish(ckey, "ok")
                     if self.opts.dedup_replicated:  # every rank has read them: its manifest is in
                         for r in range(self.control.world):
-                            self.control.delete(f"dedup/{tier.name}/{m.step}/{job.seq}/r{r}")
+                            self.control.delete(_dedup_key(tier, m.step, job.seq, r))
             except BaseException as exc:
                 self._discard(tier, m)
                 self._report_failure(job, tier, exc)
@@ -457,15 +463,18 @@ class Persister:
         except FlashCkptError as err:
             log.warning("flashckpt: could not report the failure of step %d: %s", job.manifest.step, err)
 
-    def _check_stalled(self, tier: Tier) -> None:
+    def _check_stalled(self, tier: Tier, job: Job) -> None:
         """Persist thread, before writing to a shared tier: raise if an earlier commit this rank
         gave up waiting for is still unresolved.  A step is written only after the previous
         one was seen committed (the chunk GC relies on it, see ``collect_chunks``), so waiting
-        again here would cost each save ``coord_timeout_s``."""
+        again here would cost each save ``coord_timeout_s``.  Resolved: an outcome was
+        published for it, or the tier holds a commit of that step or a newer one."""
         if self._stalled is None:
             return
         key, step = self._stalled
-        if self.control.outcome_now(key) is None:
+        if self.control.outcome_now(key) is None and not self._committed_since(tier, step):
+            if self._dedups(tier):  # the other ranks wait for this rank's chunk entries: none
+                self.control.publish(_dedup_key(tier, job.manifest.step, job.seq, self.control.rank), "{}")
             raise CoordinationError(
                 f"not written to the {tier.name} tier: step {step}'s commit is still waiting for "
                 f"a rank (gave up after {self.control.timeout_s:.0f} s); this tier resumes once "
@@ -473,6 +482,13 @@ class Persister:
             )
         log.info("flashckpt: step %d's commit resolved late; writing the %s tier again", step, tier.name)
         self._stalled = None
+
+    def _committed_since(self, tier: Tier, step: int) -> bool:
+        try:
+            return any(s >= step for s in committed_steps(tier.backend, self.opts))
+        except FlashCkptError as exc:
+            log.debug("flashckpt: cannot list the %s tier: %s", tier.name, exc)
+            return False
 
     def _await_commit(self, job: Job, tier: Tier, key: str, t0: float) -> bool:
         """Persist thread, slot released: wait for the rank that writes the commit record."""
@@ -612,32 +628,31 @@ class Persister:
         stop = threading.Event()
 
         def hash_then_write(i: int, src: ChunkEntry, group: int) -> None:
-            """Hash pool: checksum chunk ``i``, then hand its write to the I/O pool."""
-            view = slot.view(src.at, src.stored_nbytes)
+            """Hash pool: checksum chunk ``i``, then hand its write to the I/O pool.  Settles
+            ``digests[i]`` and ``entries[i]`` whatever happens (the persist thread waits)."""
             try:
+                view = slot.view(src.at, src.stored_nbytes)
                 d = checksum(view)
+                _settle(digests[i], d)
+                c = ChunkEntry(slot.name, src.offset, src.offset, src.nbytes, src.nbytes, src.codec, d)
+                hit = known.get(d)
+                if hit is not None and hit.nbytes == c.nbytes:
+                    reused.add(i)
+                    _settle(entries[i], dataclasses.replace(hit, offset=c.offset))
+                elif stop.is_set():  # the tier failed: write nothing more from this slot
+                    _settle(entries[i], error=CancelledError())
+                else:  # (after interpreter shutdown began, submit raises: settled below)
+                    write = self.pool.submit(self._put_chunk, tier, c, view, group)
+                    writes.append(write)
+                    write.add_done_callback(lambda f: _settle_from(f, entries[i]))
             except BaseException as exc:
                 _settle(digests[i], error=exc)
                 _settle(entries[i], error=exc)
-                return
-            _settle(digests[i], d)
-            c = ChunkEntry(slot.name, src.offset, src.offset, src.nbytes, src.nbytes, src.codec, d)
-            hit = known.get(d)
-            if hit is not None and hit.nbytes == c.nbytes:
-                reused.add(i)
-                _settle(entries[i], dataclasses.replace(hit, offset=c.offset))
-            elif stop.is_set():  # the tier failed: write nothing more from this slot
-                _settle(entries[i], error=CancelledError())
-            else:
-                write = self.pool.submit(self._put_chunk, tier, c, view, group)
-                writes.append(write)
-                write.add_done_callback(lambda f: _settle_from(f, entries[i]))
 
-        tasks = [
-            self.hash_pool.submit(hash_then_write, i, src, group)
-            for i, (src, group) in enumerate(zip(m.chunks, groups, strict=True))
-        ]
+        tasks: list[Future[None]] = []
         try:
+            for i, (src, group) in enumerate(zip(m.chunks, groups, strict=True)):
+                tasks.append(self.hash_pool.submit(hash_then_write, i, src, group))
             sealed = m.with_chunks(
                 ChunkEntry(slot.name, c.offset, c.offset, c.nbytes, c.nbytes, c.codec, d)
                 for c, d in zip(m.chunks, _wait_all(digests), strict=True)
@@ -695,10 +710,9 @@ class Persister:
         state really being replicated; only the bytes saved do.
         """
         ctl = self.control
-        base = f"dedup/{tier.name}/{m.step}/{seq}/"
         mine = {i: futures[i].result() for i in range(len(m.chunks)) if owners[i] == ctl.rank}
         ctl.publish(
-            base + f"r{ctl.rank}",
+            _dedup_key(tier, m.step, seq, ctl.rank),
             json.dumps({str(i): [c.checksum, c.key, c.stored_nbytes, c.codec] for i, c in mine.items()}),
         )
         blobs: dict[int, dict[str, Any] | None] = {}
@@ -706,7 +720,7 @@ class Persister:
             o, src = owners[i], m.chunks[i]
             if o not in blobs:
                 try:
-                    blobs[o] = json.loads(ctl.await_outcome(base + f"r{o}"))
+                    blobs[o] = json.loads(ctl.await_outcome(_dedup_key(tier, m.step, seq, o)))
                 except (FlashCkptError, ValueError) as exc:
                     log.warning("flashckpt: rank %d published no chunks of step %d: %s", o, m.step, exc)
                     blobs[o] = None
@@ -769,6 +783,11 @@ def assign_owners(sizes: list[int], world: int) -> list[int]:
         owners[i] = r
         load[r] += sizes[i]
     return owners
+
+
+def _dedup_key(tier: Tier, step: int, seq: str, rank: int) -> str:
+    """The store key under which ``rank`` publishes its chunk entries of a deduplicated save."""
+    return f"dedup/{tier.name}/{step}/{seq}/r{rank}"
 
 
 def _settle(dst: Future[T], result: T | None = None, *, error: BaseException | None = None) -> None:

@@ -180,3 +180,28 @@ def test_a_first_tier_failing_before_any_checksum_still_seals_the_snapshot(
     assert plan.fired > 0
     if two_tiers:
         assert _committed(tmp_path / "s") == [0]
+
+
+def test_a_chunk_write_that_cannot_even_be_scheduled_fails_the_save_without_hanging(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    """As after interpreter shutdown began: the I/O pool refuses new work.  The checksum
+    task that hands the write over must still settle, or every wait would hang."""
+    state = make_state()
+    with flashckpt.Checkpointer(tmp_path / "s", memory_dir=shm_dir, options=FAST_RETRY) as ckpt:
+        pool = ckpt._persister.pool
+        submit = pool.submit
+
+        def refuse(*args: object, **kwargs: object) -> object:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+        pool.submit = refuse  # type: ignore[method-assign]
+        h = ckpt.save(0, state)
+        assert h is not None
+        with pytest.raises(RuntimeError, match="cannot schedule"):
+            h.wait(timeout=60)
+        assert h.durable_on() == ("memory",)
+        pool.submit = submit  # type: ignore[method-assign]
+        train_step(state, 0)
+        ckpt.save(1, state).wait(timeout=60)  # type: ignore[union-attr]
+    assert _committed(tmp_path / "s") == [1]

@@ -144,6 +144,22 @@ def test_an_orphaned_shard_directory_is_claimed_once_served_sealed_and_dropped(d
             server.close()
 
 
+def test_an_unreadable_orphan_directory_is_skipped_not_fatal(
+    dirs: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A leftover the server cannot open (here a slot that is a directory) is logged and
+    skipped: an error there would fail this rank's restore while the others wait for it."""
+    root = dirs["memory"] / "job"
+    (root / "r00000-of-00002" / "slot-0.bin").mkdir(parents=True)
+    server = MirrorServer(root / "r00001-of-00002", SECRET, flashckpt.Options(), "127.0.0.1")
+    try:
+        assert server.claim_orphans(root, 2) == []
+        assert server.holdings() == {}
+        assert any("not serving" in r.getMessage() for r in caplog.records)
+    finally:
+        server.close()
+
+
 def test_mirror_placement_is_on_other_nodes_and_spread() -> None:
     nodes = ["a", "a", "b", "b", "c", "c"]
     assert [mirror_peers(nodes, r, 1) for r in range(6)] == [[2], [3], [4], [5], [0], [1]]

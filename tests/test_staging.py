@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 import time
 from pathlib import Path
 
+import pytest
+
 import flashckpt
+from flashckpt import _staging
 from flashckpt._staging import Stager
 
 
@@ -43,3 +48,52 @@ def test_a_save_waiting_for_the_prefault_faults_the_slot_in_alongside_it(shm_dir
     finally:
         stager.close(unlink=True)
     assert not any(shm_dir.iterdir())
+
+
+def test_a_failed_piece_of_a_helping_save_never_leaves_a_warm_slot_with_holes(
+    shm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiting save's piece fails (ENOMEM, as on a full memory tier): the prefault must
+    not take the slot for mapped, or the next copy would hit unallocated pages (SIGBUS)."""
+    shm_dir.mkdir()
+    stager = Stager(shm_dir, flashckpt.Options())
+    real = _staging._populate_write
+    failed = threading.Event()
+    main = threading.get_ident()
+
+    def populate(addr: int, length: int) -> None:
+        if threading.get_ident() == main and not failed.is_set():
+            failed.set()
+            raise OSError(errno.ENOMEM, "injected")
+        real(addr, length)
+
+    monkeypatch.setattr(_staging, "_populate_write", populate)
+    pause = stager._wait_for_copies
+    slot0 = stager.slots[0]
+
+    def slow_pause() -> None:  # the prefault thread waits until the helper has tried
+        job = slot0.faulting
+        deadline = time.monotonic() + 30
+        while job is not None and job.next > 0 and not failed.is_set() and job.left():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        pause()
+
+    stager._wait_for_copies = slow_pause  # type: ignore[method-assign]
+    n = 96 << 20
+    try:
+        stager.prefault(n)
+        deadline = time.monotonic() + 30
+        while slot0.faulting is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        slot, _ = stager.acquire(n)
+        stager.release(slot)
+        stager.join_prefault()
+        assert failed.is_set()
+        for s in stager.slots:  # a slot taken for mapped is allocated to its last byte
+            if s.warm(n):
+                assert os.stat(s.path).st_blocks * 512 >= s.capacity
+        assert not slot0.warm(n)  # the slot whose piece failed was given up, not half-used
+    finally:
+        stager.close(unlink=True)
