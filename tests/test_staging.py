@@ -6,7 +6,9 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,32 +17,41 @@ from flashckpt import _staging
 from flashckpt._staging import Stager
 
 
-def test_a_save_waiting_for_the_prefault_faults_the_slot_in_alongside_it(shm_dir: Path) -> None:
-    shm_dir.mkdir()
-    stager = Stager(shm_dir, flashckpt.Options())
+def _hold_prefault(stager: Stager, until: Callable[[Any], bool]) -> None:
+    """Make the prefault thread, after its first piece of slot 0, wait until ``until(job)``
+    (or no piece is left), so that a test does not depend on which thread is faster."""
     pause = stager._wait_for_copies
     slot0 = stager.slots[0]
 
     def slow_pause() -> None:
-        # The prefault thread, after its first piece: hold until the waiting save has helped,
-        # so that the test does not depend on which thread is faster.
         job = slot0.faulting
         deadline = time.monotonic() + 30
-        while job is not None and job.next > 0 and job.helped == 0 and job.left():
+        while job is not None and job.next > 0 and not until(job) and job.left():
             assert time.monotonic() < deadline, "the waiting save never helped"
             time.sleep(0.001)
         pause()
 
     stager._wait_for_copies = slow_pause  # type: ignore[method-assign]
+
+
+def _start_prefault(stager: Stager, n: int) -> None:
+    """Start the prefault and return once it is faulting slot 0 in."""
+    stager.prefault(n)
+    deadline = time.monotonic() + 30
+    while stager.slots[0].faulting is None and not stager.slots[0].warm(n):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def test_a_save_waiting_for_the_prefault_faults_the_slot_in_alongside_it(shm_dir: Path) -> None:
+    shm_dir.mkdir()
+    stager = Stager(shm_dir, flashckpt.Options())
+    _hold_prefault(stager, until=lambda job: job.helped > 0)
     n = 96 << 20
     try:
-        stager.prefault(n)
-        deadline = time.monotonic() + 30
-        while slot0.faulting is None and not slot0.warm(n):
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        _start_prefault(stager, n)
         slot, waited = stager.acquire(n)
-        assert slot is slot0 and slot.warm(n) and waited > 0
+        assert slot is stager.slots[0] and slot.warm(n) and waited > 0
         assert stager.helped_bytes > 0
         # every byte is allocated: no piece was lost between the two threads
         assert os.stat(slot.path).st_blocks * 512 >= slot.capacity >= n
@@ -68,25 +79,10 @@ def test_a_failed_piece_of_a_helping_save_never_leaves_a_warm_slot_with_holes(
         real(addr, length)
 
     monkeypatch.setattr(_staging, "_populate_write", populate)
-    pause = stager._wait_for_copies
-    slot0 = stager.slots[0]
-
-    def slow_pause() -> None:  # the prefault thread waits until the helper has tried
-        job = slot0.faulting
-        deadline = time.monotonic() + 30
-        while job is not None and job.next > 0 and not failed.is_set() and job.left():
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-        pause()
-
-    stager._wait_for_copies = slow_pause  # type: ignore[method-assign]
+    _hold_prefault(stager, until=lambda job: failed.is_set())
     n = 96 << 20
     try:
-        stager.prefault(n)
-        deadline = time.monotonic() + 30
-        while slot0.faulting is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        _start_prefault(stager, n)
         slot, _ = stager.acquire(n)
         stager.release(slot)
         stager.join_prefault()
@@ -94,6 +90,6 @@ def test_a_failed_piece_of_a_helping_save_never_leaves_a_warm_slot_with_holes(
         for s in stager.slots:  # a slot taken for mapped is allocated to its last byte
             if s.warm(n):
                 assert os.stat(s.path).st_blocks * 512 >= s.capacity
-        assert not slot0.warm(n)  # the slot whose piece failed was given up, not half-used
+        assert not stager.slots[0].warm(n)  # the slot whose piece failed was given up
     finally:
         stager.close(unlink=True)
