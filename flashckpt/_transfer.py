@@ -742,7 +742,7 @@ class Persister:
             view = slot.view(src.at, src.stored_nbytes)
             fut = self.pool.submit(self._put_chunk, tier, src, view, groups[i])
             written.append(fut)
-            fut.add_done_callback(lambda f, i=i: _chain(f, futures[i]))  # type: ignore[misc]
+            fut.add_done_callback(lambda f, i=i: _settle_from(f, futures[i]))  # type: ignore[misc]
 
     def _dedups(self, tier: Tier) -> bool:
         """Chunks of replicated state are written once per job on this tier."""
@@ -802,6 +802,7 @@ def _settle(dst: Future[T], result: T | None = None, *, error: BaseException | N
 
 
 def _settle_from(src: Future[T], dst: Future[T]) -> None:
+    """Complete ``dst`` as ``src`` completed (a done-callback of ``src``)."""
     if src.cancelled():
         dst.cancel()
         return
@@ -810,14 +811,6 @@ def _settle_from(src: Future[T], dst: Future[T]) -> None:
         _settle(dst, error=exc)
     else:
         _settle(dst, src.result())
-
-
-def _chain(src: Future[T], dst: Future[T]) -> None:
-    exc = src.exception()
-    if exc is not None:
-        dst.set_exception(exc)
-    else:
-        dst.set_result(src.result())
 
 
 def _wait_all(futures: list[Future[T]]) -> list[T]:
