@@ -1,11 +1,13 @@
 """POSIX tier: a local NVMe directory, a parallel file system mount, or ``/dev/shm``.
 
-Objects are files under ``root``; a ``put`` writes a temporary file beside the target,
-fsyncs it (when ``fsync``), renames it into place and fsyncs the directory, so readers see
-the old object or the whole new one.  Large aligned buffers are written with ``O_DIRECT``
-in ``direct_write_bytes`` pieces (4 MiB measured fastest here) when the file system
-supports it; the unaligned tail goes through the page cache.  Everything here is thread-safe:
-concurrent puts of different keys run in parallel (the transfer layer bounds how many).
+Objects are files under ``root``; a ``put`` writes a temporary file beside the target
+(``<name>.tmp-<host>-<pid>-<n>``), fsyncs it (when ``fsync``), renames it into place and
+fsyncs the directory, so readers see the old object or the whole new one.  Listings skip
+temporary files; :meth:`LocalBackend.sweep_temps` removes those a killed writer left.  Large
+aligned buffers are written with ``O_DIRECT`` in ``direct_write_bytes`` pieces (4 MiB measured
+fastest here) when the file system supports it; the unaligned tail goes through the page
+cache.  Everything here is thread-safe: concurrent puts of different keys run in parallel (the
+transfer layer bounds how many).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import ctypes
 import errno
 import os
 import shutil
+import socket
 import threading
+import time
 from collections.abc import Sequence
 from itertools import count
 from pathlib import Path
@@ -26,6 +30,7 @@ from flashckpt.errors import ObjectNotFound
 _ALIGN = 4096
 _TMP_MARK = ".tmp-"
 _counter = count()
+_HOST = socket.gethostname() or "localhost"
 
 
 def _address(mv: memoryview) -> int | None:
@@ -82,7 +87,7 @@ class LocalBackend:
             if isinstance(data, (bytes, bytearray, memoryview))
             else [memoryview(d) for d in data]
         )
-        tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{next(_counter)}")
+        tmp = path.with_name(f"{path.name}{_TMP_MARK}{_HOST}-{os.getpid()}-{next(_counter)}")
         try:
             self._mkdirs(path.parent)
             self._write_file(tmp, [p.cast("B") if p.format != "B" else p for p in parts])
@@ -153,6 +158,29 @@ class LocalBackend:
         except OSError as exc:
             raise translate_os_error(exc, f"list {prefix!r} on {self.url}") from exc
         return sorted(out)
+
+    def sweep_temps(self, max_age_s: float) -> int:
+        """Delete the temporary files of puts that never finished: those of a process of this
+        host that is gone, and any older than ``max_age_s`` (a writer on another host, whose
+        liveness cannot be checked from here).  Any thread; returns how many were deleted."""
+        now, deleted = time.time(), 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                at = name.find(_TMP_MARK)
+                if at < 0:
+                    continue
+                path = Path(dirpath) / name
+                owner = name[at + len(_TMP_MARK) :].rsplit("-", 2)
+                mine = len(owner) == 3 and owner[0] == _HOST and owner[1].isdigit()
+                gone = mine and not _alive(int(owner[1]))
+                try:
+                    old = now - path.lstat().st_mtime > max_age_s
+                except FileNotFoundError:  # renamed into place meanwhile
+                    continue
+                if gone or old:
+                    _unlink_quiet(path)
+                    deleted += 1
+        return deleted
 
     def children(self, prefix: str) -> builtins.list[str]:
         if prefix and not prefix.endswith("/"):
@@ -266,6 +294,17 @@ class LocalBackend:
                 self._direct = False
                 return None
             raise
+
+
+def _alive(pid: int) -> bool:
+    """A process with this id exists on this host (a reused id counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _unlink_quiet(path: Path) -> None:

@@ -232,6 +232,7 @@ class Checkpointer:
             os.close(self._lock_fd)
             raise
         self._handles: list[SaveHandle] = []
+        self._sweeper: threading.Thread | None = None  # removes temporary files killed writers left
         self._last: tuple[int, Slot, bool] | None = None  # (step, slot, persisted)
         self._stats: dict[str, Any] = {"saves": 0}
         self._stats_lock = threading.Lock()
@@ -398,6 +399,7 @@ class Checkpointer:
         want = None if step == "latest" else int(step)
         self._drain()
         t0 = time.perf_counter()
+        self._start_sweep()
         plan = self._plan_restore(want)
         progress = _Progress()
         for s in plan.steps:
@@ -445,6 +447,8 @@ class Checkpointer:
             self._close_mirrors(clean)
         finally:
             self._persister.close()
+            if self._sweeper is not None:
+                self._sweeper.join()
             if self._mirror_server is not None:
                 self._mirror_server.close()
             self._stager.close(unlink=clean)
@@ -690,6 +694,30 @@ class Checkpointer:
         load_into(state, tree, materialize)
         if cuda:
             torch.cuda.synchronize()
+
+    def _start_sweep(self) -> None:
+        """Training thread, first ``restore``: remove, on a background thread, the temporary
+        files that killed writers left in the POSIX tiers (this rank's local tier; the shared
+        tier on rank 0 only: one walk per job).  Those of a dead process of this host go at
+        once, any other after ``max(gc_grace_s, 60 s)``: see ``LocalBackend.sweep_temps``."""
+        if self._sweeper is not None:
+            return
+        tiers = [t for t in self._tiers if not t.shared or self._rank == 0]
+        backends = [t.backend for t in tiers if isinstance(t.backend, LocalBackend)]
+        max_age = max(self._opts.gc_grace_s, 60.0)
+
+        def sweep() -> None:
+            for be in backends:
+                try:
+                    n = be.sweep_temps(max_age)
+                except OSError as exc:
+                    log.warning("flashckpt: sweeping %s failed: %s", be.url, exc)
+                    continue
+                if n:
+                    log.info("flashckpt: removed %d unfinished temporary files from %s", n, be.url)
+
+        self._sweeper = threading.Thread(target=sweep, name="flashckpt-sweep", daemon=True)
+        self._sweeper.start()
 
     def _plan_restore(self, want: int | None) -> _RestorePlan:
         """Training thread, every rank (gathers): what each rank can load, and the steps every

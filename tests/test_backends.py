@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import flashckpt
 from flashckpt.backends import (
     Backend,
     Fault,
@@ -31,6 +35,7 @@ from flashckpt.errors import (
     StoragePermissionError,
     TransientStorageError,
 )
+from tests.conftest import make_state
 
 
 @pytest.fixture(params=["local", "local-buffered", "shm", "faulty-passthrough", "fsspec-memory", "s3"])
@@ -338,3 +343,44 @@ def test_s3_puts_carry_the_crc32_botocore_would_send(s3: dict[str, object]) -> N
             assert sums[0] is not None and sums[0] == sums[1], size
     finally:
         be.close()
+
+
+def test_sweep_removes_the_temporary_files_of_killed_writers_only(tmp_path: Path) -> None:
+    be = LocalBackend(tmp_path / "tier")
+    be.put("commits/step-000000000003", b"record")
+    d = tmp_path / "tier" / "commits"
+    dead = subprocess.Popen(["true"])  # a pid that has exited
+    dead.wait()
+    host = socket.gethostname()
+    names = {
+        "dead": f"step-000000000004.tmp-{host}-{dead.pid}-0",  # a writer of this host, gone
+        "live": f"step-000000000005.tmp-{host}-{os.getpid()}-0",  # this process: in flight
+        "remote": "step-000000000006.tmp-otherhost-123-0",  # another host: only age tells
+        "remote_old": "step-000000000007.tmp-otherhost-123-1",
+    }
+    for name in names.values():
+        (d / name).write_bytes(b"partial")
+    old = time.time() - 3600
+    os.utime(d / names["remote_old"], (old, old))
+    assert be.list("commits/") == ["commits/step-000000000003"]  # listings never show them
+    assert be.sweep_temps(600) == 2
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        ["step-000000000003", names["live"], names["remote"]]
+    )
+
+
+def test_a_restore_sweeps_what_a_killed_writer_left(tmp_path: Path, shm_dir: Path) -> None:
+    state = make_state()
+    with flashckpt.Checkpointer(tmp_path / "s", local_dir=tmp_path / "l", memory_dir=shm_dir) as ckpt:
+        ckpt.save(0, state)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = [
+        tmp_path / tier / "commits" / f"step-000000000001.tmp-{socket.gethostname()}-{dead.pid}-7"
+        for tier in ("s", "l")
+    ]
+    for p in left:
+        p.write_bytes(b"half a commit record")
+    with flashckpt.Checkpointer(tmp_path / "s", local_dir=tmp_path / "l", memory_dir=shm_dir) as ckpt:
+        assert ckpt.restore(make_state()) == 0
+    assert not any(p.exists() for p in left)
