@@ -460,6 +460,7 @@ class Checkpointer:
                     self._rank_dir,
                 )
             os.close(self._lock_fd)
+            self._ctl.release()
         if _raise:
             for h in self._handles:
                 h.raise_failure()

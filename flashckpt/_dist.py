@@ -68,6 +68,14 @@ class Control:
         self._prefix = f"flashckpt/{nonce}/"
         self._store = PrefixStore(self._prefix, _get_process_group_store(pg))
 
+    def release(self) -> None:
+        """Owner's thread, once no thread uses this Control any more (``Checkpointer.close``):
+        drop the references to the job's group and store, so that a closed Checkpointer that
+        stays referenced does not keep the group's worker threads alive past
+        ``destroy_process_group``.  Rank and world size stay readable."""
+        self._pg = None
+        self._store = None
+
     @property
     def distributed(self) -> bool:
         return self.world > 1
