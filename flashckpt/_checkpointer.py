@@ -142,7 +142,8 @@ class Checkpointer:
             ``"zstd"``/``"zstd:LEVEL"``/``"none"`` for the storage tier, or a dict per tier,
             e.g. ``{"local": None, "storage": "zstd:3"}``.
         storage_options: passed to the storage backend.
-        process_group: the job's process group (multi-rank jobs are not supported yet).
+        process_group: the job's process group (default: the default group, if
+            ``torch.distributed`` is initialized); every rank of it constructs a Checkpointer.
         options: tuning knobs (:class:`flashckpt.Options`).
     """
 

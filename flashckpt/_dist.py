@@ -36,6 +36,7 @@ class Control:
         self.timeout_s = timeout_s
         self.rank, self.world = 0, 1
         self._pg: Any = None
+        self._own_pg = False  # True: ``_pg`` is the gloo group created here (the job's is not gloo)
         self._store: Any = None
         self._prefix = ""
         #: Shared by the ranks of this Checkpointer only (drawn by rank 0, sent over the job's
@@ -59,6 +60,7 @@ class Control:
                 backend="gloo",
                 timeout=timedelta(seconds=timeout_s),
             )
+            self._own_pg = True
         from torch.distributed.distributed_c10d import PrefixStore, _get_process_group_store
 
         # Keys of this Checkpointer only: a nonce from rank 0, so that a store that outlives a
@@ -69,12 +71,20 @@ class Control:
         self._store = PrefixStore(self._prefix, _get_process_group_store(pg))
 
     def release(self) -> None:
-        """Owner's thread, once no thread uses this Control any more (``Checkpointer.close``):
-        drop the references to the job's group and store, so that a closed Checkpointer that
+        """Training thread, once no thread uses this Control any more (``Checkpointer.close``;
+        no collective).  Destroys the gloo group this Control created (a job that opens a
+        Checkpointer per phase must not collect groups, each with threads and sockets), and
+        drops the references to the job's group and store, so that a closed Checkpointer that
         stays referenced does not keep the group's worker threads alive past
-        ``destroy_process_group``.  Rank and world size stay readable."""
-        self._pg = None
-        self._store = None
+        ``destroy_process_group``.  Rank and world size stay readable.  Idempotent."""
+        import torch.distributed as dist
+
+        pg, self._pg, self._store = self._pg, None, None
+        if pg is not None and self._own_pg and dist.is_initialized():
+            try:
+                dist.destroy_process_group(pg)
+            except (RuntimeError, ValueError, KeyError) as exc:  # already destroyed with WORLD
+                log.debug("flashckpt: destroying the control group: %s", exc)
 
     @property
     def distributed(self) -> bool:

@@ -8,12 +8,14 @@ consistent step.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -360,11 +362,16 @@ def _non_gloo_worker(rank: int, init: str, storage: str, memory: str, result: st
         for step in range(3):
             ckpt.save(step, make_state(seed=10 * rank + step))
         ckpt.wait()
+    # closed, while ``ckpt`` stays referenced: the gloo group it created is gone
+    alive = weakref.ref(control)
+    del control
+    gc.collect()
+    freed = alive() is None and len(torch.distributed.distributed_c10d._world.pg_map) == 1
     with flashckpt.Checkpointer(storage, memory_dir=f"{memory}/rank{rank}", keep=None) as ckpt:
         got = ckpt.restore(state)
     want = make_state(seed=10 * rank + 2)["model"].state_dict()  # type: ignore[attr-defined]
     same = all(torch.equal(v, want[k]) for k, v in state["model"].state_dict().items())  # type: ignore[attr-defined]
-    Path(f"{result}{rank}").write_text(json.dumps({"step": got, "same": same}))
+    Path(f"{result}{rank}").write_text(json.dumps({"step": got, "same": same, "control_freed": freed}))
     torch.distributed.destroy_process_group()
 
 
@@ -375,7 +382,7 @@ def test_a_job_whose_main_group_is_not_gloo_coordinates_over_its_own_gloo_group(
     args = (str(tmp_path / "rendezvous"), str(storage), str(shm_dir), str(result))
     mp.start_processes(_non_gloo_worker, args=args, nprocs=2, join=True, start_method="spawn")
     got = [json.loads(Path(f"{result}{r}").read_text()) for r in range(2)]
-    assert got == [{"step": 2, "same": True}] * 2
+    assert got == [{"step": 2, "same": True, "control_freed": True}] * 2
     assert _commits(storage) == [0, 1, 2]
     _verify_all(storage, 2)
 
