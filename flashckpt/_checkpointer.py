@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 
+from flashckpt import _hooks as hooks
 from flashckpt._codec import Compression
 from flashckpt._config import Options, default_memory_root, node_id, options_from_env
 from flashckpt._coordinator import (
@@ -318,6 +319,7 @@ class Checkpointer:
         except StorageError as exc:
             self._stager.release(slot)
             return self._failed_save(step, exc, t0)
+        hooks.fire("stage.done", step=step)
         tiers = self._tiers if persist else []
         mirrored = bool(self._persister.mirror_peers)
         handle = SaveHandle(step, ["memory", *(["mirror"] if mirrored else []), *(t.name for t in tiers)])
@@ -830,6 +832,7 @@ class Checkpointer:
                 log.warning("flashckpt: step %d from rank %d's memory is unusable: %s", s, peer, exc)
                 continue
             try:
+                hooks.fire("restore.loaded", step=s, tier=src.tier.name if peer is None else "mirror")
                 self._apply(m, slot, state, filled)
             except BaseException as exc:  # the state does not fit the step: the user's to fix
                 self._stager.release(slot)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
+from flashckpt import _hooks as hooks
 from flashckpt._codec import decode
 from flashckpt._config import Options
 from flashckpt._retry import retry
@@ -207,6 +208,7 @@ def apply_retention(
     doomed = steps[:-keep] if keep > 0 else []
     kept = set(steps[-keep:])
     for s in doomed:
+        hooks.fire("retention.delete", step=s, tier=be.url)
         retry(lambda s=s: be.delete(commit_key(s)), f"delete commit of step {s}", opts)  # type: ignore[misc]
     names = retry(lambda: be.children("steps/"), f"list steps on {be.url}", opts)
     newest = steps[-1]

@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from flashckpt import _hooks as hooks
 from flashckpt._config import Options
 from flashckpt._coordinator import memory_steps, read_memory_manifest, verify_chunks
 from flashckpt._staging import Slot, check_fits
@@ -167,6 +168,7 @@ def _send_snapshot(
             throttle.wait(n)
             sock.sendall(view(c.at + off, n))
             sent += n
+            hooks.fire("mirror.piece", step=m.step, sent=sent)
     return sent
 
 

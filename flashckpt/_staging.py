@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from flashckpt import _hooks as hooks
 from flashckpt._config import Options
 from flashckpt.errors import StorageFullError
 
@@ -560,8 +561,9 @@ class Stager:
             else:
                 for dst, src in pairs:
                     dst.copy_(src)
-        for dst, src in host:
+        for i, (dst, src) in enumerate(host):
             dst.copy_(src)
+            hooks.fire("stage.tensor", index=i, count=len(host))
         for stream in streams:
             stream.synchronize()
 

@@ -31,6 +31,7 @@ from concurrent.futures import CancelledError, Future, InvalidStateError, Thread
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from flashckpt import _hooks as hooks
 from flashckpt._codec import Compression, encode
 from flashckpt._config import Options
 from flashckpt._coordinator import apply_retention, committed_steps, read_committed_manifest
@@ -519,7 +520,9 @@ class Persister:
 
         entries = tuple(self.pool.map(entry, range(world)))
         record = CommitRecord(step, world, now(), entries)
+        hooks.fire("commit.record", step=step, tier=tier.name)
         retry(lambda: be.put(commit_key(step), encode_commit(record)), f"commit step {step}", opts)
+        hooks.fire("commit.done", step=step, tier=tier.name)
 
     def _hash(self, m: Manifest, slot: Slot) -> Manifest:
         digests = list(self.pool.map(lambda c: checksum(slot.view(c.offset, c.nbytes)), m.chunks))
@@ -600,7 +603,7 @@ class Persister:
                 futures.append(Future())
                 continue
             view = slot.view(src.at, src.stored_nbytes)
-            written.append(self.pool.submit(self._put_chunk, tier, src, view, group))
+            written.append(self.pool.submit(self._put_chunk, tier, m.step, src, view, group))
             futures.append(written[-1])
         if owners is not None:
             self._dedup(tier, m, slot, seq, owners, futures, written, deferred, groups)
@@ -642,7 +645,7 @@ class Persister:
                 elif stop.is_set():  # the tier failed: write nothing more from this slot
                     _settle(entries[i], error=CancelledError())
                 else:  # (after interpreter shutdown began, submit raises: settled below)
-                    write = self.pool.submit(self._put_chunk, tier, c, view, group)
+                    write = self.pool.submit(self._put_chunk, tier, m.step, c, view, group)
                     writes.append(write)
                     write.add_done_callback(lambda f: _settle_from(f, entries[i]))
             except BaseException as exc:
@@ -679,6 +682,7 @@ class Persister:
         mkey = manifest_key(m.step, m.rank, m.world_size)
         mdata = encode_manifest(out)
         retry(lambda: be.put(mkey, mdata), f"put {mkey}", opts)
+        hooks.fire("persist.manifest", step=m.step, tier=tier.name)
         # Later saves reuse the chunks of this rank's own newest manifest: retention never
         # deletes it before a newer manifest of this rank exists (see collect_chunks).
         self._known_chunks[tier.name] = {c.checksum: c for c in out.chunks}
@@ -686,7 +690,9 @@ class Persister:
             scope = "rank" if m.world_size > 1 else "job"
             record = CommitRecord(m.step, m.world_size, now(), ((mkey, len(mdata), checksum(mdata)),), scope)
             cdata = encode_commit(record)
+            hooks.fire("commit.record", step=m.step, tier=tier.name)
             retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
+            hooks.fire("commit.done", step=m.step, tier=tier.name)
 
     def _dedup(
         self,
@@ -740,7 +746,7 @@ class Persister:
                 futures[i].set_result(entry)
                 continue
             view = slot.view(src.at, src.stored_nbytes)
-            fut = self.pool.submit(self._put_chunk, tier, src, view, groups[i])
+            fut = self.pool.submit(self._put_chunk, tier, m.step, src, view, groups[i])
             written.append(fut)
             fut.add_done_callback(lambda f, i=i: _settle_from(f, futures[i]))  # type: ignore[misc]
 
@@ -748,12 +754,13 @@ class Persister:
         """Chunks of replicated state are written once per job on this tier."""
         return self.opts.dedup_replicated and tier.shared and self.control.distributed
 
-    def _put_chunk(self, tier: Tier, c: ChunkEntry, view: memoryview, group: int) -> ChunkEntry:
+    def _put_chunk(self, tier: Tier, step: int, c: ChunkEntry, view: memoryview, group: int) -> ChunkEntry:
         """I/O pool: encode one chunk for ``tier`` (if it compresses) and put it at its content
         address.  At most ``io_threads`` encoded buffers exist at once: memory stays bounded."""
         codec, stored = encode(view, group, tier.compression)
         key = chunk_key(c.checksum, codec)
         retry(lambda: tier.backend.put(key, stored), f"put {key}", self.opts)
+        hooks.fire("persist.chunk", step=step, tier=tier.name, key=key)
         return ChunkEntry(key, 0, c.offset, c.nbytes, len(stored), codec, c.checksum)
 
 

@@ -181,6 +181,9 @@ def main() -> None:
     final = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
     torch.save(final, out / f"final-rank{rank}.pt")
     dist.destroy_process_group()
+    # Skip interpreter finalization: torch's gloo teardown race (see
+    # tests/test_distributed.py::_exit_before_finalization) aborts about 1 run in 40.
+    os._exit(0)
 
 
 def _agent_store() -> dist.Store:

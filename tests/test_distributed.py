@@ -35,6 +35,21 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
 
 
+def _exit_before_finalization() -> None:
+    """End a gloo worker once everything is checked and written and every Checkpointer closed.
+
+    Something keeps the gloo group alive past ``destroy_process_group``: an FSDP device mesh
+    (held by the model's DTensors, freed only by the interpreter's final GC), and any AdamW
+    (torch's dynamo keeps WORLD referenced).  Its worker thread may then drop
+    a finished work's tensors while the interpreter finalizes; taking the GIL there ends the
+    thread inside a noexcept frame and the process aborts ("terminate called without an active
+    exception"; backtrace: ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllgatherCoalescedWork`` ->
+    ``decref_pyobject`` -> ``PyThread_exit_thread``; pytorch/pytorch#179291).  About 1 run in
+    30-45 here, so skip finalization.
+    """
+    os._exit(0)
+
+
 def _job_cmd(
     launcher: list[str], out: Path, storage: Path, memory: Path, steps: int, extra: tuple[str, ...]
 ) -> list[str]:
@@ -324,6 +339,7 @@ def _late_peer_worker(rank: int, init: str, storage: str, memory: str, result: s
     Path(f"{result}{rank}").write_text(json.dumps(outcomes))
     ckpt.close()
     torch.distributed.destroy_process_group()
+    _exit_before_finalization()
 
 
 def test_a_late_rank_pauses_the_shared_tier_until_it_catches_up(tmp_path: Path, shm_dir: Path) -> None:
@@ -373,6 +389,7 @@ def _non_gloo_worker(rank: int, init: str, storage: str, memory: str, result: st
     same = all(torch.equal(v, want[k]) for k, v in state["model"].state_dict().items())  # type: ignore[attr-defined]
     Path(f"{result}{rank}").write_text(json.dumps({"step": got, "same": same, "control_freed": freed}))
     torch.distributed.destroy_process_group()
+    _exit_before_finalization()
 
 
 def test_a_job_whose_main_group_is_not_gloo_coordinates_over_its_own_gloo_group(
@@ -406,20 +423,6 @@ class _AppState:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         set_state_dict(self.model, self.optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-
-
-def _exit_before_finalization() -> None:
-    """End an FSDP worker once everything is checked and written and every Checkpointer closed.
-
-    The device mesh (held by the model's DTensors, freed only by the interpreter's final GC)
-    keeps the gloo group alive past ``destroy_process_group``.  Its worker thread may then drop
-    a finished work's tensors while the interpreter finalizes; taking the GIL there ends the
-    thread inside a noexcept frame and the process aborts ("terminate called without an active
-    exception"; backtrace: ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllgatherCoalescedWork`` ->
-    ``decref_pyobject`` -> ``PyThread_exit_thread``; pytorch/pytorch#179291).  About 1 run in
-    30-45 here, so skip finalization.
-    """
-    os._exit(0)
 
 
 def _fsdp_state() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -654,6 +657,7 @@ def _ddp_worker(rank: int, world: int, init: str, storage: str, memory: str, res
     out["state_bytes"] = sum(t.numel() * t.element_size() for t in _flat_tensors(state))
     Path(f"{result}.{rank}").write_text(json.dumps(out))
     torch.distributed.destroy_process_group()
+    _exit_before_finalization()
 
 
 def _flat_tensors(state: Any) -> list[torch.Tensor]:
@@ -801,6 +805,7 @@ def _two_phase_worker(rank: int, phase: int, init: str, storage: str, memory: st
     Path(f"{out}/restored-rank{rank}.json").write_text(json.dumps({"step": got, "same": same}))
     ckpt.close()
     torch.distributed.destroy_process_group()
+    _exit_before_finalization()
 
 
 def test_a_step_corrupt_on_one_rank_everywhere_sends_every_rank_to_the_older_step(

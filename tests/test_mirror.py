@@ -224,6 +224,7 @@ def _victim_worker(rank: int, init: str, storage: str, memory: str, result: str)
     out["memory"] = sorted(p.name for p in ckpt.memory_path.glob("step-*.manifest"))
     ckpt.close(_raise=False)
     Path(result).write_text(json.dumps(out))
+    os._exit(0)  # skip finalization: torch's gloo teardown race (pytorch/pytorch#179291)
 
 
 def test_a_peer_killed_during_a_mirror_transfer_does_not_stop_training(tmp_path: Path, shm_dir: Path) -> None:
