@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import dataclasses
 import itertools
 import json
 import math
@@ -46,6 +47,13 @@ MAX_TOTAL_BYTES = 1 << 50
 MAX_TREE_DEPTH = 100
 MAX_STEP = 10**12 - 1
 MAX_WORLD = 1 << 20
+MAX_GENERATION = 1 << 62
+#: Ints in a state tree: at most this many bits (about 2,400 decimal digits; JSON readers
+#: refuse ints beyond 4,300 digits, and no training state needs more).
+MAX_INT_BITS = 8000
+#: The slot files of a memory tier (and of a mirror held for a peer).
+SLOT_NAMES = ("slot-0.bin", "slot-1.bin")
+_RUN_ID = re.compile(r"[0-9a-f]{1,64}")
 
 _TRAILER = b"\n#xxh3_128:"
 _TRAILER_LEN = len(_TRAILER) + 32 + 1
@@ -200,7 +208,10 @@ def encode_tree(obj: Any, path: str = "") -> Any:
             "mesh": list(obj.mesh),
         }
     if isinstance(obj, numbers.Integral):
-        return int(obj)
+        v = int(obj)
+        if v.bit_length() > MAX_INT_BITS:
+            raise TypeError(f"{path or '<root>'}: an int of {v.bit_length()} bits (at most {MAX_INT_BITS})")
+        return v
     if isinstance(obj, numbers.Real):
         f = float(obj)
         return f if math.isfinite(f) else {"T": "float", "v": repr(f)}
@@ -259,6 +270,8 @@ def decode_tree(node: Any, n_tensors: int, depth: int = 0) -> Any:
     """Validate and decode a tree read from storage.  Raises ``CorruptCheckpointError``."""
     if depth > MAX_TREE_DEPTH:
         raise CorruptCheckpointError("state tree nested too deeply")
+    if isinstance(node, float) and not math.isfinite(node):  # JSON's 1e400; the writer tags these
+        raise CorruptCheckpointError("a non-finite number outside a float node")
     if node is None or isinstance(node, (bool, int, float, str)):
         return node
     if isinstance(node, list):
@@ -400,19 +413,21 @@ class Manifest:
     tensors: tuple[TensorEntry, ...]
     chunks: tuple[ChunkEntry, ...]
     tree: Any  # JSON nodes; decode with decode_tree(tree, len(tensors))
+    #: The run generation: snapshots are ordered by ``(generation, step)``, so a run continued
+    #: from an older step (a rollback) is newer than the steps it abandoned.  See format.md.
+    generation: int = 0
+    #: Which run the snapshot belongs to: a hash of the storage tier's URL and the run id
+    #: ("" when not known).  Memory tiers are checked against them before a restore.
+    storage: str = ""
+    run: str = ""
 
     def with_chunks(self, chunks: Iterable[ChunkEntry]) -> Manifest:
-        return Manifest(
-            self.step,
-            self.rank,
-            self.world_size,
-            self.node,
-            self.created_unix,
-            self.total_bytes,
-            self.tensors,
-            tuple(chunks),
-            self.tree,
-        )
+        return dataclasses.replace(self, chunks=tuple(chunks))
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """``(generation, step)``: the newer snapshot has the larger one."""
+        return (self.generation, self.step)
 
     @property
     def sealed(self) -> bool:
@@ -472,8 +487,35 @@ def encode_manifest(m: Manifest) -> bytes:
                 [c.key, c.at, c.offset, c.nbytes, c.stored_nbytes, c.codec, c.checksum] for c in m.chunks
             ],
             "tree": m.tree,
+            **_lineage(m.generation, m.storage, m.run),
         }
     )
+
+
+def _lineage(generation: int, storage: str = "", run: str = "") -> dict[str, Any]:
+    """The optional lineage fields of a record: written only when set, so that records of a
+    run that never rolled back read the same as before they existed."""
+    out: dict[str, Any] = {}
+    if generation:
+        out["generation"] = generation
+    if storage:
+        out["storage"] = storage
+    if run:
+        out["run"] = run
+    return out
+
+
+def _decode_lineage(obj: dict[str, Any], what: str) -> tuple[int, str, str]:
+    gen = obj.get("generation", 0)
+    if type(gen) is not int or not 0 <= gen <= MAX_GENERATION:
+        raise CorruptCheckpointError(f"{what}: bad generation")
+    ids = []
+    for name in ("storage", "run"):
+        v = obj.get(name, "")
+        if not isinstance(v, str) or (v and not _RUN_ID.fullmatch(v)):
+            raise CorruptCheckpointError(f"{what}: bad {name} id")
+        ids.append(v)
+    return gen, ids[0], ids[1]
 
 
 def _time(obj: dict[str, Any], what: str) -> float:
@@ -535,7 +577,38 @@ def decode_manifest(
     _check_coverage(tensors, ordered, what)
     tree = obj.get("tree")
     decode_tree(tree, len(tensors))  # validate now; callers decode again when they need it
-    return Manifest(step, rank, world, node, created, total, tensors, chunks, tree)
+    gen, storage, run = _decode_lineage(obj, what)
+    return Manifest(step, rank, world, node, created, total, tensors, chunks, tree, gen, storage, run)
+
+
+def memory_manifest(m: Manifest, slot: str) -> Manifest:
+    """``m`` as the memory tier describes it: every chunk in slot file ``slot`` at the shard's
+    own offsets, raw.  What a slot holds is always the decoded bytes, whatever tier they were
+    read from (a storage tier's codecs and stored sizes describe that tier's objects only)."""
+    return m.with_chunks(
+        ChunkEntry(slot, c.offset, c.offset, c.nbytes, c.nbytes, CODEC_RAW, c.checksum) for c in m.chunks
+    )
+
+
+def check_memory_manifest(m: Manifest, what: str, *, capacity: int | None = None) -> str:
+    """The one validator of memory-tier and mirror manifests; returns the slot file named.
+
+    A memory manifest describes one slot's bytes: every chunk in the same slot file
+    (:data:`SLOT_NAMES`), raw, stored at its own offset with stored size == size, and the
+    shard fits the slot's ``capacity`` (when the slot is mapped).  Raises
+    :class:`CorruptCheckpointError`.  Used everywhere such a manifest is read or written."""
+    keys = {c.key for c in m.chunks}
+    if len(keys) > 1 or not keys <= set(SLOT_NAMES):
+        raise CorruptCheckpointError(f"{what}: chunks must all lie in one slot file, not {sorted(keys)[:3]}")
+    for c in m.chunks:
+        if c.codec != CODEC_RAW or c.stored_nbytes != c.nbytes or c.at != c.offset:
+            raise CorruptCheckpointError(
+                f"{what}: a memory chunk must be raw at its own offset (chunk at {c.offset}: "
+                f"{c.codec}, {c.stored_nbytes} of {c.nbytes} bytes at {c.at})"
+            )
+    if capacity is not None and m.total_bytes > capacity:
+        raise CorruptCheckpointError(f"{what}: {m.total_bytes} bytes do not fit the slot ({capacity})")
+    return next(iter(keys), SLOT_NAMES[0])
 
 
 def _decode_tensor(t: Any, total: int, what: str) -> TensorEntry:
@@ -617,6 +690,12 @@ class CommitRecord:
     #: ``"job"``: the tier holds every shard (``world_size`` manifests); ``"rank"``: a tier
     #: private to one rank (a node-local disk in a multi-rank job) holds that rank's only.
     scope: str = "job"
+    generation: int = 0  # see Manifest.generation
+    run: str = ""  # see Manifest.run
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (self.generation, self.step)
 
 
 def encode_commit(c: CommitRecord) -> bytes:
@@ -630,6 +709,7 @@ def encode_commit(c: CommitRecord) -> bytes:
     }
     if c.scope != "job":
         body["scope"] = c.scope
+    body.update(_lineage(c.generation, run=c.run))
     return encode_record(body)
 
 
@@ -664,7 +744,8 @@ def decode_commit(
         ):
             raise CorruptCheckpointError(f"{what}: bad manifest entry")
         out.append((key, size, digest))
-    return CommitRecord(step, world, created, tuple(out), scope)
+    gen, _storage, run = _decode_lineage(obj, what)
+    return CommitRecord(step, world, created, tuple(out), scope, gen, run)
 
 
 def now() -> float:
