@@ -11,16 +11,23 @@ Call order (one process per rank; every method from the training thread only)::
 Background threads: ``flashckpt-persist`` (one, ordered jobs), ``flashckpt-hash-*`` (chunk
 checksums), ``flashckpt-io-*`` (transfers, verification), ``flashckpt-prefault`` (slot
 faulting), ``flashckpt-mirror*`` (peer mirrors, multi-node jobs).  ``close`` joins them all.
+
+Snapshots are ordered by ``(generation, step)`` (docs/format.md): every Checkpointer saves in
+a generation newer than everything its ``restore`` saw, so the run a user continues (after a
+rollback to an older step, or a fallback past a corrupt one) is the newest, whatever the step
+numbers of the steps it abandoned.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -33,22 +40,26 @@ from flashckpt import _hooks as hooks
 from flashckpt._codec import Compression
 from flashckpt._config import Options, default_memory_root, node_id, options_from_env
 from flashckpt._coordinator import (
+    Order,
     Source,
-    committed_steps,
+    abandoned,
     fetch_chunks,
-    memory_steps,
     plan_sources,
+    read_commits,
     read_committed_manifest,
-    read_memory_manifest,
+    read_record,
+    read_run,
     verify_chunks,
 )
 from flashckpt._dist import Control
+from flashckpt._memtier import MemoryTier
 from flashckpt._mirror import MirrorServer, default_host, fetch, mirror_peers
 from flashckpt._reshard import StepReader
 from flashckpt._staging import Slot, Stager, check_fits
-from flashckpt._statewalk import find_targets, flatten, load_into
-from flashckpt._transfer import Job, Persister, SaveHandle, Tier
+from flashckpt._statewalk import check_loadable, find_targets, flatten, load_into
+from flashckpt._transfer import Job, Persister, PersisterDied, SaveHandle, Tier
 from flashckpt.backends import Backend, LocalBackend, open_backend, translate_os_error
+from flashckpt.backends._base import check_key
 from flashckpt.errors import (
     CheckpointNotFound,
     ClosedError,
@@ -62,13 +73,14 @@ from flashckpt.errors import (
 )
 from flashckpt.format import (
     CODEC_RAW,
+    MAX_STEP,
     SHARD_PATTERN,
     ChunkEntry,
     Manifest,
     TensorEntry,
-    encode_manifest,
+    decode_manifest,
     manifest_key,
-    memory_manifest_key,
+    memory_manifest,
     now,
     shard_name,
 )
@@ -91,14 +103,23 @@ def _compression_per_tier(spec: str | dict[str, str | None] | None) -> dict[str,
     raise ConfigError(f"compression must be None, a string or a dict, got {spec!r}")
 
 
+def _check_step(step: Any, what: str = "step") -> int:
+    if type(step) is not int or not 0 <= step <= MAX_STEP:
+        raise ConfigError(f"{what} must be an int in [0, {MAX_STEP}], got {step!r}")
+    return step
+
+
 @dataclasses.dataclass
 class _RestorePlan:
-    """What this rank's tiers hold, the steps every rank can load (newest first), and per
-    step the peers holding a copy of this rank's shard."""
+    """What this rank's tiers hold, the snapshots every rank can load (newest first), per
+    snapshot the peers holding a copy of this rank's shard, and the newest generation any
+    rank saw anywhere (the next saves are newer than it)."""
 
-    inventory: list[tuple[Tier, list[int]]]
-    steps: list[int]
-    mirrored: dict[int, list[int]]
+    inventory: list[tuple[Tier, list[Order]]]
+    steps: list[Order]
+    mirrored: dict[Order, list[int]]
+    newest_gen: int
+    newest: Order | None  # the newest snapshot every rank can load, whatever ``step`` asked
 
 
 @dataclasses.dataclass
@@ -106,11 +127,15 @@ class _Loaded:
     """A step loaded into the state: from ``tier``, staged in ``slot`` (held busy) under
     ``manifest``; both ``None`` when it was resharded from storage."""
 
-    step: int
+    order: Order
     tier: Tier
     manifest: Manifest | None
     slot: Slot | None
     nbytes: int
+
+    @property
+    def step(self) -> int:
+        return self.order[1]
 
 
 @dataclasses.dataclass
@@ -146,6 +171,8 @@ class Checkpointer:
         process_group: the job's process group (default: the default group, if
             ``torch.distributed`` is initialized); every rank of it constructs a Checkpointer.
         options: tuning knobs (:class:`flashckpt.Options`).
+
+    A constructor that fails releases everything it took (lock, mappings, threads, groups).
     """
 
     def __init__(
@@ -170,83 +197,140 @@ class Checkpointer:
             raise ConfigError(f"keep must be an int >= 1 or None, got {keep!r}")
         if mirror is not None and (type(mirror) is not int or mirror < 0):
             raise ConfigError(f"mirror must be None or an int >= 0, got {mirror!r}")
+        self._closed = True  # until built: close() does nothing, nothing is registered
         self._opts = options_from_env(options)
         self._every, self._persist_every, self._keep = every, persist_every, keep
+        self._seq = 0  # saves made so far (after `every`): the same on every rank, names a save
+        self._restores = 0  # likewise for restores
+        self._prev: int | None = None  # the last step saved or restored: a lower one starts a generation
+        self._unlisted: list[tuple[Tier, StorageError]] = []  # tiers the last inventory could not list
+        self._handles: list[SaveHandle] = []
+        self._sweeper: threading.Thread | None = None  # removes temporary files killed writers left
+        self._last: tuple[int, Slot, bool] | None = None  # (step, slot, persisted)
+        self._stats: dict[str, Any] = {"saves": 0}
+        self._last_handle: SaveHandle | None = None  # the last save's: ``stats`` reads it
+        self._stats_lock = threading.Lock()
+        self._warned: set[str] = set()  # memory snapshots of other runs, named once
+        self._mirror_server: MirrorServer | None = None
+        self._addrs: list[tuple[str, int]] = []
+        self._mirrors = 0
+        with contextlib.ExitStack() as undo:
+            self._build(undo, storage, local_dir, memory_dir, compression, storage_options, process_group)
+            self._setup_mirrors(mirror, undo)
+            undo.pop_all()
+        self._closed = False
+        atexit.register(self._atexit)
+        log.debug(
+            "flashckpt: rank %d/%d on node %s, memory tier %s, run %s generation %d",
+            self._rank,
+            self._world,
+            self._node,
+            self._rank_dir,
+            self._run,
+            self._gen,
+        )
+
+    def _build(
+        self,
+        undo: contextlib.ExitStack,
+        storage: str | os.PathLike[str] | Backend,
+        local_dir: str | os.PathLike[str] | Backend | None,
+        memory_dir: str | os.PathLike[str] | None,
+        compression: str | dict[str, str | None] | None,
+        storage_options: dict[str, Any] | None,
+        process_group: Any,
+    ) -> None:
+        """The constructor's body; every resource taken is registered on ``undo``."""
         self._ctl = Control(process_group, self._opts.coord_timeout_s)
+        undo.callback(self._ctl.release)
         self._rank, self._world = self._ctl.rank, self._ctl.world
         self._node = node_id()
-        self._seq = 0  # saves staged so far: the same on every rank, names a save among them
-        self._restores = 0  # likewise for restores
-        self._unlisted: list[tuple[Tier, StorageError]] = []  # tiers the last inventory could not list
-
         per_tier = _compression_per_tier(compression)
+        self._owned: list[Backend] = []  # backends this Checkpointer opened (and closes)
         storage_be = open_backend(
             storage,
             storage_options=storage_options,
             max_concurrency=self._opts.io_threads,
             range_bytes=self._opts.chunk_bytes,
         )
+        if isinstance(storage_be, LocalBackend) and not isinstance(storage, Backend):
+            storage_be = LocalBackend(storage_be.root, fsync=self._opts.fsync, direct_io=self._opts.direct_io)
+        if not isinstance(storage, Backend):
+            self._owned.append(storage_be)
+        undo.callback(self._close_backends)
         self._tiers: list[Tier] = []
         if local_dir is not None:
             # A node-local disk: in a multi-rank job each rank keeps its shard in its own
             # directory there, with its own commit records (see docs/format.md).
-            local_be = (
-                local_dir
-                if isinstance(local_dir, Backend)
-                else LocalBackend(
+            if isinstance(local_dir, Backend):
+                local_be: Backend = local_dir
+            else:
+                local_be = LocalBackend(
                     Path(local_dir) / shard_name(self._rank, self._world) if self._world > 1 else local_dir,
                     fsync=self._opts.fsync,
                     direct_io=self._opts.direct_io,
                 )
-            )
+                self._owned.append(local_be)
             self._tiers.append(Tier("local", local_be, per_tier.get("local", Compression(None))))
-        if isinstance(storage_be, LocalBackend) and not isinstance(storage, Backend):
-            storage_be = LocalBackend(storage_be.root, fsync=self._opts.fsync, direct_io=self._opts.direct_io)
         # Default: compress for object storage (zstd level 1 outruns the network path), not
         # for POSIX tiers (it is slower than NVMe writes here).
         default = Compression(None) if isinstance(storage_be, LocalBackend) else Compression(1)
-        self._tiers.append(Tier("storage", storage_be, per_tier.get("storage", default), shared=True))
-
-        job = hashlib.sha256(storage_be.url.encode()).hexdigest()[:16]
-        root = Path(memory_dir) if memory_dir is not None else Path(default_memory_root()) / job
+        self._tiers.append(
+            Tier("storage", storage_be, per_tier.get("storage", default), shared=True, holds_run=True)
+        )
+        #: which storage tier this Checkpointer's snapshots belong to (in every manifest)
+        self._storage_id = hashlib.sha256(storage_be.url.encode()).hexdigest()[:16]
+        root = Path(memory_dir) if memory_dir is not None else Path(default_memory_root()) / self._storage_id
         self._memory_root = root
         self._memory_dir_given = memory_dir
         self._rank_dir = root / shard_name(self._rank, self._world)
         self._rank_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = self._take_lock()
-        self._memory = Tier(
-            "memory",
-            LocalBackend(self._rank_dir, fsync=False, direct_io=False, private=True, durable=False),
-        )
+        undo.callback(os.close, self._lock_fd)
+        self._stager = Stager(self._rank_dir, self._opts)
+        undo.callback(self._stager.close, unlink=False)
+        self._mem = MemoryTier(self._rank_dir, self._stager.slots)
+        self._mem.adopt()
+        self._refuse_foreign_memory()
+        self._memory = Tier("memory", self._mem.backend)
         # A copy of this rank's shard in a peer's memory (a mirror, or the shard's own memory
         # left on a node its rank moved away from), fetched into this rank's memory tier.
-        self._mirror_tier = Tier("mirror", self._memory.backend)
-        self._stager = Stager(self._rank_dir, self._opts)
-        self._adopt_memory()
-        self._persister = Persister(self._opts, self._memory, self._stager, keep, self._ctl)
-        self._mirror_server: MirrorServer | None = None
-        self._addrs: list[tuple[str, int]] = []
-        self._mirrors = 0
-        try:
-            self._setup_mirrors(mirror)
-        except BaseException:
-            self._persister.close()
-            os.close(self._lock_fd)
-            raise
-        self._handles: list[SaveHandle] = []
-        self._sweeper: threading.Thread | None = None  # removes temporary files killed writers left
-        self._last: tuple[int, Slot, bool] | None = None  # (step, slot, persisted)
-        self._stats: dict[str, Any] = {"saves": 0}
-        self._stats_lock = threading.Lock()
-        self._closed = False
-        atexit.register(self._atexit)
-        log.debug(
-            "flashckpt: rank %d/%d on node %s, memory tier %s",
-            self._rank,
-            self._world,
-            self._node,
-            self._rank_dir,
+        self._mirror_tier = Tier("mirror", self._mem.backend)
+        self._persister = Persister(self._opts, self._mem, self._stager, self._keep, self._ctl)
+        undo.callback(self._persister.close)
+        self._lineage()
+
+    def _refuse_foreign_memory(self) -> None:
+        """A memory tier holding snapshots saved for another storage tier belongs to another
+        job (two jobs given one ``memory_dir``): using it would overwrite them, and a clean
+        close would delete them, though they may be that job's only copy of its newest step."""
+        others = sorted(
+            {m.storage for m in self._mem.holdings() if m.storage and m.storage != self._storage_id}
         )
+        if others:
+            raise ConfigError(
+                f"memory tier {self._rank_dir} holds snapshots of another job (storage tier "
+                f"{others[0]}, not {self._storage_id} = {self._tiers[-1].backend.url}): give this "
+                "job its own memory_dir, or persist and delete those snapshots first"
+            )
+
+    def _lineage(self) -> None:
+        """Every rank, at construction (one gather): the node names, this Checkpointer's
+        generation (rank 0's clock in microseconds: later Checkpointers save newer snapshots;
+        ``restore`` raises it above everything it sees) and the run id (the storage tier's
+        run record, else a fresh one)."""
+        run, known = secrets.token_hex(8), False
+        if self._rank == 0:
+            try:
+                have = read_run(self._tiers[-1].backend, self._opts)
+            except (StorageError, CorruptCheckpointError) as exc:  # restore reports the tier
+                log.warning("flashckpt: cannot read the run record of the storage tier: %s", exc)
+                have = None
+            if have is not None:
+                run, known = have, True
+        info = self._ctl.all_gather([self._node, time.time_ns() // 1000, run, known])
+        self._nodes = [str(i[0]) for i in info]
+        self._gen, self._run, self._run_known = int(info[0][1]), str(info[0][2]), bool(info[0][3])
 
     # -- public API ----------------------------------------------------------------------------
     def __enter__(self) -> Checkpointer:
@@ -263,104 +347,126 @@ class Checkpointer:
     @property
     def stats(self) -> dict[str, Any]:
         """The last save's figures: ``blocking_s``, ``slot_wait_s``, ``bytes``, ``cold``,
-        ``persisted``, ``persist_s`` per tier (filled in as tiers finish) and ``errors``; after a
-        successful ``restore``, ``restored``: its ``step``, ``tier``, ``bytes`` and ``seconds``."""
+        ``persisted``, ``persist_s`` per tier (filled in as tiers finish) and ``errors`` (every
+        failure of the last save, tier by tier, mirror and retention failures included); after
+        a successful ``restore``, ``restored``: its ``step``, ``tier``, ``bytes`` and ``seconds``."""
         with self._stats_lock:
             out = dict(self._stats)
-            out["persist_s"] = dict(out.get("persist_s", {}))
-            out["errors"] = list(out.get("errors", []))
-            return out
+            last = self._last_handle
+        out.update(last.report() if last is not None else {"persist_s": {}, "errors": []})
+        return out
 
     def save(self, step: int, state: Any, *, force: bool = False) -> SaveHandle | None:
         """Stage ``state`` as ``step`` and return at once; persistence runs in the background.
 
         Blocks only for the copy into a staging slot (and, if both slots are still being
         persisted, until one is free: ``stats["slot_wait_s"]``).  Returns ``None`` when
-        ``step % every != 0`` and not ``force``.  Background failures never raise here.
+        ``step % every != 0`` and not ``force``.  Background failures never raise here; a
+        state that cannot be saved raises :class:`UnsupportedStateError` before any slot is
+        taken, and a persist thread that is gone raises at once instead of hanging.  Saving a
+        step below the last one saved or restored continues the run from there: the new
+        snapshots are newer than the old higher-numbered ones (see docs/format.md).
         """
         self._check_open()
-        if type(step) is not int or step < 0:
-            raise ConfigError(f"step must be a non-negative int, got {step!r}")
+        _check_step(step)
         if not force and step % self._every:
             return None
+        self._persister.check_alive()
         t0 = time.perf_counter()
-        flat = flatten(state)
+        flat = flatten(state)  # refuses what the format cannot hold, before a slot is taken
         layout = self._stager.layout(flat.tensors)
-        slot, waited = self._stager.acquire(layout.total_bytes)
+        # Every rank makes the same saves: these change alike on every rank, whatever fails.
+        self._seq += 1
+        if self._prev is not None and step < self._prev:
+            self._gen += 1
+            log.warning("flashckpt: step %d is below step %d: a new timeline starts here", step, self._prev)
+        self._prev = step
+        slot, waited = self._stager.acquire(layout.total_bytes, check=self._persister.check_alive)
         try:
-            # Forget what the slot held, and an idle older copy of this same step number.
-            for s in self._stager.slots:
-                if s.step is not None and (s is slot or (s.step == step and not s.busy)):
-                    self._memory.backend.delete(memory_manifest_key(s.step))
-                    s.step, s.durable = None, False
+            self._mem.forget(slot)  # its bytes are about to change
             cold = self._stager.stage(slot, flat.tensors, layout)
+            self._stager.mark_staged(slot, step)
+            manifest = self._mem.record(slot, self._manifest(step, flat.tree, flat.tensors, layout, slot))
+            hooks.fire("stage.done", step=step)
+            handle = self._submit(step, manifest, slot, force)
         except OSError as exc:  # the memory tier is full: report, never kill training
+            self._mem.forget(slot)
             self._stager.release(slot)
             return self._failed_save(step, translate_os_error(exc, f"stage step {step}"), t0)
-        except BaseException:
+        except BaseException:  # whatever it is, the slot goes back and says nothing
+            self._mem.forget(slot)
             self._stager.release(slot)
             raise
         if cold:  # the state grew: grow the other slot too, off the training thread
             self._stager.prefault(layout.total_bytes)
-        self._stager.mark_staged(slot, step)
-        persist = force or (step // self._every) % self._persist_every == 0
-        tensors = tuple(
+        self._record_save(step, time.perf_counter() - t0, waited, layout.total_bytes, cold, handle)
+        return handle
+
+    def _manifest(self, step: int, tree: Any, tensors: Any, layout: Any, slot: Slot) -> Manifest:
+        """The unsealed manifest of a snapshot just staged in ``slot``."""
+        entries = tuple(
             TensorEntry(t.dtype, tuple(t.shape), off, n)
-            for t, off, n in zip(flat.tensors, layout.offsets, layout.nbytes, strict=True)
+            for t, off, n in zip(tensors, layout.offsets, layout.nbytes, strict=True)
         )
         chunks = tuple(ChunkEntry(slot.name, o, o, n, n, CODEC_RAW, "") for o, n in layout.chunks)
-        manifest = Manifest(
-            step, self._rank, self._world, self._node, now(), layout.total_bytes, tensors, chunks, flat.tree
+        return Manifest(
+            step,
+            self._rank,
+            self._world,
+            self._node,
+            now(),
+            layout.total_bytes,
+            entries,
+            chunks,
+            tree,
+            generation=self._gen,
+            storage=self._storage_id,
+            run=self._run,
         )
-        # Written synchronously once the copy is complete: from here on the snapshot survives a
-        # crash of this process.  The persist thread replaces it with a checksummed (sealed) one.
-        try:
-            self._memory.backend.put(memory_manifest_key(step), encode_manifest(manifest))
-        except StorageError as exc:
-            self._stager.release(slot)
-            return self._failed_save(step, exc, t0)
-        hooks.fire("stage.done", step=step)
+
+    def _submit(self, step: int, manifest: Manifest, slot: Slot, force: bool) -> SaveHandle:
+        """Hand a staged snapshot to the persist thread; returns its handle."""
+        persist = force or (step // self._every) % self._persist_every == 0
         tiers = self._tiers if persist else []
         mirrored = bool(self._persister.mirror_peers)
         handle = SaveHandle(step, ["memory", *(["mirror"] if mirrored else []), *(t.name for t in tiers)])
+        job = Job(
+            manifest,
+            slot,
+            list(tiers),
+            handle,
+            seq=f"save{self._seq}",
+            generation=slot.generation,
+            mirror=mirrored,
+        )
+        self._persister.submit(job)
         self._track(handle)
         self._last = (step, slot, persist)
-        self._seq += 1
-        self._persister.submit(
-            Job(
-                manifest,
-                slot,
-                list(tiers),
-                handle,
-                on_done=[self._on_done],
-                seq=f"save{self._seq}",
-                generation=slot.generation,
-                mirror=mirrored,
-            )
-        )
-        blocking = time.perf_counter() - t0
+        return handle
+
+    def _record_save(
+        self, step: int, blocking: float, waited: float, nbytes: int, cold: bool, handle: SaveHandle
+    ) -> None:
         with self._stats_lock:
             self._stats.update(
                 step=step,
                 blocking_s=blocking,
                 slot_wait_s=waited,
-                bytes=layout.total_bytes,
+                bytes=nbytes,
                 cold=cold,
-                persisted=persist,
-                persist_s={},
-                errors=[],
+                persisted=len(handle.tiers) > 1,
                 saves=self._stats["saves"] + 1,
             )
-        log.info(
+            self._last_handle = handle
+        log.debug(
             "flashckpt: staged step %d, %d bytes in %.3f s (%.2f GB/s)%s%s",
             step,
-            layout.total_bytes,
+            nbytes,
             blocking,
-            layout.total_bytes / max(blocking, 1e-9) / 1e9,
+            nbytes / max(blocking, 1e-9) / 1e9,
             f", waited {waited:.3f} s for a slot" if waited > 1e-3 else "",
             " (cold slot)" if cold else "",
         )
-        return handle
 
     def _failed_save(self, step: int, exc: StorageError, t0: float) -> SaveHandle:
         """A save that could not even be staged (memory tier full): a handle that failed."""
@@ -376,40 +482,44 @@ class Checkpointer:
                 bytes=0,
                 cold=False,
                 persisted=False,
-                persist_s={},
-                errors=[f"memory: {type(exc).__name__}: {exc}"],
                 saves=self._stats["saves"] + 1,
             )
+            self._last_handle = handle
         return handle
 
     def restore(self, state: Any, *, step: int | Literal["latest"] = "latest") -> int | None:
         """Load the newest complete step (or ``step``) into ``state`` in place.
 
-        Every rank of a job calls this at the same time; they agree on the newest step that
-        every rank can load.  Each rank tries its own memory, then a peer's mirror of its
-        shard, then its local tier, then storage; a step that fails verification on one
-        source is tried on the next, and if it fails on every source of some rank, all ranks
-        go on to the next older step (with a warning).  A DTensor step saved by another world
-        size is resharded from storage.  Returns the step, or ``None`` when nothing was saved.
-        A step that a persistent tier lacks is persisted again in the background (salvage).
-        Raises :class:`CheckpointNotFound` when an explicit ``step`` is not available intact,
-        and :class:`CorruptCheckpointError` when nothing intact remains after the state was
-        already written to.
+        Every rank of a job calls this at the same time; they agree on the newest snapshot
+        every rank can load, in ``(generation, step)`` order.  Each rank tries its own memory,
+        then a peer's mirror of its shard, then its local tier, then storage; a snapshot that
+        fails verification on one source is tried on the next, and if it fails on every
+        source of some rank, all ranks go on to the next older one (with a warning).  Nothing
+        is written into ``state`` before the snapshot's structure is found compatible with it
+        (a module's keys and shapes, an optimizer's groups, DTensor shards).  A DTensor step
+        saved by another world size is resharded from storage.  Returns the step, or ``None``
+        when nothing was saved.  A snapshot that a persistent tier lacks is persisted again in
+        the background (salvage).  Raises :class:`CheckpointNotFound` when an explicit
+        ``step`` is not available intact, :class:`TransientStorageError` when a tier could not
+        be listed (restoring what the others hold could roll the run back), and
+        :class:`CorruptCheckpointError` when nothing intact remains after the state was
+        already written to.  Saves after a restore are newer than every snapshot it saw.
         """
         self._check_open()
-        if step != "latest" and (type(step) is not int or step < 0):
-            raise ConfigError(f"step must be 'latest' or a non-negative int, got {step!r}")
-        want = None if step == "latest" else int(step)
+        want = None if step == "latest" else _check_step(step)
         self._drain()
         t0 = time.perf_counter()
         self._start_sweep()
         plan = self._plan_restore(want)
         progress = _Progress()
-        for s in plan.steps:
-            loaded, fatal = self._load_step(s, state, plan, progress)
-            if self._agree(s, loaded, fatal, progress):
+        for key in plan.steps:
+            loaded, fatal = self._load_step(key, state, plan, progress)
+            agreed, run = self._agree(key, loaded, fatal, progress)
+            if agreed:
                 assert loaded is not None
-                return self._restored(loaded, plan, state, t0)
+                return self._restored(loaded, plan, state, t0, run)
+        self._gen = max(self._gen, plan.newest_gen + 1)
+        self._prev = None
         self._restore_nothing(want, state, progress)
         return None
 
@@ -420,7 +530,9 @@ class Checkpointer:
         self._stager.prefault(self._stager.layout(flatten(state).tensors).total_bytes)
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block until every save so far is durable; raise the first unreported failure."""
+        """Block until every save so far is durable; raise the first unreported failure of a
+        durable tier (mirror failures only with ``Options.require_mirrors``).  Raises at once
+        if the persist thread is gone, instead of waiting for it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for h in list(self._handles):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -429,10 +541,11 @@ class Checkpointer:
         self._persister.join()  # retention of the last commits, which follows them
 
     def latest_step(self) -> int | None:
-        """The newest step held by any tier (not verified: ``restore`` verifies)."""
+        """The newest step held by any tier of this rank, in ``(generation, step)`` order (not
+        verified: ``restore`` verifies)."""
         self._check_open()
-        steps = [s for _, held in self._inventory() for s in held]
-        return max(steps) if steps else None
+        held = [o for _, orders in self._inventory() for o in orders]
+        return max(held)[1] if held else None
 
     def close(self, *, _raise: bool = True) -> None:
         """Wait for background work, persist the newest snapshot if it was memory-only, stop the
@@ -462,20 +575,21 @@ class Checkpointer:
                     "flashckpt: keeping the memory tier %s: the newest snapshot is not durable on every tier",
                     self._rank_dir,
                 )
-            os.close(self._lock_fd)
+                os.close(self._lock_fd)
             self._ctl.release()
+            self._close_backends()
         if _raise:
             for h in self._handles:
                 h.raise_failure()
 
     # -- internals -----------------------------------------------------------------------------
-    def _setup_mirrors(self, mirror: int | None) -> None:
+    def _setup_mirrors(self, mirror: int | None, undo: contextlib.ExitStack) -> None:
         """Every rank, at construction: where each rank's mirrors go, and a server per rank.
 
         Ranks serve the mirrors they hold whenever the job spans several nodes (also those an
         earlier attempt left, when this one mirrors nothing new).
         """
-        nodes = self._ctl.all_gather(self._node)
+        nodes = self._nodes
         self._node_lead = nodes.index(self._node) == self._rank  # the lowest rank on this node
         n_nodes = len(set(nodes))
         k = (1 if n_nodes > 1 else 0) if mirror is None else mirror
@@ -493,7 +607,9 @@ class Checkpointer:
         if n_nodes < 2:
             return
         self._mirror_server = MirrorServer(self._rank_dir, self._ctl.secret, self._opts)
-        self._addrs = [tuple(a) for a in self._ctl.all_gather((default_host(), self._mirror_server.port))]
+        undo.callback(self._mirror_server.close)
+        gathered = self._ctl.all_gather([default_host(), self._mirror_server.port])
+        self._addrs = [(str(a[0]), int(a[1])) for a in gathered]
         self._persister.mirror_peers = [(p, self._addrs[p]) for p in mirror_peers(nodes, self._rank, k)]
         self._persister.mirror_owner = shard_name(self._rank, self._world)
         peers = [p for p, _ in self._persister.mirror_peers]
@@ -531,94 +647,95 @@ class Checkpointer:
             raise ClosedError("this Checkpointer is closed")
 
     def _take_lock(self) -> int:
-        fd = os.open(self._rank_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(
-                f"memory tier {self._rank_dir} is in use by another live process "
-                "(two Checkpointers for the same storage and rank?)"
-            ) from None
-        return fd
+        """The memory tier's ``flock``: refuses a second live Checkpointer on the directory.
+
+        The holder unlinks the file at a clean close while it still holds it, so a process
+        that opened the old file meanwhile gets the lock of an unlinked inode: every taker
+        checks that the file it locked is still the one at the path, else it tries again."""
+        path = self._rank_dir / "lock"
+        for _ in range(100):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ConfigError(
+                    f"memory tier {self._rank_dir} is in use by another live process "
+                    "(two Checkpointers for the same storage and rank?)"
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)  # the old holder unlinked it after we opened it: take the new file
+        raise ConfigError(f"cannot take the lock of memory tier {self._rank_dir}")
 
     def _track(self, handle: SaveHandle) -> None:
         self._handles = [h for h in self._handles if not h.done() or h.failures]
         self._handles.append(handle)
 
-    def _on_done(self, handle: SaveHandle) -> None:
-        """Persist thread: fold a finished save into ``stats`` if it is still the last one."""
-        with self._stats_lock:
-            if self._stats.get("step") != handle.step:
-                return
-            self._stats["persist_s"] = dict(handle.persist_s)
-            self._stats["written_bytes"] = dict(handle.written_bytes)
-            self._stats["errors"] = [
-                f"{f.tier}: {type(f.error).__name__}: {f.error}" for f in handle.failures
-            ]
-
     def _drain(self) -> None:
-        """Wait for every queued background job, without raising their errors."""
+        """Wait for every queued background job, without raising their errors (but raising
+        at once if the persist thread is gone)."""
         self._stager.join_prefault()
         self._persister.join()
 
-    def _inventory(self) -> list[tuple[Tier, list[int]]]:
-        """What each tier holds; a tier that cannot be listed counts as empty and is recorded
-        in ``self._unlisted`` (``restore`` then refuses to start from scratch)."""
-        inv: list[tuple[Tier, list[int]]] = [(self._memory, memory_steps(self._memory.backend))]
+    def _inventory(self) -> list[tuple[Tier, list[Order]]]:
+        """The snapshots each tier of this rank holds, cheapest tier first.  A tier that
+        cannot be listed counts as empty and is recorded in ``self._unlisted``."""
+        inv: list[tuple[Tier, list[Order]]] = [(self._memory, self._memory_snapshots())]
         self._unlisted = []
         for tier in self._tiers:
             try:
-                inv.append((tier, committed_steps(tier.backend, self._opts)))
+                inv.append((tier, [r.order for r in read_commits(tier.backend, self._opts)]))
             except StorageError as exc:
                 log.warning("flashckpt: cannot list the %s tier (%s): %s", tier.name, tier.backend.url, exc)
                 self._unlisted.append((tier, exc))
                 inv.append((tier, []))
         return inv
 
-    def _adopt_memory(self) -> None:
-        """Map slot files and index memory manifests left by an earlier process."""
-        by_name = {s.name: s for s in self._stager.slots}
-        for s in self._stager.slots:
-            s.adopt()
-        for step in memory_steps(self._memory.backend):
-            try:
-                m = read_memory_manifest(self._memory.backend, step)
-                keys = {c.key for c in m.chunks}
-                slot = by_name.get(next(iter(keys))) if len(keys) == 1 else None
-                if m.total_bytes and (slot is None or not slot.mapped or slot.capacity < m.total_bytes):
-                    raise CorruptCheckpointError("memory manifest does not match its slot")
-                if slot is not None:
-                    if slot.step is not None and slot.step > step:
-                        raise CorruptCheckpointError("slot holds a newer step")
-                    if slot.step is not None:
-                        self._memory.backend.delete(memory_manifest_key(slot.step))
-                    slot.step, slot.durable = step, False
-            except (CorruptCheckpointError, StorageError) as exc:
-                log.warning("flashckpt: dropping memory snapshot of step %d: %s", step, exc)
-                self._memory.backend.delete(memory_manifest_key(step))
+    def _memory_snapshots(self) -> list[Order]:
+        """Snapshots in this rank's memory tier that belong to this run."""
+        return [m.order for m in self._mem.holdings() if self._ours(m.storage, m.run, str(self._rank_dir))]
 
-    def _slot_of(self, m: Manifest) -> Slot:
-        keys = {c.key for c in m.chunks}
-        for s in self._stager.slots:
-            if keys <= {s.name} and s.step == m.step:
-                return s
-        raise CorruptCheckpointError(f"memory snapshot of step {m.step} has no slot")
+    def _ours(self, storage: str, run: str, where: str) -> bool:
+        """A memory snapshot (own or a peer's mirror) belongs to this run: saved for this
+        storage tier, and, once the storage tier names its run, by that run.  (Wiping the
+        storage tier does not disown memory: that is how a lost node's steps come back.)"""
+        why = None
+        if storage and storage != self._storage_id:
+            why = "it was saved for another storage tier"
+        elif run and self._run_known and run != self._run:
+            why = f"it belongs to run {run}, the storage tier to run {self._run}"
+        if why is None:
+            return True
+        if where not in self._warned:
+            self._warned.add(where)
+            log.warning("flashckpt: not restoring the memory snapshots in %s: %s", where, why)
+        return False
 
     def _load(
-        self, tier: Tier, step: int, state: Any, filled: dict[int, torch.Tensor]
+        self, tier: Tier, key: Order, state: Any, filled: dict[int, torch.Tensor]
     ) -> tuple[Manifest, Slot]:
-        """Return the verified manifest of ``step`` and a busy slot holding its bytes.
+        """Return the verified memory manifest of snapshot ``key`` and a busy slot holding
+        its bytes, after checking ``state`` can take it (nothing is written to the state
+        before that).
 
         From the memory tier, tensors of ``state`` that the step will be loaded into (CPU,
         contiguous, same dtype and shape) are filled while the slot is checksummed: one pass
         over memory instead of two.  They are recorded in ``filled``; if verification fails
-        after that, the caller knows the state was written to.
+        after that, the caller knows the state was written to.  From a persistent tier, the
+        shard is read into a slot, which then holds it as a memory snapshot.
         """
         pool = self._persister.pool
+        step = key[1]
         if tier is self._memory:
-            m = read_memory_manifest(tier.backend, step)
-            slot = self._slot_of(m)
+            m, slot = self._mem.read(step)
+            if m.order != key:
+                raise CorruptCheckpointError(f"the memory tier holds another snapshot of step {step}")
+            self._precheck(state, m)
             if not self._stager.try_acquire(slot):
                 raise CorruptCheckpointError(f"slot of step {step} is busy")
             try:
@@ -627,30 +744,45 @@ class Checkpointer:
                     m, slot.view, pool, str(self._rank_dir), base=slot.address, fills=fills
                 )
                 if not m.sealed:  # the crash came before the persist thread checksummed it
-                    tier.backend.put(memory_manifest_key(step), encode_manifest(sealed))
+                    self._mem.seal(slot, sealed)
             except BaseException:
                 self._stager.release(slot)
                 raise
             return sealed, slot
         m = read_committed_manifest(tier.backend, step, self._rank, self._world, self._opts)
+        if m.order != key:
+            raise CorruptCheckpointError(f"step {step} on the {tier.name} tier changed meanwhile")
+        self._precheck(state, m)
         check_fits(m.total_bytes, self._rank_dir, f"step {step} on the {tier.name} tier")
-        slot, _ = self._stager.acquire(m.total_bytes, replacing=step)
+        slot, _ = self._stager.acquire(m.total_bytes, replacing=step, check=self._persister.check_alive)
         try:
-            if slot.step is not None:
-                self._memory.backend.delete(memory_manifest_key(slot.step))
-                slot.step, slot.durable = None, False
+            self._mem.forget(slot)
             slot.ensure(m.total_bytes)
             fetch_chunks(tier.backend, m, slot.view, pool, self._opts)
-            local = m.with_chunks(
-                ChunkEntry(slot.name, c.offset, c.offset, c.nbytes, c.stored_nbytes, c.codec, c.checksum)
-                for c in m.chunks
-            )
-            self._memory.backend.put(memory_manifest_key(step), encode_manifest(local))
-            slot.step = step
+            local = self._mem.record(slot, m)  # the slot holds decoded bytes: a raw manifest
         except BaseException:
+            self._mem.forget(slot)
             self._stager.release(slot)
             raise
         return local, slot
+
+    def _precheck(self, state: Any, m: Manifest, *, resharding: bool = False) -> None:
+        """Refuse (StateMismatchError) a snapshot the state cannot take, before any write."""
+
+        def meta(i: int) -> tuple[torch.dtype, tuple[int, ...]]:
+            return m.tensors[i].dtype, m.tensors[i].shape
+
+        replaced = check_loadable(state, m.state_tree(), meta, resharding=resharding)
+        if replaced:
+            log.warning(
+                "flashckpt: step %d: %d tensor(s) changed shape or dtype and are replaced by the "
+                "saved ones instead of filled in place (references to the old tensors keep the old "
+                "values): %s%s",
+                m.step,
+                len(replaced),
+                ", ".join(replaced[:5]),
+                ", ..." if len(replaced) > 5 else "",
+            )
 
     @staticmethod
     def _fills(m: Manifest, state: Any, filled: dict[int, torch.Tensor]) -> list[tuple[int, int, int]]:
@@ -695,9 +827,11 @@ class Checkpointer:
             device = target.device if target is not None else torch.device("cpu")
             return src.to(device=device, copy=True)
 
-        load_into(state, tree, materialize)
-        if cuda:
-            torch.cuda.synchronize()
+        try:
+            load_into(state, tree, materialize)
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
 
     def _start_sweep(self) -> None:
         """Training thread, first ``restore``: remove, on a background thread, the temporary
@@ -714,7 +848,7 @@ class Checkpointer:
             for be in backends:
                 try:
                     n = be.sweep_temps(max_age)
-                except OSError as exc:
+                except Exception as exc:  # never a silent death: logged, and the next one goes on
                     log.warning("flashckpt: sweeping %s failed: %s", be.url, exc)
                     continue
                 if n:
@@ -724,45 +858,59 @@ class Checkpointer:
         self._sweeper.start()
 
     def _plan_restore(self, want: int | None) -> _RestorePlan:
-        """Training thread, every rank (gathers): what each rank can load, and the steps every
-        rank can load, newest first."""
+        """Training thread, every rank (gathers): what each rank can load, and the snapshots
+        every rank can load, newest first."""
         inventory = self._inventory()
-        mine = {s for _, held in inventory for s in held if want is None or s == want}
+        mine = {o for _, held in inventory for o in held}
         if self._node_lead:
             self._warn_foreign_shards()
-        holdings: dict[str, list[int]] = {}
+        held_here: dict[str, list[list[Any]]] = {}
         if self._mirror_server is not None:
             # shard directories this node keeps for ranks that run elsewhere now (renumbered)
             self._mirror_server.claim_orphans(self._memory_root, self._world)
-            holdings = self._mirror_server.holdings()
-        # The newest step every rank can load: from its own memory, its local disk, storage,
-        # or a copy of its shard in a peer's memory.
-        everyone = self._ctl.all_gather((sorted(mine), holdings))
-        wanted = (lambda x: True) if want is None else (lambda x: x == want)
+            held_here = self._mirror_server.snapshots()
+        unlisted = [f"rank {self._rank}: {t.name}" for t, _ in self._unlisted]
+        everyone = self._ctl.all_gather([[list(o) for o in sorted(mine)], held_here, unlisted])
+        if want is None and any(u for _, _, u in everyone):  # every rank decides alike
+            names = ", ".join(x for _, _, u in everyone for x in u)
+            raise TransientStorageError(
+                f"some tiers could not be listed ({names}): refusing to start from scratch or to "
+                "restore from the other tiers (that could roll the run back past the steps the "
+                "unreachable ones hold); retry when they are reachable, or restore an explicit step"
+            ) from (self._unlisted[0][1] if self._unlisted else None)
+        newest_gen = max(
+            [o[0] for own, _, _ in everyone for o in own]
+            + [s[0] for _, held, _ in everyone for snaps in held.values() for s in snaps],
+            default=-1,
+        )
 
-        def available(r: int) -> set[int]:
-            shard = shard_name(r, self._world)
-            out = set(everyone[r][0])
-            for _, held_q in everyone:
-                out.update(x for x in held_q.get(shard, []) if wanted(x))
+        def copies(r: int) -> dict[Order, list[int]]:
+            """Snapshots of rank ``r``'s shard in some rank's memory: order -> holders."""
+            shard, out = shard_name(r, self._world), dict[Order, list[int]]()
+            for q, (_, held, _) in enumerate(everyone):
+                for gen, step, storage, run in held.get(shard, []):
+                    if self._ours(storage, run, f"rank {q}'s copies of {shard}"):
+                        out.setdefault((int(gen), int(step)), []).append(q)
             return out
 
-        me = shard_name(self._rank, self._world)
-        mirrored: dict[int, list[int]] = {}  # step -> ranks holding a copy of this rank's shard
-        for q, (_, held_q) in enumerate(everyone):
-            for step_q in held_q.get(me, []):
-                if wanted(step_q):
-                    mirrored.setdefault(step_q, []).append(q)
-        common = set.intersection(*(available(r) for r in range(self._world)))
-        mine |= set(mirrored)
-        if self._ctl.distributed and mine - common:
+        def available(r: int) -> set[Order]:
+            return {(int(g), int(s)) for g, s in everyone[r][0]} | set(copies(r))
+
+        every = [available(r) for r in range(self._world)]
+        # never a snapshot of a timeline the run has left (a fallback must not resume it)
+        common = set.intersection(*every) - abandoned(sorted(set().union(*every)))
+        newest = max(common, default=None)
+        if want is not None:
+            common = {o for o in common if o[1] == want}
+        mirrored = copies(self._rank)
+        if self._ctl.distributed and (mine | set(mirrored)) - common:
             log.info(
-                "flashckpt: rank %d holds steps %s that not every rank has; newest common: %s",
+                "flashckpt: rank %d holds snapshots %s that not every rank has; newest common: %s",
                 self._rank,
-                sorted(mine - common)[-3:],
+                sorted((mine | set(mirrored)) - common)[-3:],
                 max(common) if common else None,
             )
-        return _RestorePlan(inventory, sorted(common, reverse=True), mirrored)
+        return _RestorePlan(inventory, sorted(common, reverse=True), mirrored, newest_gen, newest)
 
     def _warn_foreign_shards(self) -> None:
         """The lowest rank of a node, in ``restore``: name memory-tier directories left by a
@@ -789,80 +937,81 @@ class Checkpointer:
             )
 
     def _load_step(
-        self, s: int, state: Any, plan: _RestorePlan, progress: _Progress
+        self, key: Order, state: Any, plan: _RestorePlan, progress: _Progress
     ) -> tuple[_Loaded | None, BaseException | None]:
-        """Training thread: load step ``s`` into ``state`` from this rank's cheapest source
-        that verifies.  Returns what was loaded (``None``: no source worked), and an error
-        that ends the restore on every rank (the state does not fit the step)."""
-        sources: list[tuple[Source, int | None]] = [(src, None) for src in plan_sources(plan.inventory, s)]
+        """Training thread: load snapshot ``key`` into ``state`` from this rank's cheapest
+        source that verifies.  Returns what was loaded (``None``: no source worked), and an
+        error that ends the restore on every rank (the state does not fit the step).
+
+        Anything that goes wrong while a source is read and verified (whatever its type: a
+        hostile record can provoke any) makes that source unusable, and the next is tried."""
+        step = key[1]
+        sources: list[tuple[Source, int | None]] = [(src, None) for src in plan_sources(plan.inventory, key)]
         at = 1 if sources and sources[0][0].tier is self._memory else 0
-        sources[at:at] = [(Source(s, self._mirror_tier), q) for q in plan.mirrored.get(s, [])]
+        sources[at:at] = [(Source(step, self._mirror_tier, key[0]), q) for q in plan.mirrored.get(key, [])]
         for src, peer in sources:
             filled: dict[int, torch.Tensor] = {}
+            where = f"rank {peer}'s memory" if peer is not None else f"the {src.tier.name} tier"
             try:
                 if peer is not None:  # a copy of this rank's shard in a peer's memory
-                    m, slot = self._load_mirror(peer, s)
+                    m, slot = self._load_mirror(peer, key, state)
                 else:
-                    m, slot = self._load(src.tier, src.step, state, filled)
+                    m, slot = self._load(src.tier, key, state, filled)
             except StateMismatchError as exc:
-                if peer is not None:
-                    progress.failed(exc, touched=False)
-                    log.warning("flashckpt: step %d in rank %d's memory is another shape: %s", s, peer, exc)
-                    continue
-                if not src.tier.shared:
+                if peer is not None or not src.tier.shared:
                     return None, exc
                 try:
-                    nbytes = self._reshard(src.tier, src.step, state, exc)
+                    nbytes = self._reshard(src.tier, step, state, exc)
                 except (CorruptCheckpointError, StorageError) as err:
                     progress.failed(err, touched=True)
-                    log.warning("flashckpt: resharding step %d failed: %s", src.step, err)
+                    log.warning("flashckpt: resharding step %d failed: %s", step, err)
                     continue
                 except BaseException as err:
                     return None, err
-                return _Loaded(s, src.tier, None, None, nbytes), None
-            except (CorruptCheckpointError, StorageError) as exc:
+                return _Loaded(key, src.tier, None, None, nbytes), None
+            except (PersisterDied, KeyboardInterrupt):
+                raise
+            except Exception as exc:
                 progress.failed(exc, touched=bool(filled))
-                where = f"rank {peer}'s memory" if peer is not None else f"the {src.tier.name} tier"
-                log.warning("flashckpt: step %d on %s is unusable, trying the next source: %s", s, where, exc)
-                continue
-            except FlashCkptError as exc:  # a peer refusing the job's secret, or the like
-                if peer is None:
-                    raise
-                progress.failed(exc, touched=False)
-                log.warning("flashckpt: step %d from rank %d's memory is unusable: %s", s, peer, exc)
+                log.warning(
+                    "flashckpt: step %d on %s is unusable, trying the next source: %s", step, where, exc
+                )
                 continue
             try:
-                hooks.fire("restore.loaded", step=s, tier=src.tier.name if peer is None else "mirror")
+                hooks.fire("restore.loaded", step=step, tier=src.tier.name if peer is None else "mirror")
                 self._apply(m, slot, state, filled)
             except BaseException as exc:  # the state does not fit the step: the user's to fix
                 self._stager.release(slot)
                 return None, exc
-            return _Loaded(s, src.tier, m, slot, m.total_bytes), None
+            return _Loaded(key, src.tier, m, slot, m.total_bytes), None
         return None, None
 
     def _agree(
-        self, s: int, loaded: _Loaded | None, fatal: BaseException | None, progress: _Progress
-    ) -> bool:
-        """Training thread, every rank (gathers): True if every rank loaded step ``s``.  Raises
-        a rank's fatal error on every rank; else, if another rank failed, the state holds
-        step ``s`` here and the next older step will overwrite it."""
-        outcomes = self._ctl.all_gather((loaded is not None, None if fatal is None else repr(fatal)))
+        self, key: Order, loaded: _Loaded | None, fatal: BaseException | None, progress: _Progress
+    ) -> tuple[bool, str]:
+        """Training thread, every rank (gathers): True if every rank loaded snapshot ``key``,
+        and the run it belongs to (rank 0's).  Raises a rank's fatal error on every rank; else,
+        if another rank failed, the state holds the step here and the next older snapshot
+        will overwrite it."""
+        run = loaded.manifest.run if loaded is not None and loaded.manifest is not None else ""
+        outcomes = self._ctl.all_gather([loaded is not None, None if fatal is None else repr(fatal), run])
         if fatal is not None:
             raise fatal
-        failed = [(r, f) for r, (_, f) in enumerate(outcomes) if f is not None]
+        failed = [(r, f) for r, (_, f, _) in enumerate(outcomes) if f is not None]
         if failed:
             raise CoordinationError(f"restore failed on rank {failed[0][0]}: {failed[0][1]}")
-        if loaded is not None and all(ok for ok, _ in outcomes):
-            return True
+        if loaded is not None and all(ok for ok, _, _ in outcomes):
+            return True, str(outcomes[0][2])
         if loaded is not None:
             progress.touched = True
             if loaded.slot is not None:
                 self._stager.release(loaded.slot)
-            log.warning("flashckpt: step %d is unusable on another rank; trying an older one", s)
-        return False
+            log.warning("flashckpt: step %d is unusable on another rank; trying an older one", key[1])
+        return False, ""
 
-    def _restored(self, loaded: _Loaded, plan: _RestorePlan, state: Any, t0: float) -> int:
-        """Training thread, every rank: record and log a restore, then salvage (gathers)."""
+    def _restored(self, loaded: _Loaded, plan: _RestorePlan, state: Any, t0: float, run: str) -> int:
+        """Training thread, every rank: record and log a restore, start the next generation,
+        then salvage (gathers)."""
         s, tier = loaded.step, loaded.tier
         secs = time.perf_counter() - t0
         resharded = loaded.manifest is None
@@ -883,26 +1032,32 @@ class Checkpointer:
             secs,
             loaded.nbytes / max(secs, 1e-9) / 1e9,
         )
+        if plan.newest is not None and loaded.order < plan.newest:
+            log.warning(
+                "flashckpt: restored step %d, not the newest step %d: the run continues from step %d, "
+                "and the snapshots it leaves behind are older than its next saves (retired as newer "
+                "ones are committed)",
+                s,
+                plan.newest[1],
+                s,
+            )
+        # Saves from here on are newer than everything any rank saw (a rollback's included).
+        self._gen = max(self._gen, plan.newest_gen + 1)
+        self._prev = s
+        if run and not self._run_known:
+            self._run = run  # the storage tier names no run: continue the restored one's
+        self._persister.protect = {s: loaded.order}
         if loaded.manifest is None or loaded.slot is None:  # resharded: nothing of it is staged
             self._stager.prefault(self._stager.layout(flatten(state).tensors).total_bytes)
         else:  # a fetched copy is in this rank's memory tier now
-            where = self._memory if tier is self._mirror_tier else tier
-            self._after_restore(loaded.manifest, loaded.slot, where, plan.inventory)
+            self._after_restore(loaded.manifest, loaded.slot, plan.inventory)
         return int(s)
 
     def _restore_nothing(self, want: int | None, state: Any, progress: _Progress) -> None:
         """Training thread, every rank (gathers): no step could be restored.  Raise if that is
         not a clean fresh start, else prefault the slots for ``state``."""
-        outcome = self._ctl.all_gather(
-            (progress.touched, [f"rank {self._rank}: {t.name}" for t, _ in self._unlisted])
-        )
-        unlisted = [x for _, u in outcome for x in u]
-        if unlisted and want is None:  # every rank decides alike
-            raise TransientStorageError(
-                f"nothing restorable was found, but some tiers could not be listed ({', '.join(unlisted)}): "
-                "refusing to start from scratch; retry when they are reachable"
-            ) from (self._unlisted[0][1] if self._unlisted else progress.last_error)
-        if any(t for t, _ in outcome):
+        outcome = self._ctl.all_gather(progress.touched)
+        if any(outcome):
             raise CorruptCheckpointError(
                 "no step could be restored on every rank, and a state was already written to (a "
                 "snapshot found corrupt while it was loaded, or a step another rank could not "
@@ -916,34 +1071,37 @@ class Checkpointer:
             log.warning("flashckpt: no usable checkpoint found; starting from scratch")
         self._stager.prefault(self._stager.layout(flatten(state).tensors).total_bytes)
 
-    def _load_mirror(self, peer: int, step: int) -> tuple[Manifest, Slot]:
-        """Fetch this rank's shard of ``step`` from the mirror rank ``peer`` holds, into a free
-        slot of this rank's memory tier, and verify every chunk.  Returns a busy slot."""
+    def _load_mirror(self, peer: int, key: Order, state: Any) -> tuple[Manifest, Slot]:
+        """Fetch this rank's shard of snapshot ``key`` from the copy rank ``peer`` holds, into
+        a free slot of this rank's memory tier, and verify every chunk.  Returns a busy slot."""
         held: list[Slot] = []
+        step = key[1]
 
         def into(m: Manifest) -> Callable[[int, int], memoryview]:
             check_fits(m.total_bytes, self._rank_dir, f"step {step} from rank {peer}'s mirror")
-            slot, _ = self._stager.acquire(m.total_bytes, replacing=step)
+            slot, _ = self._stager.acquire(m.total_bytes, replacing=step, check=self._persister.check_alive)
             held.append(slot)
-            if slot.step is not None:
-                self._memory.backend.delete(memory_manifest_key(slot.step))
-                slot.step, slot.durable = None, False
+            self._mem.forget(slot)
             slot.ensure(m.total_bytes)
             return slot.view
 
         try:
             me = shard_name(self._rank, self._world)
             m = fetch(self._addrs[peer], self._ctl.secret, me, step, into, self._opts)
-            if (m.rank, m.world_size) != (self._rank, self._world):
-                raise CorruptCheckpointError(f"rank {peer}'s mirror of step {step} holds another shard")
+            if (m.rank, m.world_size) != (self._rank, self._world) or m.order != key:
+                raise CorruptCheckpointError(f"rank {peer}'s copy of step {step} is another snapshot")
+            if not self._ours(m.storage, m.run, f"rank {peer}'s copies"):
+                raise CorruptCheckpointError(f"rank {peer}'s copy of step {step} belongs to another run")
+            self._precheck(state, m)
             slot = held[0]
-            local = m.with_chunks(dataclasses.replace(c, key=slot.name) for c in m.chunks)
             where = f"rank {peer}'s mirror"
-            sealed = verify_chunks(local, slot.view, self._persister.pool, where, base=slot.address)
-            self._memory.backend.put(memory_manifest_key(step), encode_manifest(sealed))
-            slot.step = step
+            sealed = verify_chunks(
+                memory_manifest(m, slot.name), slot.view, self._persister.pool, where, base=slot.address
+            )
+            sealed = self._mem.record(slot, sealed)
         except BaseException:
             for slot in held:
+                self._mem.forget(slot)
                 self._stager.release(slot)
             raise
         return sealed, slot
@@ -962,39 +1120,41 @@ class Checkpointer:
         reader.restore_into(state, source_rank=self._rank % reader.world)
         return reader.bytes_read
 
-    def _after_restore(
-        self, m: Manifest, slot: Slot, tier: Tier, inventory: list[tuple[Tier, list[int]]]
-    ) -> None:
+    def _after_restore(self, m: Manifest, slot: Slot, inventory: list[tuple[Tier, list[Order]]]) -> None:
         """Salvage, then prefault the other slot.  Every rank calls this (it gathers).
 
         Snapshots staged in memory but not persisted (the crash came first) are written to the
-        tiers that lack them, oldest first: the restored step, and an older snapshot still in
-        the other slot if it is newer than what a tier holds.  On the shared tier of a
-        multi-rank job a step can only be committed with every rank's shard: the ranks whose
-        shard is missing there write it and the last of them commits; if every shard is there
-        already but the commit record is not (the committing rank died), rank 0 commits it.
-        A step restored from a persistent tier is written again only where the job needs it
-        committed: the shared tier.
+        tiers that lack them, oldest first: the restored one, and an older snapshot of the same
+        generation still in the other slot if it is newer than what a tier holds.  On the
+        shared tier of a multi-rank job a step can only be committed with every rank's shard:
+        the ranks whose shard is missing there write it and the last of them commits; if every
+        shard is there already but the commit record is not (the committing rank died), rank 0
+        commits it.  A snapshot restored from a persistent tier is written again only where the
+        job needs it committed: the shared tier.
         """
         self._restores += 1
+        order = m.order
         held = {t.name: set(s) for t, s in inventory}
-        missing = [t for t in self._tiers if m.step not in held.get(t.name, set())]
+        missing = [t for t in self._tiers if order not in held.get(t.name, set())]
         self._stager.mark_staged(slot, m.step, durable=bool(self._tiers) and not missing)
-        in_memory = held.get(self._memory.name, set()) | ({m.step} if tier is self._memory else set())
-        todo: dict[int, list[Tier]] = {}
+        # in memory now: the restored snapshot (whatever tier it came from), and older ones
+        # of its generation (other generations are other timelines: never salvaged)
+        in_memory = {o for o in held.get(self._memory.name, set()) if o[0] == order[0]} | {order}
+        todo: dict[Order, list[Tier]] = {}
         for t in self._tiers:
             if t.shared and self._ctl.distributed:
                 continue
-            newest = max(held.get(t.name, set()), default=-1)
-            for s in sorted(in_memory):
-                if s not in held.get(t.name, set()) and (s == m.step or newest < s < m.step):
-                    todo.setdefault(s, []).append(t)
-        writers: dict[int, int] = {}
-        if self._ctl.distributed:  # the restored step's bytes are in its slot, wherever it came from
-            writers = self._salvage_shared(m.step, in_memory | {m.step}, held, todo)
-        for s in sorted(todo):
-            self._salvage(s, m if s == m.step else None, slot, todo[s], writers.get(s))
-        if m.step in todo:
+            on_tier = held.get(t.name, set())
+            newest = max(on_tier, default=(-1, -1))
+            for o in sorted(in_memory):
+                if o not in on_tier and (o == order or newest < o < order):
+                    todo.setdefault(o, []).append(t)
+        writers: dict[Order, int] = {}
+        if self._ctl.distributed:  # the restored snapshot's bytes are in its slot, wherever they came from
+            writers = self._salvage_shared(order, in_memory, held, todo)
+        for o in sorted(todo):
+            self._salvage(o, m if o == order else None, slot, todo[o], writers.get(o))
+        if order in todo:
             self._last = (m.step, slot, True)
         else:
             self._stager.release(slot)
@@ -1002,45 +1162,61 @@ class Checkpointer:
         self._stager.prefault(m.total_bytes)
 
     def _salvage_shared(
-        self, restored: int, in_memory: set[int], held: dict[str, set[int]], todo: dict[int, list[Tier]]
-    ) -> dict[int, int]:
-        """Training thread, every rank: which uncommitted steps the ranks write to the shared
-        tier (added to ``todo``); returns the number of writers per step."""
+        self,
+        restored: Order,
+        in_memory: set[Order],
+        held: dict[str, set[Order]],
+        todo: dict[Order, list[Tier]],
+    ) -> dict[Order, int]:
+        """Training thread, every rank: which uncommitted snapshots the ranks write to the
+        shared tier (added to ``todo``); returns the number of writers per snapshot."""
         shared = next(t for t in self._tiers if t.shared)
         committed = held.get(shared.name, set())
-        newest = max(committed, default=-1)
-        mine = {s for s in in_memory if s not in committed and (s == restored or newest < s < restored)}
-        steps = sorted(set().union(*self._ctl.all_gather(sorted(mine))))
-        status = []
-        for s in steps:
-            try:
-                shared.backend.head(manifest_key(s, self._rank, self._world))
-                status.append("have")
-            except StorageError:
-                status.append("write" if s in in_memory else "none")
+        newest = max(committed, default=(-1, -1))
+        mine = sorted(o for o in in_memory if o not in committed and (o == restored or newest < o < restored))
+        gathered = self._ctl.all_gather([list(o) for o in mine])
+        orders = sorted({(int(g), int(s)) for lst in gathered for g, s in lst})
+        status = [self._shard_status(shared, o, in_memory) for o in orders]
         everyone = self._ctl.all_gather(status)
-        writers: dict[int, int] = {}
-        for i, s in enumerate(steps):
+        writers: dict[Order, int] = {}
+        for i, o in enumerate(orders):
             column = [st[i] for st in everyone]
             if "none" in column:
                 continue  # some rank has neither the shard nor the snapshot: never complete
-            writers[s] = column.count("write")
+            writers[o] = column.count("write")
             if status[i] == "write":
-                todo.setdefault(s, []).append(shared)
-            elif writers[s] == 0 and self._rank == 0:
-                log.info("flashckpt: every shard of step %d is on the storage tier; committing it", s)
-                self._persister.commit_shared(shared, s, self._world)
+                todo.setdefault(o, []).append(shared)
+            elif writers[o] == 0 and self._rank == 0:
+                log.info("flashckpt: every shard of step %d is on the storage tier; committing it", o[1])
+                try:
+                    self._persister.commit_shared(shared, o[1], self._world, o)
+                except FlashCkptError as exc:
+                    log.error("flashckpt: committing step %d failed: %s", o[1], exc)
         return writers
 
+    def _shard_status(self, tier: Tier, order: Order, in_memory: set[Order]) -> str:
+        """``have``: this rank's manifest of that very snapshot is on ``tier``; ``write``: it
+        is not, but the snapshot is in memory; ``none``: neither."""
+        key = manifest_key(order[1], self._rank, self._world)
+        try:
+            there = decode_manifest(read_record(tier.backend, key, key, self._opts), key, check_key=check_key)
+            if there.order == order:
+                return "have"
+        except (StorageError, CorruptCheckpointError):
+            pass
+        return "write" if order in in_memory else "none"
+
     def _salvage(
-        self, step: int, m: Manifest | None, slot: Slot | None, tiers: list[Tier], writers: int | None
+        self, order: Order, m: Manifest | None, slot: Slot | None, tiers: list[Tier], writers: int | None
     ) -> None:
-        """Hand a memory snapshot to the persist thread (``m``/``slot``: the restored step,
+        """Hand a memory snapshot to the persist thread (``m``/``slot``: the restored one,
         whose slot the caller holds; else the snapshot is looked up and its slot taken)."""
+        step = order[1]
         if m is None:
             try:
-                m = read_memory_manifest(self._memory.backend, step)
-                slot = self._slot_of(m)
+                m, slot = self._mem.read(step)
+                if m.order != order:
+                    raise CorruptCheckpointError(f"memory holds another snapshot of step {step}")
             except (CorruptCheckpointError, StorageError) as exc:
                 log.warning("flashckpt: cannot persist the memory snapshot of step %d: %s", step, exc)
                 return
@@ -1053,19 +1229,23 @@ class Checkpointer:
             ", ".join(t.name for t in tiers),
         )
         handle = SaveHandle(step, [t.name for t in tiers])
-        self._track(handle)
-        self._persister.submit(
-            Job(
-                m,
-                slot,
-                tiers,
-                handle,
-                hashed=m.sealed,
-                seq=f"restore{self._restores}",
-                writers=writers,
-                generation=slot.generation,
+        try:
+            self._persister.submit(
+                Job(
+                    m,
+                    slot,
+                    tiers,
+                    handle,
+                    hashed=m.sealed,
+                    seq=f"restore{self._restores}",
+                    writers=writers,
+                    generation=slot.generation,
+                )
             )
-        )
+        except BaseException:
+            self._stager.release(slot)
+            raise
+        self._track(handle)
 
     def _persist_last(self) -> None:
         """On close: persist the newest snapshot if it lives in memory only."""
@@ -1075,19 +1255,28 @@ class Checkpointer:
         if slot.step != step or not self._stager.try_acquire(slot):
             return
         try:
-            m = read_memory_manifest(self._memory.backend, step)
+            m, holder = self._mem.read(step)
+            if holder is not slot:
+                raise CorruptCheckpointError(f"step {step} moved to another slot")
         except (CorruptCheckpointError, StorageError) as exc:
             self._stager.release(slot)
             log.error("flashckpt: cannot persist step %d on close: %s", step, exc)
             return
         handle = SaveHandle(step, [t.name for t in self._tiers])
-        self._track(handle)
         self._last = (step, slot, True)
-        self._persister.submit(
-            Job(m, slot, list(self._tiers), handle, hashed=True, seq="close", generation=slot.generation)
-        )
+        try:
+            job = Job(
+                m, slot, list(self._tiers), handle, hashed=m.sealed, seq="close", generation=slot.generation
+            )
+            self._persister.submit(job)
+        except BaseException:
+            self._stager.release(slot)
+            raise
+        self._track(handle)
 
     def _last_durable(self) -> bool:
+        """The newest snapshot (the last saved or restored) is committed on every persistent
+        tier: the memory tier may go."""
         if self._last is None:
             return True
         step = self._last[0]
@@ -1095,15 +1284,22 @@ class Checkpointer:
             if h.step == step and h.failures:
                 return False
         try:
-            return all(step in committed_steps(t.backend, self._opts) for t in self._tiers)
+            m, _ = self._mem.read(step)
+            return all(m.order in {r.order for r in read_commits(t.backend, self._opts)} for t in self._tiers)
         except FlashCkptError:
             return False
 
     def _release_memory(self) -> None:
-        be = self._memory.backend
+        """Clean close, everything durable: delete the memory tier (its slot files are unlinked
+        by the stager) and the lock last, while it is still held (see ``_take_lock``)."""
+        self._mem.clear()
+        be = self._mem.backend
         for name in be.children(""):
-            if not name.endswith("/"):
+            if not name.endswith("/") and name != "lock":
                 be.delete(name)
+        with contextlib.suppress(FileNotFoundError):
+            (self._rank_dir / "lock").unlink()
+        os.close(self._lock_fd)
         # the per-user directory above the default root too; never above a memory_dir given
         dirs = [self._rank_dir, self._memory_root]
         if self._memory_dir_given is None:
@@ -1113,6 +1309,13 @@ class Checkpointer:
                 d.rmdir()
             except OSError:
                 break
+
+    def _close_backends(self) -> None:
+        for be in self._owned:
+            try:
+                be.close()
+            except Exception as exc:
+                log.debug("flashckpt: closing %s: %s", be.url, exc)
 
     def _atexit(self) -> None:
         try:

@@ -57,6 +57,10 @@ class Options:
     #: Peer mirrors: socket timeout of every mirror operation; a slower peer is reported and
     #: the transfer abandoned.
     mirror_timeout_s: float = 60.0
+    #: Peer mirrors are best effort: a failed mirror is reported in ``stats`` and the log and
+    #: never raised.  True makes ``SaveHandle.wait`` / ``Checkpointer.wait`` / ``close``
+    #: raise it like a failed durable tier.
+    require_mirrors: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):

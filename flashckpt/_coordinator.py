@@ -27,19 +27,25 @@ from flashckpt._config import Options
 from flashckpt._retry import retry
 from flashckpt.backends import Backend
 from flashckpt.backends._base import check_key
-from flashckpt.errors import CorruptCheckpointError, ObjectNotFound, StateMismatchError
+from flashckpt.errors import CoordinationError, CorruptCheckpointError, ObjectNotFound, StateMismatchError
 from flashckpt.format import (
     CHUNKS_PREFIX,
     CODEC_RAW,
+    MAX_RECORD_BYTES,
+    RUN_KEY,
     UNSEALED,
     ChunkEntry,
+    CommitRecord,
     Manifest,
     checksum,
     commit_key,
     decode_commit,
     decode_manifest,
+    decode_run,
+    encode_run,
     manifest_key,
     memory_manifest_key,
+    parse_chunk_key,
     parse_memory_manifest_key,
     step_prefix,
 )
@@ -55,9 +61,45 @@ _PIECE = 1 << 20  # checksum-and-copy granularity: stays in cache between the tw
 
 
 def committed_steps(be: Backend, opts: Options) -> list[int]:
-    """Steps with a commit record on ``be``, oldest first."""
+    """Step numbers with a commit record on ``be``, lowest first (names only: nothing is read).
+    Names that are not commit keys (a foreign file) are skipped."""
     names = retry(lambda: be.children("commits/"), f"list commits on {be.url}", opts)
     return sorted(int(m.group(1)) for n in names if (m := _COMMIT_NAME.match(n)))
+
+
+def read_record(be: Backend, key: str, what: str, opts: Options) -> bytes:
+    """A record (manifest or commit record), read with a length limit: an object larger than
+    any record is refused without being read whole."""
+    # The size first: an object store backend reads a ranged GET into a buffer of the length
+    # asked for, so the bound passed to ``get`` must be the object's size, not the limit.
+    size = retry(lambda: be.head(key), f"head {what}", opts)
+    if size > MAX_RECORD_BYTES:
+        raise CorruptCheckpointError(f"{what}: {size} bytes, larger than any record ({MAX_RECORD_BYTES})")
+    return retry(lambda: be.get(key, length=size), f"get {what}", opts)  # (replaced meanwhile: the
+    # record's trailer does not match)
+
+
+def read_commits(be: Backend, opts: Options) -> list[CommitRecord]:
+    """The commit records on ``be``, oldest first in ``(generation, step)`` order: the order
+    in which "latest", retention and the commit protocol see steps (docs/format.md).
+
+    A record that fails validation is skipped with a warning (its step is unusable, and is
+    never deleted by retention either).  A tier that cannot be read raises ``StorageError``.
+    """
+    out = []
+    for step in committed_steps(be, opts):
+        what = f"commit record of step {step} on {be.url}"
+        try:
+            record = decode_commit(read_record(be, commit_key(step), what, opts), what, check_key=check_key)
+            if record.step != step:
+                raise CorruptCheckpointError(f"{what} names step {record.step}")
+        except ObjectNotFound:
+            continue  # retired meanwhile
+        except CorruptCheckpointError as exc:
+            log.warning("flashckpt: skipping step %d: %s", step, exc)
+            continue
+        out.append(record)
+    return sorted(out, key=lambda r: r.order)
 
 
 def memory_steps(be: Backend) -> list[int]:
@@ -69,7 +111,7 @@ def read_committed_manifest(be: Backend, step: int, rank: int, world: int, opts:
     """The manifest of shard ``rank``/``world`` of committed ``step`` on ``be``, validated
     against the commit record (size and checksum)."""
     what = f"step {step} on {be.url}"
-    raw = retry(lambda: be.get(commit_key(step)), f"get commit of {what}", opts)
+    raw = read_record(be, commit_key(step), f"commit record of {what}", opts)
     record = decode_commit(raw, f"commit record of {what}", check_key=check_key)
     if record.step != step:
         raise CorruptCheckpointError(f"commit record of {what} names step {record.step}")
@@ -82,13 +124,42 @@ def read_committed_manifest(be: Backend, step: int, rank: int, world: int, opts:
     entry = next((m for m in record.manifests if m[0] == want), None)
     if entry is None:
         raise CorruptCheckpointError(f"commit record of {what} has no shard {want}")
-    mraw = retry(lambda: be.get(want), f"get {want}", opts)
+    mraw = read_record(be, want, f"manifest {want}", opts)
     if len(mraw) != entry[1] or checksum(mraw) != entry[2]:
         raise CorruptCheckpointError(f"manifest {want} on {be.url} does not match its commit record")
     m = decode_manifest(mraw, f"manifest {want}", check_key=check_key)
     if (m.step, m.rank, m.world_size) != (step, rank, world):
         raise CorruptCheckpointError(f"manifest {want} describes another shard")
+    if m.generation != record.generation:
+        raise CorruptCheckpointError(f"manifest {want} belongs to another generation than its commit")
     return m
+
+
+def read_run(be: Backend, opts: Options) -> str | None:
+    """The run id the tier's run record names, or None when there is none."""
+    what = f"run record on {be.url}"
+    try:
+        return decode_run(read_record(be, RUN_KEY, what, opts), what)
+    except ObjectNotFound:
+        return None
+
+
+def claim_run(be: Backend, run: str, opts: Options) -> None:
+    """Before a tier's first commit by this process: write its run record, unless it holds one
+    already.  Raises :class:`CoordinationError` if it names another run (two runs writing one
+    storage tier)."""
+    have = read_run(be, opts)
+    if have is None:
+        exclusive = be.capabilities.exclusive_create
+        try:
+            retry(lambda: be.put(RUN_KEY, encode_run(run), exclusive=exclusive), f"put run on {be.url}", opts)
+        except FileExistsError:
+            have = read_run(be, opts)
+    if have is not None and have != run:
+        raise CoordinationError(
+            f"the storage tier {be.url} belongs to run {have}, this Checkpointer to run {run}: "
+            "two runs write to one storage tier"
+        )
 
 
 def read_memory_manifest(be: Backend, step: int) -> Manifest:
@@ -174,72 +245,138 @@ def verify_chunks(
     return m.with_chunks(list(pool.map(one, m.chunks)))
 
 
+#: A snapshot's place on the run's timeline: ``(generation, step)`` (docs/format.md).
+Order = tuple[int, int]
+
+
 @dataclass(frozen=True)
 class Source:
     step: int
     tier: Tier
+    generation: int = 0
 
 
-def plan_sources(inventory: Sequence[tuple[Tier, Sequence[int]]], step: int | None) -> list[Source]:
-    """Every (step, tier) to try, newest step first and cheapest tier first within a step.
+def abandoned(orders: Sequence[Order]) -> set[Order]:
+    """The snapshots among ``orders`` that lie on a timeline the run left: ``(g, s)`` such
+    that a newer generation holds a lower step (``(g', s')``, ``g' > g``, ``s' < s``), so it
+    branched off below ``s``.  (A newer generation whose every snapshot is above ``s`` may
+    have branched off below ``s`` too; then ``(g, s)`` is older than all of them, and only a
+    fallback past all of them could reach it.)"""
+    out: set[Order] = set()
+    lowest_newer = None  # the lowest step of any generation newer than the one at hand
+    for gen in sorted({g for g, _ in orders}, reverse=True):
+        steps = [s for g, s in orders if g == gen]
+        if lowest_newer is not None:
+            out.update((gen, s) for s in steps if s > lowest_newer)
+        lowest_newer = min(steps) if lowest_newer is None else min(lowest_newer, min(steps))
+    return out
 
-    ``inventory`` lists tiers from cheapest to dearest with the steps each holds.
-    """
-    steps = sorted({s for _, held in inventory for s in held}, reverse=True)
-    if step is not None:
-        steps = [s for s in steps if s == step]
-    return [Source(s, tier) for s in steps for tier, held in inventory if s in held]
+
+def plan_sources(inventory: Sequence[tuple[Tier, Sequence[Order]]], want: Order) -> list[Source]:
+    """The tiers to try for snapshot ``want``, cheapest first (``inventory`` lists tiers
+    from cheapest to dearest with the snapshots each holds)."""
+    return [Source(want[1], tier, want[0]) for tier, held in inventory if want in held]
 
 
 def apply_retention(
-    be: Backend, keep: int, opts: Options, *, gc_candidates: dict[str, tuple[int, float]] | None = None
+    be: Backend,
+    keep: int,
+    opts: Options,
+    *,
+    protect: Sequence[int] = (),
+    gc_candidates: dict[str, tuple[Order, float]] | None = None,
 ) -> list[int]:
-    """Keep the newest ``keep`` committed steps on ``be``; delete older ones and torn leftovers.
+    """Keep the newest ``keep`` committed steps on ``be`` in ``(generation, step)`` order, and
+    the steps in ``protect`` (just committed, just restored); retire the others and delete
+    step directories nothing needs.  Returns the step numbers whose directories were deleted.
 
     A step is un-committed (record deleted) before its data, so a crash midway leaves an
-    uncommitted directory, never a committed step with missing chunks.  Uncommitted steps
-    newer than the newest commit are left alone: a save may be writing them.  Returns the
-    deleted steps.  ``gc_candidates`` (a tier every rank of a job writes to): see
+    uncommitted directory, never a committed step with missing chunks.  A step directory is
+    deleted only if no kept step has its number and every manifest in it is older than the
+    newest commit: a save in flight (this job's next step, a re-save of a step number, a
+    rank ahead of this one) writes manifests of the newest generation, newer than any commit,
+    and they are never touched.  Directories of abandoned steps (a rollback) go once the run
+    passes them.  Records that fail validation, and names that are not flashckpt keys, are
+    skipped, never deleted.  ``gc_candidates`` (a tier every rank of a job writes to): see
     :func:`collect_chunks`.
     """
-    steps = committed_steps(be, opts)
-    if not steps:
+    records = read_commits(be, opts)
+    if not records:
         return []
-    doomed = steps[:-keep] if keep > 0 else []
-    kept = set(steps[-keep:])
-    for s in doomed:
-        hooks.fire("retention.delete", step=s, tier=be.url)
-        retry(lambda s=s: be.delete(commit_key(s)), f"delete commit of step {s}", opts)  # type: ignore[misc]
+    newest = records[-1].order
+    left = abandoned([r.order for r in records])
+    for r in records:
+        if r.order in left:
+            log.warning(
+                "flashckpt: retiring step %d on %s: the run continued from an older step (timeline "
+                "generation %d), so this step is no longer part of it",
+                r.step,
+                be.url,
+                r.generation,
+            )
+    current = [r for r in records if r.order not in left]
+    kept_records = current[-keep:] + [r for r in current[:-keep] if r.step in protect]
+    kept = {r.step for r in kept_records}
+    for r in records:
+        if r.step not in kept:
+            hooks.fire("retention.delete", step=r.step, tier=be.url)
+            retry(lambda s=r.step: be.delete(commit_key(s)), f"delete commit of step {r.step}", opts)  # type: ignore[misc]
     names = retry(lambda: be.children("steps/"), f"list steps on {be.url}", opts)
-    newest = steps[-1]
     removed = []
     for name in names:
         m = _STEP_DIR.match(name)
         if not m:
             continue
         s = int(m.group(1))
-        if s in kept or s > newest:
+        if s in kept or s in protect or not _older_than(be, s, newest, opts):
             continue
-        try:
-            retry(lambda s=s: be.delete_prefix(step_prefix(s)), f"delete step {s}", opts)  # type: ignore[misc]
-        except ObjectNotFound:
-            pass
+        _delete_manifests(be, s, opts)
         removed.append(s)
     if gc_candidates is not None:
-        collect_chunks(be, sorted(kept), opts, candidates=gc_candidates)
-    elif doomed or removed:
-        collect_chunks(be, sorted(kept), opts)
+        collect_chunks(be, kept_records, opts, candidates=gc_candidates)
+    elif removed or len(kept_records) < len(records):
+        collect_chunks(be, kept_records, opts)
     return removed
+
+
+_MANIFEST_NAME = re.compile(r"r\d{5}-of-\d{5}\.manifest")
+
+
+def _delete_manifests(be: Backend, step: int, opts: Options) -> None:
+    """Delete the manifests of ``step`` (its directory goes once empty); a name that is not
+    a manifest key is not flashckpt's and stays."""
+    for key in retry(lambda: be.list(step_prefix(step)), f"list step {step} on {be.url}", opts):
+        if _MANIFEST_NAME.fullmatch(key[len(step_prefix(step)) :]):
+            retry(lambda k=key: be.delete(k), f"delete {key}", opts)  # type: ignore[misc]
+
+
+def _older_than(be: Backend, step: int, newest: Order, opts: Options) -> bool:
+    """True if every manifest in step ``step``'s directory is older than ``newest`` (an
+    unreadable one counts as newer: it is left alone)."""
+    for key in retry(lambda: be.list(step_prefix(step)), f"list step {step} on {be.url}", opts):
+        if not key.endswith(".manifest"):
+            continue
+        try:
+            m = decode_manifest(read_record(be, key, key, opts), key, check_key=check_key)
+        except ObjectNotFound:
+            continue
+        except CorruptCheckpointError:
+            return False
+        if m.order >= newest:
+            return False
+    return True
 
 
 def collect_chunks(
     be: Backend,
-    kept: Sequence[int],
+    kept: Sequence[CommitRecord],
     opts: Options,
     *,
-    candidates: dict[str, tuple[int, float]] | None = None,
+    candidates: dict[str, tuple[Order, float]] | None = None,
 ) -> int:
     """Delete chunk objects that no manifest references; return how many.
+
+    Names under ``chunks/`` that are not chunk keys are skipped, never deleted.
 
     One process (``candidates`` is None): the manifests of the kept steps count.  Safe against
     this process's saves: the persist thread runs it between jobs, and a save only reuses
@@ -249,22 +386,18 @@ def collect_chunks(
     present counts, committed or in flight; and another rank may have written a chunk for a
     manifest it has not written yet.  So a chunk is deleted only if it was already
     unreferenced at a pass made at an older commit (``candidates`` maps it to the newest
-    committed step and the time when it was first seen so), and at least ``opts.gc_grace_s``
-    ago.  That suffices because a rank writes the chunks of step S+1 only after it has seen
-    step S committed (or failed): by the next commit after a chunk was written, the manifest
-    that references it exists.  A rank reuses chunks of its own newest manifest only, and
-    that manifest's step is retired only after a newer step is committed, which needs the
-    rank's next manifest, written first.
+    commit's ``(generation, step)`` and the time when it was first seen so), and at least
+    ``opts.gc_grace_s`` ago.  That suffices because a rank writes the chunks of its next
+    save only after it has seen the previous one committed (or failed): by the next commit
+    after a chunk was written, the manifest that references it exists.  A rank reuses chunks
+    of its own newest manifest only, and that manifest's step is retired only after a newer
+    one is committed, which needs the rank's next manifest, written first.
     """
     referenced: set[str] = set()
 
-    def get(key: str) -> bytes:
-        return retry(lambda: be.get(key), f"get {key}", opts)
-
     keys: list[str] = []
     if candidates is None:
-        for s in kept:
-            record = decode_commit(get(commit_key(s)), check_key=check_key)
+        for record in kept:
             keys.extend(key for key, _size, _digest in record.manifests)
     else:
         # listed before the chunks: a manifest written after this never references a chunk
@@ -273,7 +406,7 @@ def collect_chunks(
         keys = [k for k in listed if k.endswith(".manifest")]
     for key in keys:
         try:
-            m = decode_manifest(get(key), key, check_key=check_key)
+            m = decode_manifest(read_record(be, key, key, opts), key, check_key=check_key)
         except (ObjectNotFound, CorruptCheckpointError) as exc:
             if candidates is None:
                 raise
@@ -282,8 +415,9 @@ def collect_chunks(
         referenced.update(c.key for c in m.chunks)
     deleted = 0
     t_now = time.monotonic()
-    newest = max(kept, default=-1)
-    chunks = retry(lambda: be.list(CHUNKS_PREFIX), f"list chunks on {be.url}", opts)
+    newest = max((r.order for r in kept), default=(-1, -1))
+    listed = retry(lambda: be.list(CHUNKS_PREFIX), f"list chunks on {be.url}", opts)
+    chunks = [k for k in listed if parse_chunk_key(k) is not None]  # a foreign file is no chunk
     present = set(chunks)
     if candidates is not None:
         for key in list(candidates):

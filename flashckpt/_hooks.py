@@ -12,6 +12,9 @@ point                       thread               info
 ==========================  ===================  ==============================================
 ``stage.tensor``            training             ``index``, ``count`` (after a CPU tensor's copy)
 ``stage.done``              training             ``step`` (copied, memory manifest written)
+``persist.next``            persist              ``step`` (a job taken from the queue; an
+                                                 exception here ends the thread: tests of a
+                                                 persist thread that died)
 ``persist.chunk``           io pool              ``step``, ``tier``, ``key`` (chunk written)
 ``persist.manifest``        persist              ``step``, ``tier`` (manifest written)
 ``commit.record``           persist / training   ``step``, ``tier`` (about to write the record)

@@ -54,7 +54,14 @@ from flashckpt._coordinator import memory_steps, read_memory_manifest, verify_ch
 from flashckpt._staging import Slot, check_fits
 from flashckpt.backends import LocalBackend
 from flashckpt.errors import CorruptCheckpointError, FlashCkptError, StorageError, TransientStorageError
-from flashckpt.format import MAX_RECORD_BYTES, SHARD_PATTERN, Manifest, encode_manifest, memory_manifest_key
+from flashckpt.format import (
+    MAX_RECORD_BYTES,
+    SHARD_PATTERN,
+    Manifest,
+    check_memory_manifest,
+    encode_manifest,
+    memory_manifest_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -382,6 +389,25 @@ class MirrorServer:
             for owner, ms in o.mirrors.items():
                 out.setdefault(owner, set()).update(ms.steps())
         return {k: sorted(v) for k, v in sorted(out.items())}
+
+    def snapshots(self) -> dict[str, list[list[Any]]]:
+        """Shard -> ``[generation, step, storage id, run id]`` of each valid snapshot of it held
+        here (the restore inventory: a restoring rank filters by run and orders by
+        ``(generation, step)``).  Training thread."""
+        out: dict[str, list[list[Any]]] = {}
+        for shard in self.holdings():
+            for ms in self._sources(shard):
+                for step in ms.steps():
+                    try:
+                        m = read_memory_manifest(ms.backend, step)
+                        check_memory_manifest(m, f"mirror of {shard} step {step}")
+                    except (CorruptCheckpointError, StorageError) as exc:
+                        log.debug("flashckpt: mirror of %s step %d unusable: %s", shard, step, exc)
+                        continue
+                    entry = [m.generation, m.step, m.storage, m.run]
+                    if entry not in out.setdefault(shard, []):
+                        out[shard].append(entry)
+        return out
 
     def claim_orphans(self, memory_root: Path, world: int) -> list[str]:
         """Training thread, in ``restore`` (every live rank has locked its own directory by

@@ -394,8 +394,15 @@ class Stager:
         return cached
 
     # -- slot hand-out -----------------------------------------------------------------------
-    def acquire(self, nbytes: int = 0, *, replacing: int | None = None) -> tuple[Slot, float]:
+    def acquire(
+        self, nbytes: int = 0, *, replacing: int | None = None, check: Callable[[], None] | None = None
+    ) -> tuple[Slot, float]:
         """Block until a slot is free; mark it busy.  Returns the slot and seconds waited.
+
+        A wait has no fixed bound (a slot is held while a large snapshot is persisted, which
+        takes as long as the storage needs), but ``check()`` is called at least twice a second
+        while waiting and may raise (the Checkpointer raises if the persist thread that
+        would free the slot is gone), so a save never waits for a slot nobody will free.
 
         Prefers a slot holding step ``replacing`` (a copy about to be replaced anyway), then an
         empty slot, then the slot that does not hold the newest staged step, so the newest
@@ -434,10 +441,17 @@ class Stager:
                 if target is None or job is None or not job.left():
                     self.waiters += 1
                     try:  # re-checked now and then: a prefault may start faulting a slot in
-                        self._cond.wait(0.05 if target is not None else None)
+                        self._cond.wait(0.05 if target is not None else 0.5)
                     finally:
                         self.waiters -= 1
-                    continue
+                    wait_more = True
+                else:
+                    wait_more = False
+            if wait_more:
+                if check is not None:
+                    check()
+                continue
+            assert target is not None
             self.helped_bytes += target.help_fault()
 
     def try_acquire(self, slot: Slot) -> bool:

@@ -321,6 +321,101 @@ def find_targets(
     return found
 
 
+TensorMeta = Callable[[int], "tuple[torch.dtype, tuple[int, ...]]"]
+
+
+def check_loadable(state: Any, tree: Any, meta: TensorMeta, *, resharding: bool = False) -> list[str]:
+    """A dry run of :func:`load_into`: raise :class:`StateMismatchError` for anything that
+    would make loading ``tree`` into ``state`` fail halfway, before a byte is written.
+
+    Checked: the state is a mapping; a DTensor shard goes into a live DTensor with the same
+    local shape and dtype (unless ``resharding``); a module's ``load_state_dict`` gets exactly
+    its keys with its shapes (what the default ``strict=True`` demands); an optimizer gets
+    as many parameter groups, each with as many parameters, as it has.  ``meta(i)`` gives
+    saved tensor ``i``'s dtype and shape.  Returns the paths of plain tensors that will be
+    replaced instead of filled in place (their shape or dtype changed), for the caller to log.
+    Training thread; nothing is mutated (``Stateful`` objects are read through ``state_dict``).
+    """
+    if not isinstance(state, MutableMapping):
+        raise StateMismatchError(f"restore needs a dict-like state, got {type(state).__qualname__}")
+    replaced: list[str] = []
+
+    def walk(current: Any, node: Any, path: str) -> None:
+        where = path or "<root>"
+        if isinstance(node, TensorRef):
+            if isinstance(current, torch.Tensor) and (current.dtype, tuple(current.shape)) != meta(
+                node.index
+            ):
+                replaced.append(where)
+        elif isinstance(node, DTensorRef):
+            if not is_dtensor(current):
+                raise StateMismatchError(
+                    f"{where}: the checkpoint holds a DTensor shard here, the state has "
+                    f"{type(current).__qualname__}; build the sharded state first and restore into it"
+                )
+            local = current.to_local()
+            if not resharding and (local.dtype, tuple(local.shape)) != meta(node.index):
+                dtype, shape = meta(node.index)
+                raise StateMismatchError(
+                    f"{where}: the live DTensor's local shard is {tuple(local.shape)} {local.dtype}, "
+                    f"the checkpoint's is {shape} {dtype}: the sharding changed"
+                )
+        elif isinstance(node, StatefulRecord):
+            if is_stateful(current):
+                live = current.state_dict()
+                _check_stateful(current, live, node.state, where, meta)
+                walk(live, node.state, path)
+        elif isinstance(node, dict):
+            if isinstance(current, Mapping):
+                for k, v in node.items():
+                    walk(current.get(k), v, _join(path, k))
+        elif (
+            isinstance(node, (list, tuple))
+            and not isinstance(node, torch.Size)
+            and isinstance(current, (list, tuple))
+            and len(current) == len(node)
+        ):
+            for i, (c, v) in enumerate(zip(current, node, strict=True)):
+                walk(c, v, _join(path, i))
+
+    walk(state, tree, "")
+    return replaced
+
+
+def _check_stateful(obj: Any, live: Any, saved: Any, where: str, meta: TensorMeta) -> None:
+    """What ``load_state_dict`` of common torch objects would refuse, found before loading."""
+    name = type(obj).__qualname__
+    if isinstance(obj, torch.nn.Module) and isinstance(live, Mapping) and isinstance(saved, Mapping):
+        missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+        if missing or unexpected:
+            raise StateMismatchError(
+                f"{where}: {name}.load_state_dict would refuse the checkpoint: missing keys "
+                f"{missing[:5]}, unexpected keys {unexpected[:5]}"
+            )
+        for k, node in saved.items():
+            t = live[k]
+            if isinstance(node, TensorRef) and isinstance(t, torch.Tensor):
+                shape = meta(node.index)[1]
+                if tuple(t.shape) != shape:
+                    raise StateMismatchError(
+                        f"{where}.{k}: {name}.load_state_dict would refuse the checkpoint: size "
+                        f"mismatch, the checkpoint's is {list(shape)}, the model's {list(t.shape)}"
+                    )
+    elif isinstance(obj, torch.optim.Optimizer) and isinstance(live, Mapping) and isinstance(saved, Mapping):
+
+        def sizes(sd: Mapping[Any, Any]) -> list[int]:
+            groups = sd.get("param_groups")
+            if not isinstance(groups, list):
+                return []
+            return [len(g.get("params", [])) if isinstance(g, Mapping) else -1 for g in groups]
+
+        if sizes(live) != sizes(saved):
+            raise StateMismatchError(
+                f"{where}: {name}.load_state_dict would refuse the checkpoint: parameter groups "
+                f"of sizes {sizes(saved)} saved, {sizes(live)} now"
+            )
+
+
 def load_into(
     state: Any, tree: Any, materialize: Materialize, *, fill_dtensor: Callable[[str, Any], None] | None = None
 ) -> None:

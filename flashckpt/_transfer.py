@@ -28,19 +28,27 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flashckpt import _hooks as hooks
 from flashckpt._codec import Compression, encode
 from flashckpt._config import Options
-from flashckpt._coordinator import apply_retention, committed_steps, read_committed_manifest
+from flashckpt._coordinator import (
+    apply_retention,
+    claim_run,
+    read_commits,
+    read_committed_manifest,
+    read_record,
+)
 from flashckpt._dist import Control
+from flashckpt._memtier import MemoryTier
 from flashckpt._mirror import push
 from flashckpt._retry import retry
 from flashckpt._staging import Slot, Stager
 from flashckpt.backends import Backend
-from flashckpt.errors import CoordinationError, FlashCkptError, WaitTimeout
+from flashckpt.backends._base import check_key
+from flashckpt.errors import CoordinationError, CorruptCheckpointError, FlashCkptError, WaitTimeout
 from flashckpt.format import (
     CODEC_PATTERN,
     MAX_TOTAL_BYTES,
@@ -50,10 +58,10 @@ from flashckpt.format import (
     checksum,
     chunk_key,
     commit_key,
+    decode_manifest,
     encode_commit,
     encode_manifest,
     manifest_key,
-    memory_manifest_key,
     now,
 )
 
@@ -73,6 +81,8 @@ class Tier:
     #: of them are (the storage tier).  Otherwise the tier is this rank's own: memory, and a
     #: node-local disk, whose commit records hold this rank's shard only.
     shared: bool = False
+    #: The tier holds the run record (the storage tier): written before its first commit.
+    holds_run: bool = False
 
 
 class _Failure:
@@ -105,7 +115,12 @@ class SaveHandle:
         self.persist_s: dict[str, float] = {}
         #: chunk bytes written per persistent tier (unchanged chunks are not written again)
         self.written_bytes: dict[str, int] = {}
+        #: failures of durable tiers (memory, local, storage): raised once by ``wait``
         self.failures: list[_Failure] = []
+        #: failures that do not make the snapshot less durable (a peer's mirror, unless
+        #: ``Options.require_mirrors``; retention after the commit): reported in ``stats``
+        #: and the log, never raised
+        self.warnings: list[_Failure] = []
         self._pending = set(self.tiers)
         self._event = threading.Event()
         self._lock = threading.Lock()
@@ -131,9 +146,23 @@ class SaveHandle:
         self.raise_failure()
 
     def raise_failure(self) -> None:
-        for f in self.failures:
-            if f.claim():
-                raise f.error
+        """Raise this save's first failure unless some wait raised one already: a save's
+        failure is raised once, however many tiers it failed (all are in ``stats``)."""
+        claimed = [f for f in self.failures if f.claim()]
+        if len(claimed) == len(self.failures) and claimed:
+            raise claimed[0].error
+
+    def report(self) -> dict[str, Any]:
+        """Any thread: what is known so far: ``persist_s`` and ``written_bytes`` per tier, and
+        ``errors`` (every failure and warning, as ``"tier: Type: message"``)."""
+        with self._lock:
+            return {
+                "persist_s": dict(self.persist_s),
+                "written_bytes": dict(self.written_bytes),
+                "errors": [
+                    f"{f.tier}: {type(f.error).__name__}: {f.error}" for f in self.failures + self.warnings
+                ],
+            }
 
     def durable_on(self) -> tuple[str, ...]:
         """Tiers on which this step is durable."""
@@ -141,14 +170,28 @@ class SaveHandle:
         return tuple(t for t in self.tiers if t in self.persist_s and t not in failed)
 
     # -- called by the persist thread ------------------------------------------------------
-    def _finish_tier(self, tier: str, seconds: float, error: BaseException | None = None) -> None:
+    def _finish_tier(
+        self, tier: str, seconds: float, error: BaseException | None = None, *, fatal: bool = True
+    ) -> None:
         with self._lock:
+            if tier not in self._pending:
+                return  # reported already (a tier is reported once)
             self.persist_s[tier] = seconds
             if error is not None:
-                self.failures.append(_Failure(tier, error))
+                (self.failures if fatal else self.warnings).append(_Failure(tier, error))
             self._pending.discard(tier)
             if not self._pending:
                 self._event.set()
+
+    def _fail_pending(self, error: BaseException) -> None:
+        """Report every tier not reported yet as failed with ``error``."""
+        for name in self.tiers:
+            self._finish_tier(name, 0.0, error)
+
+    def _warn(self, tier: str, error: BaseException) -> None:
+        """A failure after the fact that does not change durability (retention)."""
+        with self._lock:
+            self.warnings.append(_Failure(tier, error))
 
 
 @dataclass
@@ -161,7 +204,6 @@ class Job:
     tiers: list[Tier]
     handle: SaveHandle
     hashed: bool = False
-    on_done: list[Callable[[SaveHandle], None]] = field(default_factory=list)
     #: Names this save among the ranks (every rank makes the same calls in the same order).
     seq: str = ""
     #: Ranks that write this step to a shared tier in this attempt; the last one commits.
@@ -171,19 +213,40 @@ class Job:
     mirror: bool = False  # also push the snapshot to the peers' memory (tier "mirror")
 
 
+class PersisterDied(FlashCkptError, RuntimeError):
+    """The ``flashckpt-persist`` thread is gone (a bug): nothing can be persisted any more."""
+
+
 class Persister:
-    """Owns the ``flashckpt-persist`` thread and the ``flashckpt-hash`` and ``flashckpt-io`` pools."""
+    """Owns the ``flashckpt-persist`` thread and the ``flashckpt-hash`` and ``flashckpt-io`` pools.
+
+    The thread never dies of a job: any exception in a job, its retention or its chunk GC
+    fails that job (on its handle, in the log) and the thread takes the next one.  If it is
+    gone anyway, :meth:`submit` and :meth:`join` raise :class:`PersisterDied` instead of
+    hanging, and the jobs it left are failed and their slots given back.
+    """
 
     def __init__(
-        self, opts: Options, memory: Tier, stager: Stager, keep: int | None, control: Control | None = None
+        self,
+        opts: Options,
+        memory: MemoryTier,
+        stager: Stager,
+        keep: int | None,
+        control: Control | None = None,
     ) -> None:
         self.opts = opts
         self.memory = memory
         self.stager = stager
         self.keep = keep
         self.control = control if control is not None else Control(None, opts.coord_timeout_s)
+        #: the restored snapshot (step -> order): retention keeps it until a newer one is
+        #: committed on the tier.  Set by the training thread in ``restore``.
+        self.protect: dict[int, tuple[int, int]] = {}
         # per shared tier: unreferenced chunk -> (newest commit, time) when first seen so
-        self._gc_candidates: dict[str, dict[str, tuple[int, float]]] = {}
+        self._gc_candidates: dict[str, dict[str, tuple[tuple[int, int], float]]] = {}
+        self._died: BaseException | None = None
+        #: peers whose mirror is failing now: a failure is logged once per peer and episode
+        self._mirror_failing: set[int] = set()
         #: (peer rank, address) of the ranks holding this rank's mirrors; set by the Checkpointer
         self.mirror_peers: list[tuple[int, tuple[str, int]]] = []
         self.mirror_owner = ""  # this rank's shard name, as the peers file it
@@ -198,40 +261,98 @@ class Persister:
         #: A shared-tier commit this rank stopped waiting for (``WaitTimeout``): (key, step).
         #: Until it resolves, later saves skip the shared tier at once (reported) instead of
         #: each waiting ``coord_timeout_s`` for a rank that is likely dead.  Persist thread only.
-        self._stalled: tuple[str, int] | None = None
-        self._known_chunks: dict[str, dict[str, ChunkEntry]] = {}  # persist thread only
+        self._stalled: tuple[str, tuple[int, int]] | None = None
+        # persist thread only: per tier, chunks of this rank's newest manifest there, by checksum
+        self._known_chunks: dict[str, dict[str, ChunkEntry]] = {}
+        self._known_order: dict[str, tuple[int, int]] = {}
+        self._run_claimed: set[str] = set()  # tiers whose run record this process has checked
         self._thread = threading.Thread(target=self._loop, name="flashckpt-persist", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Training thread: hand a staged slot over.  Never blocks."""
+        """Training thread: hand a staged slot over.  Never blocks.  Raises
+        :class:`PersisterDied` if the thread is gone (the caller gives the slot back)."""
+        self.check_alive()
         self._queue.put(job)
 
+    def check_alive(self) -> None:
+        """Any thread: raise :class:`PersisterDied` if the persist thread is gone."""
+        if self._died is not None or not self._thread.is_alive():
+            raise PersisterDied(
+                f"the flashckpt-persist thread is gone ({self._died!r}); nothing more can be "
+                "persisted: close this Checkpointer and create a new one"
+            ) from self._died
+
     def close(self) -> None:
-        """Finish every queued job, then stop the thread and the pool."""
-        self._queue.put(None)
-        self._thread.join()
+        """Finish every queued job, then stop the thread and the pools."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
         self.pool.shutdown(wait=True)
         self.hash_pool.shutdown(wait=True)
         self._mirror_pool.shutdown(wait=True)
 
     # -- persist thread ----------------------------------------------------------------------
     def _loop(self) -> None:
+        job: Job | None = None
+        try:
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    self._queue.task_done()
+                    return
+                hooks.fire("persist.next", step=job.manifest.step)  # (tests: a thread that dies)
+                try:
+                    self._process(job)
+                except BaseException as exc:  # _process reports its own; this is the last guard
+                    log.exception("flashckpt: persist of step %d failed unexpectedly", job.manifest.step)
+                    job.handle._fail_pending(exc)
+                job = None
+                self._queue.task_done()
+        except BaseException as exc:
+            self._died = exc
+            log.critical("flashckpt: the persist thread died: %r", exc, exc_info=True)
+            if job is not None:  # the job in hand: failed, its slot given back
+                job.handle._fail_pending(exc)
+                self.stager.release(job.slot)
+                self._queue.task_done()
+        finally:
+            self._abandon_queue()
+
+    def _abandon_queue(self) -> None:
+        """The persist thread is ending: fail the jobs still queued and give their slots back
+        (a clean close queues nothing after its sentinel; after a death this unblocks
+        ``save``, ``wait`` and ``close``)."""
         while True:
-            job = self._queue.get()
-            if job is None:
-                self._queue.task_done()
-                return
             try:
-                self._process(job)
-            finally:
-                self._queue.task_done()
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                error = self._died or PersisterDied("the persist thread stopped before this job")
+                job.handle._fail_pending(error)
+                self.stager.release(job.slot)
+            self._queue.task_done()
 
     def join(self) -> None:
-        """Block until every submitted job, retention included, is finished."""
-        self._queue.join()
+        """Block until every submitted job, retention included, is finished.  Raises
+        :class:`PersisterDied` (instead of waiting forever) if the thread is gone."""
+        q = self._queue
+        while True:
+            with q.all_tasks_done:
+                if not q.unfinished_tasks:
+                    break
+                q.all_tasks_done.wait(0.5)
+            if not self._thread.is_alive():
+                with q.all_tasks_done:
+                    if q.unfinished_tasks:
+                        self.check_alive()
+                        raise PersisterDied("the persist thread stopped with jobs left")
+        if self._died is not None:  # every job was failed; the Checkpointer is unusable
+            self.check_alive()
 
     def _process(self, job: Job) -> None:
+        """Persist thread: one job, then retention of the tiers it committed.  Never raises."""
         committed: list[Tier] = []
         released = False
         try:
@@ -248,9 +369,7 @@ class Persister:
                 self.stager.mark_durable(job.slot, job.generation)
         except BaseException as exc:  # never let the thread die silently
             log.exception("flashckpt persist of step %d failed unexpectedly", job.manifest.step)
-            for name in job.handle.tiers:
-                if name in job.handle._pending:
-                    job.handle._finish_tier(name, 0.0, exc)
+            job.handle._fail_pending(exc)
         finally:
             if not released:
                 self.stager.release(job.slot)
@@ -258,20 +377,17 @@ class Persister:
             left = [name for name in job.handle.tiers if name in job.handle._pending]
             if left:
                 log.error("flashckpt: step %d: tiers %s were never reported (a bug)", job.manifest.step, left)
-                for name in left:
-                    error = FlashCkptError(f"internal error: the {name} tier was not reported")
-                    job.handle._finish_tier(name, 0.0, error)
-            for cb in job.on_done:
-                try:
-                    cb(job.handle)
-                except Exception:
-                    log.exception("flashckpt completion callback failed")
+                job.handle._fail_pending(FlashCkptError(f"internal error: tiers {left} were not reported"))
         # Retention runs after the step is reported durable and its slot is free: deleting
-        # old steps is not part of the cost of this save.
+        # old steps is not part of the cost of this save.  Its failures are the handle's
+        # warnings (the step itself is durable).
         for tier in committed:
-            self._retain(tier)
+            self._retain(tier, job)
 
-    def _retain(self, tier: Tier) -> None:
+    def _retain(self, tier: Tier, job: Job) -> None:
+        """Persist thread: retention of ``tier`` after ``job`` committed there.  Never raises:
+        a failure (of any type: a foreign file, a hostile record, a bug) is logged and
+        reported on the job's handle as a warning, and the thread goes on."""
         if self.keep is None:
             return
         shared = tier.shared and self.control.distributed
@@ -282,12 +398,18 @@ class Persister:
                 tier.backend,
                 self.keep,
                 self.opts,
+                protect=[job.manifest.step, *(s for s, o in self.protect.items() if o > job.manifest.order)],
                 gc_candidates=self._gc_candidates.setdefault(tier.name, {}) if shared else None,
             )
-        except FlashCkptError as exc:  # retention failing never fails a save
+        except Exception as exc:  # retention failing never fails a save, nor the thread
             log.warning(
-                "flashckpt: retention on the %s tier (%s) failed: %s", tier.name, tier.backend.url, exc
+                "flashckpt: retention on the %s tier (%s) failed: %s: %s",
+                tier.name,
+                tier.backend.url,
+                type(exc).__name__,
+                exc,
             )
+            job.handle._warn(f"retention on {tier.name}", exc)
 
     def _run(self, job: Job) -> tuple[list[Tier], list[tuple[Tier, str, float]]]:
         """Seal and persist one job.  Returns the tiers on which it was committed, and the
@@ -308,7 +430,7 @@ class Persister:
             m = sm
             error: BaseException | None = None
             try:
-                self.memory.backend.put(memory_manifest_key(sm.step), encode_manifest(sm))
+                self.memory.seal(job.slot, sm)
             except BaseException as exc:  # the tiers go on: their writes carry the checksums
                 log.error("flashckpt: step %d's sealed manifest was not written to memory: %s", sm.step, exc)
                 error = exc
@@ -360,7 +482,7 @@ class Persister:
                         waits.append((tier, ckey, t0))  # another rank writes the commit record
                         continue
                     try:
-                        self.commit_shared(tier, m.step, m.world_size)
+                        self.commit_shared(tier, m.step, m.world_size, m.order)
                     except BaseException as exc:
                         self.control.publish(ckey, f"the commit by rank {self.control.rank} failed: {exc}")
                         raise
@@ -429,13 +551,30 @@ class Persister:
             try:
                 sent += fut.result()
             except Exception as exc:  # a slow or dead peer never fails the save's other tiers
-                log.warning(
-                    "flashckpt: mirroring step %d to rank %d failed: %s", job.manifest.step, peer, exc
-                )
+                self._mirror_failed(peer, job.manifest.step, exc)
                 error = error or exc
+            else:
+                if peer in self._mirror_failing:
+                    self._mirror_failing.discard(peer)
+                    log.info("flashckpt: mirroring to rank %d works again (step %d)", peer, job.manifest.step)
         secs = time.perf_counter() - pushes[0][1]
         job.handle.written_bytes["mirror"] = sent
-        job.handle._finish_tier("mirror", secs, error)
+        job.handle._finish_tier("mirror", secs, error, fatal=self.opts.require_mirrors)
+
+    def _mirror_failed(self, peer: int, step: int, exc: BaseException) -> None:
+        """A mirror is best effort: logged once per peer and episode (a slow peer would
+        otherwise log every step), always in ``stats``."""
+        if peer in self._mirror_failing:
+            log.debug("flashckpt: mirroring step %d to rank %d failed: %s", step, peer, exc)
+            return
+        self._mirror_failing.add(peer)
+        log.warning(
+            "flashckpt: mirroring step %d to rank %d failed: %s (logged once until it works again; "
+            "the local and storage tiers are unaffected)",
+            step,
+            peer,
+            exc,
+        )
 
     def _committed(self, job: Job, tier: Tier, t0: float) -> None:
         secs = time.perf_counter() - t0
@@ -472,21 +611,23 @@ class Persister:
         published for it, or the tier holds a commit of that step or a newer one."""
         if self._stalled is None:
             return
-        key, step = self._stalled
-        if self.control.outcome_now(key) is None and not self._committed_since(tier, step):
+        key, order = self._stalled
+        if self.control.outcome_now(key) is None and not self._committed_since(tier, order):
             if self._dedups(tier):  # the other ranks wait for this rank's chunk entries: none
                 self.control.publish(_dedup_key(tier, job.manifest.step, job.seq, self.control.rank), "{}")
             raise CoordinationError(
-                f"not written to the {tier.name} tier: step {step}'s commit is still waiting for "
+                f"not written to the {tier.name} tier: step {order[1]}'s commit is still waiting for "
                 f"a rank (gave up after {self.control.timeout_s:.0f} s); this tier resumes once "
                 "that rank catches up, or after a restart"
             )
-        log.info("flashckpt: step %d's commit resolved late; writing the %s tier again", step, tier.name)
+        log.info("flashckpt: step %d's commit resolved late; writing the %s tier again", order[1], tier.name)
         self._stalled = None
 
-    def _committed_since(self, tier: Tier, step: int) -> bool:
+    def _committed_since(self, tier: Tier, order: tuple[int, int]) -> bool:
+        """The tier holds a commit of that snapshot or a newer one (in timeline order: an
+        abandoned step with a higher number is older, see docs/format.md)."""
         try:
-            return any(s >= step for s in committed_steps(tier.backend, self.opts))
+            return any(r.order >= order for r in read_commits(tier.backend, self.opts))
         except FlashCkptError as exc:
             log.debug("flashckpt: cannot list the %s tier: %s", tier.name, exc)
             return False
@@ -497,7 +638,7 @@ class Persister:
             try:
                 outcome = self.control.await_outcome(key)
             except WaitTimeout:
-                self._stalled = (key, job.manifest.step)
+                self._stalled = (key, job.manifest.order)
                 raise
             if outcome != "ok":
                 raise CoordinationError(f"step {job.manifest.step} was not committed: {outcome}")
@@ -508,21 +649,39 @@ class Persister:
         self._committed(job, tier, t0)
         return True
 
-    def commit_shared(self, tier: Tier, step: int, world: int) -> None:
+    def commit_shared(self, tier: Tier, step: int, world: int, order: tuple[int, int] | None = None) -> None:
         """Check every shard's manifest and write the commit record (persist thread of the last
-        rank to arrive; or rank 0's training thread, when a salvage finds every shard there)."""
+        rank to arrive; or rank 0's training thread, when a salvage finds every shard there).
+
+        Every manifest must describe shard ``r`` of this step and the same snapshot (one
+        generation and run; ``order`` when given): a shard left by another save of the same
+        step number is never committed with the others."""
         be, opts = tier.backend, self.opts
 
-        def entry(rank: int) -> tuple[str, int, str]:
+        def entry(rank: int) -> tuple[tuple[str, int, str], Manifest]:
             key = manifest_key(step, rank, world)
-            data = retry(lambda: be.get(key), f"get {key}", opts)
-            return key, len(data), checksum(data)
+            data = read_record(be, key, key, opts)
+            m = decode_manifest(data, key, check_key=check_key)
+            if (m.step, m.rank, m.world_size) != (step, rank, world):
+                raise CorruptCheckpointError(f"{key} describes another shard")
+            return (key, len(data), checksum(data)), m
 
-        entries = tuple(self.pool.map(entry, range(world)))
-        record = CommitRecord(step, world, now(), entries)
+        got = list(self.pool.map(entry, range(world)))
+        lineages = {(m.generation, m.run) for _, m in got}
+        gen, run = got[0][1].generation, got[0][1].run
+        if len(lineages) != 1 or (order is not None and gen != order[0]):
+            raise CorruptCheckpointError(f"the shards of step {step} belong to different saves: {lineages}")
+        record = CommitRecord(step, world, now(), tuple(e for e, _ in got), generation=gen, run=run)
+        self._claim_run(tier, run)
         hooks.fire("commit.record", step=step, tier=tier.name)
         retry(lambda: be.put(commit_key(step), encode_commit(record)), f"commit step {step}", opts)
         hooks.fire("commit.done", step=step, tier=tier.name)
+
+    def _claim_run(self, tier: Tier, run: str) -> None:
+        """Before the first commit this process writes to ``tier``: its run record."""
+        if tier.holds_run and run and tier.name not in self._run_claimed:
+            claim_run(tier.backend, run, self.opts)
+            self._run_claimed.add(tier.name)
 
     def _hash(self, m: Manifest, slot: Slot) -> Manifest:
         digests = list(self.pool.map(lambda c: checksum(slot.view(c.offset, c.nbytes)), m.chunks))
@@ -547,10 +706,12 @@ class Persister:
         if known is None:
             known = {}
             try:
-                steps = committed_steps(tier.backend, self.opts)
-                if steps:
-                    prev = read_committed_manifest(tier.backend, steps[-1], m.rank, m.world_size, self.opts)
+                records = read_commits(tier.backend, self.opts)
+                if records:
+                    newest = records[-1]
+                    prev = read_committed_manifest(tier.backend, newest.step, m.rank, m.world_size, self.opts)
                     known = {c.checksum: c for c in prev.chunks}
+                    self._known_order[tier.name] = newest.order
             except FlashCkptError as exc:  # nothing to reuse: everything is written again
                 log.debug("no chunks to reuse on %s: %s", tier.backend.url, exc)
             self._known_chunks[tier.name] = known
@@ -589,25 +750,38 @@ class Persister:
         if self._dedups(tier):
             owners = assign_owners([c.nbytes for c in m.chunks], self.control.world)
         futures: list[Future[ChunkEntry]] = []
-        written: list[Future[ChunkEntry]] = []
+        written: list[Future[ChunkEntry]] = []  # every write reading the slot
         deferred: list[int] = []  # chunks another rank owns: resolved once it has published
-        for i, (src, group) in enumerate(zip(m.chunks, groups, strict=True)):
-            hit = known.get(src.checksum)
-            if hit is not None and hit.nbytes == src.nbytes:
-                done: Future[ChunkEntry] = Future()
-                done.set_result(dataclasses.replace(hit, offset=src.offset))
-                futures.append(done)
-                continue
-            if owners is not None and owners[i] != self.control.rank:
-                deferred.append(i)
-                futures.append(Future())
-                continue
-            view = slot.view(src.at, src.stored_nbytes)
-            written.append(self.pool.submit(self._put_chunk, tier, m.step, src, view, group))
-            futures.append(written[-1])
-        if owners is not None:
-            self._dedup(tier, m, slot, seq, owners, futures, written, deferred, groups)
-        out = m.with_chunks(_wait_all(futures))
+        published = [False]
+        try:
+            for i, (src, group) in enumerate(zip(m.chunks, groups, strict=True)):
+                hit = known.get(src.checksum)
+                if hit is not None and hit.nbytes == src.nbytes:
+                    done: Future[ChunkEntry] = Future()
+                    done.set_result(dataclasses.replace(hit, offset=src.offset))
+                    futures.append(done)
+                    continue
+                if owners is not None and owners[i] != self.control.rank:
+                    deferred.append(i)
+                    futures.append(Future())
+                    continue
+                view = slot.view(src.at, src.stored_nbytes)
+                written.append(self.pool.submit(self._put_chunk, tier, m.step, src, view, group))
+                futures.append(written[-1])
+            if owners is not None:
+                self._dedup(tier, m, slot, seq, owners, futures, written, deferred, groups, published)
+            out = m.with_chunks(_wait_all(futures))
+        except BaseException:
+            # The slot goes back to the stager after this: every write that reads it must be
+            # over first (a straggler would store the next snapshot's bytes under this
+            # chunk's content address).  And the other ranks must not wait out the timeout
+            # for this rank's chunk entries: an empty set makes them write their own.
+            for f in futures:
+                f.cancel()
+            wait(written)
+            if owners is not None and not published[0]:
+                self._publish_entries(tier, m, seq, {})
+            raise
         self._finish_persist(tier, m, out)
         return sum(f.result().stored_nbytes for f in written)
 
@@ -684,11 +858,18 @@ class Persister:
         retry(lambda: be.put(mkey, mdata), f"put {mkey}", opts)
         hooks.fire("persist.manifest", step=m.step, tier=tier.name)
         # Later saves reuse the chunks of this rank's own newest manifest: retention never
-        # deletes it before a newer manifest of this rank exists (see collect_chunks).
-        self._known_chunks[tier.name] = {c.checksum: c for c in out.chunks}
+        # deletes it before a newer manifest of this rank exists (see collect_chunks).  A
+        # salvaged older snapshot is not the newest: retention may retire it at once.
+        if m.order >= self._known_order.get(tier.name, (-1, -1)):
+            self._known_chunks[tier.name] = {c.checksum: c for c in out.chunks}
+            self._known_order[tier.name] = m.order
         if not (tier.shared and self.control.distributed):
             scope = "rank" if m.world_size > 1 else "job"
-            record = CommitRecord(m.step, m.world_size, now(), ((mkey, len(mdata), checksum(mdata)),), scope)
+            entries = ((mkey, len(mdata), checksum(mdata)),)
+            record = CommitRecord(
+                m.step, m.world_size, now(), entries, scope, generation=m.generation, run=m.run
+            )
+            self._claim_run(tier, m.run)
             cdata = encode_commit(record)
             hooks.fire("commit.record", step=m.step, tier=tier.name)
             retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
@@ -705,6 +886,7 @@ class Persister:
         written: list[Future[ChunkEntry]],
         deferred: list[int],
         groups: list[int],
+        published: list[bool],
     ) -> None:
         """Deduplicated save of replicated state (persist thread; every rank runs it).
 
@@ -716,11 +898,13 @@ class Persister:
         state really being replicated; only the bytes saved do.
         """
         ctl = self.control
-        mine = {i: futures[i].result() for i in range(len(m.chunks)) if owners[i] == ctl.rank}
-        ctl.publish(
-            _dedup_key(tier, m.step, seq, ctl.rank),
-            json.dumps({str(i): [c.checksum, c.key, c.stored_nbytes, c.codec] for i, c in mine.items()}),
-        )
+        owned = [i for i in range(len(m.chunks)) if owners[i] == ctl.rank]
+        wait([futures[i] for i in owned])  # all of them, even when one fails
+        mine = {i: futures[i].result() for i in owned if futures[i].exception() is None}
+        self._publish_entries(tier, m, seq, mine)  # what succeeded: the others reuse it
+        published[0] = True
+        if len(mine) < len(owned):
+            futures[next(i for i in owned if i not in mine)].result()  # raises that chunk's error
         blobs: dict[int, dict[str, Any] | None] = {}
         for i in deferred:
             o, src = owners[i], m.chunks[i]
@@ -749,6 +933,14 @@ class Persister:
             fut = self.pool.submit(self._put_chunk, tier, m.step, src, view, groups[i])
             written.append(fut)
             fut.add_done_callback(lambda f, i=i: _settle_from(f, futures[i]))  # type: ignore[misc]
+
+    def _publish_entries(self, tier: Tier, m: Manifest, seq: str, mine: dict[int, ChunkEntry]) -> None:
+        """Publish this rank's chunk entries of a deduplicated save (possibly none)."""
+        body = json.dumps({str(i): [c.checksum, c.key, c.stored_nbytes, c.codec] for i, c in mine.items()})
+        try:
+            self.control.publish(_dedup_key(tier, m.step, seq, self.control.rank), body)
+        except FlashCkptError as exc:
+            log.warning("flashckpt: could not publish the chunks of step %d: %s", m.step, exc)
 
     def _dedups(self, tier: Tier) -> bool:
         """Chunks of replicated state are written once per job on this tier."""

@@ -132,6 +132,16 @@ def chunk_key(digest: str, codec: str) -> str:
     return f"{CHUNKS_PREFIX}{digest[:2]}/{digest}.{codec.replace('/', '-')}"
 
 
+_CHUNK_RE = re.compile(r"chunks/([0-9a-f]{2})/([0-9a-f]{32})\.((?:raw|zstd|zstd-bg[248])-1)")
+
+
+def parse_chunk_key(key: str) -> str | None:
+    """The checksum a chunk key names, or None if ``key`` is not a chunk key (a foreign file
+    under ``chunks/``: an NFS silly-rename, ``.DS_Store``, a copy): those are never touched."""
+    m = _CHUNK_RE.fullmatch(key)
+    return m.group(2) if m and m.group(2).startswith(m.group(1)) else None
+
+
 def memory_manifest_key(step: int) -> str:
     return f"step-{step:012d}.manifest"
 
@@ -746,6 +756,32 @@ def decode_commit(
         out.append((key, size, digest))
     gen, _storage, run = _decode_lineage(obj, what)
     return CommitRecord(step, world, created, tuple(out), scope, gen, run)
+
+
+# --------------------------------------------------------------------------------------------
+# the run record
+
+#: The key of the storage tier's run record: the id of the run whose steps the tier holds,
+#: written once, before the tier's first commit.  Memory tiers of another run are never
+#: restored from (see Manifest.run).
+RUN_KEY = "run"
+RUN_FORMAT = "flashckpt.run"
+
+
+def encode_run(run: str) -> bytes:
+    if not _RUN_ID.fullmatch(run):
+        raise ValueError(f"bad run id {run!r}")
+    return encode_record({"format": RUN_FORMAT, "version": FORMAT_VERSION, "run": run, "created_unix": now()})
+
+
+def decode_run(raw: bytes, what: str = "run record") -> str:
+    obj = decode_record(raw, what)
+    _check_header(obj, RUN_FORMAT, what)
+    _time(obj, what)
+    run = obj.get("run")
+    if not isinstance(run, str) or not _RUN_ID.fullmatch(run):
+        raise CorruptCheckpointError(f"{what}: bad run id")
+    return run
 
 
 def now() -> float:

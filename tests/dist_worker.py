@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 import flashckpt
-from flashckpt import _staging, _transfer
+from flashckpt import _hooks as hooks
 from tests.conftest import make_state
 
 
@@ -52,54 +52,35 @@ def _die_from_background() -> None:
 
 
 def _arm(where: str, step: int) -> None:
-    """Patch the library so that this process SIGKILLs itself at ``where`` of ``step``."""
+    """Make this process SIGKILL itself at ``where`` of ``step`` (the library's event seam)."""
     if where == "stage":
-        orig_copy = _staging.Stager._copy
 
-        def copy(self: Any, slot: Any, tensors: Any, layout: Any) -> None:
-            if _current["step"] == step:
-                half = len(tensors) // 2
-                orig_copy(self, slot, tensors[:half], _sub(layout, half))
-                _die()
-            orig_copy(self, slot, tensors, layout)
+        def stage(index: int, count: int, **_: Any) -> None:
+            if _current["step"] == step and index == count // 2:
+                _die()  # half of the tensors are in the slot
 
-        _staging.Stager._copy = copy  # type: ignore[method-assign]
+        hooks.on("stage.tensor", stage)
     elif where == "persist":
-        orig_put = _transfer.Persister._put_chunk
 
-        def put(self: Any, tier: Any, c: Any, view: Any, group: int) -> Any:
-            if tier.name == "storage" and _current["persisting"] == step:
-                _die_from_background()
-            return orig_put(self, tier, c, view, group)
+        def chunk(step: int, tier: str, **_: Any) -> None:
+            if tier == "storage" and step == kill_step:
+                _die_from_background()  # a chunk of it is on storage, the rest is not
 
-        orig_persist = _transfer.Persister.persist
-
-        def persist(self: Any, tier: Any, m: Any, *args: Any, **kwargs: Any) -> int:
-            _current["persisting"] = m.step
-            return orig_persist(self, tier, m, *args, **kwargs)
-
-        _transfer.Persister._put_chunk = put  # type: ignore[method-assign]
-        _transfer.Persister.persist = persist  # type: ignore[method-assign]
+        kill_step = step
+        hooks.on("persist.chunk", chunk)
     elif where == "commit":
-        orig_commit = _transfer.Persister.commit_shared
 
-        def commit(self: Any, tier: Any, s: int, world: int) -> None:
-            if tier.name == "storage" and s == step:
-                _die_from_background()
-            orig_commit(self, tier, s, world)
+        def commit(step: int, tier: str, **_: Any) -> None:
+            if tier == "storage" and step == kill_step:
+                _die_from_background()  # every shard is there, the record is not
 
-        _transfer.Persister.commit_shared = commit  # type: ignore[method-assign]
+        kill_step = step
+        hooks.on("commit.record", commit)
     else:
         raise SystemExit(f"unknown --kill-at {where}")
 
 
-def _sub(layout: Any, n: int) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(layout, offsets=layout.offsets[:n], nbytes=layout.nbytes[:n])
-
-
-_current: dict[str, int | None] = {"step": None, "persisting": None}
+_current: dict[str, int | None] = {"step": None}
 
 
 def train_step(state: dict[str, Any], step: int, rank: int) -> None:

@@ -786,7 +786,9 @@ def _rewrite_manifest(root: Path, mutate: Mutation, *, recommit: bool) -> None:
     new = encode_record(body)
     mpath.write_bytes(new)
     if recommit:
-        rec = CommitRecord(2, 1, 1.0, ((manifest_key(2, 0, 1), len(new), checksum(new)),))
+        entries = ((manifest_key(2, 0, 1), len(new), checksum(new)),)
+        gen = body.get("generation", 0)  # the same snapshot's place on the timeline
+        rec = CommitRecord(2, 1, 1.0, entries, generation=gen if type(gen) is int and gen >= 0 else 0)
         (root / commit_key(2)).write_bytes(encode_commit(rec))
 
 

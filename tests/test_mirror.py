@@ -202,7 +202,7 @@ def _victim_worker(rank: int, init: str, storage: str, memory: str, result: str)
     ckpt = flashckpt.Checkpointer(storage, memory_dir=f"{memory}/node{rank}", options=opts)
     state = make_state(seed=rank)
     assert ckpt.restore(state) is None
-    out: dict[str, object] = {"saved": [], "errors": {}}
+    out: dict[str, object] = {"saved": [], "errors": {}, "warnings": {}}
     handles = {}
     for step in range(5):
         train_step(state, step)
@@ -220,6 +220,7 @@ def _victim_worker(rank: int, init: str, storage: str, memory: str, result: str)
         except flashckpt.FlashCkptError:
             pass
         out["errors"][str(step)] = sorted({f.tier for f in h.failures})  # type: ignore[index]
+        out["warnings"][str(step)] = sorted({f.tier for f in h.warnings})  # type: ignore[index]
     out["stats_errors"] = ckpt.stats["errors"]
     out["memory"] = sorted(p.name for p in ckpt.memory_path.glob("step-*.manifest"))
     ckpt.close(_raise=False)
@@ -248,10 +249,12 @@ def test_a_peer_killed_during_a_mirror_transfer_does_not_stop_training(tmp_path:
     got = json.loads(result.read_text())
     assert got["saved"] == [0, 1, 2, 3, 4]  # every save returned
     assert got["errors"]["0"] == got["errors"]["1"] == []  # mirrored and committed
-    # from step 2 on the mirror is gone, reported per step (the storage commits of these steps
-    # succeed or time out depending on how far rank 1 got before it died)
+    # from step 2 on the mirror is gone, reported per step as a warning, never as a failure of
+    # the save (the storage commits of these steps succeed or time out depending on how far
+    # rank 1 got before it died)
     for step in ("2", "3", "4"):
-        assert "mirror" in got["errors"][step], got["errors"]
+        assert "mirror" in got["warnings"][step], got["warnings"]
+        assert "mirror" not in got["errors"][step], got["errors"]
     assert any(e.startswith("mirror:") for e in got["stats_errors"])
     # the snapshots themselves are safe in rank 0's memory tier, kept for the next attempt
     assert got["memory"] == ["step-000000000003.manifest", "step-000000000004.manifest"]

@@ -1,0 +1,514 @@
+"""Reproductions of the engine's trust defects (../shared/reviews/reliability-2026-11.md), each
+on the lifecycle a user walks: every test failed on the engine before its fix.
+
+States here have tensors of several chunks (``chunk_bytes`` of 1 MiB, tensors of 3 MiB and
+more), so a defect that handles only a chunk's prefix, or only the first chunk, shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import flashckpt
+from flashckpt import _hooks as hooks
+from flashckpt.backends import LocalBackend
+from flashckpt.backends._base import check_key
+from flashckpt.format import commit_key, decode_manifest, memory_manifest_key
+
+MiB = 1 << 20
+OPTS = flashckpt.Options(chunk_bytes=MiB, retries=2, backoff_s=0.01)
+
+
+def _state(step: int) -> dict[str, Any]:
+    """Content that depends on ``step`` only: bf16 weights (they compress), fp32 moments
+    spanning several chunks, small tensors packed together, plain values."""
+    g = torch.Generator().manual_seed(step)
+    return {
+        "w": (torch.randn(3 * MiB // 2, generator=g) * 0.02).to(torch.bfloat16),  # 3 MiB
+        "m": torch.randn(3 * MiB // 4 + 5, generator=g),  # 3 MiB and a bit: 4 chunks
+        "small": [torch.full((7,), float(step)), torch.arange(step + 1)],
+        "step": step,
+    }
+
+
+def _equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (
+        torch.equal(a["w"], b["w"])
+        and torch.equal(a["m"], b["m"])
+        and all(torch.equal(x, y) for x, y in zip(a["small"], b["small"], strict=True))
+        and a["step"] == b["step"]
+    )
+
+
+def _ckpt(dirs: dict[str, Path], **kw: Any) -> flashckpt.Checkpointer:
+    kw.setdefault("options", OPTS)
+    return flashckpt.Checkpointer(dirs["storage"], memory_dir=dirs["memory"], **kw)
+
+
+def _load_eq(url: Path, step: int) -> bool:
+    return _equal(flashckpt.load(url, step=step, options=OPTS), _state(step))
+
+
+_CHILD = """
+import json, os, sys, time
+cfg = json.loads(sys.argv[1])
+if cfg["skew_ns"]:
+    real = time.time_ns
+    time.time_ns = lambda: real() + cfg["skew_ns"]
+import flashckpt
+from tests.test_trust import OPTS, _state
+ckpt = flashckpt.Checkpointer(cfg["storage"], memory_dir=cfg["memory"], options=OPTS, **cfg["kw"])
+for step, seed in cfg["saves"]:
+    ckpt.save(step, _state(seed))
+ckpt.wait()
+os._exit(0)  # a crash: no close, the memory tier stays
+"""
+
+
+def _crashed_run(
+    storage: Path, memory: Path, saves: list[tuple[int, int]], *, skew_ns: int = 0, **kw: Any
+) -> None:
+    """A training process that saves ``(step, content seed)`` pairs and dies (no close)."""
+    import json
+    import subprocess
+    import sys
+
+    cfg = {"storage": str(storage), "memory": str(memory), "saves": saves, "skew_ns": skew_ns, "kw": kw}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(cfg)], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture(autouse=True)
+def _no_hooks() -> Any:
+    yield
+    hooks.clear()
+
+
+# -- C1: the memory tier describes memory ---------------------------------------------------------
+
+
+def test_restoring_from_a_compressed_tier_then_closing_keeps_every_tier_intact(dirs: dict[str, Path]) -> None:
+    """C1: a restore from a zstd tier left a memory manifest with the storage tier's codec and
+    stored sizes; close() then re-persisted a prefix of every chunk and committed it over the
+    newest good step, on storage and on local."""
+    with _ckpt(dirs, local_dir=dirs["local"], compression="zstd") as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, _state(step))
+    shutil.rmtree(dirs["local"])  # a new node: its disk lacks the step
+    state = _state(9)
+    with _ckpt(dirs, local_dir=dirs["local"], compression="zstd") as ckpt:
+        assert ckpt.restore(state) == 2
+        assert _equal(state, _state(2))
+        # what the memory tier says of the restored step describes the slot's bytes
+        (name,) = [p for p in ckpt.memory_path.iterdir() if p.name.endswith(".manifest")]
+        m = decode_manifest(name.read_bytes(), check_key=check_key)
+        assert {(c.codec, c.stored_nbytes == c.nbytes, c.at == c.offset) for c in m.chunks} == {
+            ("raw/1", True, True)
+        }
+        assert len(m.chunks) >= 8
+    # close() persisted the restored step to the local tier: every tier verifies, bitwise
+    assert _load_eq(dirs["storage"], 2) and _load_eq(dirs["storage"], 1)
+    assert _load_eq(dirs["local"], 2)
+    # and a restore from memory after a restore from storage (the slot holds decoded bytes)
+    with _ckpt(dirs, compression="zstd") as ckpt:
+        assert ckpt.restore(state) == 2
+        ckpt.save(3, _state(3))
+        assert ckpt.restore(state) == 3 and _equal(state, _state(3))
+        assert ckpt.stats["restored"]["tier"] == "memory"
+    assert _load_eq(dirs["storage"], 3)
+
+
+def test_a_memory_manifest_that_lies_about_its_slot_is_never_used(dirs: dict[str, Path]) -> None:
+    """One validator of memory manifests, used where they are read: a manifest whose chunks
+    claim a codec or a size the slot does not hold is dropped, not trusted."""
+    import json
+
+    from flashckpt.format import encode_record
+
+    _crashed_run(dirs["storage"], dirs["memory"], [(0, 0), (1, 1)], persist_every=100)  # 1: memory only
+    path = dirs["memory"] / "r00000-of-00001" / memory_manifest_key(1)
+    raw = path.read_bytes()
+    body = json.loads(raw[: raw.rindex(b"\n#xxh3_128:")])
+    body["chunks"][0][5] = "zstd/1"  # a memory chunk that claims to be compressed
+    body["chunks"][0][4] = 1000
+    path.write_bytes(encode_record(body))
+    state = _state(9)
+    with _ckpt(dirs) as ckpt:
+        assert ckpt.restore(state) == 0  # step 1 is not restorable from that manifest
+        assert _equal(state, _state(0))
+
+
+# -- C2: one timeline ---------------------------------------------------------------------------
+
+
+def test_a_rollback_makes_the_continued_run_the_newest(dirs: dict[str, Path]) -> None:
+    """C2: after restore(step=S), "latest" picked the abandoned higher step numbers and
+    retention kept them while it deleted the new steps and the rollback point."""
+    with _ckpt(dirs, keep=3) as ckpt:
+        for step in range(10):
+            ckpt.save(step, _state(step))
+    state = _state(0)
+    alt = {s: _state(100 + s) for s in range(20)}  # the continued run's content
+    with _ckpt(dirs, keep=3) as ckpt:
+        assert ckpt.restore(state, step=7) == 7
+        ckpt.save(8, alt[8])
+        ckpt.wait()
+    # a restart resumes the continued run, not the abandoned step 9
+    with _ckpt(dirs, keep=3) as ckpt:
+        assert ckpt.restore(state) == 8 and _equal(state, alt[8])
+        for step in (9, 10):
+            ckpt.save(step, alt[step])
+        ckpt.wait()
+        assert ckpt.latest_step() == 10
+    got = _state(0)
+    with _ckpt(dirs, keep=3) as ckpt:
+        assert ckpt.restore(got) == 10 and _equal(got, alt[10])
+    assert _equal(flashckpt.load(dirs["storage"], options=OPTS), alt[10])
+    commits = sorted(p.name for p in (dirs["storage"] / "commits").iterdir())
+    assert commits == [commit_key(s).split("/")[1] for s in (8, 9, 10)]
+
+
+def test_a_rollback_far_below_the_newest_never_deletes_the_new_steps(dirs: dict[str, Path]) -> None:
+    """The review's sequence: steps 100 and 200, restore(step=100), saves 101-103 on a new
+    node.  Before: each save retired its predecessor and the restart resumed step 200."""
+    with _ckpt(dirs, keep=2) as ckpt:
+        ckpt.save(100, _state(100))
+        ckpt.save(200, _state(200))
+    shutil.rmtree(dirs["memory"], ignore_errors=True)
+    with _ckpt(dirs, keep=2) as ckpt:
+        assert ckpt.restore(_state(0), step=100) == 100
+        for step in (101, 102, 103):
+            ckpt.save(step, _state(step))
+            ckpt.wait()
+    shutil.rmtree(dirs["memory"], ignore_errors=True)  # a new node again
+    got = _state(0)
+    with _ckpt(dirs, keep=2) as ckpt:
+        assert ckpt.restore(got) == 103 and _equal(got, _state(103))
+        assert ckpt.restore(got, step=102) == 102 and _equal(got, _state(102))
+    # the abandoned step 200 was retired with a warning; the kept steps are the run's newest
+    assert sorted(p.name for p in (dirs["storage"] / "commits").iterdir()) == [
+        "step-000000000102",
+        "step-000000000103",
+    ]
+
+
+def test_retention_keeps_the_restored_step_while_an_older_one_is_salvaged(dirs: dict[str, Path]) -> None:
+    """Retention never deletes the step just restored: with keep=1, restoring step 5 from
+    memory while storage lacks it salvages it, and nothing older deletes it."""
+    # even steps persisted, odd ones in memory only; then a crash
+    _crashed_run(dirs["storage"], dirs["memory"], [(s, s) for s in range(6)], keep=1, persist_every=2)
+    state = _state(9)
+    with _ckpt(dirs, keep=1) as ckpt:
+        assert ckpt.restore(state) == 5 and _equal(state, _state(5))
+        ckpt.wait()
+    assert _load_eq(dirs["storage"], 5)
+
+
+def test_saving_a_lower_step_without_restore_continues_from_there(dirs: dict[str, Path]) -> None:
+    """A save below the last one (a loop restarted by hand) starts a new timeline too."""
+    with _ckpt(dirs, keep=None) as ckpt:
+        for step in (5, 6, 7):
+            ckpt.save(step, _state(step))
+        ckpt.save(3, _state(103))
+        ckpt.wait()
+        assert ckpt.latest_step() == 3
+    got = _state(0)
+    with _ckpt(dirs, keep=None) as ckpt:
+        assert ckpt.restore(got) == 3 and _equal(got, _state(103))
+
+
+# -- H1: background threads never die silently ----------------------------------------------------
+
+
+def test_foreign_files_in_the_storage_tree_are_skipped_never_deleted(dirs: dict[str, Path]) -> None:
+    """H1: an NFS silly-rename under chunks/ killed the persist thread (check_key raised in
+    the chunk GC); the next saves hung forever.  Foreign names are neither flashckpt's nor
+    deleted."""
+    with _ckpt(dirs, keep=1) as ckpt:
+        ckpt.save(0, _state(0))
+        ckpt.wait()
+        foreign = [
+            dirs["storage"] / "chunks" / "db" / ".nfs000000000123abcd00000001",
+            dirs["storage"] / "chunks" / ".DS_Store",
+            dirs["storage"] / "chunks" / "ab" / "file copy 1",
+            dirs["storage"] / "commits" / "README",
+            dirs["storage"] / "steps" / "000000000000" / "notes.txt",
+        ]
+        for f in foreign:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(b"not flashckpt's")
+        for step in range(1, 5):
+            h = ckpt.save(step, _state(step))
+            assert h is not None
+            h.wait(timeout=60)
+        assert ckpt._persister._thread.is_alive()
+    assert all(f.read_bytes() == b"not flashckpt's" for f in foreign)
+    assert _load_eq(dirs["storage"], 4)
+
+
+def test_a_persist_thread_that_died_fails_save_wait_and_close_fast(dirs: dict[str, Path]) -> None:
+    """H1: if the persist thread is gone anyway, nothing waits for it forever."""
+
+    def die(**_: Any) -> None:
+        raise SystemExit("the persist thread ends here")
+
+    ckpt = _ckpt(dirs)
+    hooks.on("persist.next", die)
+    h = ckpt.save(0, _state(0))
+    assert h is not None
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit):
+        h.wait(timeout=30)  # failed, not pending
+    with pytest.raises(flashckpt.FlashCkptError, match="persist thread"):
+        ckpt.save(1, _state(1))
+    with pytest.raises(flashckpt.FlashCkptError, match="persist thread"):
+        ckpt.wait(timeout=30)
+    with pytest.raises(flashckpt.FlashCkptError, match="persist thread"):
+        ckpt.close()
+    assert time.monotonic() - t0 < 20
+    assert not any(s.busy for s in ckpt._stager.slots)
+
+
+def test_a_failing_retention_is_reported_and_the_thread_goes_on(
+    dirs: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """H1: any exception in retention (not only a FlashCkptError) is reported on the save's
+    handle, in ``stats`` and the log; later saves still run."""
+    calls = {"n": 0}
+
+    def boom(**_: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OverflowError("a hostile record")
+
+    hooks.on("retention.delete", boom)
+    with _ckpt(dirs, keep=1) as ckpt:
+        for step in range(3):
+            h = ckpt.save(step, _state(step))
+            assert h is not None
+            h.wait(timeout=60)
+            ckpt.wait()
+            if step == 1:
+                assert any("retention" in e and "OverflowError" in e for e in ckpt.stats["errors"])
+                assert h.warnings and not h.failures
+    assert any("retention" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert _load_eq(dirs["storage"], 2)
+
+
+# -- H2: a failed save gives its slot back ---------------------------------------------------------
+
+
+def test_a_state_the_format_cannot_hold_is_refused_before_a_slot_is_taken(dirs: dict[str, Path]) -> None:
+    """H2: a 5000-digit int passed the state walk and failed after the slot was taken; the
+    third such save hung."""
+    with _ckpt(dirs) as ckpt:
+        for _ in range(3):
+            with pytest.raises(flashckpt.UnsupportedStateError, match=r"extra\.seed"):
+                ckpt.save(0, {**_state(0), "extra": {"seed": 10**5000}})
+        for step in range(3):
+            h = ckpt.save(step, _state(step))
+            assert h is not None
+            h.wait(timeout=60)
+
+
+def test_any_failure_after_the_slot_is_taken_gives_it_back(dirs: dict[str, Path]) -> None:
+    """H2: an exception between taking a slot and handing the job over (here a
+    KeyboardInterrupt right after the copy) releases the slot and forgets its snapshot."""
+
+    def interrupt(**_: Any) -> None:
+        raise KeyboardInterrupt
+
+    with _ckpt(dirs) as ckpt:
+        off = hooks.on("stage.done", interrupt)
+        for step in range(3):
+            with pytest.raises(KeyboardInterrupt):
+                ckpt.save(step, _state(step))
+        off()
+        assert not any(s.busy for s in ckpt._stager.slots)
+        assert not list(ckpt.memory_path.glob("*.manifest"))  # nothing half-saved survives
+        for step in range(3):
+            h = ckpt.save(step, _state(step))
+            assert h is not None
+            h.wait(timeout=60)
+    assert _load_eq(dirs["storage"], 2)
+
+
+# -- M4: a memory tier belongs to one run -----------------------------------------------------------
+
+
+def test_a_memory_tier_of_another_storage_is_never_restored_nor_deleted(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    """M4 (b): two jobs configured with one memory_dir resumed each other's state (and the
+    second one's clean close would have deleted the first one's memory-only step)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _crashed_run(a, shm_dir, [(0, 0), (777, 777)], persist_every=10)  # job A: 777 in memory only
+    state = _state(1)
+    # job B refuses the memory tier: using it would overwrite job A's only copy of step 777
+    with pytest.raises(flashckpt.ConfigError, match="another job"):
+        flashckpt.Checkpointer(b, memory_dir=shm_dir, options=OPTS)
+    # job A still finds its snapshot
+    with flashckpt.Checkpointer(a, memory_dir=shm_dir, options=OPTS) as ckpt:
+        assert ckpt.restore(state) == 777 and _equal(state, _state(777))
+
+
+def test_a_wiped_storage_tier_does_not_disown_the_memory_tier(dirs: dict[str, Path]) -> None:
+    """M4 (a), intended: the memory tier of a lost job comes back after the storage tier is
+    gone, and the run continues (and its run record is written again)."""
+    _crashed_run(dirs["storage"], dirs["memory"], [(0, 0), (5, 5)], persist_every=10)
+    shutil.rmtree(dirs["storage"])
+    state = _state(0)
+    with _ckpt(dirs) as ckpt:
+        assert ckpt.restore(state) == 5 and _equal(state, _state(5))
+    assert _load_eq(dirs["storage"], 5)
+
+
+def test_a_memory_tier_of_another_run_on_the_same_storage_is_never_restored(
+    dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """M4: run A left a memory snapshot and a skewed clock (its generation is ahead); the
+    storage tier was wiped and run B committed there since.  The run record tells them
+    apart: B never resumes A's state."""
+    other_memory = tmp_path / "other-memory"
+    # run A's node has a clock far ahead; 500 lives in its memory only
+    _crashed_run(dirs["storage"], dirs["memory"], [(0, 0), (500, 500)], skew_ns=10**15, persist_every=10)
+    shutil.rmtree(dirs["storage"])
+    with flashckpt.Checkpointer(dirs["storage"], memory_dir=other_memory, options=OPTS) as ckpt:
+        assert ckpt.restore(_state(0)) is None  # run B: a fresh start, on another node
+        ckpt.save(10, _state(10))
+    shutil.rmtree(other_memory, ignore_errors=True)
+    state = _state(0)
+    with _ckpt(dirs) as ckpt:  # run B, restarted on run A's node
+        assert ckpt.restore(state) == 10 and _equal(state, _state(10))
+
+
+# -- M7: a refused restore leaves the state untouched ---------------------------------------------
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(layers)])
+
+
+def test_a_restore_refused_by_load_state_dict_writes_nothing(dirs: dict[str, Path]) -> None:
+    """M7: the model gained a layer; restore raised StateMismatchError after the memory-tier
+    fill had already overwritten every matching tensor."""
+    torch.manual_seed(0)
+    with _ckpt(dirs) as ckpt:
+        ckpt.save(0, {"model": _Net(2)})
+    new = _Net(3)
+    before = {k: v.clone() for k, v in new.state_dict().items()}
+    for tier_memory in (True, False):
+        with _ckpt(dirs) as ckpt:
+            if tier_memory:  # restore from memory first: the fused fill is the risky path
+                ckpt.save(1, {"model": _Net(2)})
+                ckpt.wait()
+            with pytest.raises(flashckpt.StateMismatchError, match="missing keys"):
+                ckpt.restore({"model": new})
+        after = new.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_changed_shape_in_a_module_is_refused_before_any_write(dirs: dict[str, Path]) -> None:
+    torch.manual_seed(0)
+    with _ckpt(dirs) as ckpt:
+        ckpt.save(0, {"model": torch.nn.Linear(512, 512), "w": torch.ones(3 * MiB // 4)})
+    model = torch.nn.Linear(512, 256)
+    w = torch.zeros(3 * MiB // 4)
+    before = model.weight.clone()
+    with _ckpt(dirs) as ckpt, pytest.raises(flashckpt.StateMismatchError, match="size mismatch"):
+        ckpt.restore({"model": model, "w": w})
+    assert torch.equal(model.weight, before) and not w.any()
+
+
+def test_a_replaced_tensor_is_logged(dirs: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    with _ckpt(dirs) as ckpt:
+        ckpt.save(0, {"w": torch.ones(4), "v": torch.ones(2)})
+    w = torch.zeros(2)
+    state: dict[str, Any] = {"w": w, "v": torch.zeros(2)}
+    caplog.set_level(logging.WARNING, logger="flashckpt")
+    with _ckpt(dirs) as ckpt:
+        assert ckpt.restore(state) == 0
+    assert state["w"] is not w and torch.equal(state["w"], torch.ones(4))
+    assert any("replaced" in r.getMessage() and "w" in r.getMessage() for r in caplog.records)
+
+
+# -- M8: steps beyond the format's range -----------------------------------------------------------
+
+
+def test_a_step_beyond_the_format_is_refused_at_save_and_restore(dirs: dict[str, Path]) -> None:
+    with _ckpt(dirs) as ckpt:
+        with pytest.raises(flashckpt.ConfigError, match="step"):
+            ckpt.save(10**12, _state(0))
+        with pytest.raises(flashckpt.ConfigError, match="step"):
+            ckpt.restore(_state(0), step=10**12)
+        ckpt.save(10**12 - 1, _state(1))
+        state = _state(0)
+        assert ckpt.restore(state) == 10**12 - 1 and _equal(state, _state(1))
+
+
+# -- L1, L7: what a Checkpointer takes, it gives back ---------------------------------------------
+
+
+def test_a_failed_constructor_releases_the_lock(dirs: dict[str, Path]) -> None:
+    """L1: an exception after the lock was taken left it held: the same process was refused
+    ever after ("in use by another live process")."""
+    rank_dir = dirs["memory"] / "r00000-of-00001"
+    rank_dir.mkdir(parents=True, mode=0o700)
+    (rank_dir / "slot-0.bin").mkdir()  # not a slot file: the constructor fails after the lock
+    for _ in range(2):
+        with pytest.raises((flashckpt.FlashCkptError, OSError)):
+            _ckpt(dirs)
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("flashckpt-persist")]
+    (rank_dir / "slot-0.bin").rmdir()
+    with _ckpt(dirs) as ckpt:
+        ckpt.save(0, _state(0))
+
+
+def test_the_lock_file_is_never_shared_by_two_holders(dirs: dict[str, Path]) -> None:
+    """L7: close() unlinks the lock file; a process that opened it before then must not end
+    up holding a lock nobody else sees."""
+    import fcntl
+
+    a = _ckpt(dirs)
+    a.save(0, _state(0))
+    stale = os.open(a.memory_path / "lock", os.O_RDWR)  # a process that got here first
+    a.close()
+    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it gets the unlinked file's lock
+    try:
+        with _ckpt(dirs) as b:  # a new Checkpointer takes a new file and really holds it
+            with pytest.raises(flashckpt.ConfigError, match="in use"):
+                _ckpt(dirs)
+            b.save(1, _state(1))
+    finally:
+        os.close(stale)
+
+
+def test_a_backend_opened_by_the_checkpointer_is_closed(dirs: dict[str, Path]) -> None:
+    """L5: close() closes the backends it opened (not one passed in)."""
+    closed: list[str] = []
+
+    class Recording(LocalBackend):
+        def close(self) -> None:
+            closed.append(self.url)
+
+    mine = Recording(dirs["local"])
+    with _ckpt(dirs, local_dir=mine) as ckpt:
+        ckpt.save(0, _state(0))
+        storage = ckpt._tiers[-1].backend
+        storage_close = storage.close
+        storage.close = lambda: (closed.append("storage"), storage_close())  # type: ignore[method-assign]
+    assert closed == ["storage"]
