@@ -77,6 +77,15 @@ def private_dir(path: str | os.PathLike[str], *, trusted_above: str | os.PathLik
     return cur
 
 
+def check_private_dir(path: str | os.PathLike[str]) -> None:
+    """Check, without creating anything, that ``path`` is a private directory as
+    :func:`private_dir` makes them (a real directory of ours, no access for others: read and
+    execute bits are removed, write bits refused).  For directories found by listing a
+    private one (a sibling rank's directory, a mirror) before they are used.  Raises
+    :class:`ConfigError` naming ``path`` (also when it does not exist).  Any thread."""
+    _check_private_dir(Path(os.path.abspath(path)), False)
+
+
 def open_private(
     path: str | os.PathLike[str],
     *,
@@ -220,4 +229,4 @@ def _check_private_file(fd: int, path: str | os.PathLike[str], created: bool) ->
     return st
 
 
-__all__ = ["DIR_MODE", "FILE_MODE", "check_private_file", "open_private", "private_dir"]
+__all__ = ["DIR_MODE", "FILE_MODE", "check_private_dir", "check_private_file", "open_private", "private_dir"]

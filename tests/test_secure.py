@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flashckpt._secure import open_private, private_dir
+from flashckpt._secure import check_private_dir, check_private_file, open_private, private_dir
 from flashckpt.errors import ConfigError
 
 OTHER = 65534  # nobody
@@ -242,3 +242,30 @@ def test_open_private_closes_an_existing_file_to_others(shm_dir: Path) -> None:
     os.chmod(d / "m", 0o644)
     os.close(open_private(d / "m"))
     assert _mode(d / "m") == 0o600
+
+
+def test_check_private_dir_creates_nothing(shm_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot inspect") as ei:
+        check_private_dir(shm_dir)
+    assert str(shm_dir) in str(ei.value) and not shm_dir.exists()
+    private_dir(shm_dir / "r00001-of-00002", trusted_above=shm_dir.parent)
+    check_private_dir(shm_dir / "r00001-of-00002")
+    (shm_dir / "r00002-of-00002").symlink_to(tmp_path)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        check_private_dir(shm_dir / "r00002-of-00002")
+    (shm_dir / "open").mkdir(mode=0o777)
+    os.chmod(shm_dir / "open", 0o777)
+    with pytest.raises(ConfigError, match="writable by group or others"):
+        check_private_dir(shm_dir / "open")
+
+
+def test_check_private_file_after_an_own_open(shm_dir: Path) -> None:
+    d = private_dir(shm_dir)
+    (d / "slot-0.bin").write_bytes(b"s")
+    os.chmod(d / "slot-0.bin", 0o640)
+    fd = os.open(d / "slot-0.bin", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        assert check_private_file(fd, d / "slot-0.bin").st_size == 1
+    finally:
+        os.close(fd)
+    assert _mode(d / "slot-0.bin") == 0o600
