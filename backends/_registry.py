@@ -20,7 +20,9 @@ def open_backend(
     range_bytes: int = 64 << 20,
 ) -> Backend:
     """Return a backend for a local path, a ``file://`` URL, or pass a ready backend through.
-    ``max_concurrency`` / ``range_bytes``: see :class:`FsspecBackend` (object stores).
+    ``max_concurrency`` / ``range_bytes``: see :class:`FsspecBackend` (object stores).  An
+    empty path is a ``ConfigError`` (it would silently mean the current directory).  The
+    caller closes the backend it gets, unless it passed it in.
 
     Called from the training thread during ``Checkpointer`` construction.
     """

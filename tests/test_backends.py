@@ -674,14 +674,18 @@ def test_object_store_error_messages_are_redacted() -> None:
 
 
 def test_fsspec_close_stops_the_range_pool() -> None:
+    def range_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("flashckpt-range") and t.is_alive()}
+
+    before = range_threads()
     be = FsspecBackend(f"memory://flashckpt-{uuid.uuid4().hex[:8]}/root", range_bytes=1 << 16)
     data = os.urandom(1 << 20)
     be.put("big", data)
     assert be.get("big") == data and be.get("big", length=len(data) + 1) == data
-    assert any(t.name.startswith("flashckpt-range") for t in threading.enumerate())
+    assert range_threads() - before  # parallel ranges ran on the pool
     be.close()
     be.close()  # idempotent
-    assert not any(t.name.startswith("flashckpt-range") and t.is_alive() for t in threading.enumerate())
+    assert not range_threads() - before
 
 
 def test_load_closes_the_backend_it_opened_only(shm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
