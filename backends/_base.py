@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from flashckpt.backends._redact import redact_text
 from flashckpt.errors import (
     ObjectNotFound,
     StorageError,
@@ -44,6 +45,13 @@ def check_key(key: str) -> str:
         if not _SEGMENT.fullmatch(seg) or seg in (".", ".."):
             raise ValueError(f"invalid storage key {key!r}")
     return key
+
+
+def check_range(offset: int, length: int | None) -> None:
+    """Refuse a negative ``offset`` or ``length`` with ``ValueError`` (a caller's bug, not a
+    storage failure)."""
+    if offset < 0 or (length is not None and length < 0):
+        raise ValueError(f"invalid byte range: offset={offset}, length={length}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +83,11 @@ class Backend(Protocol):
         ...
 
     def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
-        """Return ``length`` bytes of ``key`` from ``offset`` (all of the rest when ``None``)."""
+        """Return ``length`` bytes of ``key`` from ``offset`` (all of the rest when ``None``).
+
+        Fewer when the object ends first, and never more memory than the bytes returned: a
+        caller bounds a record by asking for ``limit + 1`` bytes and refusing a longer answer.
+        """
         ...
 
     def get_into(self, key: str, buf: memoryview, *, offset: int = 0) -> int:
@@ -109,7 +121,10 @@ class Backend(Protocol):
         """Remove every key under ``prefix`` (which must end with ``/``)."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release threads and connections (idempotent).  Whoever opened the backend closes
+        it, after its last call."""
+        ...
 
 
 _TRANSIENT_ERRNOS = {
@@ -132,7 +147,7 @@ def translate_os_error(exc: OSError, what: str) -> StorageError:
     """
     if isinstance(exc, StorageError):
         return exc
-    msg = f"{what}: {exc.strerror or exc}"
+    msg = f"{what}: {redact_text(str(exc.strerror or exc))}"
     code = exc.errno
     err: StorageError
     if isinstance(exc, FileNotFoundError) or code == errno.ENOENT:

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from flashckpt.backends._base import Backend
+from flashckpt.backends._redact import redact_text, redact_url
 from flashckpt.errors import ConfigError
-
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any ``user:password@`` part removed: safe for logs, errors and stats."""
-    return _USERINFO.sub(r"\1***@", str(url))
 
 
 def open_backend(
@@ -27,7 +20,9 @@ def open_backend(
     range_bytes: int = 64 << 20,
 ) -> Backend:
     """Return a backend for a local path, a ``file://`` URL, or pass a ready backend through.
-    ``max_concurrency`` / ``range_bytes``: see :class:`FsspecBackend` (object stores).
+    ``max_concurrency`` / ``range_bytes``: see :class:`FsspecBackend` (object stores).  An
+    empty path is a ``ConfigError`` (it would silently mean the current directory).  The
+    caller closes the backend it gets, unless it passed it in.
 
     Called from the training thread during ``Checkpointer`` construction.
     """
@@ -36,6 +31,8 @@ def open_backend(
     from flashckpt.backends.local import LocalBackend
 
     text = os.fspath(target)
+    if not text.strip():
+        raise ConfigError("an empty path is not a storage location (it would mean the current directory)")
     if "://" not in text:
         return LocalBackend(text)
     parts = urlsplit(text)
@@ -57,3 +54,6 @@ def open_backend(
     return FsspecBackend(
         text, storage_options=storage_options, max_concurrency=max_concurrency, range_bytes=range_bytes
     )
+
+
+__all__ = ["open_backend", "redact_text", "redact_url"]

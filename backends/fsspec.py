@@ -54,8 +54,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from flashckpt.backends._base import Buffer, Capabilities, check_key, translate_os_error
-from flashckpt.backends._registry import redact_url
+from flashckpt.backends._base import Buffer, Capabilities, check_key, check_range, translate_os_error
+from flashckpt.backends._redact import redact_text, redact_url
 from flashckpt.errors import ObjectNotFound, StorageError, StorageFullError, TransientStorageError
 
 #: Seconds to wait for a TCP connection to the object store (S3 ``connect_timeout``).
@@ -197,8 +197,9 @@ def translate(exc: BaseException, what: str) -> StorageError:
     """
     if isinstance(exc, StorageError):
         return exc
-    # fsspec's bridge re-raises a timeout as an FSTimeoutError without a message
-    detail = str(exc) or str(exc.__cause__ or "")
+    # fsspec's bridge re-raises a timeout as an FSTimeoutError without a message; an HTTP
+    # client's message may hold the request URL, with a presigned URL's signature in it
+    detail = redact_text(str(exc) or str(exc.__cause__ or ""))
     err: StorageError
     if _is_full(exc):
         err = StorageFullError(errno.ENOSPC, f"{what}: out of space or quota: {type(exc).__name__}: {detail}")
@@ -533,18 +534,74 @@ class FsspecBackend:
             body.release()
 
     def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        """At most ``length`` bytes from ``offset`` (the rest of the object when ``None``);
+        never allocates more than the object holds, so ``length=limit + 1`` bounds a record
+        without costing ``limit`` bytes of memory.  Any thread but fsspec's loop thread."""
+        check_range(offset, length)
         path = self._path(key)
         try:
-            if length is not None and (self._s3 or length > self._range):
-                buf = bytearray(length)
-                n = self._read_into(path, memoryview(buf), offset)
-                return bytes(buf) if n == length else bytes(buf[:n])
+            if length == 0:
+                return b""
+            if self._s3 and length is not None:
+                from fsspec.asyn import sync
+
+                data: bytes = sync(self.fs.loop, self._s3_get, path, offset, length)
+                return data
+            if length is not None and length > self._range:
+                # a large limit: learn the size first, and read only what is there
+                length = max(0, min(length, int(self.fs.size(path)) - offset))
+                if length > self._range:
+                    buf = bytearray(length)
+                    n = self._ranged_into(path, memoryview(buf), offset)
+                    return bytes(buf) if n == length else bytes(buf[:n])
             end = None if length is None else offset + length
             return bytes(self.fs.cat_file(path, start=offset or None, end=end))
         except Exception as exc:
             raise translate(exc, f"get {key} from {self.url}") from exc
 
+    async def _s3_get(self, path: str, offset: int, length: int) -> bytes:
+        """fsspec's loop thread: at most ``length`` bytes from ``offset``.  One ranged GET of
+        up to ``range_bytes``, whose ``Content-Range`` gives the object's size; a buffer of
+        exactly the bytes to return (never ``length`` for a short object); the rest, if the
+        object holds more than one range, in parallel ranged GETs into that buffer."""
+        bucket, key, version = self.fs.split_path(path)
+        extra = {"VersionId": version} if version else {}
+        first = min(length, self._range)
+        try:
+            resp = await self.fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + first - 1}", **extra
+            )
+        except Exception as exc:
+            if _is_invalid_range(exc):  # starts at or past the end of the object
+                return b""
+            raise
+        body = resp["Body"]
+        try:
+            sent = int(resp.get("ContentLength") or 0)
+            content_range = str(resp.get("ContentRange") or "")
+            if content_range:  # "bytes 0-99/12345"
+                total = int(content_range.rsplit("/", 1)[1])
+            elif offset:
+                raise StorageError(errno.EIO, f"get {path}: the server ignored the Range header")
+            else:  # the whole object came back
+                total = sent
+            buf = bytearray(max(0, min(length, total - offset)))
+            view = memoryview(buf)
+            got, want = 0, min(sent, len(buf))
+            while got < want:
+                n = await body.readinto(view[got:want])
+                if not n:
+                    break
+                got += n
+        finally:
+            body.close()
+        if got == first and got < len(buf):
+            got += await self._s3_read_into(path, view[got:], offset + got)
+        # fewer: the object changed meanwhile, or its body ended early
+        return bytes(buf) if got == len(buf) else bytes(buf[:got])
+
     def get_into(self, key: str, buf: memoryview, *, offset: int = 0) -> int:
+        check_range(offset, None)
         view = buf.cast("B") if buf.format != "B" else buf
         try:
             return self._read_into(self._path(key), view, offset)
@@ -698,4 +755,6 @@ class FsspecBackend:
             raise translate(exc, f"delete {prefix} on {self.url}") from exc
 
     def close(self) -> None:
+        """Stop the ``flashckpt-range`` pool (joins its threads).  Idempotent; the caller that
+        opened this backend calls it once its last call has returned."""
         self._pool.shutdown(wait=True)

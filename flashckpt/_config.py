@@ -5,6 +5,7 @@ Explicit arguments win over ``FLASHCKPT_*`` environment variables, which win ove
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tempfile
@@ -14,6 +15,12 @@ from typing import Any
 from flashckpt.errors import ConfigError
 
 MiB = 1 << 20
+#: Smallest ``Options.chunk_bytes``: small enough that tests can cut a tensor into many chunks
+#: cheaply; every chunk still starts on a page boundary (O_DIRECT).
+MIN_CHUNK_BYTES = 64 << 10
+#: Largest ``Options.chunk_bytes``: a chunk is one object, and S3 takes at most 5 GiB in one
+#: request (``PutObject``, or one part of a multipart upload).
+MAX_CHUNK_BYTES = 4 << 30
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,6 +28,7 @@ class Options:
     """Knobs below the pinned API.  Pass ``options=Options(...)`` to ``Checkpointer``."""
 
     #: Largest chunk a tensor is cut into; a chunk is one object on the persistent tiers.
+    #: A multiple of 4096 from 64 KiB to 4 GiB.
     chunk_bytes: int = 64 * MiB
     #: Tensors smaller than this are packed together into shared chunks.
     small_tensor_bytes: int = 1 * MiB
@@ -63,34 +71,95 @@ class Options:
     require_mirrors: bool = False
 
     def __post_init__(self) -> None:
+        """Validate every field (any thread): a ``ConfigError`` names the option.  Floats are
+        stored as ``float`` (``coord_timeout_s=3`` is accepted)."""
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, bool):
+            kind = _KINDS[f.name]
+            if kind == "bool":
+                if not isinstance(v, bool):
+                    raise ConfigError(f"Options.{f.name} must be True or False, got {v!r}")
+            elif kind == "int":
+                if type(v) is not int:  # not a bool, not a float (64.0 * MiB is a slip)
+                    raise ConfigError(f"Options.{f.name} must be an int, got {v!r}")
+            elif kind == "float":
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ConfigError(f"Options.{f.name} must be a number, got {v!r}")
+                try:
+                    fv = float(v)
+                except OverflowError:  # an int beyond any float
+                    fv = math.inf
+                if not math.isfinite(fv):
+                    raise ConfigError(f"Options.{f.name} must be a finite number, got {v!r}")
+                object.__setattr__(self, f.name, fv)
+            if kind not in ("int", "float"):
                 continue
-            if isinstance(v, (int, float)) and v < 0:
-                raise ConfigError(f"Options.{f.name} must be >= 0, got {v}")
-        if self.chunk_bytes < MiB or self.chunk_bytes % 4096:
-            raise ConfigError("Options.chunk_bytes must be a multiple of 4096 and >= 1 MiB")
-        if self.io_threads < 1 or self.hash_threads < 1 or self.retries < 1:
-            raise ConfigError("Options.io_threads, hash_threads and retries must be >= 1")
+            lo, positive, hi = _BOUNDS.get(f.name, (0, False, None))
+            v = getattr(self, f.name)
+            if positive and not v > 0:
+                raise ConfigError(f"Options.{f.name} must be > 0, got {v!r}")
+            if not v >= lo:
+                raise ConfigError(f"Options.{f.name} must be >= {lo}, got {v!r}")
+            if hi is not None and v > hi:
+                raise ConfigError(f"Options.{f.name} must be at most {hi}, got {v!r}")
+        if self.chunk_bytes % 4096:
+            raise ConfigError(f"Options.chunk_bytes must be a multiple of 4096, got {self.chunk_bytes}")
+        if self.backoff_max_s < self.backoff_s:
+            raise ConfigError(
+                f"Options.backoff_max_s ({self.backoff_max_s}) must be >= backoff_s ({self.backoff_s})"
+            )
+
+
+#: The kind of every field, from its annotation ("int", "float", "bool").
+_KINDS = {f.name: str(f.type) for f in fields(Options)}
+#: Longest duration an option may give.  Larger values overflow the waits they reach
+#: (``threading`` and ``timedelta`` limits, gloo's milliseconds) far from where they were set.
+MAX_SECONDS = 1e9
+#: ``(minimum, must be > 0, maximum)`` per numeric field; fields not listed are >= 0.
+_BOUNDS: dict[str, tuple[float, bool, float | None]] = {
+    "chunk_bytes": (MIN_CHUNK_BYTES, True, MAX_CHUNK_BYTES),
+    "io_threads": (1, True, None),
+    "hash_threads": (1, True, None),
+    "retries": (1, True, None),
+    # zero: every retry at once, which a throttled store answers with more throttling
+    "backoff_s": (0, True, MAX_SECONDS),
+    "backoff_max_s": (0, True, MAX_SECONDS),
+    # zero: every collective and commit wait would time out at once
+    "coord_timeout_s": (0, True, MAX_SECONDS),
+    # zero: unreferenced chunks go at the next pass (tests); NaN would disable the rule
+    "gc_grace_s": (0, False, MAX_SECONDS),
+    # zero: no cap
+    "mirror_bytes_per_s": (0, False, None),
+    # zero makes every mirror socket non-blocking: every transfer would fail
+    "mirror_timeout_s": (0, True, MAX_SECONDS),
+}
 
 
 _ENV_INTS = {"chunk_bytes": "FLASHCKPT_CHUNK_BYTES", "io_threads": "FLASHCKPT_IO_THREADS"}
 
 
 def options_from_env(base: Options | None) -> Options:
-    """Apply ``FLASHCKPT_CHUNK_BYTES`` / ``FLASHCKPT_IO_THREADS`` unless ``base`` was explicit."""
+    """Apply ``FLASHCKPT_CHUNK_BYTES`` / ``FLASHCKPT_IO_THREADS`` unless ``base`` was explicit.
+
+    Each value is checked like the option it sets; a bad one is a ``ConfigError`` naming the
+    variable.  Training thread (``Checkpointer`` construction)."""
     if base is not None:
         return base
-    changes: dict[str, Any] = {}
+    out = Options()
     for name, var in _ENV_INTS.items():
         raw = os.environ.get(var)
-        if raw:
-            try:
-                changes[name] = int(raw)
-            except ValueError:
-                raise ConfigError(f"{var}={raw!r} is not an integer") from None
-    return replace(Options(), **changes)
+        if not raw:
+            continue
+        try:
+            value = int(raw.strip(), 10)
+        except ValueError:
+            raise ConfigError(f"{var}={raw!r} is not an integer") from None
+        try:
+            changes: dict[str, Any] = {name: value}
+            out = replace(out, **changes)
+        except ConfigError as exc:
+            raise ConfigError(f"{var}={raw!r}: {exc}") from None
+    return out
 
 
 def node_id() -> str:
@@ -99,9 +168,13 @@ def node_id() -> str:
 
 
 def default_memory_root() -> str:
-    """``FLASHCKPT_MEMORY_DIR``, else a per-user directory on ``/dev/shm`` (tmp elsewhere)."""
+    """``FLASHCKPT_MEMORY_DIR``, else a per-user directory on ``/dev/shm`` (tmp elsewhere).
+
+    The per-user directory is named by the effective uid, the owner
+    :func:`flashckpt._secure.private_dir` requires; its parent (``/dev/shm``) is the directory
+    to trust above it."""
     env = os.environ.get("FLASHCKPT_MEMORY_DIR")
     if env:
         return env
     base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    return os.path.join(base, f"flashckpt-{os.getuid()}")
+    return os.path.join(base, f"flashckpt-{os.geteuid()}")

@@ -44,11 +44,22 @@ def load(
     whole global tensor, assembled from all shards; everything else comes from rank 0 (in such
     jobs it is replicated).  ``rank=k`` returns rank ``k``'s own shard instead (DTensors as its
     local shards).
+
+    A backend opened here from ``url`` is closed before returning; a ``Backend`` passed in
+    stays open (it is the caller's).
     """
     if step != "latest" and (type(step) is not int or step < 0):
         raise ConfigError(f"step must be 'latest' or a non-negative int, got {step!r}")
     opts = options or Options()
     be = open_backend(url, storage_options=storage_options)
+    try:
+        return _load(be, step, opts, rank)
+    finally:
+        if not isinstance(url, Backend):  # ours to close (its threads); never the caller's
+            be.close()
+
+
+def _load(be: Backend, step: int | Literal["latest"], opts: Options, rank: int | None) -> dict[str, Any]:
     steps = committed_steps(be, opts)
     if step != "latest":
         steps = [s for s in steps if s == step]

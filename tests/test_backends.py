@@ -5,9 +5,11 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 import subprocess
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -384,3 +386,327 @@ def test_a_restore_sweeps_what_a_killed_writer_left(tmp_path: Path, shm_dir: Pat
     with flashckpt.Checkpointer(tmp_path / "s", local_dir=tmp_path / "l", memory_dir=shm_dir) as ckpt:
         assert ckpt.restore(make_state()) == 0
     assert not any(p.exists() for p in left)
+
+
+# -- records read with a bound (L3) -------------------------------------------------------
+
+
+def test_get_with_a_length_reads_at_most_that_many_bytes(backend: Backend) -> None:
+    """Callers bound a record by asking for ``limit + 1`` bytes: every backend returns at most
+    that many, and never allocates the bound for a smaller object."""
+    data = os.urandom((3 << 20) + 5)
+    backend.put("big", data)
+    assert backend.get("big", length=1000) == data[:1000]
+    assert backend.get("big", offset=7, length=1 << 20) == data[7 : 7 + (1 << 20)]
+    limit = 1 << 30
+    assert backend.get("big", length=limit + 1) == data  # a bound beyond the object: all of it
+    assert backend.get("big", offset=len(data) - 3, length=limit + 1) == data[-3:]
+    backend.put("record", b"r" * 100)
+    tracemalloc.start()
+    try:
+        assert backend.get("record", length=limit + 1) == b"r" * 100
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    for bad in ({"offset": -1}, {"length": -1}):
+        with pytest.raises(ValueError):
+            backend.get("record", **bad)  # type: ignore[arg-type]
+
+
+# -- the memory tier's backend is private (H3) -------------------------------------------
+
+
+def test_private_backend_creates_every_directory_0700_and_files_0600(shm_dir: Path) -> None:
+    root = shm_dir / "job" / "r00000-of-00001"
+    be = LocalBackend(root, private=True, fsync=False)
+    be.put("mirrors/r00001-of-00002/step-000000000001.manifest", b"m")
+    for d in (shm_dir, shm_dir / "job", root, root / "mirrors", root / "mirrors" / "r00001-of-00002"):
+        assert stat.S_IMODE(os.lstat(d).st_mode) == 0o700, d
+    f = root / "mirrors" / "r00001-of-00002" / "step-000000000001.manifest"
+    assert stat.S_IMODE(os.lstat(f).st_mode) == 0o600
+
+
+def test_private_backend_never_follows_a_planted_link(shm_dir: Path, tmp_path: Path) -> None:
+    be = LocalBackend(shm_dir, private=True, fsync=False)
+    be.put("step-000000000001.manifest", b"ours")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "step-000000000003.manifest").write_bytes(b"theirs")
+    (shm_dir / "step-000000000002.manifest").symlink_to(victim)
+    (shm_dir / "mirrors").symlink_to(elsewhere)
+    for key in ("step-000000000002.manifest", "mirrors/step-000000000003.manifest"):
+        for call in (
+            lambda k: be.get(k),
+            lambda k: be.get(k, length=3),
+            lambda k: be.head(k),
+            lambda k: be.get_into(k, memoryview(bytearray(8))),
+        ):
+            with pytest.raises(StoragePermissionError, match="symbolic link") as ei:
+                call(key)
+            assert key in str(ei.value)
+    with pytest.raises(StoragePermissionError, match="symbolic link"):
+        be.put("mirrors/x", b"planted dir")  # a directory on the way: refused, not followed
+    be.put("step-000000000002.manifest", b"replaced")  # the link itself is replaced
+    assert victim.read_bytes() == b"precious"
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["step-000000000003.manifest"]
+    assert not (shm_dir / "step-000000000002.manifest").is_symlink()
+    assert be.get("step-000000000002.manifest") == b"replaced"
+    assert be.get("step-000000000001.manifest") == b"ours"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file of another owner needs root")
+def test_private_backend_refuses_files_of_another_owner(shm_dir: Path) -> None:
+    be = LocalBackend(shm_dir, private=True, fsync=False)
+    be.put("step-000000000001.manifest", b"planted")
+    os.chown(shm_dir / "step-000000000001.manifest", 65534, 65534)
+    with pytest.raises(StoragePermissionError, match="owned by uid 65534"):
+        be.get("step-000000000001.manifest")
+
+
+# -- the temporary-file sweeper stays in flashckpt's key space (M6) --------------------------
+
+
+def test_sweep_never_touches_user_files(tmp_path: Path) -> None:
+    root = tmp_path / "tier"
+    be = LocalBackend(root)
+    be.put("commits/step-000000000003", b"record")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    ours = [
+        f"commits/step-000000000004.tmp-{host}-{dead.pid}-0",
+        f"steps/000000000004/r00000-of-00001.manifest.tmp-{host}-{dead.pid}-1",
+        f"chunks/ab/{'ab' * 16}.raw.tmp-otherhost-77-2",  # another host, old
+    ]
+    users = [
+        "report.tmp-final.docx",
+        "notes/draft.tmp-v2",
+        f"notes/step.tmp-{host}-{dead.pid}-0",  # the exact pattern, but not flashckpt's directory
+        f"backup.tmp-{host}-{dead.pid}-0",
+        "commits/report.tmp-final.docx",  # flashckpt's directory, but not a name put makes
+        f"commits/step.tmp-{host}-{dead.pid}",
+        f"steps/x.tmp-{host}-{dead.pid}-y",
+        "chunks/ab/draft.tmp-v2",
+    ]
+    old = time.time() - 3600
+    for rel in ours + users:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+        os.utime(root / rel, (old, old))
+    assert be.sweep_temps(60) == len(ours)
+    assert all((root / rel).exists() for rel in users)
+    assert not any((root / rel).exists() for rel in ours)
+    assert be.get("commits/step-000000000003") == b"record"
+
+
+def test_a_restore_leaves_user_files_in_the_storage_directory(tmp_path: Path, shm_dir: Path) -> None:
+    state = make_state()
+    storage = tmp_path / "s"
+    with flashckpt.Checkpointer(storage, memory_dir=shm_dir) as ckpt:
+        ckpt.save(0, state)
+    users = [storage / "report.tmp-final.docx", storage / "notes" / "draft.tmp-v2"]
+    old = time.time() - 3600
+    for p in users:
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"mine")
+        os.utime(p, (old, old))
+    with flashckpt.Checkpointer(storage, memory_dir=shm_dir) as ckpt:
+        assert ckpt.restore(make_state()) == 0
+    assert all(p.read_bytes() == b"mine" for p in users)
+
+
+@pytest.mark.parametrize("empty", ["", "  ", "file://"])
+def test_an_empty_storage_path_is_refused(empty: str, shm_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="empty path"):
+        open_backend(empty)
+    with pytest.raises(ConfigError, match="empty path"):
+        flashckpt.Checkpointer(empty, memory_dir=shm_dir)
+    if "://" not in empty:
+        with pytest.raises(ConfigError, match="empty path"):
+            LocalBackend(empty)
+    assert not shm_dir.exists()
+
+
+# -- directories are durable before a put returns (L4) -----------------------------------
+
+
+class _Recorder:
+    """Records the calls that make a put durable, in order, by path (fds through /proc)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple[str, str]] = []
+        real_fsync, real_replace, real_link, real_mkdir = os.fsync, os.replace, os.link, os.mkdir
+
+        def fsync(fd: int) -> None:
+            real_fsync(fd)
+            self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+
+        def replace(src: Any, dst: Any, **kw: Any) -> None:
+            real_replace(src, dst, **kw)
+            self.events.append(("rename", os.fspath(dst)))
+
+        def link(src: Any, dst: Any, **kw: Any) -> None:
+            real_link(src, dst, **kw)
+            self.events.append(("rename", os.fspath(dst)))
+
+        def mkdir(path: Any, mode: int = 0o777, **kw: Any) -> None:
+            real_mkdir(path, mode, **kw)
+            self.events.append(("mkdir", os.fspath(path)))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "link", link)
+        monkeypatch.setattr(os, "mkdir", mkdir)
+
+    def index(self, kind: str, path: Path | str, pred: Any = None) -> int:
+        hits = [
+            i
+            for i, e in enumerate(self.events)
+            if e[0] == kind and (pred or (lambda p: p == str(path)))(e[1])
+        ]
+        assert hits, (kind, str(path), self.events)
+        return hits[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fds")
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_put_makes_data_name_and_new_directories_durable_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exclusive: bool
+) -> None:
+    root = tmp_path / "new" / "tier"
+    be = LocalBackend(root, direct_io=False)
+    rec = _Recorder(monkeypatch)
+    key = "chunks/ab/" + "ab" * 16 + ".raw"
+    be.put(key, b"x" * 5000, exclusive=exclusive)
+    final = root / key
+    tmp_fsync = rec.index("fsync", "", lambda p: p.startswith(f"{final}.tmp-"))
+    renamed = rec.index("rename", final)
+    assert tmp_fsync < renamed, "the data must be durable before its name appears"
+    assert rec.index("fsync", final.parent) > renamed, "the new entry must be fsynced in its directory"
+    for d in (tmp_path / "new", root, root / "chunks", root / "chunks" / "ab"):
+        made = rec.index("mkdir", d)
+        assert rec.index("fsync", d.parent) > made, f"{d} is not fsynced in its parent"
+    assert all(i < len(rec.events) for i in (tmp_fsync, renamed))
+    # a second object in the same directory: no directory work again, same order for the file
+    rec.events.clear()
+    be.put("chunks/ab/" + "cd" * 16 + ".raw", b"y", exclusive=exclusive)
+    assert [e[0] for e in rec.events] == ["fsync", "rename", "fsync"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fds")
+def test_a_directory_a_killed_writer_made_is_fsynced_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "tier"
+    (root / "steps" / "000000000005").mkdir(parents=True)  # mkdir done, fsync never came
+    be = LocalBackend(root, direct_io=False)
+    rec = _Recorder(monkeypatch)
+    be.put("steps/000000000005/r00000-of-00001.manifest", b"m")
+    assert rec.index("fsync", root / "steps") >= 0
+    assert rec.index("fsync", root) >= 0
+    assert not [e for e in rec.events if e[0] == "mkdir"]
+
+
+def test_no_directory_fsync_without_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    be = LocalBackend(tmp_path / "tier", fsync=False)
+    rec = _Recorder(monkeypatch)
+    be.put("steps/000000000001/m", b"m")
+    assert [e for e in rec.events if e[0] == "fsync"] == []
+
+
+# -- credentials never reach a log line (L6) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("s3://AKIA:SECRET@bucket/x", "s3://***@bucket/x"),
+        ("s3://user@bucket/x", "s3://***@bucket/x"),
+        ("s3://AKIA:SE@CRET@bucket/x", "s3://***@bucket/x"),  # '@' in the password
+        ("s3://AKIA:SE/CRET@bucket/x", "s3://***@bucket/x"),  # '/' in the password
+        ("s3://AKIA:a/b@c/d@bucket/run", "s3://***@bucket/run"),
+        ("s3://AKIA:SE%40CR%2FET@bucket/x", "s3://***@bucket/x"),  # percent-encoded
+        ("s3://AKIA:SE?CRET@bucket/x", "s3://***@bucket/x"),
+        ("ftp://user:pw@host:21/dir", "ftp://***@host:21/dir"),
+        ("https://h.example/o?sig=S3CR3T&sv=2024", "https://h.example/o?sig=***&sv=2024"),
+        ("https://h/o?token=T&x=1", "https://h/o?token=***&x=1"),
+        (
+            "https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F2024"
+            "&X-Amz-Date=20240101T000000Z&X-Amz-Security-Token=TOK&X-Amz-Signature=abc123",
+            "https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***"
+            "&X-Amz-Date=20240101T000000Z&X-Amz-Security-Token=***&X-Amz-Signature=***",
+        ),
+        ("s3://b/k?access_key=A&secret=B&password=C", "s3://b/k?access_key=***&secret=***&password=***"),
+        (
+            "https://h/o?AWSAccessKeyId=A&Signature=B&api_key=C",
+            "https://h/o?AWSAccessKeyId=***&Signature=***&api_key=***",
+        ),
+        ("https://u:p@h/o?sig=1#access_token=2", "https://***@h/o?sig=***#access_token=***"),
+        # nothing to hide: unchanged
+        ("s3://bucket/run@v2/x", "s3://bucket/run@v2/x"),
+        ("http://127.0.0.1:9000/bucket/a@b", "http://127.0.0.1:9000/bucket/a@b"),
+        ("s3://bucket/x?versionId=3", "s3://bucket/x?versionId=3"),
+        ("/local/dir/with:colon@at", "/local/dir/with:colon@at"),
+        ("memory://root", "memory://root"),
+    ],
+)
+def test_redact_url_removes_every_credential(url: str, redacted: str) -> None:
+    assert redact_url(url) == redacted
+    for secret in ("SECRET", "CRET", "SE%40CR", "S3CR3T", "TOK", "abc123"):
+        if secret in url:
+            assert secret not in redact_url(url)
+
+
+def test_object_store_error_messages_are_redacted() -> None:
+    from flashckpt.backends.fsspec import translate
+
+    exc = OSError(errno.EIO, "403 for url https://b.example/k?X-Amz-Signature=abc123&X-Amz-Credential=AK")
+    err = translate(exc, "get k")
+    assert "abc123" not in str(err) and "X-Amz-Signature=***" in str(err)
+    err = translate(ValueError("bad https://user:hunter2@host/x"), "get k")
+    assert "hunter2" not in str(err)
+
+
+# -- backends are closed by whoever opened them (L5) ---------------------------------------
+
+
+def test_fsspec_close_stops_the_range_pool() -> None:
+    def range_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("flashckpt-range") and t.is_alive()}
+
+    before = range_threads()
+    be = FsspecBackend(f"memory://flashckpt-{uuid.uuid4().hex[:8]}/root", range_bytes=1 << 16)
+    data = os.urandom(1 << 20)
+    be.put("big", data)
+    assert be.get("big") == data and be.get("big", length=len(data) + 1) == data
+    assert range_threads() - before  # parallel ranges ran on the pool
+    be.close()
+    be.close()  # idempotent
+    assert not range_threads() - before
+
+
+def test_load_closes_the_backend_it_opened_only(shm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    closed: list[str] = []
+    real_close = FsspecBackend.close
+
+    def close(self: FsspecBackend) -> None:
+        closed.append(self.url)
+        real_close(self)
+
+    monkeypatch.setattr(FsspecBackend, "close", close)
+    url = f"memory://flashckpt-{uuid.uuid4().hex[:8]}/run"
+    with flashckpt.Checkpointer(url, memory_dir=shm_dir) as ckpt:
+        ckpt.save(0, make_state())
+    closed.clear()  # the Checkpointer's own backend is the lead's (Checkpointer.close)
+    assert flashckpt.load(url)["extra"] == {"epoch": 0, "seen": []}
+    assert closed == [url]
+    with pytest.raises(flashckpt.CheckpointNotFound):
+        flashckpt.load(url + "-nothing-here")
+    assert closed == [url, url + "-nothing-here"]
+    mine = FsspecBackend(url)
+    flashckpt.load(mine)
+    assert len(closed) == 2  # the caller's backend stays open
+    mine.close()
