@@ -7,9 +7,20 @@ copies into the other.  When both are busy, ``acquire`` waits and reports how lo
 never dropped.
 
 Slots are faulted in ahead of time on the ``flashckpt-prefault`` thread as soon as the state's
-size is known (first-touch of fresh shared memory costs several times a copy), pinned with
-``cudaHostRegister`` when CUDA is available, and copied into on a side CUDA stream for device
-tensors.  A slot only grows; its contents survive growth.
+size is known (first-touch of fresh shared memory costs several times a copy), and copied into
+on a side CUDA stream for device tensors.  A slot only grows; its contents survive growth.
+
+Pinning (``cudaHostRegister``) is lazy: a slot is registered on the training thread, under the
+device of the first CUDA tensor staged into it (or restored from it), never for a CPU-only state
+and never on a background thread.  A background thread would start on device 0 and create a
+CUDA context there (0.3-0.6 GiB of GPU 0 in every rank process); a CPU-only job would
+initialise CUDA for nothing.  A registration that fails falls back to pageable copies, with the
+CUDA runtime's pending error cleared: left pending, it would be raised by the next unrelated
+kernel launch of the training thread.  Slots that hold peers' mirrors are never pinned.
+
+Slot files are opened without following symbolic links and used only if they are regular files
+of this user that no one else can read (``open_private``): the memory tier lives in a directory
+others may be able to write to (/dev/shm).
 
 Threads: ``acquire``/``stage`` run on the training thread; ``release`` on the persist thread;
 ``prefault`` starts the prefault thread, which ``close`` joins.
@@ -17,14 +28,17 @@ Threads: ``acquire``/``stage`` run on the training thread; ``release`` on the pe
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import mmap
 import os
+import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +47,7 @@ import torch
 
 from flashckpt import _hooks as hooks
 from flashckpt._config import Options
-from flashckpt.errors import StorageFullError
+from flashckpt.errors import ConfigError, StorageFullError
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +164,331 @@ def check_fits(nbytes: int, directory: Path | None, what: str) -> None:
     if directory is not None:
         st = os.statvfs(directory)
         free = st.f_bavail * st.f_frsize
-        free += sum(p.stat().st_size for p in directory.glob("slot-*.bin"))
+        for p in directory.glob("slot-*.bin"):
+            try:  # lstat: a link planted there must not count its target (slots refuse links)
+                info = p.lstat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                free += info.st_size
     else:
         free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if nbytes > free:
         raise StorageFullError(errno.ENOMEM, f"{what} needs {nbytes} bytes of memory; {free} are free")
+
+
+# -- files of the memory tier ---------------------------------------------------------------------
+
+# O_NOFOLLOW: a symbolic link planted where a slot goes is refused, never followed (it would let
+# whoever planted it have this process overwrite, extend or read any file it can write).
+# O_NONBLOCK: opening a FIFO planted there must fail the checks below, not block.  It has no
+# effect on the regular files that pass them.
+_OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
+def _check_private(st: os.stat_result, path: Path) -> None:
+    """Raise ``ConfigError`` unless ``st`` is a regular file of this user, private to it, with
+    one name (a hard link to another file of this user would have flashckpt overwrite it)."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise ConfigError(f"{path} is {kind}; refusing to use it as a memory-tier file")
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        raise ConfigError(
+            f"{path} is owned by uid {st.st_uid}, not by this process's uid {euid}; refusing to use it"
+        )
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: a memory-tier file must be private "
+            "to its owner (0600); refusing to use it"
+        )
+    if st.st_nlink != 1:
+        raise ConfigError(f"{path} has {st.st_nlink} hard links; refusing to use it as a memory-tier file")
+
+
+def open_private(path: Path) -> int:
+    """Open ``path`` read-write for the memory tier, creating it (mode 0600) if it is missing.
+
+    A new file is created with ``O_EXCL`` and then ``fchmod``-ed to exactly 0600 (whatever the
+    umask).  An existing one is opened without following a symbolic link and must be a regular
+    file owned by the effective uid with no group or other permissions and a single name;
+    anything else raises ``ConfigError`` naming the path (nothing is written to it).  Returns
+    the file descriptor (close-on-exec); the caller closes it.  Any thread.
+    """
+    for _ in range(8):  # bounded: another process creating and removing the file in a loop
+        try:
+            fd = os.open(path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            try:
+                os.fchmod(fd, 0o600)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            continue  # removed since: create it
+        except OSError:
+            # ELOOP (a symbolic link), EISDIR, ENXIO (a socket), EACCES (another user's file):
+            # say what is there rather than raise the bare errno.
+            try:
+                st = os.lstat(path)
+            except OSError:
+                st = None
+            if st is not None:
+                _check_private(st, path)
+            raise
+        try:
+            _check_private(os.fstat(fd), path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    raise ConfigError(f"{path} keeps being created and removed by someone else; refusing to use it")
+
+
+# -- CUDA --------------------------------------------------------------------------------------
+# Every CUDA runtime call of this module goes through these few functions.  They run on the
+# training thread, except ``_unregister`` (any thread that unmaps a slot: it selects the device
+# the slot was registered under first, so that it never creates a context on device 0).
+
+
+def _cudart() -> Any:
+    """torch's bindings of the CUDA runtime (initialises CUDA if it is not yet)."""
+    return torch.cuda.cudart()  # type: ignore[no-untyped-call]
+
+
+def _device(index: int) -> contextlib.AbstractContextManager[Any]:
+    """Make CUDA device ``index`` the calling thread's current device for a block."""
+    return torch.cuda.device(index)
+
+
+@functools.cache
+def _libcudart() -> ctypes.CDLL | None:
+    """The CUDA runtime library torch loaded, or None (torch linked it statically).
+
+    Never a second copy: the last error that must be cleared is per thread *and per copy of
+    the runtime*, so only the copy torch calls into will do.  ``RTLD_NOLOAD`` makes sure of it.
+    """
+    candidates = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and "/libcudart" in fields[5]:
+                    candidates.append(fields[5].strip())
+    except OSError:
+        pass
+    candidates += ["libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"]
+    for name in dict.fromkeys(candidates):
+        try:
+            lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+            fn = lib.cudaGetLastError
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes = []
+        fn.restype = ctypes.c_int
+        return lib
+    return None
+
+
+def _clear_last_error(device: int) -> None:
+    """Reset the calling thread's pending CUDA runtime error after a failed call.
+
+    torch checks every kernel launch with ``cudaGetLastError``: an error left pending by a
+    failed ``cudaHostRegister`` would be raised, misattributed, by the training thread's next
+    kernel.  ``cudaGetLastError`` (through ctypes, on the libcudart torch loaded) returns and
+    resets it.  A tiny kernel launch then checks that it is gone, whichever copy of the
+    runtime torch uses (a statically linked one cannot be reached through ctypes): its launch
+    check raises a pending error, and c10 resets the error before raising, so the next launch
+    succeeds.
+    """
+    lib = _libcudart()
+    if lib is not None:
+        lib.cudaGetLastError()
+    with _device(device):
+        for attempt in range(2):
+            try:
+                torch.ones(1, device=torch.device("cuda", device))
+                return
+            except Exception as exc:  # the pending error, raised and thereby reset
+                log.debug("flashckpt: cleared a pending CUDA error (attempt %d): %s", attempt, exc)
+
+
+def _error_string(cudart: Any, rc: int) -> str:
+    """``cudaGetErrorString(rc)`` and the code, e.g. ``out of memory (2)``."""
+    try:
+        return f"{cudart.cudaGetErrorString(cudart.cudaError(rc))} ({rc})"
+    except Exception:  # an old or stripped binding: the number still identifies the error
+        return f"CUDA error {rc}"
+
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(reason: str, message: str) -> None:
+    """A failed registration recurs with every slot and mapping: warn once per process and
+    distinct ``reason``; the repeats go to the debug log."""
+    with _warned_lock:
+        repeat = reason in _warned
+        _warned.add(reason)
+    log.log(logging.DEBUG if repeat else logging.WARNING, "%s", message)
+
+
+def _register(addr: int, nbytes: int, device: int, what: Path) -> bool:
+    """Training thread: ``cudaHostRegister`` ``nbytes`` at ``addr`` under ``device``; True if
+    the range is now pinned.  Never raises: a failure (an error code or an exception, e.g.
+    CUDA unusable in a forked child) leaves no pending CUDA error and is warned about once;
+    the caller copies through pageable memory instead."""
+    try:
+        with _device(device):
+            cudart = _cudart()
+            t0 = time.perf_counter()
+            rc = int(cudart.cudaHostRegister(addr, nbytes, 0))  # 0: default (portable under UVA)
+            if rc == 0:
+                seconds = time.perf_counter() - t0
+                log.debug("pinned %s (%d bytes) on cuda:%d in %.3f s", what, nbytes, device, seconds)
+                return True
+            _clear_last_error(device)
+            reason = _error_string(cudart, rc)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    _warn_once(
+        reason,
+        f"flashckpt: cudaHostRegister of {what} ({nbytes} bytes) failed: {reason}; "
+        "copies between it and the GPU use pageable memory (slower)",
+    )
+    return False
+
+
+def _unregister(addr: int, device: int, what: Path) -> None:
+    """Any thread: ``cudaHostUnregister`` a range ``_register`` pinned under ``device``.
+    Never raises; a failure is logged and leaves no pending CUDA error."""
+    try:
+        with _device(device):
+            cudart = _cudart()
+            rc = int(cudart.cudaHostUnregister(addr))
+            if rc == 0:
+                return
+            _clear_last_error(device)
+            reason = _error_string(cudart, rc)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    log.warning("flashckpt: cudaHostUnregister of %s failed: %s", what, reason)
+
+
+def _cuda_initialized() -> bool:
+    """torch has initialised CUDA in this process (asking creates no context)."""
+    return bool(torch.cuda.is_initialized())  # type: ignore[no-untyped-call]
+
+
+def _devices_with_context() -> list[int]:
+    """The CUDA devices this process has a context on (none if CUDA is not initialised).
+    Never creates one."""
+    if not _cuda_initialized():
+        return []
+    has_context = getattr(torch._C, "_cuda_hasPrimaryContext", None)
+    if has_context is None:  # not in this build: the current device surely has one
+        return [torch.cuda.current_device()]
+    return [i for i in range(torch.cuda.device_count()) if has_context(i)]
+
+
+def _sync_current_streams(devices: Iterable[int]) -> None:
+    """Training thread: wait until the work queued so far on the current stream of each of
+    ``devices`` is done (an event per stream; other streams and other work are not waited
+    for, unlike ``torch.cuda.synchronize``, which waits for the whole current device only)."""
+    for index in sorted(set(devices)):
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(index))
+        event.synchronize()
+
+
+def _wait_for_device_writes(host_sources: Iterable[torch.Tensor]) -> None:
+    """Training thread, before the host copies of a stage: a pinned CPU tensor may be the
+    destination of a non-blocking device-to-host copy still queued on a current stream (an
+    EMA or offload buffer); wait for those streams, or its bytes would be read half-written.
+
+    Without CUDA initialised no such copy can be pending, and ``is_pinned`` is not asked: it
+    calls ``cudaPointerGetAttributes``, which can create a context.
+    """
+    if not _cuda_initialized():
+        return
+    if any(t.is_pinned() for t in host_sources):
+        _sync_current_streams(_devices_with_context())
+
+
+class RestoreCopies:
+    """The copies of one restore from a slot into live tensors (see ``restore_copies``)."""
+
+    def __init__(self, slot: Slot | None) -> None:
+        self._slot = slot
+        #: CUDA devices written by non-blocking host-to-device copies so far
+        self.devices: set[int] = set()
+
+    def copy(self, target: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy ``src`` (a view of the slot) into ``target`` in place.  A CUDA target gets a
+        non-blocking copy on its device's current stream (the user's later kernels are
+        ordered after it); its device is recorded for the synchronization at the end.  The
+        slot is pinned first, under that device, if it is not yet.  Raises what ``copy_``
+        raises (e.g. ``RuntimeError`` for a target that cannot be written in place)."""
+        if target.is_cuda:
+            index = target.device.index
+            assert index is not None  # a CUDA tensor's device always has an index
+            if self._slot is not None:
+                self._slot.pin(index)
+            self.devices.add(index)  # before the copy: one that fails halfway is waited for too
+            target.copy_(src, non_blocking=True)
+        else:
+            target.copy_(src)
+
+    def synchronize(self) -> None:
+        """Wait for every copy ``copy`` queued (per device: its current stream)."""
+        if self.devices:
+            _sync_current_streams(self.devices)
+
+
+@contextlib.contextmanager
+def restore_copies(slot: Slot | None = None) -> Iterator[RestoreCopies]:
+    """Training thread, restore: copy a slot's bytes into live tensors with
+    ``copies.copy(target, src)``, and leave the block only once every non-blocking
+    host-to-device copy has finished, on each device written (not only the current one),
+    even when the block raises: the slot may be released (reused, unmapped) right after.
+
+    CPU targets are copied synchronously and touch no CUDA API: a CPU-only restore leaves
+    CUDA uninitialised.  When the block raises, a failure to synchronize is logged and the
+    block's exception propagates.
+    """
+    copies = RestoreCopies(slot)
+    try:
+        yield copies
+    except BaseException:
+        try:
+            copies.synchronize()
+        except Exception as exc:
+            log.warning("flashckpt: waiting for the restore's device copies failed: %s", exc)
+        raise
+    copies.synchronize()
+
+
+def _synchronize_streams(streams: Sequence[Any], *, failing: bool) -> None:
+    """Training thread: synchronize every one of ``streams``, even if one raises; then raise
+    the first error, or, when the copy is already ``failing``, log it (the copy's error is
+    the one to report)."""
+    first: Exception | None = None
+    for stream in streams:
+        try:
+            stream.synchronize()
+        except Exception as exc:
+            if failing:
+                log.warning("flashckpt: synchronizing a staging stream failed: %s", exc)
+            elif first is None:
+                first = exc
+    if first is not None:
+        raise first
 
 
 class _Faulting:
@@ -212,9 +546,15 @@ class _Faulting:
 
 
 class Slot:
-    """One shared-memory staging buffer.  Mapping changes happen under ``lock``."""
+    """One shared-memory staging buffer.  Mapping changes happen under ``lock``.
 
-    def __init__(self, directory: Path, index: int) -> None:
+    ``pin=False`` for slots whose bytes never go to a GPU (peers' mirrors, orphans): they are
+    never page-locked.  Otherwise a slot is pinned only when the training thread asks
+    (``pin``), once per mapping; growth unpins it and the next ``pin`` registers the new
+    mapping.
+    """
+
+    def __init__(self, directory: Path, index: int, *, pin: bool = True) -> None:
         self.index = index
         self.name = f"slot-{index}.bin"
         self.path = directory / self.name
@@ -230,7 +570,10 @@ class Slot:
         self.faulting: _Faulting | None = None  # set while ``ensure`` faults pages in
         self._mm: mmap.mmap | None = None
         self._buf: torch.Tensor | None = None
+        self._may_pin = pin
         self._pinned = False
+        self._pin_failed = False  # this mapping could not be pinned: do not try again per save
+        self.pin_device: int | None = None  # the device the mapping was registered under
 
     @property
     def mapped(self) -> bool:
@@ -248,13 +591,17 @@ class Slot:
         mapped in up front.  With ``pause`` (the prefault thread), the work is done in
         ``_PIECE`` steps and ``pause()`` is called between them, so that a save copying into
         the other slot does not compete with page faulting for the two cores.
+
+        Any thread (training, prefault, mirror connections).  Never pins; growing a pinned
+        mapping unpins it first.  The file is opened with ``open_private``: ``ConfigError``
+        if what is at ``path`` is not a private regular file of this user.
         """
         with self.lock:
             if self._buf is not None and self.capacity >= nbytes:
                 return False
             capacity = max(_round_up(max(nbytes, 1), _GROW), self.capacity)
             self._unmap()
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            fd = open_private(self.path)
             old_size = os.fstat(fd).st_size
             try:
                 capacity = max(capacity, old_size)
@@ -293,7 +640,6 @@ class Slot:
                 os.close(fd)
             self._buf = torch.frombuffer(self._mm, dtype=torch.uint8)
             self.capacity = capacity
-            self._pin()
             return True
 
     def help_fault(self) -> int:
@@ -305,19 +651,21 @@ class Slot:
         before = job.helped
         try:
             job.work(helper=True)
-        except OSError:
+        except Exception:  # recorded in the job: the prefault thread (its owner) reports it
             pass
         return job.helped - before
 
     def adopt(self) -> bool:
-        """Map a slot file left by an earlier process; False if there is none."""
+        """Map a slot file left by an earlier process; False if there is none.  Raises
+        ``ConfigError`` if what is there is not a private regular file of this user (see
+        ``open_private``).  Never pins: no CUDA call happens here."""
         try:
-            size = os.stat(self.path).st_size
+            st = os.lstat(self.path)  # never follows a link: ``ensure`` refuses one
         except FileNotFoundError:
             return False
-        if size == 0:
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0:
             return False
-        self.ensure(size)
+        self.ensure(st.st_size)
         return True
 
     def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
@@ -338,22 +686,40 @@ class Slot:
         with self.lock:
             self._unmap()
 
-    def _pin(self) -> None:
-        if not torch.cuda.is_available() or self._buf is None:
-            return
-        rc = torch.cuda.cudart().cudaHostRegister(  # type: ignore[no-untyped-call]
-            self._buf.data_ptr(), self.capacity, 0
-        )
-        self._pinned = int(rc) == 0
-        if not self._pinned:
-            log.warning("cudaHostRegister of %s failed (%s); device copies will be slower", self.path, rc)
+    @property
+    def pinned(self) -> bool:
+        """The current mapping is registered with CUDA (page-locked)."""
+        return self._pinned
+
+    def pin(self, device: int) -> bool:
+        """Training thread only: register the mapping with CUDA (``cudaHostRegister``) so that
+        copies between it and GPUs are asynchronous DMAs; True if it is pinned.
+
+        Registered under ``device`` (the device of the tensors about to be copied), which must
+        already have a context: the call then creates none.  Once per mapping: after a failure
+        (warned about once, no pending CUDA error left) the mapping stays pageable.  A no-op
+        for a slot made with ``pin=False`` or not mapped.
+        """
+        if not self._may_pin:
+            return False
+        with self.lock:
+            if self._buf is None or self._pinned or self._pin_failed:
+                return self._pinned
+            self._pinned = _register(self._buf.data_ptr(), self.capacity, device, self.path)
+            self._pin_failed = not self._pinned
+            self.pin_device = device if self._pinned else None
+            return self._pinned
 
     def _unmap(self) -> None:
+        """Under ``lock``, any thread.  Unregisters first, under the device the mapping was
+        registered under (a background thread would otherwise start on device 0)."""
         if self._buf is None:
             return
         if self._pinned:
-            torch.cuda.cudart().cudaHostUnregister(self._buf.data_ptr())  # type: ignore[no-untyped-call]
-            self._pinned = False
+            assert self.pin_device is not None
+            _unregister(self._buf.data_ptr(), self.pin_device, self.path)
+        self._pinned = self._pin_failed = False
+        self.pin_device = None
         self._buf = None
         mm, self._mm = self._mm, None
         self.capacity = 0
@@ -513,8 +879,10 @@ class Stager:
                     slot.prefaulting = True
                     try:
                         slot.ensure(want, pause=self._wait_for_copies)
-                    except OSError as exc:
-                        log.warning("prefaulting %s to %d bytes failed: %s", slot.path, want, exc)
+                    except (OSError, ConfigError) as exc:  # memory tier full; a planted file
+                        log.warning("flashckpt: prefaulting %s to %d bytes failed: %s", slot.path, want, exc)
+                    except Exception:  # a bug: this thread must not die without a word
+                        log.exception("flashckpt: prefaulting %s to %d bytes failed", slot.path, want)
                     finally:
                         slot.prefaulting = False
                         self.release(slot)
@@ -535,13 +903,34 @@ class Stager:
 
     # -- the copy ----------------------------------------------------------------------------
     def stage(self, slot: Slot, tensors: Sequence[torch.Tensor], layout: Layout) -> bool:
-        """Copy ``tensors`` into ``slot`` per ``layout``; return True if the slot was cold.
+        """Training thread: copy ``tensors`` into ``slot`` per ``layout``; return True if the
+        slot was cold.  When this returns (or raises), no copy into the slot is in flight:
+        the caller may modify its tensors, and release or reuse the slot.
 
-        Device tensors are copied on a side stream that first waits for the current stream,
-        and the stream is synchronized before returning: the caller may modify its tensors as
-        soon as this returns.
+        Device tensors are copied on a side stream per device that first waits for that
+        device's current stream (work on other streams must be ordered by the caller); the
+        side streams are synchronized before returning, also when a copy raises.  The slot
+        is pinned first, under the device of the first CUDA tensor, if it is not yet (the
+        registration's time then counts in this save; once per mapping).  A conj or neg view
+        is resolved on the device, on the side stream, before its copy (torch's
+        non-blocking device-to-host copy applies the bit to the host destination before the
+        DMA lands, pytorch/pytorch#146286).  CPU tensors are copied by this thread; if one of
+        them is pinned, the current stream of every device with a context is waited for first
+        (it may be the destination of a non-blocking copy still in flight).
+
+        GPU memory: a non-contiguous device tensor is made contiguous by ``copy_`` in a
+        temporary as large as the tensor, on the side stream; a conj/neg view needs one as
+        large too (both for a non-contiguous conj/neg view).  Temporaries are freed one
+        tensor at a time, so the extra peak is about the size of the largest such tensor
+        (twice it for a non-contiguous conj/neg view); the allocator keeps the block cached
+        in the side stream's pool afterwards, so ``memory_reserved`` grows by that much for
+        good, and a GPU near its limit can raise ``torch.OutOfMemoryError`` here (the save
+        fails, nothing is left in flight).
         """
         cold = slot.ensure(layout.total_bytes)
+        device = next((t.device.index for t in tensors if t.is_cuda), None)
+        if device is not None:
+            slot.pin(device)
         with self._cond:
             self._copying = True
         try:
@@ -563,23 +952,40 @@ class Stager:
                 host.append((dst, t))
             else:
                 by_device.setdefault(t.device, []).append((dst, t))
-        streams = []
-        for device, pairs in by_device.items():
-            if device.type == "cuda":
-                stream = self._stream(device)
-                stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(stream):
+        pending: list[Any] = []  # side streams with copies queued
+        failing = True
+        try:
+            for device, pairs in by_device.items():
+                if device.type == "cuda":
+                    self._copy_from_device(device, pairs, pending)
+                else:
                     for dst, src in pairs:
-                        dst.copy_(src, non_blocking=True)
-                streams.append(stream)
-            else:
-                for dst, src in pairs:
-                    dst.copy_(src)
-        for i, (dst, src) in enumerate(host):
-            dst.copy_(src)
-            hooks.fire("stage.tensor", index=i, count=len(host))
-        for stream in streams:
-            stream.synchronize()
+                        dst.copy_(src)
+            if host:
+                _wait_for_device_writes(src for _, src in host)
+            for i, (dst, src) in enumerate(host):
+                dst.copy_(src)
+                hooks.fire("stage.tensor", index=i, count=len(host))
+            failing = False
+        finally:
+            # Also on an error: the caller releases the slot (and may unmap it) at once, and
+            # the sources may be freed; no DMA may still be writing into the slot by then.
+            _synchronize_streams(pending, failing=failing)
+
+    def _copy_from_device(
+        self, device: torch.device, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], pending: list[Any]
+    ) -> None:
+        """Queue the copies of one CUDA device's tensors on its side stream; the stream is
+        appended to ``pending`` before anything is queued, so that the caller synchronizes it
+        even if queueing raises halfway."""
+        stream = self._stream(device)
+        pending.append(stream)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for dst, src in pairs:
+                if src.is_conj() or src.is_neg():
+                    src = src.resolve_conj().resolve_neg()  # on the device, on the side stream
+                dst.copy_(src, non_blocking=True)
 
     def _stream(self, device: torch.device) -> Any:
         idx = device.index if device.index is not None else torch.cuda.current_device()
