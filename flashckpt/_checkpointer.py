@@ -55,7 +55,8 @@ from flashckpt._dist import Control
 from flashckpt._memtier import MemoryTier
 from flashckpt._mirror import MirrorServer, default_host, fetch, mirror_peers
 from flashckpt._reshard import StepReader
-from flashckpt._staging import Slot, Stager, check_fits
+from flashckpt._secure import open_private, private_dir
+from flashckpt._staging import Slot, Stager, check_fits, restore_copies
 from flashckpt._statewalk import check_loadable, find_targets, flatten, load_into
 from flashckpt._transfer import Job, Persister, PersisterDied, SaveHandle, Tier
 from flashckpt.backends import Backend, LocalBackend, open_backend, translate_os_error
@@ -280,11 +281,13 @@ class Checkpointer:
         )
         #: which storage tier this Checkpointer's snapshots belong to (in every manifest)
         self._storage_id = hashlib.sha256(storage_be.url.encode()).hexdigest()[:16]
-        root = Path(memory_dir) if memory_dir is not None else Path(default_memory_root()) / self._storage_id
-        self._memory_root = root
+        # Every directory from the per-user root (or the memory_dir given) down is created 0700
+        # and checked (ours, not a link, no access for others): see flashckpt/_secure.py.
+        base = Path(memory_dir) if memory_dir is not None else Path(default_memory_root())
+        root = base if memory_dir is not None else base / self._storage_id
         self._memory_dir_given = memory_dir
-        self._rank_dir = root / shard_name(self._rank, self._world)
-        self._rank_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._rank_dir = private_dir(root / shard_name(self._rank, self._world), trusted_above=base.parent)
+        self._memory_root = self._rank_dir.parent
         self._lock_fd = self._take_lock()
         undo.callback(os.close, self._lock_fd)
         self._stager = Stager(self._rank_dir, self._opts)
@@ -385,7 +388,7 @@ class Checkpointer:
         try:
             self._mem.forget(slot)  # its bytes are about to change
             cold = self._stager.stage(slot, flat.tensors, layout)
-            self._stager.mark_staged(slot, step)
+            self._stager.mark_staged(slot)
             manifest = self._mem.record(slot, self._manifest(step, flat.tree, flat.tensors, layout, slot))
             hooks.fire("stage.done", step=step)
             handle = self._submit(step, manifest, slot, force)
@@ -654,7 +657,7 @@ class Checkpointer:
         checks that the file it locked is still the one at the path, else it tries again."""
         path = self._rank_dir / "lock"
         for _ in range(100):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fd = open_private(path, write=True, create=True)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -805,33 +808,27 @@ class Checkpointer:
         return sorted((e.offset, e.offset + e.nbytes, t.data_ptr()) for e, t in entries)
 
     def _apply(self, m: Manifest, slot: Slot, state: Any, filled: dict[int, torch.Tensor]) -> None:
+        """Load the verified snapshot in ``slot`` into ``state``.  Returns (or raises) only once
+        every copy out of the slot is finished, on every device written: the slot may be
+        reused right after."""
         tree = m.state_tree()
-        cuda = False
+        with restore_copies(slot) as copies:
 
-        def materialize(i: int, target: torch.Tensor | None) -> torch.Tensor:
-            nonlocal cuda
-            if target is not None and filled.get(i) is target:
-                return target  # already filled while the slot was checksummed
-            e = m.tensors[i]
-            src = slot.tensor(e.offset, e.nbytes, e.dtype, e.shape)
-            if target is not None and target.dtype == e.dtype and tuple(target.shape) == e.shape:
-                try:
-                    if target.is_cuda:
-                        cuda = True
-                        target.copy_(src, non_blocking=True)
-                    else:
-                        target.copy_(src)
-                    return target
-                except RuntimeError:  # not writable in place (e.g. an expanded, stride-0 view)
-                    pass
-            device = target.device if target is not None else torch.device("cpu")
-            return src.to(device=device, copy=True)
+            def materialize(i: int, target: torch.Tensor | None) -> torch.Tensor:
+                if target is not None and filled.get(i) is target:
+                    return target  # already filled while the slot was checksummed
+                e = m.tensors[i]
+                src = slot.tensor(e.offset, e.nbytes, e.dtype, e.shape)
+                if target is not None and target.dtype == e.dtype and tuple(target.shape) == e.shape:
+                    try:
+                        copies.copy(target, src)
+                        return target
+                    except RuntimeError:  # not writable in place (e.g. an expanded, stride-0 view)
+                        pass
+                device = target.device if target is not None else torch.device("cpu")
+                return src.to(device=device, copy=True)
 
-        try:
             load_into(state, tree, materialize)
-        finally:
-            if cuda:
-                torch.cuda.synchronize()
 
     def _start_sweep(self) -> None:
         """Training thread, first ``restore``: remove, on a background thread, the temporary
@@ -1136,7 +1133,7 @@ class Checkpointer:
         order = m.order
         held = {t.name: set(s) for t, s in inventory}
         missing = [t for t in self._tiers if order not in held.get(t.name, set())]
-        self._stager.mark_staged(slot, m.step, durable=bool(self._tiers) and not missing)
+        self._stager.mark_staged(slot, durable=bool(self._tiers) and not missing)
         # in memory now: the restored snapshot (whatever tier it came from), and older ones
         # of its generation (other generations are other timelines: never salvaged)
         in_memory = {o for o in held.get(self._memory.name, set()) if o[0] == order[0]} | {order}

@@ -107,7 +107,7 @@ def open_private(
     are removed.  A missing file (without ``create``) raises ``FileNotFoundError``; other
     ``OSError`` are raised as they come.  Any thread.
     """
-    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
     # O_NONBLOCK: opening a FIFO planted in place of the file must not wait for a writer;
     # it has no effect on regular files, and it is cleared again below.
     flags |= os.O_NONBLOCK
@@ -131,6 +131,14 @@ def open_private(
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise ConfigError(f"{path} is a symbolic link; refusing to follow it") from None
+            if isinstance(exc, FileExistsError):
+                raise  # ``exclusive``: the caller's to handle
+            # EISDIR, ENXIO (a socket), EACCES (another user's file): say what is there
+            try:
+                st = os.lstat(path, dir_fd=dir_fd)
+            except OSError:
+                raise exc from None
+            _check_file_stat(st, path)
             raise
         try:
             _check_private_file(fd, path, created)
@@ -218,15 +226,33 @@ def _check_private_dir(path: Path, created: bool) -> None:
 
 def _check_private_file(fd: int, path: str | os.PathLike[str], created: bool) -> os.stat_result:
     st = os.fstat(fd)
+    if created:
+        if stat.S_IMODE(st.st_mode) != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)  # whatever the umask
+        return os.fstat(fd)
+    _check_file_stat(st, path)
+    return st
+
+
+def _check_file_stat(st: os.stat_result, path: str | os.PathLike[str]) -> None:
+    """An existing memory-tier file must be a regular file of ours, with one name, that
+    nobody else could read or write.  Unlike a directory, a file found with group or other
+    bits is refused, not fixed: its bytes (a snapshot) may have been read or changed, and
+    it is left as found for its owner to look at."""
     euid = os.geteuid()
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"{path} is a symbolic link; refusing to follow it")
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{path} is not a regular file; {_HINT}")
     if st.st_uid != euid:
         raise ConfigError(f"{path} is owned by uid {st.st_uid}, not by this process (uid {euid}); {_HINT}")
-    mode = stat.S_IMODE(st.st_mode)
-    if (mode != FILE_MODE) if created else (mode & 0o077):
-        os.fchmod(fd, FILE_MODE if created else mode & 0o700)  # created: whatever the umask
-    return st
+    if mode & 0o077:
+        raise ConfigError(
+            f"{path} has mode {mode:04o}: a memory-tier file must be private to its owner (0600); {_HINT}"
+        )
+    if st.st_nlink != 1:
+        raise ConfigError(f"{path} has {st.st_nlink} hard links; refusing to use it as a memory-tier file")
 
 
 __all__ = ["DIR_MODE", "FILE_MODE", "check_private_dir", "check_private_file", "open_private", "private_dir"]

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from flashckpt import _hooks as hooks
+from flashckpt import _secure
 from flashckpt._config import Options
 from flashckpt.errors import ConfigError, StorageFullError
 
@@ -178,76 +179,14 @@ def check_fits(nbytes: int, directory: Path | None, what: str) -> None:
 
 
 # -- files of the memory tier ---------------------------------------------------------------------
-
-# O_NOFOLLOW: a symbolic link planted where a slot goes is refused, never followed (it would let
-# whoever planted it have this process overwrite, extend or read any file it can write).
-# O_NONBLOCK: opening a FIFO planted there must fail the checks below, not block.  It has no
-# effect on the regular files that pass them.
-_OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-
-
-def _check_private(st: os.stat_result, path: Path) -> None:
-    """Raise ``ConfigError`` unless ``st`` is a regular file of this user, private to it, with
-    one name (a hard link to another file of this user would have flashckpt overwrite it)."""
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
-        raise ConfigError(f"{path} is {kind}; refusing to use it as a memory-tier file")
-    euid = os.geteuid()
-    if st.st_uid != euid:
-        raise ConfigError(
-            f"{path} is owned by uid {st.st_uid}, not by this process's uid {euid}; refusing to use it"
-        )
-    if st.st_mode & 0o077:
-        raise ConfigError(
-            f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: a memory-tier file must be private "
-            "to its owner (0600); refusing to use it"
-        )
-    if st.st_nlink != 1:
-        raise ConfigError(f"{path} has {st.st_nlink} hard links; refusing to use it as a memory-tier file")
+# Slot files are opened by ``flashckpt._secure.open_private``: never through a link planted where
+# a slot goes (it would let whoever planted it have this process overwrite, extend or read any
+# file it can write), only a regular file of this user that nobody else can read or write.
 
 
 def open_private(path: Path) -> int:
-    """Open ``path`` read-write for the memory tier, creating it (mode 0600) if it is missing.
-
-    A new file is created with ``O_EXCL`` and then ``fchmod``-ed to exactly 0600 (whatever the
-    umask).  An existing one is opened without following a symbolic link and must be a regular
-    file owned by the effective uid with no group or other permissions and a single name;
-    anything else raises ``ConfigError`` naming the path (nothing is written to it).  Returns
-    the file descriptor (close-on-exec); the caller closes it.  Any thread.
-    """
-    for _ in range(8):  # bounded: another process creating and removing the file in a loop
-        try:
-            fd = os.open(path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            try:
-                os.fchmod(fd, 0o600)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd
-        try:
-            fd = os.open(path, _OPEN_FLAGS)
-        except FileNotFoundError:
-            continue  # removed since: create it
-        except OSError:
-            # ELOOP (a symbolic link), EISDIR, ENXIO (a socket), EACCES (another user's file):
-            # say what is there rather than raise the bare errno.
-            try:
-                st = os.lstat(path)
-            except OSError:
-                st = None
-            if st is not None:
-                _check_private(st, path)
-            raise
-        try:
-            _check_private(os.fstat(fd), path)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-    raise ConfigError(f"{path} keeps being created and removed by someone else; refusing to use it")
+    """A slot file, read-write, created 0600 if missing (see :mod:`flashckpt._secure`)."""
+    return _secure.open_private(path, write=True, create=True)
 
 
 # -- CUDA --------------------------------------------------------------------------------------
@@ -832,9 +771,10 @@ class Stager:
             slot.busy = False
             self._cond.notify_all()
 
-    def mark_staged(self, slot: Slot, step: int, *, durable: bool = False) -> None:
+    def mark_staged(self, slot: Slot, *, durable: bool = False) -> None:
+        """Training thread: ``slot`` took a new snapshot (which step it holds is the memory
+        tier's to record: ``MemoryTier.record``); it is the newest staged one."""
         with self._cond:
-            slot.step = step
             slot.durable = durable
             slot.generation += 1
             self._last = slot

@@ -22,7 +22,7 @@ FLOATS = [
     "mirror_timeout_s",
 ]
 INTS = ["chunk_bytes", "small_tensor_bytes", "io_threads", "hash_threads", "retries"]
-BOOLS = ["fsync", "direct_io", "prefault", "dedup_replicated"]
+BOOLS = ["fsync", "direct_io", "prefault", "dedup_replicated", "require_mirrors"]
 
 BAD: list[tuple[str, Any]] = [
     # every float option: finite, a real number

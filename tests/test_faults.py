@@ -70,10 +70,11 @@ def test_truncated_read_on_one_tier_falls_back_to_the_next(tmp_path: Path, shm_d
 
 
 @contextlib.contextmanager
-def _tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+def _tmpfs(mnt: Path, size: str, mode: str = "1777") -> Iterator[Path]:
     """A real, small file system (tmpfs) at ``mnt``, so that writes fail with a real ENOSPC."""
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+    opts = f"size={size},mode={mode}"
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
     try:
@@ -115,7 +116,7 @@ def test_enospc_on_the_local_tier(tiny_fs: Path, tmp_path: Path, shm_dir: Path) 
 def test_memory_tier_full_fails_the_save_not_the_training(tmp_path: Path) -> None:
     """A real 8 MiB tmpfs as the memory tier: a state that outgrows it cannot be staged; the
     save reports StorageFullError (never SIGBUS), and saves work again once it fits."""
-    with _tmpfs(tmp_path / "shm", "8m") as mnt:
+    with _tmpfs(tmp_path / "shm", "8m", mode="0700") as mnt:  # a memory tier is private
         state = make_state()
         with flashckpt.Checkpointer(tmp_path / "s", memory_dir=mnt, keep=None) as ckpt:
             ckpt.save(0, state).wait()  # type: ignore[union-attr]

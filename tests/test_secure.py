@@ -236,12 +236,20 @@ def test_open_private_refuses_files_of_another_owner(shm_dir: Path) -> None:
         assert str(d / "m") in str(ei.value)
 
 
-def test_open_private_closes_an_existing_file_to_others(shm_dir: Path) -> None:
+def test_open_private_refuses_a_file_others_could_read_and_leaves_it_as_found(shm_dir: Path) -> None:
+    """A snapshot file that others could read or write may have been read or changed: it is
+    refused (not fixed), and left for its owner to look at."""
     d = private_dir(shm_dir)
+    for mode in (0o644, 0o640, 0o606, 0o620):
+        (d / "m").write_bytes(b"ours")
+        os.chmod(d / "m", mode)
+        with pytest.raises(ConfigError, match=f"{mode:04o}") as ei:
+            open_private(d / "m", write=True, create=True)
+        assert str(d / "m") in str(ei.value) and _mode(d / "m") == mode
+        (d / "m").unlink()
     (d / "m").write_bytes(b"ours")
-    os.chmod(d / "m", 0o644)
+    os.chmod(d / "m", 0o600)
     os.close(open_private(d / "m"))
-    assert _mode(d / "m") == 0o600
 
 
 def test_check_private_dir_creates_nothing(shm_dir: Path, tmp_path: Path) -> None:
@@ -265,7 +273,9 @@ def test_check_private_file_after_an_own_open(shm_dir: Path) -> None:
     os.chmod(d / "slot-0.bin", 0o640)
     fd = os.open(d / "slot-0.bin", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
+        with pytest.raises(ConfigError, match="0640"):
+            check_private_file(fd, d / "slot-0.bin")
+        os.fchmod(fd, 0o600)
         assert check_private_file(fd, d / "slot-0.bin").st_size == 1
     finally:
         os.close(fd)
-    assert _mode(d / "slot-0.bin") == 0o600
