@@ -1,6 +1,6 @@
 """The ``flashckpt`` command line: list and verify checkpoints on a storage tier.
 
-Exit codes (docs/architecture.md): 0 ok; 1 verification failed (``verify`` found a corrupt
+Exit codes (as DESIGN.md has them): 0 ok; 1 verification failed (``verify`` found a corrupt
 step, ``ls`` a step whose records do not validate); 2 usage or access error (bad arguments
 or URL, a tier or step that cannot be read, an unexpected error).  When a run finds both,
 2 wins: some steps were not checked.  The tree may hold anything (torn or hostile records):
