@@ -112,3 +112,14 @@ def test_two_rank_step_consolidates(tree: Path) -> None:
     assert torch.equal(out["w"], torch.cat([want["w"], want["w"]]))
     assert_state({**out, "w": want["w"]}, want)
     assert_state(flashckpt.load(tree, rank=1), want)  # a rank's own shard: its local tensor
+
+
+def test_generate_writes_every_case(tmp_path: Path) -> None:
+    """The script that writes the folder of hostile files (and fuzzing seeds) runs."""
+    from tests.hostile.generate import generate
+
+    assert generate(tmp_path) == len(CASES)
+    names = {p.name for p in (tmp_path / "records").iterdir()}
+    assert {f"{c.name}.commit" for c in CASES} <= names and "valid.manifest" in names
+    for name in ("manifest", "commit", "tree", "codec"):
+        assert any((tmp_path / name).iterdir())
