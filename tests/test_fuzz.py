@@ -711,6 +711,8 @@ def _dtensor_edit(draw: st.DrawFn, node: dict[str, Any]) -> None:
     shape, offset = node.get("shape"), node.get("offset")
     if not (isinstance(shape, list) and isinstance(offset, list)):
         return
+    if not all(type(v) is int for v in [*shape, *offset]):
+        return  # an earlier mutation got here first
     edit = draw(st.integers(0, 5))
     if edit == 0:  # a dimension more than the local tensor has
         shape.append(draw(st.sampled_from([0, 1, 3])))
@@ -735,7 +737,9 @@ def _targeted(draw: st.DrawFn, body: dict[str, Any]) -> dict[str, Any]:
     if choice == 0 and isinstance(chunks, list) and len(chunks) > 1:  # overlapping chunks
         i = draw(st.integers(1, len(chunks) - 1))
         if isinstance(chunks[i], list) and isinstance(chunks[i - 1], list) and len(chunks[i]) > 3:
-            chunks[i][2] = chunks[i - 1][2] if draw(st.booleans()) else chunks[i][2] - 1
+            prev, here = chunks[i - 1][2:3], chunks[i][2]
+            if prev and type(here) is int:  # (earlier mutations may have left anything here)
+                chunks[i][2] = prev[0] if draw(st.booleans()) else here - 1
     elif (
         choice == 1
         and isinstance(chunks, list)
@@ -760,7 +764,7 @@ def _targeted(draw: st.DrawFn, body: dict[str, Any]) -> dict[str, Any]:
                     [[0, 2**50, 2**50], [2**40, 0, 2**40], [0] * 64, [1] * 65, [2**50], [0, 2**62]]
                 )
             )
-    elif choice == 3 and isinstance(chunks, list) and chunks and isinstance(chunks[0], list):
+    elif choice == 3 and isinstance(chunks, list) and chunks and isinstance(chunks[0], list) and chunks[0]:
         chunks[0][0] = draw(st.sampled_from(_HOSTILE_STRS))
     elif choice == 4:
         body["created_unix"] = draw(
@@ -784,7 +788,8 @@ def _targeted(draw: st.DrawFn, body: dict[str, Any]) -> dict[str, Any]:
         and isinstance(chunks[-1], list)
         and len(chunks[-1]) > 4
     ):
-        chunks[-1][3] = chunks[-1][3] + draw(st.sampled_from([1, -1, 2**40]))  # size and total disagree
+        if type(chunks[-1][3]) is int:  # size and total disagree
+            chunks[-1][3] += draw(st.sampled_from([1, -1, 2**40]))
     elif choice == 7:
         body["total_bytes"] = draw(st.sampled_from([0, 2**50, 2**50 + 1, -1]))
     elif choice == 8 and isinstance(body.get("manifests"), list) and body["manifests"]:
