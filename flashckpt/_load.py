@@ -12,7 +12,14 @@ from typing import Any, Literal
 import torch
 
 from flashckpt._config import Options
-from flashckpt._coordinator import abandoned, fetch_chunks, read_commits, read_committed_manifest, read_record
+from flashckpt._coordinator import (
+    abandoned,
+    committed_steps,
+    fetch_chunks,
+    read_commits,
+    read_committed_manifest,
+    read_record,
+)
 from flashckpt._reshard import StepReader
 from flashckpt._staging import check_fits
 from flashckpt._statewalk import build
@@ -65,8 +72,8 @@ def _load(be: Backend, step: int | Literal["latest"], opts: Options, rank: int |
     records = read_commits(be, opts)
     left = abandoned([r.order for r in records])
     steps = [r.step for r in records if r.order not in left]
-    if step != "latest":
-        steps = [r.step for r in records if r.step == step]
+    if step != "latest":  # by name: a step whose records fail validation says why below
+        steps = [s for s in committed_steps(be, opts) if s == step]
     if not steps:
         raise CheckpointNotFound(f"no committed step {'' if step == 'latest' else step} at {be.url}")
     last: BaseException | None = None
