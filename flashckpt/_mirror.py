@@ -348,11 +348,11 @@ def _server_handshake(sock: socket.socket, secret: bytes, deadline: float) -> _C
 
 
 class MirrorAbort(threading.Event):
-    """Ends the :func:`push` calls given it, at once.  ``set()`` may be called from any thread (the persist
-    thread, when a save waits for the slot being sent): it shuts down the sockets of the
-    pushes in flight, so that a send blocked on a peer that stopped reading returns now,
-    not after ``Options.mirror_timeout_s``; pushes that start later fail at once.  A fresh
-    one per snapshot (it is never cleared while a push may still look at it)."""
+    """Ends the :func:`push` calls given it, at once.  ``set()`` may be called from any
+    thread (the persist thread, when a save waits for the slot being sent): it shuts down the
+    sockets of the pushes in flight, so that a send blocked on a peer that stopped reading
+    returns now, not after ``Options.mirror_timeout_s``; pushes that start later fail at
+    once.  A fresh one per snapshot (it is never cleared while a push may still look at it)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -441,7 +441,7 @@ def _check_reply(reply: dict[str, Any], what: str) -> None:
     error = str(reply.get("error"))[:500]
     if reply.get("auth") is True:  # the peer saw one of our frames fail its tag
         raise MirrorAuthError(f"{what}: the peer could not authenticate our frames: {error}")
-    raise MirrorError(f"{what}: refused by the peer: {error}")
+    raise MirrorError(f"refused by the peer: {error}")  # (the caller adds what was refused)
 
 
 # -- the client side ------------------------------------------------------------------------------
