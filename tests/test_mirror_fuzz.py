@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import logging
 import os
 import re
 import socket
@@ -217,8 +218,21 @@ def _fuzz_budget() -> Iterator[Callable[[], bool]]:
     yield lambda: time.monotonic() < deadline
 
 
+class _Unexpected(logging.Handler):
+    """Collects what the server logs as a bug (an exception outside FlashCkptError/OSError)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_a_fuzzing_client_never_breaks_the_server(shm_dir: Path) -> None:
     TALLY.clear()
+    unexpected = _Unexpected()
+    logging.getLogger("flashckpt").addHandler(unexpected)
     rank_dir = shm_dir / "peer" / "r00002-of-00004"
     server = MirrorServer(rank_dir, SECRET, OPTS, "127.0.0.1", handshake_timeout_s=1.0)
     good_step = [0]
@@ -245,6 +259,7 @@ def test_a_fuzzing_client_never_breaks_the_server(shm_dir: Path) -> None:
                 lambda _m: lambda at, n: memoryview(buf)[at : at + n], OPTS,
             )  # fmt: skip
             assert bytes(buf) == snap.data
+            assert not unexpected.records, unexpected.format(unexpected.records[0])
 
         one()
         with _fuzz_budget() as more:
@@ -252,6 +267,7 @@ def test_a_fuzzing_client_never_breaks_the_server(shm_dir: Path) -> None:
                 one()
     finally:
         server.close()
+        logging.getLogger("flashckpt").removeHandler(unexpected)
     _report("server")
 
 
