@@ -510,6 +510,8 @@ def fetch(
             if m.step != step:  # (the caller checks the shard: rank and world size)
                 raise CorruptCheckpointError(f"{what}: the peer sent step {m.step}")
             ch.recv_data(m, into(m))
+    except _FrameAuthError as exc:  # (the bytes still on the way are of no use to us)
+        raise MirrorAuthError(f"{what}: {exc}") from None
     except MirrorAuthError:
         raise
     except OSError as exc:
