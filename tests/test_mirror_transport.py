@@ -436,6 +436,7 @@ def _peer_process(rank_dir: Path) -> Iterator[tuple[subprocess.Popen[str], int]]
         proc.wait(30)
 
 
+@pytest.mark.subprocess
 def test_the_abort_ends_a_push_blocked_on_a_peer_that_stopped_reading(shm_dir: Path) -> None:
     """M1: the peer authenticated, took the first pieces, then froze; the send blocks once
     the socket buffers are full.  Setting the abort ends it at once, not after the timeout."""
@@ -477,6 +478,7 @@ def _catch(fn: Callable[[], object]) -> BaseException | None:
     return None
 
 
+@pytest.mark.subprocess
 def test_a_wedged_peer_costs_a_save_no_training_time(tmp_path: Path, shm_dir: Path) -> None:
     """M1 end to end: saves keep coming while the only peer is frozen mid-push; the save that
     needs the pushing snapshot's slot abandons that mirror instead of waiting for the timeout."""
