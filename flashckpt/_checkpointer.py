@@ -286,6 +286,7 @@ class Checkpointer:
         base = Path(memory_dir) if memory_dir is not None else Path(default_memory_root())
         root = base if memory_dir is not None else base / self._storage_id
         self._memory_dir_given = memory_dir
+        self._trusted_above = base.parent
         self._rank_dir = private_dir(root / shard_name(self._rank, self._world), trusted_above=base.parent)
         self._memory_root = self._rank_dir.parent
         self._lock_fd = self._take_lock()
@@ -652,12 +653,17 @@ class Checkpointer:
     def _take_lock(self) -> int:
         """The memory tier's ``flock``: refuses a second live Checkpointer on the directory.
 
-        The holder unlinks the file at a clean close while it still holds it, so a process
-        that opened the old file meanwhile gets the lock of an unlinked inode: every taker
-        checks that the file it locked is still the one at the path, else it tries again."""
+        The holder unlinks the file at a clean close while it still holds it (and removes the
+        directory once empty), so a process that opened the old file meanwhile gets the lock
+        of an unlinked inode: every taker checks that the file it locked is still the one at
+        the path, else it makes the directory again if needed and tries again."""
         path = self._rank_dir / "lock"
         for _ in range(100):
-            fd = open_private(path, write=True, create=True)
+            try:
+                fd = open_private(path, write=True, create=True)
+            except FileNotFoundError:  # the directory went with a clean close meanwhile
+                private_dir(self._rank_dir, trusted_above=self._trusted_above)
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -130,24 +130,29 @@ def test_restoring_from_a_compressed_tier_then_closing_keeps_every_tier_intact(d
     assert _load_eq(dirs["storage"], 3)
 
 
-def test_a_memory_manifest_that_lies_about_its_slot_is_never_used(dirs: dict[str, Path]) -> None:
-    """One validator of memory manifests, used where they are read: a manifest whose chunks
-    claim a codec or a size the slot does not hold is dropped, not trusted."""
+def test_a_memory_manifest_that_lies_about_its_slot_is_never_persisted(dirs: dict[str, Path]) -> None:
+    """One validator of memory manifests, used wherever they are read: a sealed manifest whose
+    chunks claim a codec and stored sizes the slot does not hold was taken at its word by the
+    salvage after a restore, which persisted a prefix of each chunk and committed it."""
     import json
 
+    from flashckpt.cli import main as cli
     from flashckpt.format import encode_record
 
-    _crashed_run(dirs["storage"], dirs["memory"], [(0, 0), (1, 1)], persist_every=100)  # 1: memory only
+    # step 0 persisted, 1 and 2 in memory only (sealed); then a crash
+    _crashed_run(dirs["storage"], dirs["memory"], [(0, 0), (1, 1), (2, 2)], persist_every=100)
     path = dirs["memory"] / "r00000-of-00001" / memory_manifest_key(1)
     raw = path.read_bytes()
     body = json.loads(raw[: raw.rindex(b"\n#xxh3_128:")])
-    body["chunks"][0][5] = "zstd/1"  # a memory chunk that claims to be compressed
-    body["chunks"][0][4] = 1000
+    for c in body["chunks"]:  # what a restore from a zstd tier used to leave behind (C1)
+        c[4], c[5] = max(1, c[3] // 4), "zstd/1"
     path.write_bytes(encode_record(body))
     state = _state(9)
     with _ckpt(dirs) as ckpt:
-        assert ckpt.restore(state) == 0  # step 1 is not restorable from that manifest
-        assert _equal(state, _state(0))
+        assert ckpt.restore(state) == 2 and _equal(state, _state(2))
+    # step 1 was not persisted from that manifest; what is committed verifies
+    assert cli(["verify", str(dirs["storage"])]) == 0
+    assert _load_eq(dirs["storage"], 2) and _load_eq(dirs["storage"], 0)
 
 
 # -- C2: one timeline ---------------------------------------------------------------------------
@@ -205,8 +210,9 @@ def test_a_rollback_far_below_the_newest_never_deletes_the_new_steps(dirs: dict[
 
 
 def test_retention_keeps_the_restored_step_while_an_older_one_is_salvaged(dirs: dict[str, Path]) -> None:
-    """Retention never deletes the step just restored: with keep=1, restoring step 5 from
-    memory while storage lacks it salvages it, and nothing older deletes it."""
+    """A guard (it passed before the fixes too): retention never deletes the step just
+    restored; with keep=1, restoring step 5 from memory while storage lacks it salvages it,
+    and nothing older deletes it.  (The reproduction is the rollback test above.)"""
     # even steps persisted, odd ones in memory only; then a crash
     _crashed_run(dirs["storage"], dirs["memory"], [(s, s) for s in range(6)], keep=1, persist_every=2)
     state = _state(9)
@@ -365,8 +371,9 @@ def test_a_memory_tier_of_another_storage_is_never_restored_nor_deleted(
 
 
 def test_a_wiped_storage_tier_does_not_disown_the_memory_tier(dirs: dict[str, Path]) -> None:
-    """M4 (a), intended: the memory tier of a lost job comes back after the storage tier is
-    gone, and the run continues (and its run record is written again)."""
+    """M4 (a), intended (a guard: the run record must not break it): the memory tier of a lost
+    job comes back after the storage tier is gone, and the run continues (and its run record
+    is written again)."""
     _crashed_run(dirs["storage"], dirs["memory"], [(0, 0), (5, 5)], persist_every=10)
     shutil.rmtree(dirs["storage"])
     state = _state(0)
@@ -423,14 +430,17 @@ def test_a_restore_refused_by_load_state_dict_writes_nothing(dirs: dict[str, Pat
 
 
 def test_a_changed_shape_in_a_module_is_refused_before_any_write(dirs: dict[str, Path]) -> None:
+    """M7: restoring from memory fills every matching tensor while it checksums; a module
+    that then refused the step (a changed shape) left the others overwritten."""
     torch.manual_seed(0)
-    with _ckpt(dirs) as ckpt:
-        ckpt.save(0, {"model": torch.nn.Linear(512, 512), "w": torch.ones(3 * MiB // 4)})
     model = torch.nn.Linear(512, 256)
     w = torch.zeros(3 * MiB // 4)
     before = model.weight.clone()
-    with _ckpt(dirs) as ckpt, pytest.raises(flashckpt.StateMismatchError, match="size mismatch"):
-        ckpt.restore({"model": model, "w": w})
+    with _ckpt(dirs) as ckpt:
+        ckpt.save(0, {"model": torch.nn.Linear(512, 512), "w": torch.ones(3 * MiB // 4)})
+        ckpt.wait()
+        with pytest.raises(flashckpt.StateMismatchError, match="size mismatch"):
+            ckpt.restore({"model": model, "w": w})  # from memory: the fused fill path
     assert torch.equal(model.weight, before) and not w.any()
 
 
@@ -478,23 +488,34 @@ def test_a_failed_constructor_releases_the_lock(dirs: dict[str, Path]) -> None:
         ckpt.save(0, _state(0))
 
 
-def test_the_lock_file_is_never_shared_by_two_holders(dirs: dict[str, Path]) -> None:
-    """L7: close() unlinks the lock file; a process that opened it before then must not end
-    up holding a lock nobody else sees."""
+def test_the_lock_file_is_never_shared_by_two_holders(
+    dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """L7: close() unlinks the lock file while it holds it.  A Checkpointer B that opened the
+    file just before got the lock of the unlinked file after A released it, and a third, C,
+    then locked a new file: two live Checkpointers on one memory tier."""
     import fcntl
 
     a = _ckpt(dirs)
     a.save(0, _state(0))
-    stale = os.open(a.memory_path / "lock", os.O_RDWR)  # a process that got here first
-    a.close()
-    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it gets the unlinked file's lock
-    try:
-        with _ckpt(dirs) as b:  # a new Checkpointer takes a new file and really holds it
-            with pytest.raises(flashckpt.ConfigError, match="in use"):
-                _ckpt(dirs)
-            b.save(1, _state(1))
-    finally:
-        os.close(stale)
+    a.wait()
+    lock = a.memory_path / "lock"
+    real_flock = fcntl.flock
+    raced = threading.Event()
+
+    def flock(fd: int, op: int) -> None:  # B: A closes between B's open and B's flock
+        if not raced.is_set() and op & fcntl.LOCK_EX and os.fstat(fd).st_ino == os.stat(lock).st_ino:
+            raced.set()
+            a.close()  # unlinks the file B opened, then releases it
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with _ckpt(dirs) as b:
+        assert raced.is_set()
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        with pytest.raises(flashckpt.ConfigError, match="in use"):
+            _ckpt(dirs)  # C: refused, B really holds the lock at the path
+        b.save(1, _state(1))
 
 
 def test_a_backend_opened_by_the_checkpointer_is_closed(dirs: dict[str, Path]) -> None:
