@@ -900,11 +900,12 @@ class Checkpointer:
             return {(int(g), int(s)) for g, s in everyone[r][0]} | set(copies(r))
 
         every = [available(r) for r in range(self._world)]
-        # never a snapshot of a timeline the run has left (a fallback must not resume it)
-        common = set.intersection(*every) - abandoned(sorted(set().union(*every)))
-        newest = max(common, default=None)
-        if want is not None:
-            common = {o for o in common if o[1] == want}
+        common = set.intersection(*every)
+        # "latest" is never a snapshot of a timeline the run has left (a fallback must not
+        # resume it); an explicit step is the user's call, and its continuation is the newest
+        left = abandoned(sorted(set().union(*every)))
+        newest = max(common - left, default=None)
+        common = common - left if want is None else {o for o in common if o[1] == want}
         mirrored = copies(self._rank)
         if self._ctl.distributed and (mine | set(mirrored)) - common:
             log.info(

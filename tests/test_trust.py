@@ -209,6 +209,25 @@ def test_a_rollback_far_below_the_newest_never_deletes_the_new_steps(dirs: dict[
     ]
 
 
+def test_an_abandoned_step_is_never_latest_but_can_be_asked_for(dirs: dict[str, Path]) -> None:
+    """Until retention retires it, a step of the abandoned timeline is still there: "latest"
+    never picks it (not even as a fallback past a corrupt newer step), an explicit restore
+    does, and then its continuation is the newest."""
+    with _ckpt(dirs, keep=None) as ckpt:
+        for step in (5, 6, 7):
+            ckpt.save(step, _state(step))
+    with _ckpt(dirs, keep=None) as ckpt:
+        assert ckpt.restore(_state(0), step=5) == 5
+        ckpt.save(6, _state(106))  # the continued run; 7 (old) is abandoned
+    got = _state(0)
+    with _ckpt(dirs, keep=None) as ckpt:
+        assert ckpt.restore(got) == 6 and _equal(got, _state(106))
+        assert ckpt.restore(got, step=7) == 7 and _equal(got, _state(7))  # asked for
+        ckpt.save(8, _state(8))  # continues the old timeline: now the newest
+    with _ckpt(dirs, keep=None) as ckpt:
+        assert ckpt.restore(got) == 8 and _equal(got, _state(8))
+
+
 def test_retention_keeps_the_restored_step_while_an_older_one_is_salvaged(dirs: dict[str, Path]) -> None:
     """A guard (it passed before the fixes too): retention never deletes the step just
     restored; with keep=1, restoring step 5 from memory while storage lacks it salvages it,
