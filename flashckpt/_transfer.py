@@ -965,7 +965,7 @@ class Persister:
                 and got[0] == src.checksum
                 and isinstance(got[3], str)
                 and CODEC_PATTERN.fullmatch(got[3])
-                and got[1] == chunk_key(src.checksum, got[3])
+                and got[1] == chunk_key(src.checksum, got[3], got[2])
                 and type(got[2]) is int
                 and 0 < got[2] <= MAX_TOTAL_BYTES
             ):
@@ -1000,7 +1000,7 @@ class Persister:
                 f"step {step}: the chunk at {c.offset} in memory fails its checksum; not written"
             )
         codec, stored = encode(view, group, tier.compression)
-        key = chunk_key(c.checksum, codec)
+        key = chunk_key(c.checksum, codec, len(stored))
         retry(lambda: tier.backend.put(key, stored), f"put {key}", self.opts)
         hooks.fire("persist.chunk", step=step, tier=tier.name, key=key)
         return ChunkEntry(key, 0, c.offset, c.nbytes, len(stored), codec, c.checksum)

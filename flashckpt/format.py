@@ -133,13 +133,18 @@ def manifest_key(step: int, rank: int, world_size: int) -> str:
 CHUNKS_PREFIX = "chunks/"
 
 
-def chunk_key(digest: str, codec: str) -> str:
+def chunk_key(digest: str, codec: str, stored_nbytes: int | None = None) -> str:
     """Content address of a chunk: its raw bytes' checksum and how they are stored.  Shared by
-    every step (and rank) that holds the same bytes: an unchanged chunk is written once."""
-    return f"{CHUNKS_PREFIX}{digest[:2]}/{digest}.{codec.replace('/', '-')}"
+    every step (and rank) that holds the same bytes: an unchanged chunk is written once.
+
+    An encoded chunk's address also names its stored size: the same bytes encoded at another
+    compression level are another frame of another length, which must not replace the object
+    older manifests read (they record its length).  Two frames of one address decode alike."""
+    name = f"{CHUNKS_PREFIX}{digest[:2]}/{digest}.{codec.replace('/', '-')}"
+    return name if codec == CODEC_RAW or stored_nbytes is None else f"{name}.{stored_nbytes}"
 
 
-_CHUNK_RE = re.compile(r"chunks/([0-9a-f]{2})/([0-9a-f]{32})\.((?:raw|zstd|zstd-bg[248])-1)")
+_CHUNK_RE = re.compile(r"chunks/([0-9a-f]{2})/([0-9a-f]{32})\.((?:raw|zstd|zstd-bg[248])-1)(?:\.\d{1,16})?")
 
 
 def parse_chunk_key(key: str) -> str | None:

@@ -624,3 +624,23 @@ def test_a_failed_deduplicated_save_waits_for_its_writes_and_tells_the_other_ran
     from flashckpt.cli import main as cli
 
     assert cli(["verify", str(storage)]) == 0
+
+
+# -- a chunk written again at another compression level ---------------------------------------------
+
+
+def test_bytes_saved_again_at_another_compression_level_never_break_older_steps(
+    dirs: dict[str, Path],
+) -> None:
+    """Found by the lifecycle model (K6): a chunk's content address named its codec but not its
+    encoding; the same bytes saved later at another zstd level (another frame, of another
+    length) replaced the object an older committed step reads with its own recorded length."""
+    with _ckpt(dirs, compression="zstd:1", keep=None) as ckpt:
+        ckpt.save(0, _state(0))
+        ckpt.save(1, _state(1))  # the newest commit holds none of step 0's chunks
+    with _ckpt(dirs, compression="zstd:19", keep=None) as ckpt:
+        assert ckpt.restore(_state(9)) == 1
+        ckpt.save(2, {**_state(0), "step": 2})  # step 0's tensors again, at level 19
+    assert _load_eq(dirs["storage"], 0) and _load_eq(dirs["storage"], 1)
+    got = flashckpt.load(dirs["storage"], step=2, options=OPTS)
+    assert _equal(got, {**_state(0), "step": 2})
