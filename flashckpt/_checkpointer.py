@@ -1186,11 +1186,11 @@ class Checkpointer:
             writers = self._salvage_shared(order, in_memory, held, todo)
         for o in sorted(todo):
             self._salvage(o, m if o == order else None, slot, todo[o], writers.get(o))
-        if order in todo:
-            self._last = (m.step, slot, True)
-        else:
+        # A restored snapshot counts as persisted: what a tier lacks was salvaged above (the
+        # same decision on every rank: close must never start a shared commit only some do).
+        self._last = (m.step, slot, True)
+        if order not in todo:
             self._stager.release(slot)
-            self._last = (m.step, slot, not missing)
         self._stager.prefault(m.total_bytes)
 
     def _salvage_shared(

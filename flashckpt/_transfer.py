@@ -50,6 +50,7 @@ from flashckpt.backends import Backend
 from flashckpt.backends._base import check_key
 from flashckpt.errors import CoordinationError, CorruptCheckpointError, FlashCkptError, WaitTimeout
 from flashckpt.format import (
+    CHUNKS_PREFIX,
     CODEC_PATTERN,
     MAX_TOTAL_BYTES,
     ChunkEntry,
@@ -658,7 +659,14 @@ class Persister:
 
         Every manifest must describe shard ``r`` of this step and the same snapshot (one
         generation and run; ``order`` when given): a shard left by another save of the same
-        step number is never committed with the others."""
+        step number is never committed with the others.
+
+        And every chunk they reference must be on the tier.  Rank 0's chunk GC runs after each
+        commit while the ranks write the next step's chunks; a rank may write again, under the
+        same content address, a chunk that an earlier failed save left unreferenced (a
+        restarted run replays its steps), just as the GC deletes it.  The committer runs only
+        after every rank arrived, rank 0 included, whose GC pass of the previous commit has
+        then finished: what it sees present stays present until the next commit."""
         be, opts = tier.backend, self.opts
 
         def entry(rank: int) -> tuple[tuple[str, int, str], Manifest]:
@@ -674,6 +682,14 @@ class Persister:
         first = got[0][1]
         if len(lineages) != 1 or (order is not None and first.generation != order[0]):
             raise CorruptCheckpointError(f"the shards of step {step} belong to different saves")
+        present = set(retry(lambda: be.list(CHUNKS_PREFIX), f"list chunks on {be.url}", opts))
+        for _, m in got:
+            lost = [c.key for c in m.chunks if c.key not in present]
+            if lost:
+                raise CorruptCheckpointError(
+                    f"step {step}: {len(lost)} chunk(s) of rank {m.rank} are gone from the {tier.name} "
+                    f"tier (e.g. {lost[0]}): not committed"
+                )
         entries = tuple(e for e, _ in got)
         record = CommitRecord(
             step, world, now(), entries, generation=first.generation, run=first.run, ancestors=first.ancestors

@@ -644,3 +644,102 @@ def test_bytes_saved_again_at_another_compression_level_never_break_older_steps(
     assert _load_eq(dirs["storage"], 0) and _load_eq(dirs["storage"], 1)
     got = flashckpt.load(dirs["storage"], step=2, options=OPTS)
     assert _equal(got, {**_state(0), "step": 2})
+
+
+# -- found by the crash campaign ------------------------------------------------------------------
+
+
+def test_a_commit_whose_chunks_are_gone_is_refused(tmp_path: Path, shm_dir: Path) -> None:
+    """The committer of a shared tier checks that every chunk every manifest references is
+    there: a chunk the GC deleted while a rank wrote it again (a restarted run replays its
+    steps, rewriting what a killed attempt left unreferenced) fails the commit instead of
+    committing a step that does not load."""
+    from flashckpt._config import Options
+    from flashckpt._memtier import MemoryTier
+    from flashckpt._staging import Stager
+    from flashckpt._transfer import Persister, Tier
+    from flashckpt.errors import CorruptCheckpointError
+    from flashckpt.format import commit_key
+
+    storage = tmp_path / "storage"
+    with _ckpt({"storage": storage, "memory": shm_dir}, keep=None) as ckpt:
+        ckpt.save(3, _state(3))
+    victim = next((storage / "chunks").rglob("*.raw-1"))
+    (storage / commit_key(3)).unlink()  # uncommitted again: the shards and chunks are there
+    victim.unlink()  # ... but the GC deleted one of them meanwhile
+    opts = Options()
+    stager = Stager(shm_dir / "p", opts)
+    persister = Persister(opts, MemoryTier(shm_dir / "p", stager.slots), stager, None)
+    try:
+        tier = Tier("storage", LocalBackend(storage), shared=True)
+        with pytest.raises(CorruptCheckpointError, match="gone"):
+            persister.commit_shared(tier, 3, 1)
+        assert not (storage / commit_key(3)).exists()
+    finally:
+        persister.close()
+        stager.close(unlink=True)
+
+
+def test_temporary_manifests_a_killed_writer_left_in_memory_are_swept(dirs: dict[str, Path]) -> None:
+    """A process killed while it wrote a memory manifest leaves its temporary file; the next
+    one (holding the lock) removes it, and a clean close leaves nothing behind."""
+    rank_dir = dirs["memory"] / "r00000-of-00001"
+    rank_dir.mkdir(parents=True, mode=0o700)
+    leftover = rank_dir / "step-000000000006.manifest.tmp-vm-8080-236"
+    leftover.write_bytes(b"{half a manifest")
+    with _ckpt(dirs) as ckpt:
+        assert not leftover.exists()
+        ckpt.save(0, _state(0))
+    assert not dirs["memory"].exists() or not any(dirs["memory"].rglob("*"))
+
+
+def _close_worker(rank: int, phase: int, init: str, tmp: str, out: str) -> None:
+    import json
+    from datetime import timedelta
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"{init}{phase}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    opts = flashckpt.Options(chunk_bytes=MiB, coord_timeout_s=20.0)
+    ckpt = flashckpt.Checkpointer(f"{tmp}/storage", memory_dir=f"{tmp}/m{rank}", options=opts, keep=None)
+    if phase == 0:
+        for step in range(3):
+            ckpt.save(step, _state(step))
+        ckpt.wait()
+        torch.distributed.barrier()
+        os._exit(0)  # a crash: the memory tiers stay
+    got = ckpt.restore(_state(9))
+    t0 = time.monotonic()
+    error = None
+    try:
+        ckpt.close()
+    except flashckpt.FlashCkptError as exc:
+        error = repr(exc)
+    Path(f"{out}/close{rank}.json").write_text(json.dumps([got, time.monotonic() - t0, error]))
+    torch.distributed.destroy_process_group()
+    os._exit(0)  # skip finalization: torch's gloo teardown race (pytorch/pytorch#179291)
+
+
+@pytest.mark.subprocess
+def test_close_after_a_restore_starts_no_commit_only_some_ranks_make(tmp_path: Path) -> None:
+    """Found by the crash campaign: whether the restored step still had to be persisted at
+    close depended on what each rank held.  With rank 1's shard of step 2 on storage and rank
+    0's not (the commit never happened), the restore's salvage has rank 0 write its shard and
+    commit; rank 1 then took its restored step for "not persisted" and started a storage
+    commit alone at close, waiting the coordination timeout for the others."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from flashckpt.format import commit_key, manifest_key
+
+    init, tmp = f"file://{tmp_path / 'rdzv'}", str(tmp_path)
+    mp.start_processes(_close_worker, args=(0, init, tmp, tmp), nprocs=2, start_method="spawn")
+    (tmp_path / "storage" / commit_key(2)).unlink()
+    (tmp_path / "storage" / manifest_key(2, 0, 2)).unlink()
+    mp.start_processes(_close_worker, args=(1, init, tmp, tmp), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        got, took, error = json.loads((tmp_path / f"close{rank}.json").read_text())
+        assert got == 2 and error is None and took < 10, (rank, got, took, error)
+    for rank in (0, 1):  # the salvage committed step 2
+        assert _equal(flashckpt.load(tmp_path / "storage", step=2, rank=rank, options=OPTS), _state(2))
