@@ -100,6 +100,8 @@ STRICT = os.environ.get("FLASHCKPT_LIFECYCLE_STRICT", "") not in ("", "0")
 #: Known defects the machine tolerates (counted) so a campaign finds the next one; each has
 #: a standalone ``xfail(strict=True)`` reproduction below.  Empty with STRICT.
 KNOWN: dict[str, str] = {
+    "K1": "test_a_fallback_after_a_rollback_never_resumes_the_abandoned_steps, "
+    "test_retention_after_a_rollback_keeps_the_rollback_point_not_the_abandoned_steps",
     "K2": "test_a_save_after_the_tier_lost_its_chunks_commits_a_step_that_loads",
 }
 if STRICT:
@@ -342,9 +344,9 @@ class Lifecycle(RuleBasedStateMachine):
     def restore_step(self, data: st.DataObject) -> None:
         on_chain = sorted({n.step for n in self.model.chain()}) or [0]
         every = sorted({n.step for n in self.model.nodes.values()}) or [0]
-        want = data.draw(
-            st.one_of(st.sampled_from(on_chain), st.sampled_from(every), st.integers(0, 12)), label="step"
-        )
+        pick = data.draw(st.tuples(st.integers(0, 2), st.integers(0, 1 << 16)), label="step")
+        steps = [on_chain, every, list(range(13))][pick[0]]
+        want = steps[pick[1] % len(steps)]
         self._restore(want)
 
     @precondition(lambda self: self.ckpt is not None)
@@ -438,14 +440,13 @@ class Lifecycle(RuleBasedStateMachine):
             self.observed += [(t, uid) for t in tiers if t in ("local", "storage")]
 
     # -- rules: damage -----------------------------------------------------------------------
-    @precondition(lambda self: self.ckpt is None and self.mem_root.exists())
+    @precondition(lambda self: self.ckpt is None)
     @rule()
     @counted("wipe_memory")
     def wipe_memory(self) -> None:
         """A new node: the memory tier is gone (only when no Checkpointer has it open)."""
         self._wipe("memory", self.mem_root)
 
-    @precondition(lambda self: self.roots["local"].exists() or self.roots["storage"].exists())
     @rule(tier=st.sampled_from(["local", "storage"]))
     @counted("wipe")
     def wipe(self, tier: str) -> None:
@@ -453,7 +454,6 @@ class Lifecycle(RuleBasedStateMachine):
         self._quiesce()
         self._wipe(tier, self.roots[tier])
 
-    @precondition(lambda self: any(self.scan.copies[t] for t in TIERS))
     @rule(
         tier=st.sampled_from(TIERS),
         what=st.sampled_from(["chunk", "manifest", "commit", "slot"]),
@@ -463,6 +463,9 @@ class Lifecycle(RuleBasedStateMachine):
     @counted("corrupt")
     def corrupt(self, tier: str, what: str, how: str, data: st.DataObject) -> None:
         """Flip a byte of, truncate or delete one stored object."""
+        # every draw up front, whatever is stored: a crash's timing changes what is there
+        # between runs of one sequence, and hypothesis replays sequences draw by draw
+        pick, cut, pos = data.draw(st.tuples(*[st.integers(0, 1 << 24)] * 3), label="key, size, pos")
         self._quiesce()
         root = self.roots[tier]
         if tier == "memory":
@@ -489,14 +492,14 @@ class Lifecycle(RuleBasedStateMachine):
         if not keys:
             FIG.events["corrupt: nothing to damage"] += 1
             return
-        key = data.draw(st.sampled_from(keys), label="key")
+        key = keys[pick % len(keys)]
         path = root / key
         size = path.stat().st_size
         FIG.events[f"corrupt {tier} {what} {how}"] += 1
         if how == "delete" or (how == "truncate" and size == 0):
             path.unlink()
         elif how == "truncate":
-            os.truncate(path, data.draw(st.integers(0, size - 1), label="size"))
+            os.truncate(path, cut % size)
         else:
             if size == 0:
                 return
@@ -504,7 +507,7 @@ class Lifecycle(RuleBasedStateMachine):
             if what == "slot":  # aim at bytes a snapshot holds
                 ends = [r[2] for c in self.scan.copies["memory"] if c.listed for r in c.ranges if r[0] == key]
                 hi = min(size, max(ends, default=size))
-            pos = data.draw(st.integers(0, hi - 1), label="pos")
+            pos %= hi
             with open(path, "r+b") as f:
                 f.seek(pos)
                 old = f.read(1)[0]
@@ -548,12 +551,25 @@ class Lifecycle(RuleBasedStateMachine):
             bad = [
                 r
                 for r in self.log.records[self.errors_seen :]
-                if r.levelno >= logging.ERROR or "retention on" in r.getMessage()
+                if (r.levelno >= logging.ERROR or "retention on" in r.getMessage())
+                and not self._excused_log(r)
             ]
             problems += [f"flashckpt logged: {r.levelname} {r.getMessage()}" for r in bad]
             self.errors_seen = len(self.log.records)
             self.scan = now
             assert not problems, "\n".join(problems)
+
+    def _excused_log(self, r: logging.LogRecord) -> bool:
+        """Retention stops (reported, chunks kept) while a kept step's manifest is one the
+        test damaged: it cannot know which chunks that step references."""
+        m = re.search(
+            r"retention on the (\w+) tier .* failed: \w+: .*?(steps/\d{12}/r\d{5}-of-\d{5}\.manifest)",
+            r.getMessage(),
+        )
+        if m is not None and self.damage.live(m.group(1), m.group(2)):
+            FIG.events["retention stopped by a damaged manifest"] += 1
+            return True
+        return False
 
     def teardown(self) -> None:
         lg = logging.getLogger("flashckpt")
@@ -735,8 +751,16 @@ class Lifecycle(RuleBasedStateMachine):
                 )
                 continue
             if tier == "memory":
-                if node is head and not any((x := now.on(t, uid)) is not None and x.intact for t in TIERS):
-                    problems.append(f"the newest save {node} lost its last intact copy (memory): {cur}")
+                # a memory copy is a cache once the step is committed on the persistent tiers
+                # (their bytes are not read again: damage there is the test's); the newest
+                # save's memory copy is never dropped while it is its only one
+                others = [now.on(t, uid) for t in ("local", "storage")]
+                if (
+                    node is head
+                    and not any(x is not None and x.intact for x in others)
+                    and not any(x is not None and x.listed for x in others)
+                ):
+                    problems.append(f"the newest save {node} lost its last copy (memory): {cur}")
                 continue
             if keep is not None and self._retired_fairly(node, tier, keep, before, now):
                 continue
@@ -762,7 +786,10 @@ class Lifecycle(RuleBasedStateMachine):
         listed_now = {c.uid for c in now.copies[tier] if c.listed}
         made = {n.uid for n in self.created}
         committed = listed_before | listed_now | made
-        for j in [*self.created, *(self.model.nodes[u] for u in listed_now - listed_before if u in self.model.nodes)]:
+        for j in [
+            *self.created,
+            *(self.model.nodes[u] for u in listed_now - listed_before if u in self.model.nodes),
+        ]:
             newer, n = 0, j
             while n is not None and n is not node:
                 newer += n.uid in committed
@@ -855,7 +882,12 @@ def test_lifecycle(machine_base: Path, capsys: pytest.CaptureFixture[str]) -> No
     global FIG
     FIG = Figures()
     try:
-        run_state_machine_as_test(Lifecycle, settings=_settings(examples=int(os.environ.get("LC_EX", "14")), steps=int(os.environ.get("LC_STEPS", "30"))))
+        run_state_machine_as_test(
+            Lifecycle,
+            settings=_settings(
+                examples=int(os.environ.get("LC_EX", "14")), steps=int(os.environ.get("LC_STEPS", "30"))
+            ),
+        )
     finally:
         _print_figures(capsys)
 
@@ -920,3 +952,52 @@ def test_a_save_after_the_tier_lost_its_chunks_commits_a_step_that_loads(dirs: d
         h.wait(timeout=60)  # durable on every tier, it says
         assert "local" in h.durable_on()
     assert _load_ok(dirs["local"], 1, 2, 2) is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="K1: the timeline rule (_coordinator.abandoned) only sees a step as abandoned when a newer "
+    "generation holds a lower step; after restore(step=2) and save(4), the abandoned step 3 counts as "
+    "part of the run: retention keeps it and deletes the rollback point 2",
+)
+def test_retention_after_a_rollback_keeps_the_rollback_point_not_the_abandoned_steps(
+    dirs: dict[str, Path],
+) -> None:
+    with _open(dirs, keep=2) as ckpt:
+        for s in range(4):  # storage keeps 2 and 3
+            ckpt.save(s, content(s + 1, s, s + 1))
+    with _open(dirs, keep=2) as ckpt:
+        assert ckpt.restore(template(), step=2) == 2  # the run continues from 2: 3 is abandoned
+        h = ckpt.save(4, content(100, 4, 100))
+        assert h is not None
+        h.wait(timeout=60)
+        ckpt.wait(timeout=60)
+    kept = sorted(p.name for p in (dirs["storage"] / "commits").iterdir())
+    assert kept == ["step-000000000002", "step-000000000004"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="K1: a fallback past the continued run's only new step resumes the abandoned timeline "
+    "(the step 3 the rollback left), not the rollback point",
+)
+def test_a_fallback_after_a_rollback_never_resumes_the_abandoned_steps(dirs: dict[str, Path]) -> None:
+    """Found as: saves of steps 0, 1, then 0 again (a new timeline), the new step 0 damaged:
+    restore() resumed the abandoned step 1.  Here the same with restore(step=...)."""
+    with _open(dirs, keep=None) as ckpt:
+        for s in range(6):
+            ckpt.save(s, content(s + 1, s, s + 1))
+    with _open(dirs, keep=None) as ckpt:
+        assert ckpt.restore(template(), step=2) == 2  # 3, 4 and 5 are abandoned
+        h = ckpt.save(4, content(100, 4, 100))  # replaces 4; 5 is seen as abandoned, 3 is not
+        assert h is not None
+        h.wait(timeout=60)
+    shutil.rmtree(dirs["memory"], ignore_errors=True)  # a new node
+    manifest = dirs["storage"] / "steps" / "000000000004" / "r00000-of-00001.manifest"
+    raw = bytearray(manifest.read_bytes())
+    raw[10] ^= 0xA5  # the new step is damaged (its commit record still names it)
+    manifest.write_bytes(bytes(raw))
+    state = template()
+    with _open(dirs, keep=None) as ckpt:
+        got = ckpt.restore(state)
+    assert got == 2, f"restored step {got} ({meta_of(state)}), not the rollback point 2"
