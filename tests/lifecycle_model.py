@@ -248,8 +248,9 @@ class Copy:
     run: str = ""
     sealed: bool = True
     deps: tuple[str, ...] = ()  # files (keys on its tier) it relies on
-    ranges: tuple[tuple[str, int, int], ...] = ()  # memory: slot byte ranges it relies on
+    ranges: tuple[tuple[str, int, int, str], ...] = ()  # memory: (slot, start, end, checksum) of chunks
     problem: str = ""
+    bad_key: str | None = None  # the chunk object that failed, if one did
     content_problem: str | None = None  # intact copies: how it differs from what was saved
 
     @property
@@ -399,18 +400,18 @@ def _persistent_copy(root: Path, tier: str, name: str) -> Copy | None:
                 f.seek(ch.at)
                 stored = f.read(ch.stored_nbytes)
         except OSError:
-            c.problem = f"chunk {ch.key} missing"
+            c.problem, c.bad_key = f"chunk {ch.key} missing", ch.key
             break
         if len(stored) != ch.stored_nbytes:
-            c.problem = f"chunk {ch.key} truncated"
+            c.problem, c.bad_key = f"chunk {ch.key} truncated", ch.key
             break
         try:
             data = decode_chunk(ch.codec, stored, ch.nbytes)
         except (ValueError, zstandard.ZstdError) as exc:
-            c.problem = f"chunk {ch.key}: {exc}"
+            c.problem, c.bad_key = f"chunk {ch.key}: {exc}", ch.key
             break
         if digest(data) != ch.checksum:
-            c.problem = f"chunk {ch.key} fails its checksum"
+            c.problem, c.bad_key = f"chunk {ch.key} fails its checksum", ch.key
             break
         shard[ch.offset : ch.offset + ch.nbytes] = data
     else:
@@ -465,7 +466,7 @@ def scan_memory(rank_dir: Path) -> list[Copy]:
                 (Copy("memory", step, None, None, False, False, deps=(name,), problem=str(exc)), None, "")
             )
             continue
-        ranges = tuple((slot, ch.at, ch.at + ch.nbytes) for ch in m.chunks)
+        ranges = tuple((slot, ch.at, ch.at + ch.nbytes, ch.checksum) for ch in m.chunks)
         c = Copy(
             "memory",
             step,
@@ -593,6 +594,16 @@ class Damage:
     files: dict[tuple[str, str], tuple[tuple[int, int, int] | None, int]] = field(default_factory=dict)
     slot_bytes: list[tuple[str, int, int, int]] = field(default_factory=list)  # slot, offset, value, rule
     wiped: dict[str, int] = field(default_factory=dict)  # tier -> rule
+    #: checksums of sealed memory chunks whose bytes the test flipped (K3: what a salvage of
+    #: them writes fails those checksums)
+    tainted: set[str] = field(default_factory=set)
+
+    def taints(self, c: Copy) -> bool:
+        """``c`` is broken by a chunk object holding bytes the test flipped in memory."""
+        if c.bad_key is None:
+            return False
+        m = re.search(r"/([0-9a-f]{32})\.", c.bad_key)
+        return m is not None and m.group(1) in self.tainted
 
     def record(self, tier: str, key: str, rule: int) -> None:
         self.files[(tier, key)] = (_sig(self.roots[tier] / key), rule)
@@ -619,7 +630,7 @@ class Damage:
         for slot, off, value, rule in self.slot_bytes:
             if rule < since:
                 continue
-            for s, lo, hi in c.ranges:
+            for s, lo, hi, _ in c.ranges:
                 if s == slot and lo <= off < hi:
                     try:
                         with open(self.roots["memory"] / slot, "rb") as f:
