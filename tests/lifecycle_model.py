@@ -251,6 +251,7 @@ class Copy:
     ranges: tuple[tuple[str, int, int, str], ...] = ()  # memory: (slot, start, end, checksum) of chunks
     problem: str = ""
     bad_key: str | None = None  # the chunk object that failed, if one did
+    made_ns: int = 0  # memory: when its manifest was written
     content_problem: str | None = None  # intact copies: how it differs from what was saved
 
     @property
@@ -479,6 +480,8 @@ def scan_memory(rank_dir: Path) -> list[Copy]:
             deps=(name, slot),
             ranges=ranges,
         )
+        st = _sig(rank_dir / name)
+        c.made_ns = st[2] if st else 0
         data = slots.get(slot)
         if not data:
             c.listed, c.problem = False, "its slot file is missing"
@@ -592,7 +595,9 @@ class Damage:
 
     roots: dict[str, Path]
     files: dict[tuple[str, str], tuple[tuple[int, int, int] | None, int]] = field(default_factory=dict)
-    slot_bytes: list[tuple[str, int, int, int]] = field(default_factory=list)  # slot, offset, value, rule
+    #: byte ranges of slot files the test flipped, cut off or deleted: (slot, start, end, rule,
+    #: time); a memory snapshot older than the damage that holds those bytes is damaged
+    slot_ranges: list[tuple[str, int, int, int, int]] = field(default_factory=list)
     wiped: dict[str, int] = field(default_factory=dict)  # tier -> rule
     #: checksums of sealed memory chunks whose bytes the test flipped (K3: what a salvage of
     #: them writes fails those checksums)
@@ -625,22 +630,25 @@ class Damage:
         """The test's damage (done in rule ``since`` or later) is in an object ``c`` relies on."""
         if any(self.live(c.tier, k, since) for k in c.deps):
             return True
-        if c.tier != "memory" or not self.slot_bytes:
+        if c.tier != "memory":
             return False
-        for slot, off, value, rule in self.slot_bytes:
-            if rule < since:
+        for slot, start, end, rule, t_ns in self.slot_ranges:
+            if rule < since or c.made_ns >= t_ns:
                 continue
-            for s, lo, hi, _ in c.ranges:
-                if s == slot and lo <= off < hi:
-                    try:
-                        with open(self.roots["memory"] / slot, "rb") as f:
-                            f.seek(off)
-                            b = f.read(1)
-                    except OSError:
-                        return True
-                    if not b or b[0] == value:
-                        return True
+            if any(s == slot and lo < end and start < hi for s, lo, hi, _ in c.ranges):
+                return True
         return False
+
+    def hit_slot(self, scan: Scan, slot: str, start: int, end: int, rule: int) -> None:
+        """The test changed bytes ``[start, end)`` of ``slot`` (a flip, a cut, a deletion)."""
+        self.slot_ranges.append((slot, start, end, rule, time.time_ns()))
+        self.tainted |= {
+            r[3]
+            for c in scan.copies["memory"]
+            if c.listed and c.sealed
+            for r in c.ranges
+            if r[0] == slot and r[1] < end and start < r[2]
+        }
 
 
 # -- foreign files --------------------------------------------------------------------------------

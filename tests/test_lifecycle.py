@@ -180,14 +180,17 @@ def bounded(seconds: float, what: str) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-def counted(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """A rule body: counted, numbered, and bounded in time."""
+def counted(name: str, *, damage: bool = False) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A rule body: counted, numbered, and bounded in time.  At most two rules that damage
+    or litter the tiers run in a row (hypothesis enables a random subset of rules per
+    sequence; without this some sequences are nothing but wipes)."""
 
     def wrap(fn: Callable[..., None]) -> Callable[..., None]:
         @functools.wraps(fn)
         def run(self: Lifecycle, *args: Any, **kwargs: Any) -> None:
             FIG.rules[name] += 1
             self.rule += 1
+            self.streak = self.streak + 1 if damage else 0
             self.keeps = []
             self.observed = []
             self.created = []
@@ -259,6 +262,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.observed: list[tuple[str, int]] = []  # (tier, uid) reported durable in this rule
         self.created: list[Node] = []  # saves made in this rule
         self.k4 = False  # this rule restored or closed while the last snapshot was not the newest save
+        self.streak = 0  # damage rules in a row
         self.foreign: dict[Path, bytes] = {}
         self.log = _Records()
         self.errors_seen = 0
@@ -445,28 +449,32 @@ class Lifecycle(RuleBasedStateMachine):
         for uid, tiers in rep.durable.items():
             self.observed += [(t, uid) for t in tiers if t in ("local", "storage")]
 
+    crash_again = crash
+
     # -- rules: damage -----------------------------------------------------------------------
-    @precondition(lambda self: self.ckpt is None)
+    @precondition(lambda self: self.ckpt is None and self.streak < 2)
     @rule()
-    @counted("wipe_memory")
+    @counted("wipe_memory", damage=True)
     def wipe_memory(self) -> None:
         """A new node: the memory tier is gone (only when no Checkpointer has it open)."""
         self._wipe("memory", self.mem_root)
 
+    @precondition(lambda self: self.streak < 2)
     @rule(tier=st.sampled_from(["local", "storage"]))
-    @counted("wipe")
+    @counted("wipe", damage=True)
     def wipe(self, tier: str) -> None:
         """The local disk or the storage tier is lost (also under an open Checkpointer)."""
         self._quiesce()
         self._wipe(tier, self.roots[tier])
 
+    @precondition(lambda self: self.streak < 2)
     @rule(
         tier=st.sampled_from(TIERS),
         what=st.sampled_from(["chunk", "manifest", "commit", "slot"]),
         how=st.sampled_from(["flip", "truncate", "delete"]),
         data=st.data(),
     )
-    @counted("corrupt")
+    @counted("corrupt", damage=True)
     def corrupt(self, tier: str, what: str, how: str, data: st.DataObject) -> None:
         """Flip a byte of, truncate or delete one stored object."""
         # every draw up front, whatever is stored: a crash's timing changes what is there
@@ -504,8 +512,12 @@ class Lifecycle(RuleBasedStateMachine):
         FIG.events[f"corrupt {tier} {what} {how}"] += 1
         if how == "delete" or (how == "truncate" and size == 0):
             path.unlink()
+            if what == "slot":
+                self.damage.hit_slot(self.scan, key, 0, 1 << 62, self.rule)
         elif how == "truncate":
             os.truncate(path, cut % size)
+            if what == "slot":
+                self.damage.hit_slot(self.scan, key, cut % size, 1 << 62, self.rule)
         else:
             if size == 0:
                 return
@@ -520,20 +532,13 @@ class Lifecycle(RuleBasedStateMachine):
                 f.seek(pos)
                 f.write(bytes([old ^ 0xA5]))
             if what == "slot":
-                self.damage.slot_bytes.append((key, pos, old ^ 0xA5, self.rule))
-                self.damage.tainted |= {
-                    r[3]
-                    for c in self.scan.copies["memory"]
-                    if c.listed
-                    for r in c.ranges
-                    if r[0] == key and r[1] <= pos < r[2] and r[3]
-                }
+                self.damage.hit_slot(self.scan, key, pos, pos + 1, self.rule)
                 return
         self.damage.record(tier, key, self.rule)
 
-    @precondition(lambda self: len(self.foreign) < 6)
+    @precondition(lambda self: len(self.foreign) < 6 and self.streak < 2)
     @rule(where=st.sampled_from(["local", "storage", "memory"]), name=st.sampled_from(FOREIGN))
-    @counted("foreign")
+    @counted("foreign", damage=True)
     def foreign_file(self, where: str, name: str) -> None:
         """A file that is not flashckpt's (an editor's, a file system's, a user's note)."""
         root = self.mem_root if where == "memory" else self.roots[where]
@@ -744,6 +749,14 @@ class Lifecycle(RuleBasedStateMachine):
             (c.tier, c.uid, c) for t in TIERS for c in before.copies[t] if c.intact and c.uid is not None
         ]
         items += [(t, uid, None) for t, uid in self.observed]
+        # a save that returned is in memory at least
+        where = [now.on(t, head.uid) for t in TIERS] if head is not None and head in self.created else []
+        if (
+            where
+            and not any(x is not None and x.intact for x in where)
+            and not any(x is not None and self.damage.touches(x, since=self.rule) for x in where)
+        ):
+            problems.append(f"the newest save {head} has no intact copy anywhere: {where}")
         for tier, uid, was in items:
             cur = now.on(tier, uid)
             if cur is not None and cur.intact:
