@@ -676,6 +676,37 @@ FOREIGN = (
 )
 
 
+# -- retention, observed ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Retirement:
+    """Retention is about to retire ``step`` on ``tier``; ``listed``: what the tier's commit
+    records named at that moment, as ``(uid, order)`` (uid None when unreadable)."""
+
+    tier: str
+    step: int
+    listed: tuple[tuple[int | None, tuple[int, int]], ...]
+
+
+def watch_retention(roots: dict[str, Path], sink: Any) -> Any:
+    """Register a ``retention.delete`` callback that records a :class:`Retirement` with
+    ``sink`` (called on the persist thread, before the commit record goes).  Returns the
+    function that unregisters it."""
+    by_url = {f"file://{Path(r).absolute()}": t for t, r in roots.items() if t != "memory"}
+
+    def seen(**info: Any) -> None:
+        tier = by_url.get(str(info.get("tier")))
+        if tier is None:
+            return
+        listed = tuple(
+            (c.uid, c.order) for c in scan_persistent(Path(roots[tier]), tier) if c.listed and c.order
+        )
+        sink(Retirement(tier, int(info["step"]), listed))
+
+    return hooks.on("retention.delete", seen)
+
+
 # -- the crash child ------------------------------------------------------------------------------
 
 
@@ -694,6 +725,10 @@ def child_main(conn: Any, cfg: dict[str, Any]) -> None:
             except Exception:
                 pass
 
+    roots = {"storage": Path(cfg["storage"])}
+    if cfg["local"]:
+        roots["local"] = Path(cfg["local"])
+    watch_retention(roots, lambda r: send("RETIRE", r))
     if cfg.get("hook"):
         point, nth = cfg["hook"]
         seen = [0]
@@ -754,6 +789,7 @@ class ChildReport:
     saving: list[tuple[int, int, int]] = field(default_factory=list)  # (uid, step, m_seed) in order
     staged: set[int] = field(default_factory=set)
     durable: dict[int, list[str]] = field(default_factory=dict)
+    retired: list[Retirement] = field(default_factory=list)
     at: tuple[Any, ...] | None = None
     error: str | None = None
     ended: bool = False
@@ -819,6 +855,8 @@ def run_child(cfg: dict[str, Any], kill: tuple[Any, ...], timeout_s: float = 60.
             rep.durable[msg[1]] = list(msg[2])
         elif kind == "AT":
             rep.at = msg
+        elif kind == "RETIRE":
+            rep.retired.append(msg[1])
         elif kind == "ERROR":
             rep.error = f"{msg[1]}\n{msg[2]}"
         elif kind == "END":

@@ -79,6 +79,7 @@ from tests.lifecycle_model import (
     Damage,
     Model,
     Node,
+    Retirement,
     Scan,
     abandoned,
     content,
@@ -92,6 +93,7 @@ from tests.lifecycle_model import (
     stop_fork_server,
     template,
     usable,
+    watch_retention,
 )
 
 MINUTES = float(os.environ.get("FLASHCKPT_LIFECYCLE_MINUTES") or 0)
@@ -195,6 +197,7 @@ def counted(name: str, *, damage: bool = False) -> Callable[[Callable[..., None]
             self.observed = []
             self.created = []
             self.k4 = False
+            self.retired.clear()
             self.errors_seen = len(self.log.records)
             with bounded(LIMIT_S.get(name, 60.0), name):
                 fn(self, *args, **kwargs)
@@ -263,6 +266,9 @@ class Lifecycle(RuleBasedStateMachine):
         self.created: list[Node] = []  # saves made in this rule
         self.k4 = False  # this rule restored or closed while the last snapshot was not the newest save
         self.streak = 0  # damage rules in a row
+        #: retention passes of this rule (the parent's, via the event seam; a child's, reported)
+        self.retired: list[Retirement] = []
+        self._unwatch = watch_retention(self.roots, self.retired.append)
         self.foreign: dict[Path, bytes] = {}
         self.log = _Records()
         self.errors_seen = 0
@@ -446,6 +452,7 @@ class Lifecycle(RuleBasedStateMachine):
                 FIG.events["in-flight save kept"] += 1
             prev = self.model.add(uid, step, m_seed, None if prev in (None, ROOT) else prev, "child")  # type: ignore[arg-type]
             self.created.append(prev)
+        self.retired += rep.retired
         for uid, tiers in rep.durable.items():
             self.observed += [(t, uid) for t in tiers if t in ("local", "storage")]
 
@@ -590,6 +597,7 @@ class Lifecycle(RuleBasedStateMachine):
         return False
 
     def teardown(self) -> None:
+        self._unwatch()
         lg = logging.getLogger("flashckpt")
         lg.removeHandler(self.log)
         lg.propagate = self._propagate
@@ -794,42 +802,43 @@ class Lifecycle(RuleBasedStateMachine):
                         problems, "K4", self.k4, f"the newest save {node} lost its last copy (memory): {cur}"
                     )
                 continue
-            if keep is not None and self._retired_fairly(node, tier, keep, before, now):
+            verdict = self._retirement(node, tier, keep)
+            if verdict == "fair":
                 continue
-            orders = sorted({x.order for x in now.copies[tier] if x.listed and x.order is not None})
-            order = next(
-                (x.order for s in (before, now) for t in TIERS if (x := s.on(t, uid)) and x.order), None
-            )
-            lib_newer = [o for o in orders if order is not None and o > order]
-            lib_newer = [o for o in lib_newer if o not in abandoned(orders)]
             self._note(
                 problems,
                 "K1",
-                keep is not None and len(lib_newer) >= keep,
-                f"{node} (on the timeline, keep {self.keeps}) lost its intact {tier} copy: now {cur}",
+                verdict == "K1",
+                f"{node} (on the timeline) lost its intact {tier} copy ({cur}): "
+                + ("no retention pass retired it" if verdict is None else f"retired with keep {self.keeps}"),
             )
 
-    def _retired_fairly(self, node: Node, tier: str, keep: int, before: Scan, now: Scan) -> bool:
-        """Retention may retire ``node`` on ``tier`` right after committing a snapshot J
-        there, if ``keep`` saves newer than ``node`` on J's timeline were committed there then.
-        J: a save of this rule, a snapshot newly committed there, or one a restore could have
-        salvaged (it was in memory); a newer save counts if it was listed on some tier before
-        (a salvage writes it), is listed there now, or was made in this rule."""
-        listed_before = {c.uid for c in before.copies[tier] if c.listed}
-        listed_now = {c.uid for c in now.copies[tier] if c.listed}
-        anywhere = {c.uid for t in TIERS for c in before.copies[t] if c.listed}
-        in_memory = {c.uid for c in before.copies["memory"] if c.listed}
-        made = {n.uid for n in self.created}
-        committed = listed_before | listed_now | made | anywhere
-        js = made | (listed_now - listed_before) | in_memory
-        for j in (self.model.nodes[u] for u in js if u in self.model.nodes):
-            newer, n = 0, j
-            while n is not None and n is not node:
-                newer += n.uid in committed
-                n = n.parent
-            if n is node and newer >= keep:
-                return True
-        return False
+    def _retirement(self, node: Node, tier: str, keep: int | None) -> str | None:
+        """Judge the retention pass that retired ``node`` on ``tier`` in this rule, from what
+        the tier listed at that moment: ``"fair"`` if some snapshot J listed then has
+        ``node`` on its timeline with ``keep`` newer saves of that timeline listed (the pass
+        after J's commit may retire it), ``"K1"`` if only the engine's timeline rule says so,
+        None if no pass retired it."""
+        events = [r for r in self.retired if r.tier == tier and r.step == node.step]
+        events = [r for r in events if any(u == node.uid for u, _ in r.listed)]
+        if not events:
+            return None
+        for r in events:
+            listed = {u for u, _ in r.listed if u is not None}
+            for j in (self.model.nodes[u] for u in listed if u in self.model.nodes):
+                newer, n = 0, j
+                while n is not None and n is not node:
+                    newer += n.uid in listed
+                    n = n.parent
+                if n is node and keep is not None and newer >= keep:
+                    return "fair"
+        for r in events:
+            orders = [o for _, o in r.listed]
+            mine = next(o for u, o in r.listed if u == node.uid)
+            current = [o for o in orders if o > mine and o not in abandoned(orders)]
+            if keep is not None and len(current) >= keep:
+                return "K1"
+        return "unfair"
 
     def _note(self, problems: list[str], known: str, explained: bool, message: str) -> None:
         if explained and known in KNOWN:
@@ -907,6 +916,15 @@ def _settings(examples: int, steps: int) -> settings:
     )
 
 
+def _describe(exc: BaseException) -> str:
+    """A failure with hypothesis's notes (the sequence) and, for a failure that did not replay
+    (a crash's timing), every sub-exception."""
+    out = [f"{type(exc).__name__}: {exc}", *getattr(exc, "__notes__", [])]
+    for sub in getattr(exc, "exceptions", []):
+        out.append("  | " + _describe(sub).replace("\n", "\n  | "))
+    return "\n".join(out)
+
+
 def _print_figures(capsys: pytest.CaptureFixture[str]) -> None:
     figures = FIG.as_dict()
     with capsys.disabled():
@@ -957,8 +975,7 @@ def test_lifecycle_long(machine_base: Path, capsys: pytest.CaptureFixture[str]) 
             try:
                 run_state_machine_as_test(Lifecycle, settings=_settings(examples=5, steps=50))
             except Exception as exc:
-                notes = "\n".join(getattr(exc, "__notes__", []))
-                FIG.failures.append(f"{type(exc).__name__}: {exc}\n{notes}"[:6000])
+                FIG.failures.append(_describe(exc)[:8000])
                 with capsys.disabled():
                     print(f"\nFAILURE {len(FIG.failures)}:\n{FIG.failures[-1]}\n", flush=True)
     finally:
