@@ -25,6 +25,7 @@ And the crash child (:func:`child_main`), run from a fork server and SIGKILLed b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -252,6 +253,8 @@ class Copy:
     problem: str = ""
     bad_key: str | None = None  # the chunk object that failed, if one did
     made_ns: int = 0  # memory: when its manifest was written
+    #: the failing chunk object holds the same bytes in another encoding (K6)
+    reencoded: bool = False
     content_problem: str | None = None  # intact copies: how it differs from what was saved
 
     @property
@@ -418,6 +421,13 @@ def _persistent_copy(root: Path, tier: str, name: str) -> Copy | None:
     else:
         c.intact = True
         _judge(c, m, shard)
+    if c.bad_key is not None:
+        bad = next(ch for ch in m.chunks if ch.key == c.bad_key)
+        whole = _read(root / bad.key)
+        with contextlib.suppress(ValueError, zstandard.ZstdError):
+            c.reencoded = (
+                whole is not None and digest(decode_chunk(bad.codec, whole, bad.nbytes)) == bad.checksum
+            )
     if len(_persist_cache) > 4096:
         _persist_cache.clear()
     _persist_cache[key] = dataclasses.replace(c)

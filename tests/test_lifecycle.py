@@ -108,6 +108,7 @@ KNOWN: dict[str, str] = {
     "K3": "test_salvage_never_writes_bytes_that_fail_their_checksum",
     "K4": "test_close_after_restoring_an_older_step_keeps_the_newest_save",
     "K5": "test_load_latest_is_the_step_restore_resumes",
+    "K6": "test_a_save_with_another_zstd_level_never_breaks_older_steps",
 }
 if STRICT:
     KNOWN = {}
@@ -139,6 +140,7 @@ class Figures:
     tolerated: Counter[str] = dataclasses.field(default_factory=Counter)
     events: Counter[str] = dataclasses.field(default_factory=Counter)
     failures: list[str] = dataclasses.field(default_factory=list)
+    history: list[str] = dataclasses.field(default_factory=list)  # of the last failing sequence
     started: float = dataclasses.field(default_factory=time.monotonic)
 
     def as_dict(self) -> dict[str, Any]:
@@ -192,6 +194,7 @@ def counted(name: str, *, damage: bool = False) -> Callable[[Callable[..., None]
         def run(self: Lifecycle, *args: Any, **kwargs: Any) -> None:
             FIG.rules[name] += 1
             self.rule += 1
+            self.history.append(f"{self.rule} {name} {args or ''}{kwargs or ''}"[:300])
             self.streak = self.streak + 1 if damage else 0
             self.keeps = []
             self.observed = []
@@ -199,8 +202,12 @@ def counted(name: str, *, damage: bool = False) -> Callable[[Callable[..., None]
             self.k4 = False
             self.retired.clear()
             self.errors_seen = len(self.log.records)
-            with bounded(LIMIT_S.get(name, 60.0), name):
-                fn(self, *args, **kwargs)
+            try:
+                with bounded(LIMIT_S.get(name, 60.0), name):
+                    fn(self, *args, **kwargs)
+            except BaseException:
+                FIG.history = self.history[-40:]  # for a failure that does not replay
+                raise
 
         return run
 
@@ -266,6 +273,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.created: list[Node] = []  # saves made in this rule
         self.k4 = False  # this rule restored or closed while the last snapshot was not the newest save
         self.streak = 0  # damage rules in a row
+        self.history: list[str] = []  # rules and what they did (failures that do not replay)
         #: retention passes of this rule (the parent's, via the event seam; a child's, reported)
         self.retired: list[Retirement] = []
         self._unwatch = watch_retention(self.roots, self.retired.append)
@@ -426,6 +434,8 @@ class Lifecycle(RuleBasedStateMachine):
             "hook": (kill[1], kill[2]) if kill[0] == "hook" else None,
         }
         rep = run_child(child, kill)
+        said = [m[:3] if m[0] != "RETIRE" else ("RETIRE", m[1].tier, m[1].step) for m in rep.messages]
+        self.history.append(f"  child: {said}"[:1500])
         FIG.kills[kill[0] if kill[0] != "hook" else f"hook {kill[1]}"] += 1
         if rep.at is not None:
             FIG.events[f"killed at {rep.at[1]}"] += 1
@@ -517,6 +527,7 @@ class Lifecycle(RuleBasedStateMachine):
         path = root / key
         size = path.stat().st_size
         FIG.events[f"corrupt {tier} {what} {how}"] += 1
+        self.history.append(f"  {how} {tier} {key} (size {size}, cut {cut % max(size, 1)}, pos {pos})")
         if how == "delete" or (how == "truncate" and size == 0):
             path.unlink()
             if what == "slot":
@@ -582,6 +593,8 @@ class Lifecycle(RuleBasedStateMachine):
             problems += [f"flashckpt logged: {r.levelname} {r.getMessage()}" for r in bad]
             self.errors_seen = len(self.log.records)
             self.scan = now
+            if problems:
+                FIG.history = self.history[-40:]
             assert not problems, "\n".join(problems)
 
     def _excused_log(self, r: logging.LogRecord) -> bool:
@@ -745,7 +758,11 @@ class Lifecycle(RuleBasedStateMachine):
                 if c.intact and c.content_problem:
                     problems.append(f"{c}: verifies but holds other bytes: {c.content_problem}")
                 if not c.intact and not self.damage.touches(c):
-                    self._note(problems, "K3", self.damage.taints(c), f"{c}: broken, and not by the test")
+                    known = "K6" if c.reencoded else "K3"
+                    explained = c.reencoded or self.damage.taints(c)
+                    self._note(
+                        problems, known, explained, f"{c}: broken, and not by the test{self._detail(c)}"
+                    )
 
     def _check_losses(self, before: Scan, now: Scan, problems: list[str]) -> None:
         """No save of the current timeline lost a copy that verified, except as allowed."""
@@ -775,6 +792,9 @@ class Lifecycle(RuleBasedStateMachine):
             if was is not None and self.damage.touches(was, since=self.rule):
                 continue
             if cur is not None and self.damage.touches(cur, since=self.rule):
+                continue
+            if cur is not None and cur.reencoded:
+                self._note(problems, "K6", True, f"{node}'s {tier} copy was broken: {cur}")
                 continue
             if cur is not None and self.damage.taints(cur):
                 self._note(problems, "K3", True, f"{node}'s {tier} copy was destroyed: {cur}")
@@ -840,6 +860,19 @@ class Lifecycle(RuleBasedStateMachine):
                 return "K1"
         return "unfair"
 
+    def _detail(self, c: Copy) -> str:
+        """What the test did to the objects a broken copy relies on (for failures that do not
+        replay: a crash's timing)."""
+        out = [f"deps {c.deps[:4]}", f"made_ns {c.made_ns}"]
+        out += [
+            f"file damage {k}: {v}" for k, v in self.damage.files.items() if k[0] == c.tier and k[1] in c.deps
+        ]
+        out += [f"slot damage {r}" for r in self.damage.slot_ranges if c.tier == "memory" and r[0] in c.deps]
+        for slot in (d for d in c.deps if d.startswith("slot-")):
+            with contextlib.suppress(OSError):
+                out.append(f"{slot}: {os.stat(self.roots['memory'] / slot).st_size} bytes")
+        return "\n    " + "\n    ".join(out) + "\n  history:\n    " + "\n    ".join(self.history[-40:])
+
     def _note(self, problems: list[str], known: str, explained: bool, message: str) -> None:
         if explained and known in KNOWN:
             FIG.tolerated[known] += 1
@@ -855,8 +888,15 @@ class Lifecycle(RuleBasedStateMachine):
             time.sleep(0.02)
         assert not left, f"threads left after close: {left}"
         s = scan(self.roots)
-        durable = last is None or all(
-            any(c.listed and c.uid == last.uid for c in s.copies[t]) for t in cfg.persistent
+        # what close() checks: a commit record of the last snapshot's (generation, step) on
+        # every tier (its records, not its bytes)
+        order = next(
+            (c.order for x in (before, s) for t in TIERS for c in x.copies[t] if last and c.uid == last.uid),
+            None,
+        )
+        durable = last is None or (
+            order is not None
+            and all(any(c.listed and c.order == order for c in s.copies[t]) for t in cfg.persistent)
         )
         kept = self.roots["memory"].exists()
         if kept:
@@ -975,7 +1015,10 @@ def test_lifecycle_long(machine_base: Path, capsys: pytest.CaptureFixture[str]) 
             try:
                 run_state_machine_as_test(Lifecycle, settings=_settings(examples=5, steps=50))
             except Exception as exc:
-                FIG.failures.append(_describe(exc)[:8000])
+                text = _describe(exc)
+                if "Flaky" in type(exc).__name__:  # no replayed sequence: what the first run did
+                    text += "\n  history of the failing run:\n    " + "\n    ".join(FIG.history)
+                FIG.failures.append(text[:12000])
                 with capsys.disabled():
                     print(f"\nFAILURE {len(FIG.failures)}:\n{FIG.failures[-1]}\n", flush=True)
     finally:
@@ -1168,3 +1211,25 @@ def test_load_latest_is_the_step_restore_resumes(dirs: dict[str, Path]) -> None:
     with _open(dirs, keep=None) as ckpt:
         assert ckpt.restore(state) == 2 and meta_of(state) == (100, 2, 100)
     assert meta_of(flashckpt.load(dirs["storage"], options=OPTS)) == (100, 2, 100)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="K6: a chunk's content address names its codec but not its encoding: a save with another "
+    "zstd level writes different bytes (another stored size) under the key an older committed step "
+    "references with its own stored size, and that step no longer loads",
+)
+def test_a_save_with_another_zstd_level_never_breaks_older_steps(dirs: dict[str, Path]) -> None:
+    """Found as: a local chunk of a committed step 'truncated', not by the test, after a
+    Checkpointer with compression 'zstd:3' saved moments an older step (saved with 'zstd')
+    also held."""
+    with _open(dirs, compression="zstd", keep=None) as ckpt:
+        ckpt.save(0, content(1, 0, 1))  # moments m1
+        ckpt.save(1, content(2, 1, 2))  # moments m2: the newest commit holds no m1 chunk
+    with _open(dirs, compression="zstd:3", keep=None) as ckpt:
+        assert ckpt.restore(template()) == 1
+        h = ckpt.save(2, content(3, 2, 1))  # moments m1 again, encoded at level 3
+        assert h is not None
+        h.wait(timeout=60)
+    assert _load_ok(dirs["storage"], 2, 3, 1) is None
+    assert _load_ok(dirs["storage"], 0, 1, 1) is None, "step 0 was broken by a later save"
