@@ -206,6 +206,7 @@ class Checkpointer:
         self._seq = 0  # saves made so far (after `every`): the same on every rank, names a save
         self._restores = 0  # likewise for restores
         self._prev: int | None = None  # the last step saved or restored: a lower one starts a generation
+        self._prev_saved = False  # whether this generation saved step ``_prev`` (again starts one too)
         self._ancestors: Ancestors = ()  # where this generation's timeline branched off older ones
         self._unlisted: list[tuple[Tier, StorageError]] = []  # tiers the last inventory could not list
         self._handles: list[SaveHandle] = []
@@ -384,11 +385,16 @@ class Checkpointer:
         layout = self._stager.layout(flat.tensors)
         # Every rank makes the same saves: these change alike on every rank, whatever fails.
         self._seq += 1
-        if self._prev is not None and step < self._prev:  # the run continues from step - 1
+        # One order (generation, step) names one save: a step below the last one saved or
+        # restored, or the step this generation saved already, continues the run from step - 1.
+        if self._prev is not None and (step < self._prev or (step == self._prev and self._prev_saved)):
             self._ancestors = ((self._gen, step - 1), *self._ancestors)[:MAX_ANCESTORS]
             self._gen += 1
-            log.warning("flashckpt: step %d is below step %d: a new timeline starts here", step, self._prev)
-        self._prev = step
+            if step < self._prev:
+                log.warning("flashckpt: step %d is below step %d: a new timeline starts here", step, self._prev)
+            else:
+                log.info("flashckpt: step %d saved again: this save replaces the earlier one", step)
+        self._prev, self._prev_saved = step, True
         slot, waited = self._stager.acquire(layout.total_bytes, check=self._persister.check_alive)
         try:
             self._mem.forget(slot)  # its bytes are about to change
@@ -1062,7 +1068,7 @@ class Checkpointer:
         # Saves from here on are newer than everything any rank saw (a rollback's included),
         # on a timeline that continues from the restored snapshot.
         self._gen = max(self._gen, plan.newest_gen + 1)
-        self._prev = s
+        self._prev, self._prev_saved = s, False
         self._ancestors = (loaded.order, *self._restored_ancestors(loaded, plan))[:MAX_ANCESTORS]
         if run and not self._run_known:
             self._run = run  # the storage tier names no run: continue the restored one's

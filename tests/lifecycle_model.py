@@ -580,17 +580,19 @@ def engine_pick(s: Scan, tiers: tuple[str, ...], run_known: str | None, want: in
 def model_pick(
     model: Model, s: Scan, tiers: tuple[str, ...], run_known: str | None, want: int | None
 ) -> Node | None:
-    """What a restore must return: the newest save of the current timeline (of step ``want``)
-    with an intact copy on a tier this Checkpointer reads."""
-    for n in model.chain():
-        if want is not None and n.step != want:
-            continue
+    """What a restore must return: for ``latest``, the newest save of the current timeline
+    with an intact copy on a tier this Checkpointer reads; for ``step=S``, the newest save of
+    step ``S`` with one, whichever timeline it is on (the user named it: a step the run left
+    behind is not hidden from an explicit restore, and the run continues from it)."""
+    if want is None:
+        candidates = model.chain()
+    else:
+        candidates = sorted((n for n in model.nodes.values() if n.step == want), key=lambda n: -n.uid)
+    for n in candidates:
         for t in tiers:
             c = s.on(t, n.uid)
             if c is not None and c.intact and usable(c, tiers, run_known):
                 return n
-        if want is not None:
-            return None
     return None
 
 

@@ -30,9 +30,10 @@ happened if and only if a copy of it exists (its memory manifest is written afte
 a save reported ``DURABLE``; each retention pass.  Nothing is assumed about what was
 persisted: the inspector reads what is there, and the invariants say what must be.
 
-A restore (``latest`` or ``step=S``) returns the newest save of the current timeline (with
-step ``S``) that has an intact copy on a tier the Checkpointer reads, bitwise, in place; or
-``None`` / ``CheckpointNotFound`` when there is none.  After a clean close: every tier
+``restore()`` returns the newest save of the current timeline that has an intact copy on a
+tier the Checkpointer reads, ``restore(step=S)`` the newest save of step ``S`` that has one
+(on whichever timeline: the user named it), bitwise, in place; or ``None`` /
+``CheckpointNotFound`` when there is none.  After a clean close: every tier
 passes ``flashckpt verify`` except for the commits the test damaged, ``flashckpt.load`` of
 every intact commit is bitwise, no flashckpt thread is left, and the memory tier is
 released exactly when the last snapshot is committed on every tier.  Every rule runs under a
@@ -117,16 +118,7 @@ STRICT = os.environ.get("FLASHCKPT_LIFECYCLE_STRICT", "") not in ("", "0")
 
 #: Known defects the machine tolerates (counted) so a campaign finds the next one; each has
 #: a standalone ``xfail(strict=True)`` reproduction below.  Empty with STRICT.
-KNOWN: dict[str, str] = {
-    "K1": "test_a_fallback_after_a_rollback_never_resumes_the_abandoned_steps, "
-    "test_retention_after_a_rollback_keeps_the_rollback_point_not_the_abandoned_steps",
-    "K2": "test_a_save_after_the_tier_lost_its_chunks_commits_a_step_that_loads",
-    "K3": "test_salvage_never_writes_bytes_that_fail_their_checksum",
-    "K4": "test_close_after_restoring_an_older_step_keeps_the_newest_save",
-    "K5": "test_load_latest_is_the_step_restore_resumes",
-    "K6": "test_a_save_with_another_zstd_level_never_breaks_older_steps",
-    "K7": "test_a_step_saved_twice_comes_back_as_the_second_save",
-}
+KNOWN: dict[str, str] = {}  # K1-K7, found by this machine, are fixed; their reproductions are below
 if STRICT:
     KNOWN = {}
 
@@ -1037,6 +1029,12 @@ def test_lifecycle(machine_base: Path, capsys: pytest.CaptureFixture[str]) -> No
             Lifecycle,
             settings=_settings(examples=CI_EXAMPLES, steps=CI_STEPS),
         )
+    except Exception as exc:
+        if "Flaky" in type(exc).__name__:  # no replayed sequence: say what the first run did
+            raise AssertionError(
+                _describe(exc) + "\n  history of the failing run:\n    " + "\n    ".join(FIG.history)
+            ) from exc
+        raise
     finally:
         _print_figures(capsys)
 
@@ -1084,12 +1082,6 @@ def _load_ok(url: Path, step: int, uid: int, m_seed: int) -> str | None:
     return diff(got, content(uid, step, m_seed))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="K2: a save reuses the chunks of the tier's newest manifest (Persister._known) without "
-    "checking that they are still there: after a tier lost them, the next saves commit steps that "
-    "reference missing objects and report durable",
-)
 def test_a_save_after_the_tier_lost_its_chunks_commits_a_step_that_loads(dirs: dict[str, Path]) -> None:
     """Found as: open, save, wipe the local tier, save (state.wipe(tier='local') between two
     saves).  The frozen tensor's chunks are referenced, not written again."""
@@ -1105,12 +1097,6 @@ def test_a_save_after_the_tier_lost_its_chunks_commits_a_step_that_loads(dirs: d
     assert _load_ok(dirs["local"], 1, 2, 2) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="K1: the timeline rule (_coordinator.abandoned) only sees a step as abandoned when a newer "
-    "generation holds a lower step; after restore(step=2) and save(4), the abandoned step 3 counts as "
-    "part of the run: retention keeps it and deletes the rollback point 2",
-)
 def test_retention_after_a_rollback_keeps_the_rollback_point_not_the_abandoned_steps(
     dirs: dict[str, Path],
 ) -> None:
@@ -1127,11 +1113,6 @@ def test_retention_after_a_rollback_keeps_the_rollback_point_not_the_abandoned_s
     assert kept == ["step-000000000002", "step-000000000004"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="K1: a fallback past the continued run's only new step resumes the abandoned timeline "
-    "(the step 3 the rollback left), not the rollback point",
-)
 def test_a_fallback_after_a_rollback_never_resumes_the_abandoned_steps(dirs: dict[str, Path]) -> None:
     """Found as: saves of steps 0, 1, then 0 again (a new timeline), the new step 0 damaged:
     restore() resumed the abandoned step 1.  Here the same with restore(step=...)."""
@@ -1169,13 +1150,6 @@ os._exit(0)  # a crash: no close, the memory tier stays
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="K3: restore's salvage persists an older memory snapshot (the other slot) under the "
-    "checksums of its sealed manifest without checking the slot's bytes against them: damaged "
-    "bytes are committed, and written under the content address of the good ones, replacing an "
-    "object that committed steps share",
-)
 def test_salvage_never_writes_bytes_that_fail_their_checksum(dirs: dict[str, Path]) -> None:
     """Found as: a crash with two snapshots in memory, a byte of the older one's slot
     flipped, then a restore: the salvaged older step was committed with a chunk that fails
@@ -1211,18 +1185,15 @@ def test_salvage_never_writes_bytes_that_fail_their_checksum(dirs: dict[str, Pat
     state = template()
     with _open(dirs, keep=None) as ckpt:
         assert ckpt.restore(state) == 3  # from memory; steps 2 and 3 are salvaged to storage
-        ckpt.wait(timeout=60)
+        assert diff(state, content(4, 3, 4)) is None
+        with pytest.raises(flashckpt.CorruptCheckpointError, match="step 2: the chunk at .* fails its checksum"):
+            ckpt.wait(timeout=60)  # the damaged step is reported, never written
     problems = {s: _load_ok(dirs["storage"], s, uid, ms) for s, uid, ms in saves}
     assert problems[0] is None, f"the committed step 0 was destroyed: {problems[0]}"
-    assert problems[2] is None, f"step 2 was committed with bytes that fail their checksum: {problems[2]}"
+    assert problems[1] is None and problems[3] is None, problems
+    assert problems[2] is not None and "no committed step 2" in problems[2], f"step 2 was committed: {problems[2]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="K4: close() persists and checks only the last snapshot saved *or restored* "
-    "(Checkpointer._last): after restore(step=0) it finds step 0 durable and releases the memory "
-    "tier, deleting the newest save (memory-only under persist_every) that no tier holds",
-)
 def test_close_after_restoring_an_older_step_keeps_the_newest_save(dirs: dict[str, Path]) -> None:
     with _open(dirs, persist_every=2) as ckpt:
         ckpt.save(0, content(1, 0, 1))  # persisted
@@ -1234,11 +1205,6 @@ def test_close_after_restoring_an_older_step_keeps_the_newest_save(dirs: dict[st
     assert got == 1 and diff(state, content(2, 1, 2)) is None, f"restored {got}: step 1 is lost"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="K5: flashckpt.load(url) takes the highest step number (_load: committed_steps), not the "
-    "newest snapshot in (generation, step) order: after a rollback it loads the abandoned run",
-)
 def test_load_latest_is_the_step_restore_resumes(dirs: dict[str, Path]) -> None:
     """Found as: saves of steps 3 and 4, then lower steps (a new timeline), keep=None, close:
     load(storage) gave the abandoned step 4."""
@@ -1254,12 +1220,6 @@ def test_load_latest_is_the_step_restore_resumes(dirs: dict[str, Path]) -> None:
     assert meta_of(flashckpt.load(dirs["storage"], options=OPTS)) == (100, 2, 100)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="K6: a chunk's content address names its codec but not its encoding: a save with another "
-    "zstd level writes different bytes (another stored size) under the key an older committed step "
-    "references with its own stored size, and that step no longer loads",
-)
 def test_a_save_with_another_zstd_level_never_breaks_older_steps(dirs: dict[str, Path]) -> None:
     """Found as: a local chunk of a committed step 'truncated', not by the test, after a
     Checkpointer with compression 'zstd:3' saved moments an older step (saved with 'zstd')
@@ -1289,13 +1249,6 @@ os._exit(0)  # a crash: no close, the memory tier stays
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="K7: two saves of one step number in one generation get the same (generation, step): "
-    "after a crash, restore finds that order committed (the older save's bytes), never persists the "
-    "newer save it restored from memory, and close releases the memory tier: the newest save is "
-    "lost and the step silently comes back with the older bytes",
-)
 def test_a_step_saved_twice_comes_back_as_the_second_save(dirs: dict[str, Path]) -> None:
     """Found as: a crash child saved step 2, waited, saved step 2 again and was killed before
     that save was committed; open, close: the newest save was gone."""
