@@ -583,6 +583,62 @@ def gather_evidence(dirs: Dirs, lost_node: int | None) -> Evidence:
     return Evidence(holdings, loadable, expected, notes)
 
 
+# -- mutants: the campaign must catch a library that gets it wrong ----------------------------------------
+
+#: ``hide``: every copy of rank 0's shard of the expected step disappears before the restart (a
+#: library that loses or hides a good step); ``corrupt``: one byte of it changes in rank 0's
+#: cheapest copy, checksum updated to match (a library that restores wrong bytes).
+MUTANTS = ("hide", "corrupt")
+
+
+def mutate(how: str, dirs: Dirs, ev: Evidence, expected: Order, lost_node: int | None) -> str:
+    """Apply a mutant between the crash and the restart; returns what was done."""
+    import dataclasses as dc
+
+    from flashckpt.format import commit_key, decode_manifest, encode_manifest, memory_manifest_key, shard_name
+
+    shard = shard_name(0, WORLD)
+    step = expected[1]
+    places = [dirs.memory / "node0" / shard] if lost_node != 0 else []
+    places += [
+        dirs.memory / f"node{q // PER_NODE}" / shard_name(q, WORLD) / "mirrors" / shard
+        for q in range(WORLD)
+        if q // PER_NODE not in (0, lost_node)
+    ]
+    if how == "hide":
+        done = []
+        for d in places:
+            m = d / memory_manifest_key(step)
+            if m.exists():
+                m.unlink()
+                done.append(str(m.relative_to(dirs.memory)))
+        for root in (dirs.local / "node0" / shard, dirs.storage):
+            c = root / commit_key(step)
+            if c.exists():
+                c.unlink()
+                done.append(str(c.relative_to(dirs.base)))
+        return f"hid step {step} of rank 0: {done}"
+    for d in places:  # corrupt: the first memory copy the restore would read
+        path = d / memory_manifest_key(step)
+        if not path.exists():
+            continue
+        m = decode_manifest(path.read_bytes(), str(path), check_key=_check_key, allow_unsealed=True)
+        c = max(m.chunks, key=lambda c: c.nbytes)
+        with open(d / c.key, "r+b") as f:
+            f.seek(c.at + c.nbytes // 2)
+            b = f.read(1)
+            f.seek(c.at + c.nbytes // 2)
+            f.write(bytes([b[0] ^ 0x10]))
+            f.seek(c.at)
+            digest = _digest(f.read(c.nbytes)) if m.sealed else c.checksum
+        chunks = [dc.replace(x, checksum=digest) if x is c else x for x in m.chunks]
+        path.write_bytes(encode_manifest(m.with_chunks(chunks)))
+        return (
+            f"flipped a bit of step {step} of rank 0 in {path.relative_to(dirs.memory)} (chunk at {c.offset})"
+        )
+    return f"no memory copy of step {step} of rank 0 to corrupt"
+
+
 # -- comparing states ------------------------------------------------------------------------------------
 
 
@@ -653,7 +709,10 @@ def verify_storage(storage: Path) -> list[str]:
 
 
 class Campaign:
-    def __init__(self, out: Path, work: Path, grace: float, timeout: float, keep_failed: int) -> None:
+    def __init__(
+        self, out: Path, work: Path, grace: float, timeout: float, keep_failed: int, mutant: str | None = None
+    ) -> None:
+        self.mutant = mutant
         self.out = out
         self.work = work
         self.grace = grace
@@ -737,7 +796,8 @@ class Campaign:
             "seed": seed,
             "plan": dataclasses.asdict(plan),
             "describe": plan.describe(),
-            "repro": f"python -m tests.crash_campaign --trial-seed {seed} --out /tmp/crashcamp-repro-{seed}",
+            "repro": f"python -m tests.crash_campaign --trial-seed {seed} --out /tmp/crashcamp-repro-{seed}"
+            + (f" --mutant {self.mutant}" if self.mutant else ""),
             "failures": [],
         }
         ref = self.reference(plan.settings)
@@ -806,6 +866,8 @@ class Campaign:
             else min(v for v in staged.values() if v is not None)
         )
         res["newest_returned"] = returned
+        if self.mutant is not None and expected is not None:
+            res["mutant"] = mutate(self.mutant, dirs, ev, expected, lost_node)
         # attempt 1: the whole job again, to the end
         ok, why = run_clean(dirs, 1, plan.settings, self.timeout)
         attempts = {}
@@ -824,6 +886,12 @@ class Campaign:
                 f"restored {res['restored']} (from {res['restored_from']}), "
                 f"expected {res['expected']} on every rank"
             )
+        for r, tier in res["restored_from"].items():  # the library's source must hold that step
+            have = {h.source.split("@")[0] for h in ev.holdings[r] if h.ok and h.order[1] == got}
+            if tier is not None and tier not in have:
+                res["failures"].append(
+                    f"rank {r} restored step {got} from the {tier} tier, which holds no intact copy of it"
+                )
         if returned is not None and got is not None:
             res["steps_lost"] = returned - got
         elif returned is not None and len(starts) == 1 and got is None:
@@ -936,9 +1004,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grace", type=float, default=10.0, help="seconds the job may take to fail by itself")
     ap.add_argument("--timeout", type=float, default=300.0, help="per attempt")
     ap.add_argument("--keep-failed", type=int, default=5, help="failed trials kept whole")
+    ap.add_argument(
+        "--mutant",
+        choices=MUTANTS,
+        help="check the campaign itself: make every trial's restart go wrong the way a defect would",
+    )
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="crashcamp-"))
-    camp = Campaign(args.out, work, args.grace, args.timeout, args.keep_failed)
+    camp = Campaign(args.out, work, args.grace, args.timeout, args.keep_failed, args.mutant)
     results: list[dict[str, Any]] = []
     if args.trial_seed:
         seeds = iter(args.trial_seed)
