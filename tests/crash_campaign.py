@@ -52,6 +52,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -108,6 +109,7 @@ class Settings:
             "--compression",
             self.compression,
             *(["--dedup"] if self.dedup else []),
+            "--keep-going",
         ]
 
 
@@ -687,6 +689,41 @@ def load_finals(out: Path) -> list[Any]:
     return [torch.load(out / f"final-rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+def reported_errors(out: Path) -> list[str]:
+    """What the library raised after training (``wait``, ``close``) in an attempt, per rank."""
+    found = []
+    for r in range(WORLD):
+        p = out / f"errors-rank{r}.json"
+        if p.exists():
+            found += [f"rank {r}: {e}" for e in json.loads(p.read_text())]
+    return found
+
+
+def notable_lines(out: Path, most: int = 20) -> list[str]:
+    """The library's warnings and errors in an attempt's logs (distinct lines), and the last
+    line of each traceback (the exception)."""
+    seen: list[str] = []
+    for log in sorted(out.glob("agent*.log")):
+        lines = [x.rstrip() for x in log.read_text(errors="replace").splitlines()]
+        for i, line in enumerate(lines):
+            if "Traceback (most recent call last)" in line:
+                prefix = line.split("Traceback")[0]
+                k = i + 1
+                while (
+                    k < len(lines)
+                    and lines[k].startswith(prefix)
+                    and (lines[k][len(prefix) :].startswith((" ", "File")) or lines[k] == prefix.strip())
+                ):
+                    k += 1
+                line = "exception: " + (lines[k] if k < len(lines) else "?")
+            elif "flashckpt:" not in line:
+                continue
+            line = line.strip()
+            if line[:300] not in seen:
+                seen.append(line[:300])
+    return seen[:most]
+
+
 def memory_left(memory: Path) -> list[str]:
     return (
         sorted(str(p.relative_to(memory)) for p in memory.rglob("*") if p.is_file())
@@ -718,8 +755,8 @@ class Campaign:
         self.grace = grace
         self.timeout = timeout
         self.keep_failed = keep_failed
-        self.refs: dict[str, list[Any]] = {}
-        self.ref_errors: dict[str, str] = {}
+        self.refs: dict[str, list[Any] | None] = {}
+        self.ref_findings: dict[str, list[str]] = {}
         self.first_ref: tuple[str, list[Any]] | None = None
         out.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
@@ -731,46 +768,65 @@ class Campaign:
             f.write(line + "\n")
 
     # references
-    def reference(self, settings: Settings) -> list[Any] | str:
-        """The uninterrupted run's final states with ``settings`` (cached), or why it failed."""
+    def reference(self, settings: Settings) -> tuple[list[Any] | None, str]:
+        """The uninterrupted run's final states with ``settings`` (cached), and which settings
+        they come from.  A reference run whose library reported an error, left the memory tier
+        or a committed step that does not load is a finding (``self.ref_findings``); its final
+        states are used all the same (they do not depend on checkpointing: the references of
+        all settings are checked to be equal).  If it wrote none, another settings' are used."""
         key = settings.key
-        if key in self.refs:
-            return self.refs[key]
-        if key in self.ref_errors:
-            return self.ref_errors[key]
+        if key not in self.refs and key not in self.ref_findings:
+            self._run_reference(settings)
+        if self.refs.get(key) is not None:
+            return self.refs[key], key
+        other = next(((k, f) for k, f in self.refs.items() if f is not None), None)
+        return (other[1], other[0]) if other else (None, key)
+
+    def _run_reference(self, settings: Settings) -> None:
+        key = settings.key
         saved = self.out / "refs" / key
         if (saved / f"final-rank{WORLD - 1}.pt").exists():
             self.refs[key] = load_finals(saved)
-            return self.refs[key]
+            return
         t0 = time.monotonic()
         dirs = Dirs.make(self.work, f"ref-{key}")
+        finals = None
+        findings = []
         try:
             ok, why = run_clean(dirs, 0, settings, self.timeout)
-            problems = [] if not ok else verify_storage(dirs.storage)
+            if not ok:
+                findings.append(f"the uninterrupted run failed: {why}")
+            findings += reported_errors(dirs.out(0))
+            findings += [f"a committed step does not load: {p}" for p in verify_storage(dirs.storage)[:3]]
             left = memory_left(dirs.memory)
-            if ok and not problems and not left:
+            if left:
+                findings.append(f"the clean run left the memory tier: {left[:4]}")
+            if all((dirs.out(0) / f"final-rank{r}.pt").exists() for r in range(WORLD)):
                 finals = load_finals(dirs.out(0))
                 saved.mkdir(parents=True, exist_ok=True)
                 for r in range(WORLD):
                     shutil.copy(dirs.out(0) / f"final-rank{r}.pt", saved / f"final-rank{r}.pt")
-            else:
-                why = why or (f"storage: {problems[:3]}" if problems else f"memory left: {left[:5]}")
+            if findings:
                 self._keep(dirs, f"ref-{key}")
-                self.log(f"reference {key} FAILED: {why}")
-                self.ref_errors[key] = f"reference run failed: {why}"
-                return self.ref_errors[key]
         finally:
             kill_all(dirs.tag, [])
             dirs.remove()
-        self.log(f"reference {key}: {time.monotonic() - t0:.1f} s")
-        if self.first_ref is None:
-            self.first_ref = (key, finals)
-        else:
-            d = first_difference(self.first_ref[1], finals)
-            if d:  # the settings must not change training
-                self.log(f"reference {key} differs from reference {self.first_ref[0]}: {d}")
+        self.log(
+            f"reference {key}: {time.monotonic() - t0:.1f} s"
+            + (f"; FINDINGS: {findings}" if findings else "")
+        )
+        if findings:
+            self.ref_findings[key] = findings
+        if finals is not None:
+            if self.first_ref is None:
+                self.first_ref = (key, finals)
+            else:
+                d = first_difference(self.first_ref[1], finals)
+                if d:  # the settings must not change training
+                    self.ref_findings.setdefault(key, []).append(
+                        f"differs from the {self.first_ref[0]} run: {d}"
+                    )
         self.refs[key] = finals
-        return finals
 
     def _keep(self, dirs: Dirs, name: str) -> None:
         """Keep a failed trial's logs and records (and its directories, for the first few)."""
@@ -800,7 +856,9 @@ class Campaign:
             + (f" --mutant {self.mutant}" if self.mutant else ""),
             "failures": [],
         }
-        ref = self.reference(plan.settings)
+        ref, ref_key = self.reference(plan.settings)
+        if ref_key != plan.settings.key:
+            res["reference"] = ref_key
         dirs = Dirs.make(self.work, f"t{seed}")
         try:
             self._trial(plan, dirs, res, ref)
@@ -818,7 +876,7 @@ class Campaign:
         res["ok"] = res["fired"] is not False and not res["failures"]
         return res
 
-    def _trial(self, plan: Plan, dirs: Dirs, res: dict[str, Any], ref: list[Any] | str) -> None:
+    def _trial(self, plan: Plan, dirs: Dirs, res: dict[str, Any], ref: list[Any] | None) -> None:
         res["fired"] = None
         out0, out1 = dirs.out(0), dirs.out(1)
         # attempt 0: until the kill, then as torchrun makes the job fail, then torn down
@@ -868,8 +926,15 @@ class Campaign:
         res["newest_returned"] = returned
         if self.mutant is not None and expected is not None:
             res["mutant"] = mutate(self.mutant, dirs, ev, expected, lost_node)
+        if lost_node is None and returned is not None and (expected is None or expected[1] < returned):
+            # no node lost: every rank's memory still held the newest step saved everywhere
+            res["failures"].append(
+                f"step {returned} had been saved on every rank and no node was lost, but no copy of it "
+                f"survives for every rank (newest loadable everywhere: {res['expected']})"
+            )
         # attempt 1: the whole job again, to the end
         ok, why = run_clean(dirs, 1, plan.settings, self.timeout)
+        res["log1"] = notable_lines(out1)
         attempts = {}
         for r in range(WORLD):
             p = out1 / f"attempt0-rank{r}.json"
@@ -900,9 +965,12 @@ class Campaign:
             res["failures"].append(why)
             res["bitwise_equal"] = False
             return
-        if isinstance(ref, str):
+        errors = reported_errors(out1)
+        if errors:
+            res["failures"].append(f"the restarted run reported: {errors[0]}")
+        if ref is None:
             res["bitwise_equal"] = None
-            res["failures"].append(ref)
+            res["failures"].append("no reference run wrote its final states")
         else:
             finals = load_finals(out1)
             diffs = [d for r in range(WORLD) if (d := first_difference(ref[r], finals[r], f"rank{r}"))]
@@ -911,7 +979,7 @@ class Campaign:
                 res["failures"].append(f"final state differs from the uninterrupted run: {diffs[0]}")
         problems = verify_storage(dirs.storage)
         left = memory_left(dirs.memory)
-        res["clean_end"] = not problems and not left
+        res["clean_end"] = not problems and not left and not errors
         if problems:
             res["failures"].append(f"after the restarted run, committed steps do not load: {problems[:3]}")
         if left:
@@ -921,7 +989,9 @@ class Campaign:
 # -- the table -----------------------------------------------------------------------------------
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(
+    results: list[dict[str, Any]], ref_findings: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
     fired = [r for r in results if r.get("fired")]
 
     def figures(rs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -954,6 +1024,15 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             if r.get("failures")
         ],
         "wall_s": round(sum(r.get("wall_s", 0) for r in results), 1),
+        "reference_findings": ref_findings or {},
+        "failure_causes": dict(
+            Counter(
+                re.sub(r"\d+", "N", f)[:140] for r in results for f in r.get("failures", [])
+            ).most_common()
+        ),
+        "restart_warnings": dict(
+            Counter(re.sub(r"\d+", "N", w)[:160] for r in fired for w in r.get("log1", [])).most_common(30)
+        ),
     }
 
 
@@ -981,6 +1060,19 @@ def markdown(summary: dict[str, Any], seed: int | None) -> str:
         f"Wall time of the trials: {summary['wall_s']} s.",
         "",
     ]
+    if summary.get("reference_findings"):
+        text += ["## Uninterrupted reference runs that went wrong", ""]
+        for k, fs in summary["reference_findings"].items():
+            text += [f"- {k}: {f}" for f in fs]
+        text.append("")
+    if summary.get("restart_warnings"):
+        text += ["## What the restarted runs logged (trials)", ""]
+        text += [f"- {n}: `{w}`" for w, n in summary["restart_warnings"].items()]
+        text.append("")
+    if summary.get("failure_causes"):
+        text += ["## Failure reasons (numbers replaced by N)", ""]
+        text += [f"- {n}: {w}" for w, n in summary["failure_causes"].items()]
+        text.append("")
     if summary["failures"]:
         text.append(f"## Failures ({len(summary['failures'])})")
         text.append("")
@@ -1035,7 +1127,7 @@ def main(argv: list[str] | None = None) -> int:
                 + (f"; {r['failures']}" if r["failures"] else "")
             )
     finally:
-        summary = summarize(results)
+        summary = summarize(results, camp.ref_findings)
         summary["campaign_wall_s"] = round(time.monotonic() - t0, 1)
         summary["seed"] = None if args.trial_seed else args.seed
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

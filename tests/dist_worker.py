@@ -27,7 +27,9 @@ processes are found by the environment variables the runner gives each agent
 A killed rank never dies between the return of a ``save`` and the line in ``staged-rank{R}``
 that records it: the training thread holds ``DIR/window-rank{R}`` (an ``flock``) from ``save``
 until that line is written, and every killer takes it first (a SIGTERM arriving inside it is
-acted on when it ends).
+acted on when it ends).  ``--keep-going``: a failure the library reports after training
+(``wait``, ``close``) is written to ``DIR/errors-rank{R}.json`` instead of ending the rank, and
+the final state is written all the same.
 """
 
 from __future__ import annotations
@@ -364,6 +366,12 @@ def main() -> None:
     ap.add_argument("--chunk-bytes", type=int, default=None, help="also the small-tensor threshold")
     ap.add_argument("--coord-timeout", type=float, default=60.0)
     ap.add_argument("--kill-plan", default="", help="JSON: see the module docstring")
+    ap.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="a save the library reports failed after training (wait, close) goes to errors-rank{R}.json; "
+        "the final state is written all the same",
+    )
     args = ap.parse_args()
 
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -395,32 +403,47 @@ def main() -> None:
     opts = flashckpt.Options(
         coord_timeout_s=args.coord_timeout, gc_grace_s=0.0, dedup_replicated=args.dedup, **sizes
     )
-    with flashckpt.Checkpointer(
-        args.storage,
-        local_dir=local,
-        memory_dir=f"{args.memory}/node{node}",
-        keep=args.keep or None,
-        mirror=args.mirror,
-        persist_every=args.persist_every,
-        compression=args.compression,
-        options=opts,
-    ) as ckpt:
-        start = ckpt.restore(state)
-        info = {"start": start, "restored": ckpt.stats.get("restored")}
-        (out / f"attempt{attempt}-rank{rank}.json").write_text(json.dumps(info))
-        first = 0 if start is None else start + 1
-        for step in range(first, args.steps):
-            train_step(state, step, rank)
-            _current["step"] = step
-            with _window:
-                ckpt.save(step, state)
-                if attempt == 0:
-                    with open(out / f"staged-rank{rank}", "a") as f:
-                        f.write(f"{step}\n")
-        ckpt.wait()
-        if args.die_at_end:
-            dist.barrier()  # every rank's saves (and mirrors) are done: now the job dies
-            _die()
+    errors: list[str] = []  # --keep-going: failures the library reported after training
+    trained = False
+    try:
+        with flashckpt.Checkpointer(
+            args.storage,
+            local_dir=local,
+            memory_dir=f"{args.memory}/node{node}",
+            keep=args.keep or None,
+            mirror=args.mirror,
+            persist_every=args.persist_every,
+            compression=args.compression,
+            options=opts,
+        ) as ckpt:
+            start = ckpt.restore(state)
+            info = {"start": start, "restored": ckpt.stats.get("restored")}
+            (out / f"attempt{attempt}-rank{rank}.json").write_text(json.dumps(info))
+            first = 0 if start is None else start + 1
+            for step in range(first, args.steps):
+                train_step(state, step, rank)
+                _current["step"] = step
+                with _window:
+                    ckpt.save(step, state)
+                    if attempt == 0:
+                        with open(out / f"staged-rank{rank}", "a") as f:
+                            f.write(f"{step}\n")
+            trained = True
+            try:
+                ckpt.wait()
+            except flashckpt.FlashCkptError as exc:
+                if not args.keep_going:
+                    raise
+                errors.append(f"wait: {type(exc).__name__}: {exc}")
+            if args.die_at_end:
+                dist.barrier()  # every rank's saves (and mirrors) are done: now the job dies
+                _die()
+    except flashckpt.FlashCkptError as exc:
+        if not (args.keep_going and trained):
+            raise
+        errors.append(f"close: {type(exc).__name__}: {exc}")
+    if errors:
+        (out / f"errors-rank{rank}.json").write_text(json.dumps(errors))
     final = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
     torch.save(final, out / f"final-rank{rank}.pt")
     dist.destroy_process_group()
