@@ -138,6 +138,17 @@ class Plan:
             "victim": self.victim,
         }
 
+    def to_json(self) -> str:
+        body = dataclasses.asdict(self)
+        del body["seed"]
+        return json.dumps(body)
+
+    @staticmethod
+    def from_json(seed: int, text: str) -> Plan:
+        body = json.loads(text)
+        body["settings"] = Settings(**body["settings"])
+        return Plan(seed=seed, **body)
+
     def describe(self) -> str:
         tier = f"/{self.tier}" if self.tier else ""
         who = "any rank" if self.trigger < 0 else f"rank {self.trigger}"
@@ -732,13 +743,31 @@ def memory_left(memory: Path) -> list[str]:
     )
 
 
-def verify_storage(storage: Path) -> list[str]:
-    """Every committed step on storage loads for every rank (problems, or [])."""
+def verify_finished(dirs: Dirs) -> list[str]:
+    """A finished run's persistent tiers (problems, or []): every committed step on storage and
+    on each rank's local disk loads, and the last step is committed on all of them (the run
+    saved it; a restart that un-commits it, or never commits it, loses it on those tiers)."""
+    from flashckpt.format import shard_name
+
     problems = []
+    last = (-1, STEPS - 1)
     for r in range(WORLD):
-        for h in committed_holdings(storage, r, WORLD, "storage", "job"):
-            if not h.ok:
-                problems.append(f"rank {r} step {h.order[1]}: {h.why}")
+        tiers = [
+            ("storage", committed_holdings(dirs.storage, r, WORLD, "storage", "job")),
+            (
+                f"local disk of rank {r}",
+                committed_holdings(
+                    dirs.local / f"node{r // PER_NODE}" / shard_name(r, WORLD), r, WORLD, "local", "rank"
+                ),
+            ),
+        ]
+        for name, hs in tiers:
+            problems += [f"{name}: step {h.order[1]} (rank {r}): {h.why}" for h in hs if not h.ok]
+            newest = max((h.order for h in hs if h.ok), default=None)
+            if newest is None or newest[1] != last[1]:
+                what = f"is {newest[1]}" if newest else "is none"
+                if name != "storage" or r == 0:
+                    problems.append(f"{name}: the newest committed step {what}, not the last step {last[1]}")
     return problems
 
 
@@ -797,7 +826,7 @@ class Campaign:
             if not ok:
                 findings.append(f"the uninterrupted run failed: {why}")
             findings += reported_errors(dirs.out(0))
-            findings += [f"a committed step does not load: {p}" for p in verify_storage(dirs.storage)[:3]]
+            findings += verify_finished(dirs)[:3]
             left = memory_left(dirs.memory)
             if left:
                 findings.append(f"the clean run left the memory tier: {left[:4]}")
@@ -845,15 +874,17 @@ class Campaign:
                 shutil.copytree(dirs.memory, dest / "tree" / "memory", symlinks=True)
 
     # one trial
-    def trial(self, seed: int) -> dict[str, Any]:
-        plan = draw(seed)
+    def trial(self, seed: int, plan: Plan | None = None) -> dict[str, Any]:
+        """Run trial ``seed`` (its plan drawn from the seed, or ``plan``); returns its record."""
+        plan = plan or draw(seed)
         t0 = time.monotonic()
         res: dict[str, Any] = {
             "seed": seed,
             "plan": dataclasses.asdict(plan),
             "describe": plan.describe(),
             "repro": f"python -m tests.crash_campaign --trial-seed {seed} --out /tmp/crashcamp-repro-{seed}"
-            + (f" --mutant {self.mutant}" if self.mutant else ""),
+            + (f" --mutant {self.mutant}" if self.mutant else "")
+            + (f" --plan '{plan.to_json()}'" if plan != draw(seed) else ""),
             "failures": [],
         }
         ref, ref_key = self.reference(plan.settings)
@@ -977,11 +1008,11 @@ class Campaign:
             res["bitwise_equal"] = not diffs
             if diffs:
                 res["failures"].append(f"final state differs from the uninterrupted run: {diffs[0]}")
-        problems = verify_storage(dirs.storage)
+        problems = verify_finished(dirs)
         left = memory_left(dirs.memory)
         res["clean_end"] = not problems and not left and not errors
         if problems:
-            res["failures"].append(f"after the restarted run, committed steps do not load: {problems[:3]}")
+            res["failures"].append(f"after the restarted run: {'; '.join(problems[:3])}")
         if left:
             res["failures"].append(f"the restarted run's clean close left the memory tier: {left[:4]}")
 
@@ -1091,6 +1122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=200, help="trials whose kill fired")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--trial-seed", type=int, action="append", help="run only these trials")
+    ap.add_argument("--plan", help="with one --trial-seed: run this plan (JSON, as Plan.to_json) instead")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--work", type=Path, default=None, help="where trials run (default: a fresh dir in /tmp)")
     ap.add_argument("--grace", type=float, default=10.0, help="seconds the job may take to fail by itself")
@@ -1116,7 +1148,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             if sum(1 for r in results if r.get("fired") is not False) >= wanted:
                 break
-            r = camp.trial(seed)
+            r = camp.trial(seed, Plan.from_json(seed, args.plan) if args.plan else None)
             results.append(r)
             with open(args.out / "trials.jsonl", "a") as f:
                 f.write(json.dumps(r, default=str) + "\n")
