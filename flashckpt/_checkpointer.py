@@ -864,7 +864,7 @@ class Checkpointer:
         held_here: dict[str, list[list[Any]]] = {}
         if self._mirror_server is not None:
             # shard directories this node keeps for ranks that run elsewhere now (renumbered)
-            self._mirror_server.claim_orphans(self._memory_root, self._world)
+            self._mirror_server.claim_orphans(self._memory_root, self._world, self._storage_id)
             held_here = self._mirror_server.snapshots()
         unlisted = [f"rank {self._rank}: {t.name}" for t, _ in self._unlisted]
         everyone = self._ctl.all_gather([[list(o) for o in sorted(mine)], held_here, unlisted])

@@ -21,8 +21,8 @@ import zstandard
 from flashckpt.errors import ConfigError, CorruptCheckpointError
 
 RAW = "raw/1"
-_ZSTD_RE = re.compile(r"^zstd(?:-bg([248]))?/1$")
-_SPEC_RE = re.compile(r"^zstd(?::(-?\d+))?$")
+_ZSTD_RE = re.compile(r"zstd(?:-bg([248]))?/1")  # fullmatch: "$" would admit a final "\n"
+_SPEC_RE = re.compile(r"zstd(?::(-?\d+))?")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Compression:
         """``None``/``"none"``/``"raw"`` -> raw; ``"zstd"`` -> level 1; ``"zstd:LEVEL"``."""
         if spec is None or spec in ("none", "raw"):
             return Compression(None)
-        m = _SPEC_RE.match(spec) if isinstance(spec, str) else None
+        m = _SPEC_RE.fullmatch(spec) if isinstance(spec, str) else None
         if not m:
             raise ConfigError(f"compression must be None, 'zstd' or 'zstd:LEVEL', got {spec!r}")
         level = int(m.group(1)) if m.group(1) else 1
@@ -49,7 +49,7 @@ class Compression:
 
 
 def is_known(codec: str) -> bool:
-    return codec == RAW or bool(_ZSTD_RE.match(codec))
+    return codec == RAW or bool(_ZSTD_RE.fullmatch(codec))
 
 
 def encode(data: memoryview, group: int, comp: Compression) -> tuple[str, bytes | memoryview]:
@@ -72,22 +72,34 @@ def encode(data: memoryview, group: int, comp: Compression) -> tuple[str, bytes 
 
 
 def decode(codec: str, stored: bytes | memoryview, out: memoryview) -> None:
-    """Decode ``stored`` into ``out`` (exactly ``len(out)`` bytes).  Raises CorruptCheckpointError."""
+    """Decode ``stored`` into ``out`` (exactly ``len(out)`` bytes).
+
+    ``stored`` comes from storage: whatever it holds, this raises CorruptCheckpointError (never
+    another error), and allocates at most ``len(out)`` bytes.  A zstd frame's header may
+    declare any content size, and the decompressor allocates what it declares, so the
+    declared size is checked against ``len(out)`` before decompressing.
+    """
+    n = len(out)
     if codec == RAW:
-        if len(stored) != len(out):
-            raise CorruptCheckpointError("raw chunk of the wrong size")
+        if len(stored) != n:
+            raise CorruptCheckpointError(f"raw chunk of {len(stored)} bytes, expected {n}")
         out[:] = stored
         return
-    m = _ZSTD_RE.match(codec)
+    m = _ZSTD_RE.fullmatch(codec) if isinstance(codec, str) else None
     if not m:
-        raise CorruptCheckpointError(f"unknown codec {codec!r}")
+        raise CorruptCheckpointError(f"unknown codec {str(codec)[:40]!r}")
+    group = int(m.group(1) or 1)
+    if n == 0 or n % group:  # the writer stores empty chunks raw and groups whole elements only
+        raise CorruptCheckpointError(f"a {codec} chunk of {n} bytes")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=len(out))
+        declared = zstandard.get_frame_parameters(stored).content_size
+        if declared not in (zstandard.CONTENTSIZE_UNKNOWN, n):
+            raise CorruptCheckpointError(f"chunk's zstd frame declares {declared} bytes, expected {n}")
+        raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=n)
     except zstandard.ZstdError as exc:
         raise CorruptCheckpointError(f"chunk does not decompress: {exc}") from exc
-    if len(raw) != len(out):
-        raise CorruptCheckpointError(f"chunk decompresses to {len(raw)} bytes, expected {len(out)}")
-    group = int(m.group(1) or 1)
+    if len(raw) != n:
+        raise CorruptCheckpointError(f"chunk decompresses to {len(raw)} bytes, expected {n}")
     if group == 1:
         out[:] = raw
         return

@@ -5,7 +5,9 @@ Two channels, chosen by thread:
 * **Collectives** (``all_gather``) run only on the training thread, inside calls every rank
   makes in the same order: ``Checkpointer(...)``, ``restore``, ``close``.  They use a gloo
   group: the job's group when it is gloo, else a gloo group created once over the same ranks
-  (an NCCL group cannot carry Python objects between hosts' CPUs).
+  (an NCCL group cannot carry Python objects between hosts' CPUs).  Objects travel as JSON
+  in uint8 tensors, never pickled: nothing a peer sends is unpickled (``all_gather_object``
+  would run the unpickler on whatever arrives over the unauthenticated job network).
 * **The store** (the job's c10d store, under a per-Checkpointer prefix) is what the
   ``flashckpt-persist`` thread uses to agree on commits: a background thread never issues a
   collective, which would interleave with the training thread's own collectives.
@@ -16,16 +18,27 @@ no communication at all.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import pickle
+import re
 import secrets
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from flashckpt.errors import CoordinationError, WaitTimeout
 
 log = logging.getLogger(__name__)
+
+#: The most one rank may contribute to one ``all_gather`` (its object as JSON), and the most
+#: one gather may bring in (every rank's contribution is padded to the largest): the objects
+#: gathered are node names, addresses, inventories and outcomes, kilobytes each.
+MAX_GATHER_BYTES = 16 << 20
+MAX_GATHER_TOTAL = 1 << 30
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 class Control:
@@ -65,9 +78,20 @@ class Control:
 
         # Keys of this Checkpointer only: a nonce from rank 0, so that a store that outlives a
         # job attempt (or a second Checkpointer in the same job) never sees stale counters.
-        token = self.all_gather(secrets.token_hex(32) if self.rank == 0 else None)[0]
-        nonce, self.secret = token[:16], bytes.fromhex(token)
-        self._prefix = f"flashckpt/{nonce}/"
+        # It is public (it names store keys), so it is drawn apart from the secret.
+        drawn = {"secret": secrets.token_hex(32), "nonce": secrets.token_hex(8)} if self.rank == 0 else None
+        token = self.all_gather(drawn)[0]
+        if not (
+            isinstance(token, dict)
+            and isinstance(token.get("secret"), str)
+            and isinstance(token.get("nonce"), str)
+            and len(token["secret"]) == 64
+            and len(token["nonce"]) == 16
+            and _HEX.fullmatch(token["secret"] + token["nonce"])
+        ):
+            raise CoordinationError("rank 0 sent no valid job secret")
+        self.secret = bytes.fromhex(token["secret"])
+        self._prefix = f"flashckpt/{token['nonce']}/"
         self._store = PrefixStore(self._prefix, _get_process_group_store(pg))
 
     def release(self) -> None:
@@ -92,17 +116,59 @@ class Control:
 
     # -- training thread: collectives ---------------------------------------------------------
     def all_gather(self, obj: Any) -> list[Any]:
-        """Training thread, every rank: ``obj`` of every rank, in rank order."""
+        """Training thread, every rank: ``obj`` of every rank, in rank order.
+
+        ``obj`` must be JSON-able (dicts with string keys, lists, tuples, strings, numbers,
+        booleans, ``None``) and at most :data:`MAX_GATHER_BYTES` as JSON; what comes back is
+        decoded JSON (tuples come back as lists), in a one-rank job too.  Raises
+        :class:`CoordinationError` on every rank alike when a rank cannot encode its object,
+        sends too much or sends something that is not JSON, and when a peer is dead."""
+        try:
+            data: bytes | None = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+            error = None
+        except (TypeError, ValueError, RecursionError) as exc:
+            data, error = None, exc
+        if data is None:
+            if self.distributed:  # take part all the same: the other ranks raise too, not hang
+                with contextlib.suppress(CoordinationError):
+                    self._gather_bytes(None)
+            raise CoordinationError(f"cannot gather {type(obj).__name__}: {error}") from error
         if not self.distributed:
-            return [obj]
+            return [_decode(data, 0)]
+        return [_decode(b, r) for r, b in enumerate(self._gather_bytes(data))]
+
+    def _gather_bytes(self, data: bytes | None) -> list[bytes]:
+        """Training thread, every rank: every rank's ``data`` (``None``: this rank has
+        nothing to send, and every rank raises), with tensor collectives on the gloo group:
+        the lengths, then the bytes padded to the longest."""
+        import torch
         import torch.distributed as dist
 
-        out: list[Any] = [None] * self.world
+        n = -1 if data is None else len(data)
+        lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        self._collective(
+            lambda: dist.all_gather(lengths, torch.tensor([n], dtype=torch.int64), group=self._pg)
+        )
+        sizes = [int(t.item()) for t in lengths]
+        # Every rank sees the same sizes, so every rank takes the same branch here.
+        if min(sizes) < 0:
+            raise CoordinationError(f"all_gather: rank {sizes.index(min(sizes))} had nothing to send")
+        longest = max(sizes)
+        if longest > MAX_GATHER_BYTES or longest * self.world > MAX_GATHER_TOTAL:
+            r = sizes.index(longest)
+            raise CoordinationError(f"all_gather: rank {r} sent {longest} bytes, over the limit")
+        buf = torch.zeros(max(longest, 1), dtype=torch.uint8)
+        if data:
+            buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        out = [torch.empty_like(buf) for _ in range(self.world)]
+        self._collective(lambda: dist.all_gather(out, buf, group=self._pg))
+        return [t[:k].numpy().tobytes() for t, k in zip(out, sizes, strict=True)]
+
+    def _collective(self, fn: Callable[[], object]) -> None:
         try:
-            dist.all_gather_object(out, obj, group=self._pg)
+            fn()
         except RuntimeError as exc:  # a dead peer: gloo raises after the group's timeout
             raise CoordinationError(f"all_gather among {self.world} ranks failed: {exc}") from exc
-        return out
 
     def all_ok(self, ok: bool) -> bool:
         """Training thread, every rank: True if every rank passed True."""
@@ -153,3 +219,15 @@ class Control:
             return getattr(self._store, op)(*args)
         except (RuntimeError, pickle.PickleError) as exc:  # DistStoreError and friends
             raise CoordinationError(f"store {op} {args[0]!r} failed: {exc}") from exc
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"non-finite constant {name}")
+
+
+def _decode(data: bytes, rank: int) -> Any:
+    """A peer's gathered object: JSON only (nothing else is ever decoded from a peer)."""
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise CoordinationError(f"all_gather: rank {rank} sent something that is not JSON") from exc

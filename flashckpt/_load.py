@@ -12,14 +12,20 @@ from typing import Any, Literal
 import torch
 
 from flashckpt._config import Options
-from flashckpt._coordinator import committed_steps, fetch_chunks, read_committed_manifest
+from flashckpt._coordinator import (
+    abandoned,
+    committed_steps,
+    fetch_chunks,
+    read_commits,
+    read_committed_manifest,
+    read_record,
+)
 from flashckpt._reshard import StepReader
-from flashckpt._retry import retry
 from flashckpt._staging import check_fits
 from flashckpt._statewalk import build
 from flashckpt.backends import Backend, open_backend
 from flashckpt.backends._base import check_key
-from flashckpt.errors import CheckpointNotFound, ConfigError, CorruptCheckpointError, StorageError
+from flashckpt.errors import CheckpointNotFound, ConfigError, CorruptCheckpointError
 from flashckpt.format import Manifest, commit_key, decode_commit
 
 log = logging.getLogger(__name__)
@@ -60,9 +66,14 @@ def load(
 
 
 def _load(be: Backend, step: int | Literal["latest"], opts: Options, rank: int | None) -> dict[str, Any]:
-    steps = committed_steps(be, opts)
-    if step != "latest":
-        steps = [s for s in steps if s == step]
+    """Newest first in ``(generation, step)`` order, never a step of a timeline the run left
+    (docs/format.md); anything that goes wrong with one step (whatever its type: a hostile
+    record can provoke any) makes it unusable, and the next older one is tried."""
+    records = read_commits(be, opts)
+    left = abandoned([r.order for r in records])
+    steps = [r.step for r in records if r.order not in left]
+    if step != "latest":  # by name: a step whose records fail validation says why below
+        steps = [s for s in committed_steps(be, opts) if s == step]
     if not steps:
         raise CheckpointNotFound(f"no committed step {'' if step == 'latest' else step} at {be.url}")
     last: BaseException | None = None
@@ -70,7 +81,9 @@ def _load(be: Backend, step: int | Literal["latest"], opts: Options, rank: int |
         for s in reversed(steps):
             try:
                 return _load_step(be, s, opts, pool, rank)
-            except (CorruptCheckpointError, StorageError) as exc:
+            except (ConfigError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
                 log.warning("flashckpt: step %d at %s is unusable: %s", s, be.url, exc)
                 last = exc
     raise CheckpointNotFound(f"no intact committed step at {be.url}") from last
@@ -80,7 +93,7 @@ def _load_step(
     be: Backend, step: int, opts: Options, pool: ThreadPoolExecutor, rank: int | None
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    raw = retry(lambda: be.get(commit_key(step)), f"get commit of step {step}", opts)
+    raw = read_record(be, commit_key(step), f"commit record of step {step}", opts)
     world = decode_commit(raw, check_key=check_key).world_size
     if rank is not None and not 0 <= rank < world:
         raise ConfigError(f"rank {rank} is out of range: step {step} was saved by {world} ranks")

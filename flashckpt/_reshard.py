@@ -25,8 +25,9 @@ import torch
 
 from flashckpt._codec import decode
 from flashckpt._config import Options
-from flashckpt._coordinator import read_committed_manifest
+from flashckpt._coordinator import read_committed_manifest, read_record
 from flashckpt._retry import retry
+from flashckpt._staging import check_fits
 from flashckpt._statewalk import build, load_into
 from flashckpt.backends import Backend
 from flashckpt.backends._base import check_key
@@ -39,6 +40,7 @@ from flashckpt.format import (
     checksum,
     commit_key,
     decode_commit,
+    tensor_nbytes,
 )
 
 
@@ -47,8 +49,9 @@ class StepReader:
 
     def __init__(self, be: Backend, step: int, opts: Options, pool: Executor) -> None:
         self.be, self.step, self.opts, self.pool = be, step, opts, pool
-        raw = retry(lambda: be.get(commit_key(step)), f"get commit of step {step}", opts)
-        self.world = decode_commit(raw, check_key=check_key).world_size
+        what = f"commit record of step {step} on {be.url}"
+        raw = read_record(be, commit_key(step), what, opts)
+        self.world = decode_commit(raw, what, check_key=check_key).world_size
         self.manifests: list[Manifest] = list(
             pool.map(lambda r: read_committed_manifest(be, step, r, self.world, opts), range(self.world))
         )
@@ -57,9 +60,34 @@ class StepReader:
         for r, tree in enumerate(self.trees):
             for path, ref in _dtensor_refs(tree, ""):
                 self.pieces.setdefault(path, []).append((r, ref))
+        for path, pieces in self.pieces.items():
+            self._check_pieces(path, pieces)
         self._chunks: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self.bytes_read = 0
+
+    def _check_pieces(self, path: str, pieces: list[tuple[int, DTensorRef]]) -> None:
+        """The saved shards of one DTensor must agree with each other: each is valid alone
+        (``decode_manifest`` checked it against its own tensor table), but a reader that
+        trusted rank 0's global shape and dtype would mix, or mis-size, the others.  Their
+        bytes together must also be able to cover the global tensor: that bounds what
+        :meth:`consolidate` allocates by what is actually stored."""
+        rank0, ref0 = pieces[0]
+        dtype = self.manifests[rank0].tensors[ref0.index].dtype
+        stored = 0
+        for rank, ref in pieces:
+            local = self.manifests[rank].tensors[ref.index]
+            if ref.shape != ref0.shape or local.dtype != dtype:
+                raise CorruptCheckpointError(
+                    f"step {self.step}: the saved shards of {path or '<root>'} disagree: rank {rank0} has "
+                    f"a {list(ref0.shape)} {dtype} DTensor, rank {rank} a {list(ref.shape)} {local.dtype} one"
+                )
+            stored += local.nbytes
+        if tensor_nbytes(dtype, ref0.shape) > stored:
+            raise CorruptCheckpointError(
+                f"step {self.step}: the saved shards of {path or '<root>'} ({stored} bytes) cannot cover "
+                f"its global shape {list(ref0.shape)}"
+            )
 
     @property
     def has_dtensors(self) -> bool:
@@ -70,6 +98,7 @@ class StepReader:
         """Saved tensor ``index`` of ``rank``, as a fresh CPU tensor (verified)."""
         m = self.manifests[rank]
         e = m.tensors[index]
+        check_fits(e.nbytes, None, f"tensor {index} of rank {rank} of step {self.step}")
         out = torch.empty(e.nbytes, dtype=torch.uint8)
         if e.nbytes:
             dst = out.numpy()
@@ -85,6 +114,7 @@ class StepReader:
             hit = self._chunks.get(digest)
         if hit is not None:
             return hit
+        check_fits(stored + (n if codec != CODEC_RAW else 0), None, f"chunk {key} of step {self.step}")
         buf = bytearray(stored)
         got = retry(lambda: self.be.get_into(key, memoryview(buf), offset=at), f"get {key}", self.opts)
         if got != stored:
@@ -168,6 +198,9 @@ class StepReader:
 
         def whole(path: str, ref: DTensorRef) -> torch.Tensor:
             dtype = self.manifests[0].tensors[ref.index].dtype
+            # the shards were checked to be able to cover this (so it is no larger than what
+            # is stored); it must also fit in memory
+            check_fits(tensor_nbytes(dtype, ref.shape), None, f"{path or '<root>'} of step {self.step}")
             out = torch.empty(ref.shape, dtype=dtype)
             self.fill(path, out, (0,) * len(ref.shape), ref.shape)
             return out

@@ -43,7 +43,7 @@ from flashckpt._coordinator import (
 )
 from flashckpt._dist import Control
 from flashckpt._memtier import MemoryTier
-from flashckpt._mirror import push
+from flashckpt._mirror import MirrorAbort, push
 from flashckpt._retry import retry
 from flashckpt._staging import Slot, Stager
 from flashckpt.backends import Backend
@@ -516,7 +516,9 @@ class Persister:
         alongside the tier writes; the slot stays held until they are done)."""
         if not (job.mirror and self.mirror_peers):
             return []
-        self._mirror_abort.clear()
+        # A fresh abort per snapshot: setting it (``_finish_mirrors``) shuts the pushes'
+        # sockets down, so even a send blocked on a peer that stopped reading ends at once.
+        self._mirror_abort = MirrorAbort()
         t0 = time.perf_counter()
         return [
             (

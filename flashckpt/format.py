@@ -51,6 +51,11 @@ MAX_GENERATION = 1 << 62
 #: Ints in a state tree: at most this many bits (about 2,400 decimal digits; JSON readers
 #: refuse ints beyond 4,300 digits, and no training state needs more).
 MAX_INT_BITS = 8000
+#: ``created_unix`` is a JSON int or float in ``[0, 2**53]`` (seconds; every int in range
+#: converts to a float exactly, and the bound keeps ``float()`` of it from overflowing).
+MAX_CREATED_UNIX = 1 << 53
+#: Cells of a DTensor's device mesh (the product of its dimensions): at most the world size.
+MAX_MESH_CELLS = MAX_WORLD
 #: The slot files of a memory tier (and of a mirror held for a peer).
 SLOT_NAMES = ("slot-0.bin", "slot-1.bin")
 _RUN_ID = re.compile(r"[0-9a-f]{1,64}")
@@ -282,6 +287,8 @@ def decode_tree(node: Any, n_tensors: int, depth: int = 0) -> Any:
         raise CorruptCheckpointError("state tree nested too deeply")
     if isinstance(node, float) and not math.isfinite(node):  # JSON's 1e400; the writer tags these
         raise CorruptCheckpointError("a non-finite number outside a float node")
+    if type(node) is int and node.bit_length() > MAX_INT_BITS:  # the writer refuses these
+        raise CorruptCheckpointError(f"an int of {node.bit_length()} bits in the state tree")
     if node is None or isinstance(node, (bool, int, float, str)):
         return node
     if isinstance(node, list):
@@ -366,9 +373,46 @@ def _decode_dtensor(node: dict[str, Any], n_tensors: int) -> DTensorRef:
         or not all(isinstance(p, str) and _PLACEMENT.fullmatch(p) for p in placements)
         or any(p != "R" and int(p[1:]) >= len(shape) for p in placements)
         or any(o > d for o, d in zip(offset, shape, strict=True))
+        or math.prod(mesh) > MAX_MESH_CELLS
     ):
         raise CorruptCheckpointError("bad dtensor node")
     return DTensorRef(i, shape, offset, tuple(placements), mesh)
+
+
+def shape_extent(itemsize: int, shape: Iterable[int]) -> int:
+    """Bytes spanned by a C-contiguous tensor of ``shape`` if every 0 dimension were 1.
+
+    This bounds the strides torch computes for the shape (the largest is the product of the
+    trailing dimensions, each counted as at least 1), so a zero-size tensor of dims near
+    2**50 cannot overflow them; for a tensor with elements it is its size in bytes.
+    """
+    n = itemsize
+    for d in shape:
+        n *= max(d, 1)
+    return n
+
+
+def _check_dtensors(node: Any, tensors: tuple[TensorEntry, ...], what: str) -> None:
+    """Every DTensor of a decoded tree fits its local tensor: the same number of dimensions,
+    the shard inside the global shape, and the global shape within the byte limit."""
+    if isinstance(node, DTensorRef):
+        local = tensors[node.index]
+        if len(local.shape) != len(node.shape):
+            raise CorruptCheckpointError(
+                f"{what}: a DTensor of {len(node.shape)} dimensions whose local tensor has {len(local.shape)}"
+            )
+        if any(o + n > d for o, n, d in zip(node.offset, local.shape, node.shape, strict=True)):
+            raise CorruptCheckpointError(f"{what}: a DTensor shard that lies outside its global shape")
+        if shape_extent(local.dtype.itemsize, node.shape) > MAX_TOTAL_BYTES:
+            raise CorruptCheckpointError(f"{what}: a DTensor whose global shape is over the size limit")
+    elif isinstance(node, StatefulRecord):
+        _check_dtensors(node.state, tensors, what)
+    elif isinstance(node, dict):  # keys hold no tensors: decode_tree refuses them there
+        for v in node.values():
+            _check_dtensors(v, tensors, what)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            _check_dtensors(v, tensors, what)
 
 
 def _list(v: Any) -> list[Any]:
@@ -469,7 +513,7 @@ def decode_record(raw: bytes, what: str) -> dict[str, Any]:
     if checksum(body).encode("ascii") != digest:
         raise CorruptCheckpointError(f"{what}: record checksum mismatch")
     try:
-        obj = json.loads(body, parse_constant=_reject_constant)
+        obj = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{what}: not valid JSON") from exc
     if not isinstance(obj, dict):
@@ -479,6 +523,15 @@ def decode_record(raw: bytes, what: str) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"non-finite constant {name} in record")
+
+
+def _finite_float(text: str) -> float:
+    """JSON numbers with a fraction or exponent: ``1e400`` is valid JSON, but Python reads it
+    as ``inf``, which no writer produces (they tag non-finite floats in the state tree)."""
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"non-finite number {text[:40]} in record")
+    return v
 
 
 def encode_manifest(m: Manifest) -> bytes:
@@ -529,9 +582,12 @@ def _decode_lineage(obj: dict[str, Any], what: str) -> tuple[int, str, str]:
 
 
 def _time(obj: dict[str, Any], what: str) -> float:
+    """``created_unix``: a JSON int or float in ``[0, MAX_CREATED_UNIX]``.  The comparisons are
+    exact for ints of any size and false for NaN, so nothing here can overflow (``float()``
+    of a 400-digit int would)."""
     v: Any = obj.get("created_unix")
-    if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
-        raise CorruptCheckpointError(f"{what}: bad created_unix")
+    if type(v) not in (int, float) or not 0 <= v <= MAX_CREATED_UNIX:
+        raise CorruptCheckpointError(f"{what}: bad created_unix {str(v)[:40]}")
     return float(v)
 
 
@@ -586,7 +642,9 @@ def decode_manifest(
     tensors = tuple(_decode_tensor(t, total, what) for t in raw_tensors)
     _check_coverage(tensors, ordered, what)
     tree = obj.get("tree")
-    decode_tree(tree, len(tensors))  # validate now; callers decode again when they need it
+    # validate now (callers decode again when they need it): the tree, and its DTensors
+    # against the tensor table
+    _check_dtensors(decode_tree(tree, len(tensors)), tensors, what)
     gen, storage, run = _decode_lineage(obj, what)
     return Manifest(step, rank, world, node, created, total, tensors, chunks, tree, gen, storage, run)
 
@@ -634,6 +692,8 @@ def _decode_tensor(t: Any, total: int, what: str) -> TensorEntry:
     ):
         raise CorruptCheckpointError(f"{what}: bad tensor shape")
     dtype = DTYPES[name]
+    if shape_extent(dtype.itemsize, shape) > MAX_TOTAL_BYTES:  # zero-size ones included
+        raise CorruptCheckpointError(f"{what}: tensor shape over the size limit")
     nbytes = tensor_nbytes(dtype, shape)
     if type(offset) is not int or offset < 0 or offset + nbytes > total:
         raise CorruptCheckpointError(f"{what}: tensor bytes outside the shard")
@@ -659,6 +719,9 @@ def _decode_chunk(
         raise CorruptCheckpointError(f"{what}: chunk outside the shard or unknown codec")
     if codec == CODEC_RAW and stored != nbytes:
         raise CorruptCheckpointError(f"{what}: raw chunk with stored size != size")
+    if codec != CODEC_RAW and (nbytes == 0 or nbytes % _codec_group(codec)):
+        # the writer byte-groups only whole elements, and stores empty chunks raw
+        raise CorruptCheckpointError(f"{what}: a {codec} chunk of {nbytes} bytes")
     if stored > nbytes + (nbytes >> 7) + 4096:  # zstd never expands by more than this
         raise CorruptCheckpointError(f"{what}: chunk stored larger than any codec produces")
     if not isinstance(digest, str) or not (
@@ -666,6 +729,11 @@ def _decode_chunk(
     ):
         raise CorruptCheckpointError(f"{what}: bad chunk checksum")
     return ChunkEntry(key, at, offset, nbytes, stored, codec, digest)
+
+
+def _codec_group(codec: str) -> int:
+    """The byte-group size of a codec id that matches :data:`CODEC_PATTERN` (1: none)."""
+    return int(codec[7]) if codec.startswith("zstd-bg") else 1
 
 
 def _check_coverage(tensors: tuple[TensorEntry, ...], chunks: list[ChunkEntry], what: str) -> None:

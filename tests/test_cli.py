@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 import flashckpt
-from tests.conftest import chunk_paths
+from flashckpt import format as fmt
+from flashckpt.cli import main
+from tests.conftest import SHM, chunk_paths
+from tests.hostile.cases import CASES, Case
+from tests.hostile.tree import Step, state_for
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("flashckpt", path=str(Path(sys.executable).parent))
     cmd = [exe] if exe else [sys.executable, "-m", "flashckpt.cli"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+    # the console script of an editable install imports the checkout it was installed from:
+    # put this one first, so that a worktree's tests run its own code
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_ls_and_verify_raw_and_compressed(tmp_path: Path, shm_dir: Path) -> None:
@@ -43,3 +60,129 @@ def test_ls_and_verify_raw_and_compressed(tmp_path: Path, shm_dir: Path) -> None
         bad = _cli("verify", str(root))
         assert bad.returncode == 1 and "step 4: CORRUPT" in bad.stdout and "step 3: ok" in bad.stdout
         assert _cli("verify", str(root), "--step", "9").returncode == 2
+
+
+# --------------------------------------------------------------------------------------------
+# hostile trees: report the bad step, go on with the others, never a traceback
+
+
+@pytest.fixture(scope="module")
+def base_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Steps 0, 1 and 2 of tests/hostile's state, saved once for the module."""
+    root = tmp_path_factory.mktemp("cli") / "storage"
+    memory = (SHM or tmp_path_factory.getbasetemp()) / f"flashckpt-test-{uuid.uuid4().hex[:12]}"
+    try:
+        with flashckpt.Checkpointer(root, memory_dir=memory, keep=None) as ckpt:
+            for step in range(3):
+                ckpt.save(step, state_for(step))
+    finally:
+        shutil.rmtree(memory, ignore_errors=True)
+    yield root
+
+
+@pytest.fixture
+def tree(base_tree: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "storage"
+    shutil.copytree(base_tree, root)
+    return root
+
+
+def _hostile(root: Path, case: Case, step: int = 1) -> None:
+    s = Step(root, step)
+    case.apply(s)
+    s.write()
+
+
+def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in CASES])
+def test_hostile_step_is_reported_and_the_others_checked(
+    tree: Path, case: Case, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _hostile(tree, case)
+    if case.limit is not None:
+        monkeypatch.setattr(fmt, "MAX_RECORD_BYTES", case.limit)
+    code, out, err = _main(capsys, "verify", str(tree))
+    assert code == 1, out + err
+    lines = out.splitlines()
+    assert lines[0] == "step 0: ok" and lines[2] == "step 2: ok", out
+    assert lines[1].startswith("step 1: CORRUPT: ") and len(lines) == 3, out
+    assert "Traceback" not in err
+
+    code, out, err = _main(capsys, "ls", str(tree), "--json")
+    rows = json.loads(out)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["error"] is None and rows[2]["error"] is None
+    assert rows[0]["bytes"] == rows[2]["bytes"] > 0
+    if case.refused_by == "load":  # the records are valid: only reading the step finds it out
+        assert code == 0 and rows[1]["error"] is None, err
+    else:
+        assert code == 1 and rows[1]["error"].startswith("CORRUPT: "), rows[1]
+        assert err.count("\n") == 1 and err.startswith("flashckpt: step 1: CORRUPT: "), err
+
+
+def test_console_script_on_a_hostile_tree(tree: Path) -> None:
+    """The real console script: exit codes, one line per problem, no traceback."""
+    _hostile(tree, next(c for c in CASES if c.name == "manifest-created-400-digit-int"), step=2)
+    _hostile(tree, next(c for c in CASES if c.name == "zstd-frame-declares-1TiB"), step=1)
+    ls = _cli("ls", str(tree))
+    assert ls.returncode == 1, ls.stdout + ls.stderr
+    assert ls.stdout.split()[3:6] == ["0", "1", "2"] or "CORRUPT" in ls.stdout, ls.stdout
+    assert ls.stderr.count("\n") == 1 and "step 2: CORRUPT" in ls.stderr and "Traceback" not in ls.stderr
+    verify = _cli("verify", str(tree))
+    assert verify.returncode == 1, verify.stdout + verify.stderr
+    assert verify.stdout.splitlines()[0] == "step 0: ok"
+    assert verify.stdout.splitlines()[1].startswith("step 1: CORRUPT: ")
+    assert verify.stdout.splitlines()[2].startswith("step 2: CORRUPT: ")
+    assert "Traceback" not in verify.stderr
+
+
+def test_usage_and_access_errors_exit_2_with_one_line(tmp_path: Path) -> None:
+    missing = _cli("verify", str(tmp_path / "no-such-run"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert "Traceback" not in missing.stderr and not (tmp_path / "no-such-run").exists()
+    scheme = _cli("ls", "nosuchscheme://bucket/run")
+    assert scheme.returncode == 2 and scheme.stderr.count("\n") == 1 and "Traceback" not in scheme.stderr
+    usage = _cli("verify")
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+def test_any_error_is_one_line_and_exit_2(
+    tree: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flashckpt.cli as cli
+
+    def boom(*_args: object) -> list[int]:
+        raise RuntimeError("first line\nsecond line\x1b[31m")
+
+    monkeypatch.setattr(cli, "committed_steps", boom)
+    for cmd in ("ls", "verify"):
+        code, out, err = _main(capsys, cmd, str(tree))
+        assert code == 2 and out == "", (out, err)
+        assert err == "flashckpt: RuntimeError: first line\\nsecond line\\x1b[31m\n", err
+
+
+def test_an_unexpected_error_in_one_step_exits_2_after_checking_the_others(
+    tree: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flashckpt._reshard as reshard
+
+    real = reshard.read_committed_manifest
+
+    def flaky(be: Any, step: int, *args: Any) -> Any:
+        if step == 1:
+            raise ValueError("not a corruption")
+        return real(be, step, *args)
+
+    monkeypatch.setattr(reshard, "read_committed_manifest", flaky)
+    code, out, _err = _main(capsys, "verify", str(tree))
+    assert code == 2
+    assert out.splitlines() == ["step 0: ok", "step 1: ERROR (ValueError): not a corruption", "step 2: ok"]
+    # a corrupt step as well: 2 still wins (not every step could be checked)
+    _hostile(tree, next(c for c in CASES if c.name == "zstd-bg2-odd-size"), step=2)
+    code, out, _err = _main(capsys, "verify", str(tree))
+    assert code == 2 and out.splitlines()[2].startswith("step 2: CORRUPT: ")

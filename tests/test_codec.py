@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import struct
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
+import zstandard
 
 from flashckpt._codec import RAW, Compression, decode, encode, is_known
 from flashckpt.errors import ConfigError, CorruptCheckpointError
@@ -60,6 +65,64 @@ def test_compression_spec() -> None:
     assert Compression.parse(None).level is None
     assert Compression.parse("zstd").level == 1
     assert Compression.parse("zstd:7").level == 7
-    for bad in ("gzip", "zstd:", "zstd:99", "zstd:x", 3):
+    for bad in ("gzip", "zstd:", "zstd:99", "zstd:x", 3, "zstd\n", "zstd:3\n"):
         with pytest.raises(ConfigError):
             Compression.parse(bad)  # type: ignore[arg-type]
+
+
+def _frame(content_size: int, payload: bytes) -> bytes:
+    """A zstd frame whose header declares ``content_size`` bytes, ``payload`` as a raw block."""
+    header = b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + struct.pack("<Q", content_size)
+    return header + (1 | len(payload) << 3).to_bytes(3, "little") + payload
+
+
+def _good(codec: str, n: int) -> bytes:
+    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    got, stored = encode(memoryview(data), int(codec[7]) if "bg" in codec else 1, Compression(1))
+    assert got == codec
+    return bytes(stored)
+
+
+BAD_INPUTS: list[Any] = [
+    # a header that declares more than the chunk holds: the decompressor would allocate it
+    pytest.param("zstd/1", _frame(1 << 40, b"abcd"), 4096, id="frame-declares-1TiB"),
+    pytest.param("zstd/1", _frame(1 << 62, b"abcd"), 4096, id="frame-declares-2**62"),
+    pytest.param("zstd/1", _frame(2**64 - 2, b"abcd"), 4096, id="frame-declares-2**64-2"),
+    pytest.param("zstd/1", _frame(4097, b"a" * 4097), 4096, id="frame-declares-one-more"),
+    pytest.param("zstd/1", _frame(4095, b"a" * 4095), 4096, id="frame-declares-one-less"),
+    pytest.param("zstd/1", _frame(1 << 40, b""), 0, id="empty-chunk-frame-declares-1TiB"),
+    pytest.param("zstd/1", b"", 4096, id="empty-stored"),
+    pytest.param("zstd/1", b"\x28\xb5\x2f\xfd", 4096, id="magic-only"),
+    pytest.param("zstd/1", b"\x50\x2a\x4d\x18" + bytes(8), 4096, id="skippable-frame"),
+    pytest.param("zstd/1", bytes(64), 4096, id="zeros"),
+    pytest.param("zstd-bg2/1", _good("zstd-bg2/1", 4096), 4095, id="bg2-odd-size"),
+    pytest.param("zstd-bg4/1", _good("zstd-bg4/1", 4096), 4094, id="bg4-size-not-multiple"),
+    pytest.param("zstd-bg8/1", _good("zstd-bg8/1", 4096), 4092, id="bg8-size-not-multiple"),
+    pytest.param("zstd-bg8/1", _good("zstd-bg8/1", 4096), 0, id="bg8-empty"),
+    pytest.param("zstd/1", _good("zstd/1", 4096), 0, id="zstd-into-nothing"),
+    pytest.param("zstd-bg3/1", _good("zstd/1", 4096), 4096, id="codec-bg3"),
+    pytest.param("zstd/1\n", _good("zstd/1", 4096), 4096, id="codec-trailing-newline"),
+    pytest.param(None, _good("zstd/1", 4096), 4096, id="codec-none"),
+    pytest.param(["zstd/1"], _good("zstd/1", 4096), 4096, id="codec-list"),
+    pytest.param("raw/1", b"abc", 4, id="raw-short"),
+    pytest.param("raw/1", b"abcde", 4, id="raw-long"),
+]
+
+
+@pytest.mark.parametrize(("codec", "stored", "n"), BAD_INPUTS)
+def test_decode_refuses_any_bad_input_with_corrupt_only(codec: Any, stored: bytes, n: int) -> None:
+    with pytest.raises(CorruptCheckpointError):
+        decode(codec, stored, memoryview(bytearray(n)))
+
+
+@pytest.mark.parametrize("codec", ["zstd/1", "zstd-bg2/1", "zstd-bg4/1", "zstd-bg8/1"])
+def test_decode_accepts_a_frame_without_a_declared_size(codec: str) -> None:
+    data = bytes(range(256)) * 16
+    group = int(codec[7]) if "bg" in codec else 1
+    planes = np.ascontiguousarray(np.frombuffer(data, dtype=np.uint8).reshape(-1, group).T).tobytes()
+    stored = zstandard.ZstdCompressor(write_content_size=False).compress(planes)
+    out = bytearray(len(data))
+    decode(codec, stored, memoryview(out))
+    assert out == data
+    with pytest.raises(CorruptCheckpointError):  # and the size still must match
+        decode(codec, stored, memoryview(bytearray(len(data) + 8)))

@@ -490,7 +490,103 @@ MANIFEST_CASES: list[Any] = [
     pytest.param(_tree_is({"T": "device", "v": "cuda:-1"}), id="device-negative-index"),
     pytest.param(_tree_is({"T": "device", "v": "cuda:" + "9" * 30}), id="device-huge-index"),
     pytest.param(_tree_is({"T": "device", "v": 0}), id="device-int"),
+    # reliability-2026-11 M5, H1, L9: accepted by the decoder, then a bare error in restore/load
+    pytest.param(_set(("created_unix",), 10**400), id="created-400-digit-int"),
+    pytest.param(_set(("created_unix",), 2**53 + 1), id="created-over-2**53"),
+    pytest.param(_set(("created_unix",), -0.5), id="created-negative"),
+    pytest.param(_set(("created_unix",), False), id="created-bool"),
+    pytest.param(_many(_set(("chunks", 0, 3), 1023), _set(("chunks", 0, 5), "zstd-bg2/1")), id="bg2-odd"),
+    pytest.param(
+        _many(_set(("chunks", 0, 3), 1022), _set(("chunks", 0, 5), "zstd-bg4/1")), id="bg4-not-mult"
+    ),
+    pytest.param(
+        _many(_set(("chunks", 0, 3), 1020), _set(("chunks", 0, 5), "zstd-bg8/1")), id="bg8-not-mult"
+    ),
+    pytest.param(
+        _many(_set(("chunks", 1, 3), 0), _set(("chunks", 1, 5), "zstd/1"), _set(("total_bytes",), 8192)),
+        id="zstd-chunk-of-0-bytes",
+    ),
+    pytest.param(_set(("tensors", 2, 1), [0, 1 << 50, 1 << 50]), id="zero-size-dims-2**50"),
+    pytest.param(_set(("tensors", 2, 1), [1 << 40, 1 << 40, 0]), id="zero-size-strides-over-int64"),
+    pytest.param(_set(("tensors", 2, 1), [0, 1 << 49, 4]), id="zero-size-extent-over-limit"),
+    pytest.param(_tree_is(10**3000), id="tree-int-over-8000-bits"),
+    pytest.param(_tree_is({"T": "tuple", "v": [-(10**3000)]}), id="tree-negative-int-over-8000-bits"),
 ]
+
+
+def _dtensor_tree(**fields: Any) -> Mutation:
+    """Tensor 0 (4x4 float32) as the shard of a DTensor; ``fields`` override the valid node."""
+    node = {"T": "dtensor", "i": 0, "shape": [8, 4], "offset": [4, 0], "placements": ["S0"], "mesh": [2]}
+    return _tree_is({"T": "dict", "k": ["w"], "v": [{**node, **fields}]})
+
+
+DTENSOR_CASES: list[Any] = [
+    pytest.param(_dtensor_tree(shape=[8, 4, 1], offset=[4, 0, 0]), id="global-ndim-above-local"),
+    pytest.param(_dtensor_tree(shape=[32], offset=[16]), id="global-ndim-below-local"),
+    pytest.param(_dtensor_tree(offset=[5, 0]), id="shard-past-global-end"),
+    pytest.param(_dtensor_tree(shape=[8, 3]), id="shard-wider-than-global"),
+    pytest.param(_dtensor_tree(shape=[1 << 25, 1 << 25], offset=[0, 0]), id="global-over-2**50-bytes"),
+    pytest.param(_dtensor_tree(shape=[1 << 50, 1 << 50], offset=[0, 0]), id="global-over-int64"),
+    pytest.param(_dtensor_tree(mesh=[1 << 20, 2], placements=["S0", "R"]), id="mesh-cells-over-world"),
+    pytest.param(
+        _tree_is(
+            {
+                "T": "stateful",
+                "kind": "x",
+                "v": [
+                    {"T": "dtensor", "i": 0, "shape": [4], "offset": [0], "placements": ["R"], "mesh": [1]}
+                ],
+            }
+        ),
+        id="nested-in-stateful-list",
+    ),
+]
+
+
+@pytest.mark.parametrize("mutate", DTENSOR_CASES)
+def test_dtensor_must_fit_its_local_tensor(mutate: Mutation) -> None:
+    body = _body()
+    mutate(body)
+    with pytest.raises(flashckpt.CorruptCheckpointError):
+        _decode(encode_record(body))
+
+
+def test_valid_dtensors_and_limits_are_accepted() -> None:
+    """The new checks are not off by one: what the writer can produce still decodes."""
+    for fields in ({}, {"offset": [0, 0], "shape": [4, 4], "mesh": [1]}, {"shape": [8, 4], "offset": [4, 0]}):
+        body = _body()
+        _dtensor_tree(**fields)(body)
+        assert isinstance(_decode(encode_record(body)).state_tree()["w"], fmt.DTensorRef)
+    body = _body()
+    body["created_unix"] = 2**53
+    body["tensors"][2][1] = [0, 1 << 48, 4]  # 2**50 bytes of extent: at the limit
+    body["chunks"][0][3:6] = [1024, 900, "zstd-bg8/1"]
+    body["tree"] = {"T": "tuple", "v": [2**7999, -(2**7999), 1.5e308]}
+    m = _decode(encode_record(body))
+    assert m.created_unix == 2.0**53 and m.chunks[0].codec == "zstd-bg8/1"
+
+
+@pytest.mark.parametrize("where", ["created_unix", "tree", "version", "step", "chunk-size"])
+@pytest.mark.parametrize("text", ["1e400", "-1e400", "1E999", "1234567890e300"])
+def test_non_finite_json_numbers_are_refused_anywhere(where: str, text: str) -> None:
+    """docs/format.md: JSON numbers that Python reads as inf are refused wherever they are."""
+    body = _body()
+    target = {
+        "created_unix": ("created_unix",),
+        "tree": ("tree",),
+        "version": ("version",),
+        "step": ("step",),
+        "chunk-size": ("chunks", 0, 3),
+    }[where]
+    _set(target, "@n@")(body)
+    raw = _with_trailer(json.dumps(body, separators=(",", ":")).replace('"@n@"', text).encode())
+    with pytest.raises(flashckpt.CorruptCheckpointError):
+        _decode(raw)
+    commit = _commit_body()
+    commit["created_unix"] = "@n@"
+    raw = _with_trailer(json.dumps(commit).replace('"@n@"', text).encode())
+    with pytest.raises(flashckpt.CorruptCheckpointError):
+        _decode_c(raw)
 
 
 @pytest.mark.parametrize("mutate", MANIFEST_CASES)
@@ -601,6 +697,10 @@ COMMIT_CASES: list[Any] = [
     pytest.param(_set(("manifests", 0, 2), 5), id="digest-int"),
     pytest.param(_set(("created_unix",), "now"), id="created-str"),
     pytest.param(_delete("created_unix"), id="created-missing"),
+    pytest.param(_set(("created_unix",), 10**400), id="created-400-digit-int"),  # H1's record trigger
+    pytest.param(_set(("created_unix",), -(10**400)), id="created-negative-400-digit-int"),
+    pytest.param(_set(("created_unix",), 2**64), id="created-2**64"),
+    pytest.param(_set(("created_unix",), True), id="created-bool"),
 ]
 
 

@@ -7,6 +7,8 @@ import fcntl
 import os
 import shutil
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,21 @@ from flashckpt.format import UNSEALED, encode_manifest, memory_manifest_key
 from tests.conftest import make_state
 
 SECRET = b"s" * 32
+
+
+def _recv_all(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        got = sock.recv(n - len(out))
+        assert got, "closed early"
+        out += got
+    return out
+
+
+def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _snapshot(dirs: dict[str, Path]) -> tuple[flashckpt.Checkpointer, bytes]:
@@ -84,12 +101,14 @@ def test_a_connection_without_the_jobs_secret_is_refused(dirs: dict[str, Path]) 
                 ckpt._stager.slots[0].view,
                 flashckpt.Options(),
             )
-        # a raw client that sends a request instead of answering the challenge gets nothing
+        # a raw client that sends a request instead of proving the secret gets nothing
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-            sock.recv(32)
-            sock.sendall(b'{"op": "get", "shard": "r00000-of-00002", "step": 3}'.ljust(32))
+            sock.sendall(b"flashckpt-mirror/2" + os.urandom(32))
+            _recv_all(sock, len(b"flashckpt-mirror/2") + 64)  # the server's nonce and proof
+            sock.sendall(b'{"op": "get", "shard": "r00000-of-00002", "step": 3}'[:32])
             reply = sock.recv(1 << 16)
             assert b"refused" in reply and b"ok" not in reply.replace(b"refused", b"")
+        _until(lambda: server.refused == 2)  # counted by the connections' threads
         assert server.refused == 2
         assert server.holdings() == {}
     finally:

@@ -512,3 +512,75 @@ def test_a_backend_opened_by_the_checkpointer_is_closed(dirs: dict[str, Path]) -
         storage_close = storage.close
         storage.close = lambda: (closed.append("storage"), storage_close())  # type: ignore[method-assign]
     assert closed == ["storage"]
+
+
+# -- H5: a failed deduplicated save -------------------------------------------------------------
+
+
+def _dedup_worker(rank: int, init: str, storage: str, memory: str, out: str) -> None:
+    """Two ranks holding the same state, deduplicated saves.  On rank 0 the first chunk write
+    of step 1 is slow (it reads the slot 1.5 s late) and the second fails at once."""
+    import json
+    from datetime import timedelta
+
+    from flashckpt.backends import Fault, FaultPlan, FaultyBackend
+    from flashckpt.errors import StorageFullError
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    be: Any = LocalBackend(storage)
+    if rank == 0:
+        plan = FaultPlan(
+            [
+                Fault(op="put", key_contains="chunks/", after=0, times=1, error=None, delay_s=1.5),
+                Fault(op="put", key_contains="chunks/", after=0, times=1, error=StorageFullError),
+            ]
+        )
+        be = FaultyBackend(be, plan)
+    opts = flashckpt.Options(chunk_bytes=MiB, dedup_replicated=True, coord_timeout_s=60.0, retries=1)
+    ckpt = flashckpt.Checkpointer(be, memory_dir=f"{memory}/rank{rank}", options=opts, keep=None)
+    state = _state(1)  # the same on both ranks, and unchanged between steps
+    took = {}
+    for step in (1, 2, 3, 4):
+        t0 = time.monotonic()
+        h = ckpt.save(step, state)
+        assert h is not None
+        try:
+            h.wait(timeout=120)
+        except flashckpt.FlashCkptError:
+            pass
+        took[step] = (time.monotonic() - t0, sorted({f.tier for f in h.failures}))
+    ckpt.close(_raise=False)
+    Path(f"{out}/rank{rank}.json").write_text(json.dumps(took))
+    torch.distributed.destroy_process_group()
+    os._exit(0)  # skip finalization: torch's gloo teardown race (pytorch/pytorch#179291)
+
+
+@pytest.mark.subprocess
+def test_a_failed_deduplicated_save_waits_for_its_writes_and_tells_the_other_ranks(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    """H5: a failed owned chunk made rank 0 release its slot while another of its writes still
+    read it (a later save's bytes then landed under the old chunk's content address), and it
+    never published its chunk entries: rank 1 waited out the whole coordination timeout."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    storage = tmp_path / "storage"
+    args = (f"file://{tmp_path / 'rdzv'}", str(storage), str(shm_dir), str(tmp_path))
+    mp.start_processes(_dedup_worker, args=args, nprocs=2, join=True, start_method="spawn")
+    took = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # step 1 failed on the storage tier of both ranks, and rank 1 learned it at once
+    assert took[0]["1"][1] == ["storage"] and took[1]["1"][1] == ["storage"]
+    assert took[1]["1"][0] < 30, took
+    # the later steps are committed, and every chunk of every committed step is intact
+    for step in (2, 3, 4):
+        assert took[0][str(step)][1] == [] and took[1][str(step)][1] == []
+        for rank in (0, 1):
+            got = flashckpt.load(storage, step=step, rank=rank, options=OPTS)
+            assert _equal(got, _state(1))
+    from flashckpt.cli import main as cli
+
+    assert cli(["verify", str(storage)]) == 0
