@@ -779,6 +779,7 @@ class Campaign:
         self, out: Path, work: Path, grace: float, timeout: float, keep_failed: int, mutant: str | None = None
     ) -> None:
         self.mutant = mutant
+        self.keep_logs = False  # keep every trial's logs and records (in DIR/kept/), not only failures
         self.out = out
         self.work = work
         self.grace = grace
@@ -857,9 +858,9 @@ class Campaign:
                     )
         self.refs[key] = finals
 
-    def _keep(self, dirs: Dirs, name: str) -> None:
+    def _keep(self, dirs: Dirs, name: str, where: str = "failures") -> None:
         """Keep a failed trial's logs and records (and its directories, for the first few)."""
-        dest = self.out / "failures" / name
+        dest = self.out / where / name
         dest.mkdir(parents=True, exist_ok=True)
         kept = len(list((self.out / "failures").glob("*/tree")))
         for p in dirs.base.glob("out*/*"):
@@ -898,10 +899,10 @@ class Campaign:
         finally:
             with contextlib.suppress(Exception):
                 kill_all(dirs.tag, [])
-            if res["failures"]:
+            if res["failures"] or self.keep_logs:
                 with contextlib.suppress(Exception):
                     (dirs.base / "out0" / "result.json").write_text(json.dumps(res, indent=1, default=str))
-                    self._keep(dirs, f"t{seed}")
+                    self._keep(dirs, f"t{seed}", "failures" if res["failures"] else "kept")
             dirs.remove()
         res["wall_s"] = round(time.monotonic() - t0, 1)
         res["ok"] = res["fired"] is not False and not res["failures"]
@@ -1129,6 +1130,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="per attempt")
     ap.add_argument("--keep-failed", type=int, default=5, help="failed trials kept whole")
     ap.add_argument(
+        "--keep-logs", action="store_true", help="keep every trial's logs (DIR/kept/), not only failures'"
+    )
+    ap.add_argument(
         "--mutant",
         choices=MUTANTS,
         help="check the campaign itself: make every trial's restart go wrong the way a defect would",
@@ -1136,6 +1140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="crashcamp-"))
     camp = Campaign(args.out, work, args.grace, args.timeout, args.keep_failed, args.mutant)
+    camp.keep_logs = args.keep_logs
     results: list[dict[str, Any]] = []
     if args.trial_seed:
         seeds = iter(args.trial_seed)
