@@ -726,13 +726,35 @@ def notable_lines(out: Path, most: int = 20) -> list[str]:
                     and (lines[k][len(prefix) :].startswith((" ", "File")) or lines[k] == prefix.strip())
                 ):
                     k += 1
-                line = "exception: " + (lines[k] if k < len(lines) else "?")
+                ours = any("/flashckpt/" in x or "/backends/" in x for x in lines[i + 1 : k])
+                line = ("exception in flashckpt: " if ours else "exception: ") + (
+                    lines[k] if k < len(lines) else "?"
+                )
             elif "flashckpt:" not in line:
                 continue
             line = line.strip()
             if line[:300] not in seen:
                 seen.append(line[:300])
     return seen[:most]
+
+
+#: Exceptions of torchrun's agent when the job ends (not the library's).
+_AGENT_EXCEPTION = re.compile(r"ChildFailedError|DistNetworkError|torch/distributed/elastic|SignalException")
+_EXCEPTION = re.compile(r"^exception[^:]*: (\[rank\d+\]: )?[\w.]*(Error|Exception|Interrupt)\b")
+
+
+def late_failures(res: dict[str, Any]) -> list[str]:
+    """Failures read from a trial's record after the fact: an exception that escaped the
+    library in the restarted run (a thread that died, a call that raised)."""
+    out = []
+    for line in res.get("log1", []):
+        if line.startswith("exception in flashckpt:") or (
+            _EXCEPTION.match(line) and not _AGENT_EXCEPTION.search(line)
+        ):
+            why = f"an exception escaped the library in the restarted run: {line}"
+            if why not in res["failures"] and why not in out:
+                out.append(why)
+    return out
 
 
 def memory_left(memory: Path) -> list[str]:
@@ -967,6 +989,7 @@ class Campaign:
         # attempt 1: the whole job again, to the end
         ok, why = run_clean(dirs, 1, plan.settings, self.timeout)
         res["log1"] = notable_lines(out1)
+        res["failures"] += late_failures(res)
         attempts = {}
         for r in range(WORLD):
             p = out1 / f"attempt0-rank{r}.json"
@@ -1069,13 +1092,13 @@ def summarize(
 
 
 def markdown(summary: dict[str, Any], seed: int | None) -> str:
-    head = "| | trials | resumed at newest | bitwise equal | clean end | steps lost: total | max | distr. |"
-    rows = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    head = "| | trials | failed | resumed at newest | bitwise equal | clean end | steps lost | max | distr. |"
+    rows = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def row(name: str, f: dict[str, Any]) -> str:
         dist = ", ".join(f"{k}: {v}" for k, v in f["steps_lost_distribution"].items())
         return (
-            f"| {name} | {f['trials']} | {f['resumed_at_newest']} | {f['bitwise_equal']} | "
+            f"| {name} | {f['trials']} | {f['failed']} | {f['resumed_at_newest']} | {f['bitwise_equal']} | "
             f"{f['clean_end']} | {f['steps_lost_total']} | {f['steps_lost_max']} | {dist} |"
         )
 
@@ -1137,7 +1160,29 @@ def main(argv: list[str] | None = None) -> int:
         choices=MUTANTS,
         help="check the campaign itself: make every trial's restart go wrong the way a defect would",
     )
+    ap.add_argument(
+        "--resummarize",
+        action="store_true",
+        help="only rebuild DIR's summary from DIR/trials.jsonl (with the checks of this version)",
+    )
     args = ap.parse_args(argv)
+    if args.resummarize:
+        results = [json.loads(line) for line in (args.out / "trials.jsonl").read_text().splitlines()]
+        for r in results:
+            r["failures"] = r.get("failures", []) + late_failures(r)
+            r["ok"] = r.get("fired") is not False and not r["failures"]
+        old = (
+            json.loads((args.out / "summary.json").read_text())
+            if (args.out / "summary.json").exists()
+            else {}
+        )
+        summary = summarize(results, old.get("reference_findings"))
+        summary["campaign_wall_s"] = old.get("campaign_wall_s")
+        summary["seed"] = old.get("seed")
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        (args.out / "summary.md").write_text(markdown(summary, summary["seed"]))
+        print(markdown(summary, summary["seed"]))
+        return 1 if summary["failures"] else 0
     work = args.work or Path(tempfile.mkdtemp(prefix="crashcamp-"))
     camp = Campaign(args.out, work, args.grace, args.timeout, args.keep_failed, args.mutant)
     camp.keep_logs = args.keep_logs
