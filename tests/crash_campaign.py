@@ -789,7 +789,9 @@ def verify_finished(dirs: Dirs) -> list[str]:
             if newest is None or newest[1] != last[1]:
                 what = f"is {newest[1]}" if newest else "is none"
                 if name != "storage" or r == 0:
-                    problems.append(f"{name}: the newest committed step {what}, not the last step {last[1]}")
+                    problems.append(
+                        f"{name}: the newest committed step that loads {what}, not the last step {last[1]}"
+                    )
     return problems
 
 
