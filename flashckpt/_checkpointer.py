@@ -40,6 +40,7 @@ from flashckpt import _hooks as hooks
 from flashckpt._codec import Compression
 from flashckpt._config import Options, default_memory_root, node_id, options_from_env
 from flashckpt._coordinator import (
+    Ancestors,
     Order,
     Source,
     abandoned,
@@ -74,6 +75,7 @@ from flashckpt.errors import (
 )
 from flashckpt.format import (
     CODEC_RAW,
+    MAX_ANCESTORS,
     MAX_STEP,
     SHARD_PATTERN,
     ChunkEntry,
@@ -116,7 +118,7 @@ class _RestorePlan:
     snapshot the peers holding a copy of this rank's shard, and the newest generation any
     rank saw anywhere (the next saves are newer than it)."""
 
-    inventory: list[tuple[Tier, list[Order]]]
+    inventory: list[tuple[Tier, dict[Order, Ancestors]]]
     steps: list[Order]
     mirrored: dict[Order, list[int]]
     newest_gen: int
@@ -204,6 +206,7 @@ class Checkpointer:
         self._seq = 0  # saves made so far (after `every`): the same on every rank, names a save
         self._restores = 0  # likewise for restores
         self._prev: int | None = None  # the last step saved or restored: a lower one starts a generation
+        self._ancestors: Ancestors = ()  # where this generation's timeline branched off older ones
         self._unlisted: list[tuple[Tier, StorageError]] = []  # tiers the last inventory could not list
         self._handles: list[SaveHandle] = []
         self._sweeper: threading.Thread | None = None  # removes temporary files killed writers left
@@ -286,6 +289,7 @@ class Checkpointer:
         base = Path(memory_dir) if memory_dir is not None else Path(default_memory_root())
         root = base if memory_dir is not None else base / self._storage_id
         self._memory_dir_given = memory_dir
+        self._trusted_above = base.parent
         self._rank_dir = private_dir(root / shard_name(self._rank, self._world), trusted_above=base.parent)
         self._memory_root = self._rank_dir.parent
         self._lock_fd = self._take_lock()
@@ -380,7 +384,8 @@ class Checkpointer:
         layout = self._stager.layout(flat.tensors)
         # Every rank makes the same saves: these change alike on every rank, whatever fails.
         self._seq += 1
-        if self._prev is not None and step < self._prev:
+        if self._prev is not None and step < self._prev:  # the run continues from step - 1
+            self._ancestors = ((self._gen, step - 1), *self._ancestors)[:MAX_ANCESTORS]
             self._gen += 1
             log.warning("flashckpt: step %d is below step %d: a new timeline starts here", step, self._prev)
         self._prev = step
@@ -425,6 +430,7 @@ class Checkpointer:
             generation=self._gen,
             storage=self._storage_id,
             run=self._run,
+            ancestors=self._ancestors,
         )
 
     def _submit(self, step: int, manifest: Manifest, slot: Slot, force: bool) -> SaveHandle:
@@ -522,7 +528,7 @@ class Checkpointer:
                 assert loaded is not None
                 return self._restored(loaded, plan, state, t0, run)
         self._gen = max(self._gen, plan.newest_gen + 1)
-        self._prev = None
+        self._prev, self._ancestors = None, ()
         self._restore_nothing(want, state, progress)
         return None
 
@@ -560,9 +566,9 @@ class Checkpointer:
         clean = False
         try:
             self._drain()
-            self._persist_last()
+            self._persist_memory_only()
             self._drain()
-            clean = self._last_durable()
+            clean = self._memory_durable()
             self._close_mirrors(clean)
         finally:
             self._persister.close()
@@ -652,12 +658,17 @@ class Checkpointer:
     def _take_lock(self) -> int:
         """The memory tier's ``flock``: refuses a second live Checkpointer on the directory.
 
-        The holder unlinks the file at a clean close while it still holds it, so a process
-        that opened the old file meanwhile gets the lock of an unlinked inode: every taker
-        checks that the file it locked is still the one at the path, else it tries again."""
+        The holder unlinks the file at a clean close while it still holds it (and removes the
+        directory once empty), so a process that opened the old file meanwhile gets the lock
+        of an unlinked inode: every taker checks that the file it locked is still the one at
+        the path, else it makes the directory again if needed and tries again."""
         path = self._rank_dir / "lock"
         for _ in range(100):
-            fd = open_private(path, write=True, create=True)
+            try:
+                fd = open_private(path, write=True, create=True)
+            except FileNotFoundError:  # the directory went with a clean close meanwhile
+                private_dir(self._rank_dir, trusted_above=self._trusted_above)
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -685,23 +696,24 @@ class Checkpointer:
         self._stager.join_prefault()
         self._persister.join()
 
-    def _inventory(self) -> list[tuple[Tier, list[Order]]]:
+    def _inventory(self) -> list[tuple[Tier, dict[Order, Ancestors]]]:
         """The snapshots each tier of this rank holds, cheapest tier first.  A tier that
         cannot be listed counts as empty and is recorded in ``self._unlisted``."""
-        inv: list[tuple[Tier, list[Order]]] = [(self._memory, self._memory_snapshots())]
+        inv: list[tuple[Tier, dict[Order, Ancestors]]] = [(self._memory, self._memory_snapshots())]
         self._unlisted = []
         for tier in self._tiers:
             try:
-                inv.append((tier, [r.order for r in read_commits(tier.backend, self._opts)]))
+                inv.append((tier, {r.order: r.ancestors for r in read_commits(tier.backend, self._opts)}))
             except StorageError as exc:
                 log.warning("flashckpt: cannot list the %s tier (%s): %s", tier.name, tier.backend.url, exc)
                 self._unlisted.append((tier, exc))
-                inv.append((tier, []))
+                inv.append((tier, {}))
         return inv
 
-    def _memory_snapshots(self) -> list[Order]:
-        """Snapshots in this rank's memory tier that belong to this run."""
-        return [m.order for m in self._mem.holdings() if self._ours(m.storage, m.run, str(self._rank_dir))]
+    def _memory_snapshots(self) -> dict[Order, Ancestors]:
+        """Snapshots in this rank's memory tier that belong to this run (with their ancestry)."""
+        where = str(self._rank_dir)
+        return {m.order: m.ancestors for m in self._mem.holdings() if self._ours(m.storage, m.run, where)}
 
     def _ours(self, storage: str, run: str, where: str) -> bool:
         """A memory snapshot (own or a peer's mirror) belongs to this run: saved for this
@@ -859,6 +871,7 @@ class Checkpointer:
         every rank can load, newest first."""
         inventory = self._inventory()
         mine = {o for _, held in inventory for o in held}
+        ancestry = {o: a for _, held in inventory for o, a in held.items()}
         if self._node_lead:
             self._warn_foreign_shards()
         held_here: dict[str, list[list[Any]]] = {}
@@ -867,7 +880,8 @@ class Checkpointer:
             self._mirror_server.claim_orphans(self._memory_root, self._world, self._storage_id)
             held_here = self._mirror_server.snapshots()
         unlisted = [f"rank {self._rank}: {t.name}" for t, _ in self._unlisted]
-        everyone = self._ctl.all_gather([[list(o) for o in sorted(mine)], held_here, unlisted])
+        own = [[o[0], o[1], [list(a) for a in ancestry[o]]] for o in sorted(mine)]
+        everyone = self._ctl.all_gather([own, held_here, unlisted])
         if want is None and any(u for _, _, u in everyone):  # every rank decides alike
             names = ", ".join(x for _, _, u in everyone for x in u)
             raise TransientStorageError(
@@ -885,20 +899,27 @@ class Checkpointer:
             """Snapshots of rank ``r``'s shard in some rank's memory: order -> holders."""
             shard, out = shard_name(r, self._world), dict[Order, list[int]]()
             for q, (_, held, _) in enumerate(everyone):
-                for gen, step, storage, run in held.get(shard, []):
+                for gen, step, storage, run, _anc in held.get(shard, []):
                     if self._ours(storage, run, f"rank {q}'s copies of {shard}"):
                         out.setdefault((int(gen), int(step)), []).append(q)
             return out
 
         def available(r: int) -> set[Order]:
-            return {(int(g), int(s)) for g, s in everyone[r][0]} | set(copies(r))
+            return {(int(g), int(s)) for g, s, _ in everyone[r][0]} | set(copies(r))
 
+        # the ancestry of every snapshot any rank sees (one generation's snapshots agree)
+        known: dict[Order, Ancestors] = {}
+        for own_q, held_q, _ in everyone:
+            rows = [(g, s, a) for g, s, a in own_q] + [(x[0], x[1], x[4]) for v in held_q.values() for x in v]
+            for g, s, a in rows:
+                known.setdefault((int(g), int(s)), tuple((int(x), int(y)) for x, y in a))
         every = [available(r) for r in range(self._world)]
-        # never a snapshot of a timeline the run has left (a fallback must not resume it)
-        common = set.intersection(*every) - abandoned(sorted(set().union(*every)))
-        newest = max(common, default=None)
-        if want is not None:
-            common = {o for o in common if o[1] == want}
+        common = set.intersection(*every)
+        # "latest" is never a snapshot of a timeline the run has left (a fallback must not
+        # resume it); an explicit step is the user's call, and its continuation is the newest
+        left = abandoned([(o, known.get(o, ())) for o in set().union(*every)])
+        newest = max(common - left, default=None)
+        common = common - left if want is None else {o for o in common if o[1] == want}
         mirrored = copies(self._rank)
         if self._ctl.distributed and (mine | set(mirrored)) - common:
             log.info(
@@ -1038,9 +1059,11 @@ class Checkpointer:
                 plan.newest[1],
                 s,
             )
-        # Saves from here on are newer than everything any rank saw (a rollback's included).
+        # Saves from here on are newer than everything any rank saw (a rollback's included),
+        # on a timeline that continues from the restored snapshot.
         self._gen = max(self._gen, plan.newest_gen + 1)
         self._prev = s
+        self._ancestors = (loaded.order, *self._restored_ancestors(loaded, plan))[:MAX_ANCESTORS]
         if run and not self._run_known:
             self._run = run  # the storage tier names no run: continue the restored one's
         self._persister.protect = {s: loaded.order}
@@ -1049,6 +1072,16 @@ class Checkpointer:
         else:  # a fetched copy is in this rank's memory tier now
             self._after_restore(loaded.manifest, loaded.slot, plan.inventory)
         return int(s)
+
+    @staticmethod
+    def _restored_ancestors(loaded: _Loaded, plan: _RestorePlan) -> Ancestors:
+        """The restored snapshot's own ancestry (from its manifest, else the inventory)."""
+        if loaded.manifest is not None:
+            return loaded.manifest.ancestors
+        for _, held in plan.inventory:
+            if loaded.order in held:
+                return held[loaded.order]
+        return ()
 
     def _restore_nothing(self, want: int | None, state: Any, progress: _Progress) -> None:
         """Training thread, every rank (gathers): no step could be restored.  Raise if that is
@@ -1117,7 +1150,9 @@ class Checkpointer:
         reader.restore_into(state, source_rank=self._rank % reader.world)
         return reader.bytes_read
 
-    def _after_restore(self, m: Manifest, slot: Slot, inventory: list[tuple[Tier, list[Order]]]) -> None:
+    def _after_restore(
+        self, m: Manifest, slot: Slot, inventory: list[tuple[Tier, dict[Order, Ancestors]]]
+    ) -> None:
         """Salvage, then prefault the other slot.  Every rank calls this (it gathers).
 
         Snapshots staged in memory but not persisted (the crash came first) are written to the
@@ -1151,11 +1186,11 @@ class Checkpointer:
             writers = self._salvage_shared(order, in_memory, held, todo)
         for o in sorted(todo):
             self._salvage(o, m if o == order else None, slot, todo[o], writers.get(o))
-        if order in todo:
-            self._last = (m.step, slot, True)
-        else:
+        # A restored snapshot counts as persisted: what a tier lacks was salvaged above (the
+        # same decision on every rank: close must never start a shared commit only some do).
+        self._last = (m.step, slot, True)
+        if order not in todo:
             self._stager.release(slot)
-            self._last = (m.step, slot, not missing)
         self._stager.prefault(m.total_bytes)
 
     def _salvage_shared(
@@ -1244,45 +1279,74 @@ class Checkpointer:
             raise
         self._track(handle)
 
-    def _persist_last(self) -> None:
-        """On close: persist the newest snapshot if it lives in memory only."""
-        if self._last is None or self._last[2] or not self._tiers:
+    def _persist_memory_only(self) -> None:
+        """On close: persist the snapshots that live in memory only.
+
+        A multi-rank job persists the last one saved (every rank makes the same saves, so
+        every rank submits the same job: close runs no collective); one process persists
+        every snapshot of its memory tier that a tier lacks (a look at an older step with
+        ``restore(step=...)`` after memory-only saves leaves the newer one there)."""
+        if not self._tiers:
             return
-        step, slot, _ = self._last
-        if slot.step != step or not self._stager.try_acquire(slot):
-            return
+        if not self._ctl.distributed:
+            failed = {h.step for h in self._handles if h.failures}  # reported; not retried here
+            try:
+                for order, tiers in self._not_durable():
+                    if order[1] not in failed:
+                        self._persist_snapshot(order[1], None, tiers)
+                return
+            except FlashCkptError as exc:  # a tier cannot be listed: persist the last one, at least
+                log.warning("flashckpt: cannot tell which snapshots only live in memory: %s", exc)
+        if self._last is not None and not self._last[2]:
+            self._persist_snapshot(self._last[0], self._last[1], list(self._tiers))
+
+    def _not_durable(self) -> list[tuple[Order, list[Tier]]]:
+        """The memory tier's snapshots of this run (not of an abandoned timeline) that are
+        newer than everything a persistent tier holds, oldest first, with those tiers.  (An
+        older one that a tier lacks was retired there, or superseded while it lived in memory
+        only: it is not lost.)  Raises ``StorageError`` if a tier cannot be listed."""
+        memory = self._memory_snapshots()
+        held = {
+            t.name: {r.order: r.ancestors for r in read_commits(t.backend, self._opts)} for t in self._tiers
+        }
+        seen = dict(memory)
+        for h in held.values():
+            seen.update(h)
+        left = abandoned(list(seen.items()))
+
+        def lacking(o: Order) -> list[Tier]:
+            return [t for t in self._tiers if o > max(held[t.name], default=(-1, -1))]
+
+        return [(o, ts) for o in sorted(memory) if o not in left and (ts := lacking(o))]
+
+    def _persist_snapshot(self, step: int, slot: Slot | None, tiers: list[Tier]) -> None:
+        """Training thread, close: hand the memory snapshot of ``step`` (in ``slot`` when the
+        caller knows it) to the persist thread for ``tiers``."""
         try:
             m, holder = self._mem.read(step)
-            if holder is not slot:
+            if slot is not None and holder is not slot:
                 raise CorruptCheckpointError(f"step {step} moved to another slot")
         except (CorruptCheckpointError, StorageError) as exc:
-            self._stager.release(slot)
             log.error("flashckpt: cannot persist step %d on close: %s", step, exc)
             return
-        handle = SaveHandle(step, [t.name for t in self._tiers])
-        self._last = (step, slot, True)
+        if not self._stager.try_acquire(holder):
+            return
+        handle = SaveHandle(step, [t.name for t in tiers])
+        if self._last is not None and self._last[0] == step:
+            self._last = (step, holder, True)
         try:
-            job = Job(
-                m, slot, list(self._tiers), handle, hashed=m.sealed, seq="close", generation=slot.generation
-            )
+            job = Job(m, holder, tiers, handle, hashed=m.sealed, seq="close", generation=holder.generation)
             self._persister.submit(job)
         except BaseException:
-            self._stager.release(slot)
+            self._stager.release(holder)
             raise
         self._track(handle)
 
-    def _last_durable(self) -> bool:
-        """The newest snapshot (the last saved or restored) is committed on every persistent
-        tier: the memory tier may go."""
-        if self._last is None:
-            return True
-        step = self._last[0]
-        for h in self._handles:
-            if h.step == step and h.failures:
-                return False
+    def _memory_durable(self) -> bool:
+        """Every snapshot the memory tier holds for this run is committed on every persistent
+        tier (or lies on an abandoned timeline): the memory tier may go."""
         try:
-            m, _ = self._mem.read(step)
-            return all(m.order in {r.order for r in read_commits(t.backend, self._opts)} for t in self._tiers)
+            return not self._not_durable()
         except FlashCkptError:
             return False
 

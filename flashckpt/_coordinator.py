@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -256,23 +256,37 @@ class Source:
     generation: int = 0
 
 
-def abandoned(orders: Sequence[Order]) -> set[Order]:
-    """The snapshots among ``orders`` that lie on a timeline the run left: ``(g, s)`` such
-    that a newer generation holds a lower step (``(g', s')``, ``g' > g``, ``s' < s``), so it
-    branched off below ``s``.  (A newer generation whose every snapshot is above ``s`` may
-    have branched off below ``s`` too; then ``(g, s)`` is older than all of them, and only a
-    fallback past all of them could reach it.)"""
-    out: set[Order] = set()
-    lowest_newer = None  # the lowest step of any generation newer than the one at hand
-    for gen in sorted({g for g, _ in orders}, reverse=True):
-        steps = [s for g, s in orders if g == gen]
-        if lowest_newer is not None:
-            out.update((gen, s) for s in steps if s > lowest_newer)
-        lowest_newer = min(steps) if lowest_newer is None else min(lowest_newer, min(steps))
+Ancestors = tuple[tuple[int, int], ...]
+
+
+def abandoned(snapshots: Sequence[tuple[Order, Ancestors]]) -> set[Order]:
+    """The snapshots that lie on a timeline the run has left.
+
+    The newest snapshot (in ``(generation, step)`` order) is on the run's current timeline,
+    and its ancestors say where that timeline branched off older generations: ``(g, s)``,
+    the run continued from step ``s`` of generation ``g``.  A snapshot of an ancestor
+    generation above its branch step was left behind; so was every snapshot of a generation
+    between the newest and its oldest known ancestor that is not an ancestor itself (a
+    branch the run left).  Generations older than every known ancestor (their records
+    retired, or saved before ancestry was recorded) are never counted as abandoned.
+    """
+    if not snapshots:
+        return set()
+    newest, ancestors = max(snapshots, key=lambda x: x[0])
+    kept: dict[int, int] = {}  # generation -> the highest step of it on the timeline
+    for g, s in ancestors:
+        kept[g] = min(kept.get(g, s), s)
+    floor = min(kept, default=newest[0])
+    out = set()
+    for (g, s), _ in snapshots:
+        if g == newest[0]:
+            continue
+        if (g in kept and s > kept[g]) or (g not in kept and g > floor):
+            out.add((g, s))
     return out
 
 
-def plan_sources(inventory: Sequence[tuple[Tier, Sequence[Order]]], want: Order) -> list[Source]:
+def plan_sources(inventory: Sequence[tuple[Tier, Collection[Order]]], want: Order) -> list[Source]:
     """The tiers to try for snapshot ``want``, cheapest first (``inventory`` lists tiers
     from cheapest to dearest with the snapshots each holds)."""
     return [Source(want[1], tier, want[0]) for tier, held in inventory if want in held]
@@ -304,7 +318,7 @@ def apply_retention(
     if not records:
         return []
     newest = records[-1].order
-    left = abandoned([r.order for r in records])
+    left = abandoned([(r.order, r.ancestors) for r in records])
     for r in records:
         if r.order in left:
             log.warning(

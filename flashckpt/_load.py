@@ -70,7 +70,7 @@ def _load(be: Backend, step: int | Literal["latest"], opts: Options, rank: int |
     (docs/format.md); anything that goes wrong with one step (whatever its type: a hostile
     record can provoke any) makes it unusable, and the next older one is tried."""
     records = read_commits(be, opts)
-    left = abandoned([r.order for r in records])
+    left = abandoned([(r.order, r.ancestors) for r in records])
     steps = [r.step for r in records if r.order not in left]
     if step != "latest":  # by name: a step whose records fail validation says why below
         steps = [s for s in committed_steps(be, opts) if s == step]

@@ -18,6 +18,8 @@ Threads: the training thread (``save``, ``restore``, ``close``) and the persist 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,6 +39,8 @@ from flashckpt.format import (
 )
 
 log = logging.getLogger(__name__)
+
+_TEMP_MANIFEST = re.compile(r"step-\d{12}\.manifest\.tmp-[A-Za-z0-9._-]+")
 
 
 class MemoryTier:
@@ -85,6 +89,7 @@ class MemoryTier:
         mapped or too small, or loses to a newer snapshot naming the same slot is deleted."""
         for s in self.slots:
             s.adopt()
+        self._sweep_temps()
         with self._lock:
             for step in self.steps():
                 try:
@@ -159,6 +164,21 @@ class MemoryTier:
                     self.backend.delete(name)
             for s in self.slots:
                 s.step = None
+        self._sweep_temps()
+
+    def _sweep_temps(self) -> None:
+        """Delete the temporary manifests a killed writer left (``<manifest>.tmp-...``).  Only
+        while this process holds the memory tier's lock: no one else writes here then."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if _TEMP_MANIFEST.fullmatch(name):
+                try:
+                    os.unlink(self.directory / name)
+                except FileNotFoundError:
+                    pass
 
     # -- helpers --------------------------------------------------------------------------------
     def _what(self, step: int) -> str:

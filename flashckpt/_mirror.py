@@ -757,7 +757,7 @@ class MirrorServer:
         return {k: sorted(v) for k, v in sorted(out.items())}
 
     def snapshots(self) -> dict[str, list[list[Any]]]:
-        """Shard -> ``[generation, step, storage id, run id]`` of each valid snapshot of it held
+        """Shard -> ``[generation, step, storage id, run id, ancestors]`` of each valid snapshot held
         here (the restore inventory: a restoring rank filters by run and orders by
         ``(generation, step)``).  Training thread."""
         out: dict[str, list[list[Any]]] = {}
@@ -770,7 +770,7 @@ class MirrorServer:
                     except (CorruptCheckpointError, StorageError) as exc:
                         log.debug("flashckpt: mirror of %s step %d unusable: %s", shard, step, exc)
                         continue
-                    entry = [m.generation, m.step, m.storage, m.run]
+                    entry = [m.generation, m.step, m.storage, m.run, [list(a) for a in m.ancestors]]
                     if entry not in out.setdefault(shard, []):
                         out[shard].append(entry)
         return out

@@ -115,19 +115,19 @@ def open_private(
         created = False
         try:
             if create or exclusive:
+                # (ENOENT here: the directory is missing; the caller's to handle)
                 try:
                     fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE, dir_fd=dir_fd)
                     created = True
                 except FileExistsError:
                     if exclusive:
                         raise
-                    fd = os.open(path, flags, dir_fd=dir_fd)
+                    try:
+                        fd = os.open(path, flags, dir_fd=dir_fd)
+                    except FileNotFoundError:
+                        continue  # removed since the create failed: create it again
             else:
                 fd = os.open(path, flags, dir_fd=dir_fd)
-        except FileNotFoundError:
-            if create and not exclusive:
-                continue
-            raise
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise ConfigError(f"{path} is a symbolic link; refusing to follow it") from None

@@ -50,6 +50,7 @@ from flashckpt.backends import Backend
 from flashckpt.backends._base import check_key
 from flashckpt.errors import CoordinationError, CorruptCheckpointError, FlashCkptError, WaitTimeout
 from flashckpt.format import (
+    CHUNKS_PREFIX,
     CODEC_PATTERN,
     MAX_TOTAL_BYTES,
     ChunkEntry,
@@ -58,6 +59,7 @@ from flashckpt.format import (
     checksum,
     chunk_key,
     commit_key,
+    decode_commit,
     decode_manifest,
     encode_commit,
     encode_manifest,
@@ -474,7 +476,7 @@ class Persister:
             try:
                 on_sealed = sealed if pipelined and i == 0 else None
                 job.handle.written_bytes[tier.name] = self.persist(
-                    tier, m, job.slot, job.seq, on_sealed=on_sealed
+                    tier, m, job.slot, job.seq, on_sealed=on_sealed, verify=job.hashed
                 )
                 if ckey is not None:
                     arrived = self.control.arrive(ckey)
@@ -657,7 +659,14 @@ class Persister:
 
         Every manifest must describe shard ``r`` of this step and the same snapshot (one
         generation and run; ``order`` when given): a shard left by another save of the same
-        step number is never committed with the others."""
+        step number is never committed with the others.
+
+        And every chunk they reference must be on the tier.  Rank 0's chunk GC runs after each
+        commit while the ranks write the next step's chunks; a rank may write again, under the
+        same content address, a chunk that an earlier failed save left unreferenced (a
+        restarted run replays its steps), just as the GC deletes it.  The committer runs only
+        after every rank arrived, rank 0 included, whose GC pass of the previous commit has
+        then finished: what it sees present stays present until the next commit."""
         be, opts = tier.backend, self.opts
 
         def entry(rank: int) -> tuple[tuple[str, int, str], Manifest]:
@@ -669,11 +678,23 @@ class Persister:
             return (key, len(data), checksum(data)), m
 
         got = list(self.pool.map(entry, range(world)))
-        lineages = {(m.generation, m.run) for _, m in got}
-        gen, run = got[0][1].generation, got[0][1].run
-        if len(lineages) != 1 or (order is not None and gen != order[0]):
-            raise CorruptCheckpointError(f"the shards of step {step} belong to different saves: {lineages}")
-        record = CommitRecord(step, world, now(), tuple(e for e, _ in got), generation=gen, run=run)
+        lineages = {(m.generation, m.run, m.ancestors) for _, m in got}
+        first = got[0][1]
+        if len(lineages) != 1 or (order is not None and first.generation != order[0]):
+            raise CorruptCheckpointError(f"the shards of step {step} belong to different saves")
+        present = set(retry(lambda: be.list(CHUNKS_PREFIX), f"list chunks on {be.url}", opts))
+        for _, m in got:
+            lost = [c.key for c in m.chunks if c.key not in present]
+            if lost:
+                raise CorruptCheckpointError(
+                    f"step {step}: {len(lost)} chunk(s) of rank {m.rank} are gone from the {tier.name} "
+                    f"tier (e.g. {lost[0]}): not committed"
+                )
+        entries = tuple(e for e, _ in got)
+        record = CommitRecord(
+            step, world, now(), entries, generation=first.generation, run=first.run, ancestors=first.ancestors
+        )
+        run = first.run
         self._claim_run(tier, run)
         hooks.fire("commit.record", step=step, tier=tier.name)
         retry(lambda: be.put(commit_key(step), encode_commit(record)), f"commit step {step}", opts)
@@ -703,8 +724,17 @@ class Persister:
             log.debug("could not remove partial step %d on %s: %s", m.step, be.url, exc)
 
     def _known(self, tier: Tier, m: Manifest) -> dict[str, ChunkEntry]:
-        """Chunks of this shard already on ``tier`` (from its newest commit), by checksum."""
+        """Chunks of this shard already on ``tier`` (from its newest commit), by checksum.
+
+        The chunks remembered from this rank's last manifest there are reused only while that
+        step is still committed there (one record read per save): a tier that lost it (wiped,
+        a replaced disk, a commit that failed) gets every chunk written again, never a
+        manifest that references objects it no longer holds."""
         known = self._known_chunks.get(tier.name)
+        if known is not None and not self._basis_committed(tier):
+            log.info("flashckpt: the %s tier no longer holds the step its chunks were reused from", tier.name)
+            known = None
+            self._known_order.pop(tier.name, None)
         if known is None:
             known = {}
             try:
@@ -719,6 +749,19 @@ class Persister:
             self._known_chunks[tier.name] = known
         return known
 
+    def _basis_committed(self, tier: Tier) -> bool:
+        """The step whose chunks ``_known`` remembers for ``tier`` is still committed there."""
+        order = self._known_order.get(tier.name)
+        if order is None:
+            return not self._known_chunks.get(tier.name)  # nothing to reuse: nothing to check
+        what = f"commit record of step {order[1]} on {tier.backend.url}"
+        try:
+            raw = read_record(tier.backend, commit_key(order[1]), what, self.opts)
+            return decode_commit(raw, what, check_key=check_key).order == order
+        except FlashCkptError as exc:
+            log.debug("flashckpt: %s: %s", what, exc)
+            return False
+
     def persist(
         self,
         tier: Tier,
@@ -727,6 +770,7 @@ class Persister:
         seq: str = "",
         *,
         on_sealed: Callable[[Manifest], None] | None = None,
+        verify: bool = False,
     ) -> int:
         """Write one shard to ``tier``: new chunks, then the manifest, then the commit record.
 
@@ -738,6 +782,11 @@ class Persister:
         ``m`` may be unsealed (no checksums yet) when ``on_sealed`` is given: each chunk task
         checksums its chunk before it writes it, and ``on_sealed(sealed manifest)`` is called
         on this thread as soon as every checksum is known, while the writes go on.
+
+        ``verify``: ``m``'s checksums were not computed from the slot just now (a snapshot
+        salvaged from the memory tier, or persisted at close): every chunk written is checked
+        against its checksum first, so damaged bytes are never stored, above all not under
+        the content address of good ones (which other committed steps share).
         """
         be, opts = tier.backend, self.opts
         # Re-saving a step number: un-commit first, so the step is never committed while torn.
@@ -768,10 +817,10 @@ class Persister:
                     futures.append(Future())
                     continue
                 view = slot.view(src.at, src.stored_nbytes)
-                written.append(self.pool.submit(self._put_chunk, tier, m.step, src, view, group))
+                written.append(self.pool.submit(self._put_chunk, tier, m.step, src, view, group, verify))
                 futures.append(written[-1])
             if owners is not None:
-                self._dedup(tier, m, slot, seq, owners, futures, written, deferred, groups, published)
+                self._dedup(tier, m, slot, seq, owners, futures, written, deferred, groups, published, verify)
             out = m.with_chunks(_wait_all(futures))
         except BaseException:
             # The slot goes back to the stager after this: every write that reads it must be
@@ -869,7 +918,14 @@ class Persister:
             scope = "rank" if m.world_size > 1 else "job"
             entries = ((mkey, len(mdata), checksum(mdata)),)
             record = CommitRecord(
-                m.step, m.world_size, now(), entries, scope, generation=m.generation, run=m.run
+                m.step,
+                m.world_size,
+                now(),
+                entries,
+                scope,
+                generation=m.generation,
+                run=m.run,
+                ancestors=m.ancestors,
             )
             self._claim_run(tier, m.run)
             cdata = encode_commit(record)
@@ -889,6 +945,7 @@ class Persister:
         deferred: list[int],
         groups: list[int],
         published: list[bool],
+        verify: bool,
     ) -> None:
         """Deduplicated save of replicated state (persist thread; every rank runs it).
 
@@ -924,7 +981,7 @@ class Persister:
                 and got[0] == src.checksum
                 and isinstance(got[3], str)
                 and CODEC_PATTERN.fullmatch(got[3])
-                and got[1] == chunk_key(src.checksum, got[3])
+                and got[1] == chunk_key(src.checksum, got[3], got[2])
                 and type(got[2]) is int
                 and 0 < got[2] <= MAX_TOTAL_BYTES
             ):
@@ -932,7 +989,7 @@ class Persister:
                 futures[i].set_result(entry)
                 continue
             view = slot.view(src.at, src.stored_nbytes)
-            fut = self.pool.submit(self._put_chunk, tier, m.step, src, view, groups[i])
+            fut = self.pool.submit(self._put_chunk, tier, m.step, src, view, groups[i], verify)
             written.append(fut)
             fut.add_done_callback(lambda f, i=i: _settle_from(f, futures[i]))  # type: ignore[misc]
 
@@ -948,11 +1005,18 @@ class Persister:
         """Chunks of replicated state are written once per job on this tier."""
         return self.opts.dedup_replicated and tier.shared and self.control.distributed
 
-    def _put_chunk(self, tier: Tier, step: int, c: ChunkEntry, view: memoryview, group: int) -> ChunkEntry:
+    def _put_chunk(
+        self, tier: Tier, step: int, c: ChunkEntry, view: memoryview, group: int, verify: bool = False
+    ) -> ChunkEntry:
         """I/O pool: encode one chunk for ``tier`` (if it compresses) and put it at its content
-        address.  At most ``io_threads`` encoded buffers exist at once: memory stays bounded."""
+        address.  At most ``io_threads`` encoded buffers exist at once: memory stays bounded.
+        ``verify``: check the bytes against ``c.checksum`` first (see :meth:`persist`)."""
+        if verify and checksum(view) != c.checksum:
+            raise CorruptCheckpointError(
+                f"step {step}: the chunk at {c.offset} in memory fails its checksum; not written"
+            )
         codec, stored = encode(view, group, tier.compression)
-        key = chunk_key(c.checksum, codec)
+        key = chunk_key(c.checksum, codec, len(stored))
         retry(lambda: tier.backend.put(key, stored), f"put {key}", self.opts)
         hooks.fire("persist.chunk", step=step, tier=tier.name, key=key)
         return ChunkEntry(key, 0, c.offset, c.nbytes, len(stored), codec, c.checksum)

@@ -48,6 +48,8 @@ MAX_TREE_DEPTH = 100
 MAX_STEP = 10**12 - 1
 MAX_WORLD = 1 << 20
 MAX_GENERATION = 1 << 62
+#: Branch points a record keeps (its timeline's ancestry, nearest first); older ones drop off.
+MAX_ANCESTORS = 32
 #: Ints in a state tree: at most this many bits (about 2,400 decimal digits; JSON readers
 #: refuse ints beyond 4,300 digits, and no training state needs more).
 MAX_INT_BITS = 8000
@@ -131,13 +133,18 @@ def manifest_key(step: int, rank: int, world_size: int) -> str:
 CHUNKS_PREFIX = "chunks/"
 
 
-def chunk_key(digest: str, codec: str) -> str:
+def chunk_key(digest: str, codec: str, stored_nbytes: int | None = None) -> str:
     """Content address of a chunk: its raw bytes' checksum and how they are stored.  Shared by
-    every step (and rank) that holds the same bytes: an unchanged chunk is written once."""
-    return f"{CHUNKS_PREFIX}{digest[:2]}/{digest}.{codec.replace('/', '-')}"
+    every step (and rank) that holds the same bytes: an unchanged chunk is written once.
+
+    An encoded chunk's address also names its stored size: the same bytes encoded at another
+    compression level are another frame of another length, which must not replace the object
+    older manifests read (they record its length).  Two frames of one address decode alike."""
+    name = f"{CHUNKS_PREFIX}{digest[:2]}/{digest}.{codec.replace('/', '-')}"
+    return name if codec == CODEC_RAW or stored_nbytes is None else f"{name}.{stored_nbytes}"
 
 
-_CHUNK_RE = re.compile(r"chunks/([0-9a-f]{2})/([0-9a-f]{32})\.((?:raw|zstd|zstd-bg[248])-1)")
+_CHUNK_RE = re.compile(r"chunks/([0-9a-f]{2})/([0-9a-f]{32})\.((?:raw|zstd|zstd-bg[248])-1)(?:\.\d{1,16})?")
 
 
 def parse_chunk_key(key: str) -> str | None:
@@ -474,6 +481,10 @@ class Manifest:
     #: ("" when not known).  Memory tiers are checked against them before a restore.
     storage: str = ""
     run: str = ""
+    #: Where this snapshot's timeline branched off older ones, nearest first: ``(g, s)`` means
+    #: its run continued from step ``s`` of generation ``g`` (so ``g``'s steps above ``s`` were
+    #: left behind).  At most :data:`MAX_ANCESTORS`.  See format.md, "The timeline".
+    ancestors: tuple[tuple[int, int], ...] = ()
 
     def with_chunks(self, chunks: Iterable[ChunkEntry]) -> Manifest:
         return dataclasses.replace(self, chunks=tuple(chunks))
@@ -550,12 +561,14 @@ def encode_manifest(m: Manifest) -> bytes:
                 [c.key, c.at, c.offset, c.nbytes, c.stored_nbytes, c.codec, c.checksum] for c in m.chunks
             ],
             "tree": m.tree,
-            **_lineage(m.generation, m.storage, m.run),
+            **_lineage(m.generation, m.storage, m.run, m.ancestors),
         }
     )
 
 
-def _lineage(generation: int, storage: str = "", run: str = "") -> dict[str, Any]:
+def _lineage(
+    generation: int, storage: str = "", run: str = "", ancestors: tuple[tuple[int, int], ...] = ()
+) -> dict[str, Any]:
     """The optional lineage fields of a record: written only when set, so that records of a
     run that never rolled back read the same as before they existed."""
     out: dict[str, Any] = {}
@@ -565,10 +578,12 @@ def _lineage(generation: int, storage: str = "", run: str = "") -> dict[str, Any
         out["storage"] = storage
     if run:
         out["run"] = run
+    if ancestors:
+        out["ancestors"] = [list(a) for a in ancestors[:MAX_ANCESTORS]]
     return out
 
 
-def _decode_lineage(obj: dict[str, Any], what: str) -> tuple[int, str, str]:
+def _decode_lineage(obj: dict[str, Any], what: str) -> tuple[int, str, str, tuple[tuple[int, int], ...]]:
     gen = obj.get("generation", 0)
     if type(gen) is not int or not 0 <= gen <= MAX_GENERATION:
         raise CorruptCheckpointError(f"{what}: bad generation")
@@ -578,7 +593,24 @@ def _decode_lineage(obj: dict[str, Any], what: str) -> tuple[int, str, str]:
         if not isinstance(v, str) or (v and not _RUN_ID.fullmatch(v)):
             raise CorruptCheckpointError(f"{what}: bad {name} id")
         ids.append(v)
-    return gen, ids[0], ids[1]
+    raw = obj.get("ancestors", [])
+    ok = isinstance(raw, list) and len(raw) <= MAX_ANCESTORS
+    ancestors = []
+    for a in raw if ok else []:
+        if not (
+            isinstance(a, list)
+            and len(a) == 2
+            and type(a[0]) is int
+            and 0 <= a[0] < gen
+            and type(a[1]) is int
+            and -1 <= a[1] <= MAX_STEP
+        ):
+            ok = False
+            break
+        ancestors.append((a[0], a[1]))
+    if not ok:  # (an ancestor is always an older generation; -1: nothing of it was kept)
+        raise CorruptCheckpointError(f"{what}: bad ancestors")
+    return gen, ids[0], ids[1], tuple(ancestors)
 
 
 def _time(obj: dict[str, Any], what: str) -> float:
@@ -645,8 +677,10 @@ def decode_manifest(
     # validate now (callers decode again when they need it): the tree, and its DTensors
     # against the tensor table
     _check_dtensors(decode_tree(tree, len(tensors)), tensors, what)
-    gen, storage, run = _decode_lineage(obj, what)
-    return Manifest(step, rank, world, node, created, total, tensors, chunks, tree, gen, storage, run)
+    gen, storage, run, ancestors = _decode_lineage(obj, what)
+    return Manifest(
+        step, rank, world, node, created, total, tensors, chunks, tree, gen, storage, run, ancestors
+    )
 
 
 def memory_manifest(m: Manifest, slot: str) -> Manifest:
@@ -770,6 +804,7 @@ class CommitRecord:
     scope: str = "job"
     generation: int = 0  # see Manifest.generation
     run: str = ""  # see Manifest.run
+    ancestors: tuple[tuple[int, int], ...] = ()  # see Manifest.ancestors
 
     @property
     def order(self) -> tuple[int, int]:
@@ -787,7 +822,7 @@ def encode_commit(c: CommitRecord) -> bytes:
     }
     if c.scope != "job":
         body["scope"] = c.scope
-    body.update(_lineage(c.generation, run=c.run))
+    body.update(_lineage(c.generation, run=c.run, ancestors=c.ancestors))
     return encode_record(body)
 
 
@@ -822,8 +857,8 @@ def decode_commit(
         ):
             raise CorruptCheckpointError(f"{what}: bad manifest entry")
         out.append((key, size, digest))
-    gen, _storage, run = _decode_lineage(obj, what)
-    return CommitRecord(step, world, created, tuple(out), scope, gen, run)
+    gen, _storage, run, ancestors = _decode_lineage(obj, what)
+    return CommitRecord(step, world, created, tuple(out), scope, gen, run, ancestors)
 
 
 # --------------------------------------------------------------------------------------------

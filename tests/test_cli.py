@@ -7,8 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +16,9 @@ import torch
 import flashckpt
 from flashckpt import format as fmt
 from flashckpt.cli import main
-from tests.conftest import SHM, chunk_paths
+from tests.conftest import chunk_paths
 from tests.hostile.cases import CASES, Case
-from tests.hostile.tree import Step, state_for
+from tests.hostile.tree import Step, saved_tree
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,17 +65,8 @@ def test_ls_and_verify_raw_and_compressed(tmp_path: Path, shm_dir: Path) -> None
 
 
 @pytest.fixture(scope="module")
-def base_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Steps 0, 1 and 2 of tests/hostile's state, saved once for the module."""
-    root = tmp_path_factory.mktemp("cli") / "storage"
-    memory = (SHM or tmp_path_factory.getbasetemp()) / f"flashckpt-test-{uuid.uuid4().hex[:12]}"
-    try:
-        with flashckpt.Checkpointer(root, memory_dir=memory, keep=None) as ckpt:
-            for step in range(3):
-                ckpt.save(step, state_for(step))
-    finally:
-        shutil.rmtree(memory, ignore_errors=True)
-    yield root
+def base_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return saved_tree(tmp_path_factory, "cli")
 
 
 @pytest.fixture

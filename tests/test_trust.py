@@ -130,24 +130,29 @@ def test_restoring_from_a_compressed_tier_then_closing_keeps_every_tier_intact(d
     assert _load_eq(dirs["storage"], 3)
 
 
-def test_a_memory_manifest_that_lies_about_its_slot_is_never_used(dirs: dict[str, Path]) -> None:
-    """One validator of memory manifests, used where they are read: a manifest whose chunks
-    claim a codec or a size the slot does not hold is dropped, not trusted."""
+def test_a_memory_manifest_that_lies_about_its_slot_is_never_persisted(dirs: dict[str, Path]) -> None:
+    """One validator of memory manifests, used wherever they are read: a sealed manifest whose
+    chunks claim a codec and stored sizes the slot does not hold was taken at its word by the
+    salvage after a restore, which persisted a prefix of each chunk and committed it."""
     import json
 
+    from flashckpt.cli import main as cli
     from flashckpt.format import encode_record
 
-    _crashed_run(dirs["storage"], dirs["memory"], [(0, 0), (1, 1)], persist_every=100)  # 1: memory only
+    # step 0 persisted, 1 and 2 in memory only (sealed); then a crash
+    _crashed_run(dirs["storage"], dirs["memory"], [(0, 0), (1, 1), (2, 2)], persist_every=100)
     path = dirs["memory"] / "r00000-of-00001" / memory_manifest_key(1)
     raw = path.read_bytes()
     body = json.loads(raw[: raw.rindex(b"\n#xxh3_128:")])
-    body["chunks"][0][5] = "zstd/1"  # a memory chunk that claims to be compressed
-    body["chunks"][0][4] = 1000
+    for c in body["chunks"]:  # what a restore from a zstd tier used to leave behind (C1)
+        c[4], c[5] = max(1, c[3] // 4), "zstd/1"
     path.write_bytes(encode_record(body))
     state = _state(9)
     with _ckpt(dirs) as ckpt:
-        assert ckpt.restore(state) == 0  # step 1 is not restorable from that manifest
-        assert _equal(state, _state(0))
+        assert ckpt.restore(state) == 2 and _equal(state, _state(2))
+    # step 1 was not persisted from that manifest; what is committed verifies
+    assert cli(["verify", str(dirs["storage"])]) == 0
+    assert _load_eq(dirs["storage"], 2) and _load_eq(dirs["storage"], 0)
 
 
 # -- C2: one timeline ---------------------------------------------------------------------------
@@ -204,9 +209,29 @@ def test_a_rollback_far_below_the_newest_never_deletes_the_new_steps(dirs: dict[
     ]
 
 
+def test_an_abandoned_step_is_never_latest_but_can_be_asked_for(dirs: dict[str, Path]) -> None:
+    """Until retention retires it, a step of the abandoned timeline is still there: "latest"
+    never picks it (not even as a fallback past a corrupt newer step), an explicit restore
+    does, and then its continuation is the newest."""
+    with _ckpt(dirs, keep=None) as ckpt:
+        for step in (5, 6, 7):
+            ckpt.save(step, _state(step))
+    with _ckpt(dirs, keep=None) as ckpt:
+        assert ckpt.restore(_state(0), step=5) == 5
+        ckpt.save(6, _state(106))  # the continued run; 7 (old) is abandoned
+    got = _state(0)
+    with _ckpt(dirs, keep=None) as ckpt:
+        assert ckpt.restore(got) == 6 and _equal(got, _state(106))
+        assert ckpt.restore(got, step=7) == 7 and _equal(got, _state(7))  # asked for
+        ckpt.save(8, _state(8))  # continues the old timeline: now the newest
+    with _ckpt(dirs, keep=None) as ckpt:
+        assert ckpt.restore(got) == 8 and _equal(got, _state(8))
+
+
 def test_retention_keeps_the_restored_step_while_an_older_one_is_salvaged(dirs: dict[str, Path]) -> None:
-    """Retention never deletes the step just restored: with keep=1, restoring step 5 from
-    memory while storage lacks it salvages it, and nothing older deletes it."""
+    """A guard (it passed before the fixes too): retention never deletes the step just
+    restored; with keep=1, restoring step 5 from memory while storage lacks it salvages it,
+    and nothing older deletes it.  (The reproduction is the rollback test above.)"""
     # even steps persisted, odd ones in memory only; then a crash
     _crashed_run(dirs["storage"], dirs["memory"], [(s, s) for s in range(6)], keep=1, persist_every=2)
     state = _state(9)
@@ -365,8 +390,9 @@ def test_a_memory_tier_of_another_storage_is_never_restored_nor_deleted(
 
 
 def test_a_wiped_storage_tier_does_not_disown_the_memory_tier(dirs: dict[str, Path]) -> None:
-    """M4 (a), intended: the memory tier of a lost job comes back after the storage tier is
-    gone, and the run continues (and its run record is written again)."""
+    """M4 (a), intended (a guard: the run record must not break it): the memory tier of a lost
+    job comes back after the storage tier is gone, and the run continues (and its run record
+    is written again)."""
     _crashed_run(dirs["storage"], dirs["memory"], [(0, 0), (5, 5)], persist_every=10)
     shutil.rmtree(dirs["storage"])
     state = _state(0)
@@ -423,14 +449,17 @@ def test_a_restore_refused_by_load_state_dict_writes_nothing(dirs: dict[str, Pat
 
 
 def test_a_changed_shape_in_a_module_is_refused_before_any_write(dirs: dict[str, Path]) -> None:
+    """M7: restoring from memory fills every matching tensor while it checksums; a module
+    that then refused the step (a changed shape) left the others overwritten."""
     torch.manual_seed(0)
-    with _ckpt(dirs) as ckpt:
-        ckpt.save(0, {"model": torch.nn.Linear(512, 512), "w": torch.ones(3 * MiB // 4)})
     model = torch.nn.Linear(512, 256)
     w = torch.zeros(3 * MiB // 4)
     before = model.weight.clone()
-    with _ckpt(dirs) as ckpt, pytest.raises(flashckpt.StateMismatchError, match="size mismatch"):
-        ckpt.restore({"model": model, "w": w})
+    with _ckpt(dirs) as ckpt:
+        ckpt.save(0, {"model": torch.nn.Linear(512, 512), "w": torch.ones(3 * MiB // 4)})
+        ckpt.wait()
+        with pytest.raises(flashckpt.StateMismatchError, match="size mismatch"):
+            ckpt.restore({"model": model, "w": w})  # from memory: the fused fill path
     assert torch.equal(model.weight, before) and not w.any()
 
 
@@ -478,23 +507,34 @@ def test_a_failed_constructor_releases_the_lock(dirs: dict[str, Path]) -> None:
         ckpt.save(0, _state(0))
 
 
-def test_the_lock_file_is_never_shared_by_two_holders(dirs: dict[str, Path]) -> None:
-    """L7: close() unlinks the lock file; a process that opened it before then must not end
-    up holding a lock nobody else sees."""
+def test_the_lock_file_is_never_shared_by_two_holders(
+    dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """L7: close() unlinks the lock file while it holds it.  A Checkpointer B that opened the
+    file just before got the lock of the unlinked file after A released it, and a third, C,
+    then locked a new file: two live Checkpointers on one memory tier."""
     import fcntl
 
     a = _ckpt(dirs)
     a.save(0, _state(0))
-    stale = os.open(a.memory_path / "lock", os.O_RDWR)  # a process that got here first
-    a.close()
-    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it gets the unlinked file's lock
-    try:
-        with _ckpt(dirs) as b:  # a new Checkpointer takes a new file and really holds it
-            with pytest.raises(flashckpt.ConfigError, match="in use"):
-                _ckpt(dirs)
-            b.save(1, _state(1))
-    finally:
-        os.close(stale)
+    a.wait()
+    lock = a.memory_path / "lock"
+    real_flock = fcntl.flock
+    raced = threading.Event()
+
+    def flock(fd: int, op: int) -> None:  # B: A closes between B's open and B's flock
+        if not raced.is_set() and op & fcntl.LOCK_EX and os.fstat(fd).st_ino == os.stat(lock).st_ino:
+            raced.set()
+            a.close()  # unlinks the file B opened, then releases it
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with _ckpt(dirs) as b:
+        assert raced.is_set()
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        with pytest.raises(flashckpt.ConfigError, match="in use"):
+            _ckpt(dirs)  # C: refused, B really holds the lock at the path
+        b.save(1, _state(1))
 
 
 def test_a_backend_opened_by_the_checkpointer_is_closed(dirs: dict[str, Path]) -> None:
@@ -584,3 +624,122 @@ def test_a_failed_deduplicated_save_waits_for_its_writes_and_tells_the_other_ran
     from flashckpt.cli import main as cli
 
     assert cli(["verify", str(storage)]) == 0
+
+
+# -- a chunk written again at another compression level ---------------------------------------------
+
+
+def test_bytes_saved_again_at_another_compression_level_never_break_older_steps(
+    dirs: dict[str, Path],
+) -> None:
+    """Found by the lifecycle model (K6): a chunk's content address named its codec but not its
+    encoding; the same bytes saved later at another zstd level (another frame, of another
+    length) replaced the object an older committed step reads with its own recorded length."""
+    with _ckpt(dirs, compression="zstd:1", keep=None) as ckpt:
+        ckpt.save(0, _state(0))
+        ckpt.save(1, _state(1))  # the newest commit holds none of step 0's chunks
+    with _ckpt(dirs, compression="zstd:19", keep=None) as ckpt:
+        assert ckpt.restore(_state(9)) == 1
+        ckpt.save(2, {**_state(0), "step": 2})  # step 0's tensors again, at level 19
+    assert _load_eq(dirs["storage"], 0) and _load_eq(dirs["storage"], 1)
+    got = flashckpt.load(dirs["storage"], step=2, options=OPTS)
+    assert _equal(got, {**_state(0), "step": 2})
+
+
+# -- found by the crash campaign ------------------------------------------------------------------
+
+
+def test_a_commit_whose_chunks_are_gone_is_refused(tmp_path: Path, shm_dir: Path) -> None:
+    """The committer of a shared tier checks that every chunk every manifest references is
+    there: a chunk the GC deleted while a rank wrote it again (a restarted run replays its
+    steps, rewriting what a killed attempt left unreferenced) fails the commit instead of
+    committing a step that does not load."""
+    from flashckpt._config import Options
+    from flashckpt._memtier import MemoryTier
+    from flashckpt._staging import Stager
+    from flashckpt._transfer import Persister, Tier
+    from flashckpt.errors import CorruptCheckpointError
+    from flashckpt.format import commit_key
+
+    storage = tmp_path / "storage"
+    with _ckpt({"storage": storage, "memory": shm_dir}, keep=None) as ckpt:
+        ckpt.save(3, _state(3))
+    victim = next((storage / "chunks").rglob("*.raw-1"))
+    (storage / commit_key(3)).unlink()  # uncommitted again: the shards and chunks are there
+    victim.unlink()  # ... but the GC deleted one of them meanwhile
+    opts = Options()
+    stager = Stager(shm_dir / "p", opts)
+    persister = Persister(opts, MemoryTier(shm_dir / "p", stager.slots), stager, None)
+    try:
+        tier = Tier("storage", LocalBackend(storage), shared=True)
+        with pytest.raises(CorruptCheckpointError, match="gone"):
+            persister.commit_shared(tier, 3, 1)
+        assert not (storage / commit_key(3)).exists()
+    finally:
+        persister.close()
+        stager.close(unlink=True)
+
+
+def test_temporary_manifests_a_killed_writer_left_in_memory_are_swept(dirs: dict[str, Path]) -> None:
+    """A process killed while it wrote a memory manifest leaves its temporary file; the next
+    one (holding the lock) removes it, and a clean close leaves nothing behind."""
+    rank_dir = dirs["memory"] / "r00000-of-00001"
+    rank_dir.mkdir(parents=True, mode=0o700)
+    leftover = rank_dir / "step-000000000006.manifest.tmp-vm-8080-236"
+    leftover.write_bytes(b"{half a manifest")
+    with _ckpt(dirs) as ckpt:
+        assert not leftover.exists()
+        ckpt.save(0, _state(0))
+    assert not dirs["memory"].exists() or not any(dirs["memory"].rglob("*"))
+
+
+def _close_worker(rank: int, phase: int, init: str, tmp: str, out: str) -> None:
+    import json
+    from datetime import timedelta
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"{init}{phase}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    opts = flashckpt.Options(chunk_bytes=MiB, coord_timeout_s=20.0)
+    ckpt = flashckpt.Checkpointer(f"{tmp}/storage", memory_dir=f"{tmp}/m{rank}", options=opts, keep=None)
+    if phase == 0:
+        for step in range(3):
+            ckpt.save(step, _state(step))
+        ckpt.wait()
+        torch.distributed.barrier()
+        os._exit(0)  # a crash: the memory tiers stay
+    got = ckpt.restore(_state(9))
+    t0 = time.monotonic()
+    error = None
+    try:
+        ckpt.close()
+    except flashckpt.FlashCkptError as exc:
+        error = repr(exc)
+    Path(f"{out}/close{rank}.json").write_text(json.dumps([got, time.monotonic() - t0, error]))
+    torch.distributed.destroy_process_group()
+    os._exit(0)  # skip finalization: torch's gloo teardown race (pytorch/pytorch#179291)
+
+
+@pytest.mark.subprocess
+def test_close_after_a_restore_starts_no_commit_only_some_ranks_make(tmp_path: Path) -> None:
+    """Found by the crash campaign: whether the restored step still had to be persisted at
+    close depended on what each rank held.  With rank 1's shard of step 2 on storage and rank
+    0's not (the commit never happened), the restore's salvage has rank 0 write its shard and
+    commit; rank 1 then took its restored step for "not persisted" and started a storage
+    commit alone at close, waiting the coordination timeout for the others."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from flashckpt.format import commit_key, manifest_key
+
+    init, tmp = f"file://{tmp_path / 'rdzv'}", str(tmp_path)
+    mp.start_processes(_close_worker, args=(0, init, tmp, tmp), nprocs=2, start_method="spawn")
+    (tmp_path / "storage" / commit_key(2)).unlink()
+    (tmp_path / "storage" / manifest_key(2, 0, 2)).unlink()
+    mp.start_processes(_close_worker, args=(1, init, tmp, tmp), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        got, took, error = json.loads((tmp_path / f"close{rank}.json").read_text())
+        assert got == 2 and error is None and took < 10, (rank, got, took, error)
+    for rank in (0, 1):  # the salvage committed step 2
+        assert _equal(flashckpt.load(tmp_path / "storage", step=2, rank=rank, options=OPTS), _state(2))

@@ -6,8 +6,6 @@ partial state)."""
 from __future__ import annotations
 
 import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,23 +15,13 @@ import flashckpt
 from flashckpt import format as fmt
 from flashckpt.backends._base import check_key
 from flashckpt.format import commit_key, decode_commit, decode_manifest, manifest_key
-from tests.conftest import SHM
 from tests.hostile.cases import CASES, Case
-from tests.hostile.tree import Step, assert_state, state_for
+from tests.hostile.tree import Step, assert_state, saved_tree, state_for
 
 
 @pytest.fixture(scope="module")
-def base_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Steps 0, 1 and 2 saved by a real Checkpointer (one rank), once for the module."""
-    root = tmp_path_factory.mktemp("hostile") / "storage"
-    memory = (SHM or tmp_path_factory.getbasetemp()) / f"flashckpt-test-{uuid.uuid4().hex[:12]}"
-    try:
-        with flashckpt.Checkpointer(root, memory_dir=memory, keep=None) as ckpt:
-            for step in range(3):
-                ckpt.save(step, state_for(step))
-    finally:
-        shutil.rmtree(memory, ignore_errors=True)
-    yield root
+def base_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return saved_tree(tmp_path_factory, "hostile")
 
 
 @pytest.fixture

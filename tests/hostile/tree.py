@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import zstandard
 
@@ -202,3 +203,23 @@ class Step:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(self.manifest_bytes(rank))
         (self.root / commit_key(self.step)).write_bytes(self.commit_bytes())
+
+
+def saved_tree(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """Steps 0, 1 and 2 of :func:`state_for` saved by a real Checkpointer (one rank): the
+    base a module's hostile cases start from (copy it per test)."""
+    import shutil
+    import uuid
+
+    import flashckpt
+    from tests.conftest import SHM
+
+    root = tmp_path_factory.mktemp(name) / "storage"
+    memory = (SHM or tmp_path_factory.getbasetemp()) / f"flashckpt-test-{uuid.uuid4().hex[:12]}"
+    try:
+        with flashckpt.Checkpointer(root, memory_dir=memory, keep=None) as ckpt:
+            for step in range(3):
+                ckpt.save(step, state_for(step))
+    finally:
+        shutil.rmtree(memory, ignore_errors=True)
+    return root
