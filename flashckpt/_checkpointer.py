@@ -385,15 +385,18 @@ class Checkpointer:
         layout = self._stager.layout(flat.tensors)
         # Every rank makes the same saves: these change alike on every rank, whatever fails.
         self._seq += 1
-        # One order (generation, step) names one save: a step below the last one saved or
-        # restored, or the step this generation saved already, continues the run from step - 1.
-        if self._prev is not None and (step < self._prev or (step == self._prev and self._prev_saved)):
-            self._ancestors = ((self._gen, step - 1), *self._ancestors)[:MAX_ANCESTORS]
+        # One order (generation, step) names one save.  A step below the last one saved or
+        # restored continues the run from step - 1 (the steps above are left behind); the
+        # step this generation saved already continues it from that earlier save.
+        prev = self._prev
+        if prev is not None and (step < prev or (step == prev and self._prev_saved)):
+            branch = step - 1 if step < prev else step
+            self._ancestors = ((self._gen, branch), *self._ancestors)[:MAX_ANCESTORS]
             self._gen += 1
-            if step < self._prev:
-                log.warning("flashckpt: step %d is below step %d: a new timeline starts here", step, self._prev)
+            if step < prev:
+                log.warning("flashckpt: step %d is below step %d: a new timeline starts here", step, prev)
             else:
-                log.info("flashckpt: step %d saved again: this save replaces the earlier one", step)
+                log.info("flashckpt: step %d saved again: the newer save comes first", step)
         self._prev, self._prev_saved = step, True
         slot, waited = self._stager.acquire(layout.total_bytes, check=self._persister.check_alive)
         try:

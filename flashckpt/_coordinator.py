@@ -263,25 +263,36 @@ def abandoned(snapshots: Sequence[tuple[Order, Ancestors]]) -> set[Order]:
     """The snapshots that lie on a timeline the run has left.
 
     The newest snapshot (in ``(generation, step)`` order) is on the run's current timeline,
-    and its ancestors say where that timeline branched off older generations: ``(g, s)``,
-    the run continued from step ``s`` of generation ``g``.  A snapshot of an ancestor
-    generation above its branch step was left behind; so was every snapshot of a generation
-    between the newest and its oldest known ancestor that is not an ancestor itself (a
-    branch the run left).  Generations older than every known ancestor (their records
-    retired, or saved before ancestry was recorded) are never counted as abandoned.
+    and its ancestors say where that timeline branched off older generations, nearest first:
+    ``(g, s)``, the run continued from step ``s`` of generation ``g``.  Going back along them,
+    the timeline holds nothing above the lowest branch step seen so far: a snapshot of an
+    ancestor generation above that bound was left behind; so was every snapshot of a
+    generation between the newest and its oldest known ancestor that is not an ancestor
+    itself (a branch the run left).  Older generations (their records retired, or the
+    ancestry cut at :data:`~flashckpt.format.MAX_ANCESTORS`) are on the timeline up to the
+    lowest branch step; with no ancestry at all (a run that never restored), none is
+    abandoned.
     """
     if not snapshots:
         return set()
     newest, ancestors = max(snapshots, key=lambda x: x[0])
     kept: dict[int, int] = {}  # generation -> the highest step of it on the timeline
+    bound: int | None = None  # the lowest branch step so far, going back
     for g, s in ancestors:
-        kept[g] = min(kept.get(g, s), s)
+        bound = s if bound is None else min(bound, s)
+        kept[g] = min(kept.get(g, bound), bound)
     floor = min(kept, default=newest[0])
     out = set()
     for (g, s), _ in snapshots:
         if g == newest[0]:
             continue
-        if (g in kept and s > kept[g]) or (g not in kept and g > floor):
+        if g in kept:
+            left = s > kept[g]
+        elif g > floor:
+            left = True  # a branch between the newest and its oldest known ancestor
+        else:
+            left = bound is not None and s > bound
+        if left:
             out.add((g, s))
     return out
 

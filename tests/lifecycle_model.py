@@ -214,11 +214,14 @@ class Model:
         return self._uid
 
     def add(self, uid: int, step: int, m_seed: int, base: Node | None, origin: str) -> Node:
-        """Save ``uid`` of ``step``, continuing from ``base``: its parent is the newest
-        snapshot of ``base``'s timeline below ``step``."""
+        """Save ``uid`` of ``step``, continuing from ``base`` (the last save or restore): its
+        parent is ``base`` if that has the same step (saved again: the earlier save stays on
+        the timeline, just older), else the newest snapshot of ``base``'s timeline below
+        ``step`` (a lower step leaves the ones above behind)."""
         p = base
-        while p is not None and p.step >= step:
-            p = p.parent
+        if p is None or p.step != step:
+            while p is not None and p.step >= step:
+                p = p.parent
         n = Node(uid, step, m_seed, p, origin)
         self.nodes[uid] = n
         self.head = n

@@ -67,17 +67,17 @@ if cfg["skew_ns"]:
 import flashckpt
 from tests.test_trust import OPTS, _state
 ckpt = flashckpt.Checkpointer(cfg["storage"], memory_dir=cfg["memory"], options=OPTS, **cfg["kw"])
-for step, seed in cfg["saves"]:
-    ckpt.save(step, _state(seed))
+for step, seed, *force in cfg["saves"]:
+    ckpt.save(step, _state(seed), force=bool(force and force[0]))
 ckpt.wait()
 os._exit(0)  # a crash: no close, the memory tier stays
 """
 
 
 def _crashed_run(
-    storage: Path, memory: Path, saves: list[tuple[int, int]], *, skew_ns: int = 0, **kw: Any
+    storage: Path, memory: Path, saves: list[tuple[int, ...]], *, skew_ns: int = 0, **kw: Any
 ) -> None:
-    """A training process that saves ``(step, content seed)`` pairs and dies (no close)."""
+    """A training process that saves ``(step, content seed[, force])`` and dies (no close)."""
     import json
     import subprocess
     import sys
@@ -226,6 +226,76 @@ def test_an_abandoned_step_is_never_latest_but_can_be_asked_for(dirs: dict[str, 
         ckpt.save(8, _state(8))  # continues the old timeline: now the newest
     with _ckpt(dirs, keep=None) as ckpt:
         assert ckpt.restore(got) == 8 and _equal(got, _state(8))
+
+
+def test_a_fallback_after_two_branchings_stays_below_the_lowest_branch_step(dirs: dict[str, Path]) -> None:
+    """Found by the lifecycle model: steps 0-2, a restore of 2 and step 3 (a generation that
+    branched at 2), then a save of step 1 (a generation that continues from step 0).  The
+    first run's steps 1 and 2 are above the lowest branch step: when the new step 1 is
+    damaged, "latest" falls back to step 0, never to the abandoned step 2."""
+    with _ckpt(dirs, keep=None) as ckpt:
+        for step in (0, 1, 2):
+            ckpt.save(step, _state(step))
+    with _ckpt(dirs, keep=None) as ckpt:
+        assert ckpt.restore(_state(9), step=2) == 2
+        ckpt.save(3, _state(3))
+        ckpt.save(1, _state(101))  # continues from step 0: the old 1, 2 and the 3 are left
+        ckpt.wait()
+    manifest = dirs["storage"] / "steps" / "000000000001" / "r00000-of-00001.manifest"
+    raw = bytearray(manifest.read_bytes())
+    raw[10] ^= 0xA5
+    manifest.write_bytes(bytes(raw))
+    shutil.rmtree(dirs["memory"], ignore_errors=True)  # a new node: storage only
+    got = _state(9)
+    with _ckpt(dirs, keep=None) as ckpt:
+        assert ckpt.restore(got) == 0 and _equal(got, _state(0))
+
+
+def test_saving_a_step_again_puts_the_newer_save_first_and_keeps_the_earlier_one(
+    dirs: dict[str, Path],
+) -> None:
+    """A step saved twice (two callbacks at one step): after a crash the newer save, in memory
+    only, is what "latest" resumes (K7); its record names the earlier save of the step as the
+    point it continued from, so that save stays on the timeline (the fallback) instead of
+    being counted as left behind."""
+    from flashckpt._coordinator import abandoned, read_commits
+
+    _crashed_run(dirs["storage"], dirs["memory"], [(1, 1, True), (1, 101)], persist_every=2, keep=None)
+    got = _state(9)
+    with _ckpt(dirs, keep=None, persist_every=2) as ckpt:
+        assert ckpt.restore(got) == 1 and _equal(got, _state(101))  # the newer one, from memory
+    with _ckpt(dirs, keep=None) as ckpt:
+        ckpt.save(3, _state(3))
+        ckpt.wait()
+        first = read_commits(LocalBackend(dirs["storage"]), OPTS)[-1]
+        ckpt.save(3, _state(103))
+        ckpt.wait()
+    second = read_commits(LocalBackend(dirs["storage"]), OPTS)[-1]
+    assert second.step == 3 and second.order > first.order
+    assert second.ancestors[0] == first.order
+    assert not abandoned([(first.order, first.ancestors), (second.order, second.ancestors)])
+
+
+def test_the_abandoned_rule() -> None:
+    """The timeline rule of docs/format.md on hand-made ancestries."""
+    from flashckpt._coordinator import abandoned
+
+    g0, g1, g2 = 10, 20, 30
+    # g0 saved 0..4; g1 restored (g0, 2) and saved 3, 4; g2 saved step 1 below it (from 0)
+    snaps = [((g0, s), ()) for s in range(5)]
+    snaps += [((g1, s), ((g0, 2),)) for s in (3, 4)]
+    snaps += [((g2, 1), ((g1, 0), (g0, 2)))]
+    assert abandoned(snaps) == {(g0, 1), (g0, 2), (g0, 3), (g0, 4), (g1, 3), (g1, 4)}
+    # without g2, g1's timeline: g0 up to 2
+    assert abandoned(snaps[:-1]) == {(g0, 3), (g0, 4)}
+    # a step saved again: the earlier save stays
+    assert abandoned([((g0, 5), ()), ((g1, 5), ((g0, 5),))]) == set()
+    # no ancestry (a run that never restored): nothing is abandoned
+    assert abandoned([((g0, 9), ()), ((g1, 1), ())]) == set()
+    # ancestry cut short: generations older than every known one hold up to the lowest step
+    assert abandoned([((g0, 3), ()), ((g0, 7), ()), ((g2, 6), ((g1, 5),))]) == {(g0, 7)}
+    # a branch between the newest and its oldest known ancestor was left
+    assert abandoned([((g0, 1), ()), ((g1, 2), ((g0, 1),)), ((g2, 2), ((g0, 1),))]) == {(g1, 2)}
 
 
 def test_retention_keeps_the_restored_step_while_an_older_one_is_salvaged(dirs: dict[str, Path]) -> None:
