@@ -1,0 +1,1 @@
+"""A small mutation campaign: plant known bugs, run the suite, see which tests notice."""

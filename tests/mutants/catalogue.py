@@ -1,0 +1,335 @@
+"""The planted bugs of the mutation campaign (``python -m tests.mutants.run``).
+
+Each mutant is one exact text substitution in one file of the package.  ``old`` must occur
+exactly once in the file: when the code it names moves or changes, the runner refuses the
+mutant loudly (``python -m tests.mutants.run --check`` checks every one in a second) and the
+entry here has to be placed again.  ``new`` is the bug a careful reviewer would plant there:
+small, plausible, and wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    description: str
+    file: str  # relative to the repository root
+    old: str
+    new: str
+
+
+MUTANTS: list[Mutant] = [
+    # -- staging ----------------------------------------------------------------------------
+    Mutant(
+        "stage_first_chunk_only",
+        "save copies only the first chunk_bytes of each CPU tensor into the slot",
+        "flashckpt/_staging.py",
+        """            for i, (dst, src) in enumerate(host):
+                dst.copy_(src)
+""",
+        """            for i, (dst, src) in enumerate(host):
+                _n = max(1, self.opts.chunk_bytes // max(1, src.element_size()))
+                dst.reshape(-1)[:_n].copy_(src.reshape(-1)[:_n])
+""",
+    ),
+    Mutant(
+        "save_slot_leak_on_exception",
+        "save does not give the slot back when something raises after it was taken",
+        "flashckpt/_checkpointer.py",
+        """        except BaseException:  # whatever it is, the slot goes back and says nothing
+            self._mem.forget(slot)
+            self._stager.release(slot)
+            raise""",
+        """        except BaseException:  # whatever it is, the slot goes back and says nothing
+            self._mem.forget(slot)
+            raise""",
+    ),
+    Mutant(
+        "save_keeps_old_memory_manifest",
+        "save overwrites a slot without first deleting the memory manifest of what it held",
+        "flashckpt/_checkpointer.py",
+        "            self._mem.forget(slot)  # its bytes are about to change\n",
+        "",
+    ),
+    # -- persist thread ---------------------------------------------------------------------
+    Mutant(
+        "slot_never_released",
+        "the persist thread never gives a slot back after a job",
+        "flashckpt/_transfer.py",
+        """            self.stager.release(job.slot)
+            released = True""",
+        """            released = True""",
+    ),
+    Mutant(
+        "checksum_prefix_only",
+        "a fresh chunk's checksum covers only its first 4 KiB (content address and manifest)",
+        "flashckpt/_transfer.py",
+        "                d = checksum(view)\n",
+        "                d = checksum(view[:4096])\n",
+    ),
+    Mutant(
+        "hash_wrong_bytes",
+        "the whole-slot checksum pass (dedup, seal_now) hashes each chunk's size from offset 0",
+        "flashckpt/_transfer.py",
+        "digests = list(self.pool.map(lambda c: checksum(slot.view(c.offset, c.nbytes)), m.chunks))",
+        "digests = list(self.pool.map(lambda c: checksum(slot.view(0, c.nbytes)), m.chunks))",
+    ),
+    Mutant(
+        "commit_before_manifest",
+        "a rank-own tier's commit record is written before the shard's manifest",
+        "flashckpt/_transfer.py",
+        """        retry(lambda: be.put(mkey, mdata), f"put {mkey}", opts)
+        hooks.fire("persist.manifest", step=m.step, tier=tier.name)
+        # Later saves reuse the chunks of this rank's own newest manifest: retention never
+        # deletes it before a newer manifest of this rank exists (see collect_chunks).  A
+        # salvaged older snapshot is not the newest: retention may retire it at once.
+        if m.order >= self._known_order.get(tier.name, (-1, -1)):
+            self._known_chunks[tier.name] = {c.checksum: c for c in out.chunks}
+            self._known_order[tier.name] = m.order
+        if not (tier.shared and self.control.distributed):
+            scope = "rank" if m.world_size > 1 else "job"
+            entries = ((mkey, len(mdata), checksum(mdata)),)
+            record = CommitRecord(
+                m.step,
+                m.world_size,
+                now(),
+                entries,
+                scope,
+                generation=m.generation,
+                run=m.run,
+                ancestors=m.ancestors,
+            )
+            self._claim_run(tier, m.run)
+            cdata = encode_commit(record)
+            hooks.fire("commit.record", step=m.step, tier=tier.name)
+            retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
+            hooks.fire("commit.done", step=m.step, tier=tier.name)
+""",
+        """        # Later saves reuse the chunks of this rank's own newest manifest: retention never
+        # deletes it before a newer manifest of this rank exists (see collect_chunks).  A
+        # salvaged older snapshot is not the newest: retention may retire it at once.
+        if m.order >= self._known_order.get(tier.name, (-1, -1)):
+            self._known_chunks[tier.name] = {c.checksum: c for c in out.chunks}
+            self._known_order[tier.name] = m.order
+        if not (tier.shared and self.control.distributed):
+            scope = "rank" if m.world_size > 1 else "job"
+            entries = ((mkey, len(mdata), checksum(mdata)),)
+            record = CommitRecord(
+                m.step,
+                m.world_size,
+                now(),
+                entries,
+                scope,
+                generation=m.generation,
+                run=m.run,
+                ancestors=m.ancestors,
+            )
+            self._claim_run(tier, m.run)
+            cdata = encode_commit(record)
+            hooks.fire("commit.record", step=m.step, tier=tier.name)
+            retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
+            hooks.fire("commit.done", step=m.step, tier=tier.name)
+        retry(lambda: be.put(mkey, mdata), f"put {mkey}", opts)
+        hooks.fire("persist.manifest", step=m.step, tier=tier.name)
+""",
+    ),
+    Mutant(
+        "resave_without_uncommit",
+        "re-saving a step number writes over it without deleting its commit record first",
+        "flashckpt/_transfer.py",
+        '        retry(lambda: be.delete(commit_key(m.step)), f"uncommit step {m.step}", opts)\n',
+        "",
+    ),
+    Mutant(
+        "failed_tier_keeps_manifest",
+        "a tier that fails does not remove the shard's manifest it may have written",
+        "flashckpt/_transfer.py",
+        "                self._discard(tier, m)\n",
+        "",
+    ),
+    Mutant(
+        "retention_exception_escapes",
+        "retention catches only CorruptCheckpointError: a storage error escapes to the loop's last guard",
+        "flashckpt/_transfer.py",
+        "        except Exception as exc:  # retention failing never fails a save, nor the thread",
+        "        except CorruptCheckpointError as exc:  # (a StorageError now escapes)",
+    ),
+    Mutant(
+        "dedup_checksum_trusted",
+        "a deduplicated save references the owner's chunk without comparing checksums",
+        "flashckpt/_transfer.py",
+        "                and got[0] == src.checksum\n",
+        "",
+    ),
+    Mutant(
+        "durable_despite_failure",
+        "a slot is marked durable (free to overwrite) even when a tier failed",
+        "flashckpt/_transfer.py",
+        """            if job.tiers and len(committed) == len(job.tiers) and not job.handle.failures:
+                self.stager.mark_durable(job.slot, job.generation)
+            # Waiting""",
+        """            if job.tiers:
+                self.stager.mark_durable(job.slot, job.generation)
+            # Waiting""",
+    ),
+    Mutant(
+        "retry_never_retries",
+        "a retryable storage error is raised at the first attempt",
+        "flashckpt/_retry.py",
+        "            if not exc.retryable or attempt == opts.retries:",
+        "            if True:",
+    ),
+    # -- local backend ----------------------------------------------------------------------
+    Mutant(
+        "data_fsync_skipped",
+        "LocalBackend.put renames the temporary file into place without fsyncing its data",
+        "backends/local.py",
+        """            if self._fsync:
+                os.fsync(fd)
+""",
+        "",
+    ),
+    Mutant(
+        "dir_fsync_skipped",
+        "LocalBackend.put does not fsync the directory after the rename",
+        "backends/local.py",
+        """            if self._fsync:
+                self._fsync_dir(path.parent)
+""",
+        "",
+    ),
+    Mutant(
+        "o_nofollow_dropped",
+        "open_private (slots, memory manifests, lock) opens without O_NOFOLLOW",
+        "flashckpt/_secure.py",
+        "flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY",
+        "flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY",
+    ),
+    # -- restore ----------------------------------------------------------------------------
+    Mutant(
+        "restore_memory_unverified",
+        "a memory (or mirror) snapshot whose chunk fails its checksum is used anyway",
+        "flashckpt/_coordinator.py",
+        "        if digest != c.checksum:\n",
+        "        if False and digest != c.checksum:\n",
+    ),
+    Mutant(
+        "restore_storage_unverified",
+        "a chunk read from local/storage is not checked against its checksum",
+        "flashckpt/_coordinator.py",
+        "        if checksum(view) != c.checksum:\n",
+        "        if False and checksum(view) != c.checksum:\n",
+    ),
+    Mutant(
+        "commit_entry_digest_unchecked",
+        "a manifest is not checked against the size and checksum its commit record lists",
+        "flashckpt/_coordinator.py",
+        "    if len(mraw) != entry[1] or checksum(mraw) != entry[2]:\n",
+        "    if False:\n",
+    ),
+    Mutant(
+        "record_size_bound_skipped",
+        "read_record reads an object of any size (the 1 GiB record bound is not checked)",
+        "flashckpt/_coordinator.py",
+        "    if size > MAX_RECORD_BYTES:\n",
+        "    if False:\n",
+    ),
+    Mutant(
+        "restore_generation_not_raised",
+        "restore does not raise the generation above what it saw: a rollback resumes the old run",
+        "flashckpt/_checkpointer.py",
+        """        self._gen = max(self._gen, plan.newest_gen + 1)
+        self._prev, self._prev_saved = s, False
+""",
+        """        self._prev, self._prev_saved = s, False
+""",
+    ),
+    Mutant(
+        "abandoned_filter_skipped",
+        "restore may pick a snapshot of an abandoned timeline",
+        "flashckpt/_checkpointer.py",
+        "        left = abandoned([(o, known.get(o, ())) for o in set().union(*every)])\n",
+        "        left: set[Order] = set()\n",
+    ),
+    # -- retention --------------------------------------------------------------------------
+    Mutant(
+        "retention_keeps_one_fewer",
+        "retention keeps keep-1 steps (plus the protected ones)",
+        "flashckpt/_coordinator.py",
+        "    kept_records = current[-keep:] + [r for r in current[:-keep] if r.step in protect]",
+        "    kept_records = current[len(current) - keep + 1 :] + [\n"
+        "        r for r in current[: len(current) - keep + 1] if r.step in protect\n"
+        "    ]",
+    ),
+    Mutant(
+        "retention_keeps_one_more",
+        "retention keeps keep+1 steps",
+        "flashckpt/_coordinator.py",
+        "    kept_records = current[-keep:] + [r for r in current[:-keep] if r.step in protect]",
+        "    kept_records = current[-(keep + 1) :] + [\n"
+        "        r for r in current[: -(keep + 1)] if r.step in protect\n"
+        "    ]",
+    ),
+    Mutant(
+        "retention_keeps_oldest",
+        "retention keeps the oldest keep steps: newer unprotected ones are deleted",
+        "flashckpt/_coordinator.py",
+        "    kept_records = current[-keep:] + [r for r in current[:-keep] if r.step in protect]",
+        "    kept_records = current[:keep] + [r for r in current[keep:] if r.step in protect]",
+    ),
+    Mutant(
+        "gc_grace_ignored",
+        "the shared tier's chunk GC deletes a candidate without waiting gc_grace_s",
+        "flashckpt/_coordinator.py",
+        "            if seen_at >= newest or t_now - first < opts.gc_grace_s:",
+        "            if seen_at >= newest:",
+    ),
+    # -- memory tier ------------------------------------------------------------------------
+    Mutant(
+        "memory_manifest_check_returns_early",
+        "format.check_memory_manifest returns before checking anything",
+        "flashckpt/format.py",
+        """    keys = {c.key for c in m.chunks}
+    if len(keys) > 1""",
+        """    keys = {c.key for c in m.chunks}
+    return next(iter(keys), SLOT_NAMES[0])
+    if len(keys) > 1""",
+    ),
+    Mutant(
+        "late_seal_overwrites",
+        "a late seal overwrites the memory manifest of a newer snapshot of the same step",
+        "flashckpt/_memtier.py",
+        """            if slot.step != m.step:
+                return False
+            self.backend.put""",
+        """            self.backend.put""",
+    ),
+    # -- mirror transport -------------------------------------------------------------------
+    Mutant(
+        "mirror_client_skips_server_proof",
+        "the mirror client does not check the server's HMAC proof",
+        "flashckpt/_mirror.py",
+        '    if not hmac.compare_digest(proof, _derive(secret, b"server proof", nc, ns)):',
+        '    if False and not hmac.compare_digest(proof, _derive(secret, b"server proof", nc, ns)):',
+    ),
+    Mutant(
+        "mirror_server_skips_client_proof",
+        "the mirror server does not check the client's HMAC proof",
+        "flashckpt/_mirror.py",
+        '    if not hmac.compare_digest(proof, _derive(secret, b"client proof", nc, ns)):',
+        '    if False and not hmac.compare_digest(proof, _derive(secret, b"client proof", nc, ns)):',
+    ),
+    Mutant(
+        "mirror_data_tag_unchecked",
+        "a data frame's Poly1305 tag is not checked (its frame counter still advances)",
+        "flashckpt/_mirror.py",
+        '                    self._verify(b"D", tag, dst)\n',
+        "                    self._in += 1\n",
+    ),
+]
+
+BY_NAME = {m.name: m for m in MUTANTS}
+assert len(BY_NAME) == len(MUTANTS), "mutant names must be unique"
