@@ -205,6 +205,9 @@ class Checkpointer:
         self._every, self._persist_every, self._keep = every, persist_every, keep
         self._seq = 0  # saves made so far (after `every`): the same on every rank, names a save
         self._restores = 0  # likewise for restores
+        # outcome keys of shared commits another rank makes of snapshots this rank holds in
+        # memory (a salvage where this rank's shard was there): close waits for them
+        self._awaited: list[str] = []
         self._prev: int | None = None  # the last step saved or restored: a lower one starts a generation
         self._prev_saved = False  # whether this generation saved step ``_prev`` (again starts one too)
         self._ancestors: Ancestors = ()  # where this generation's timeline branched off older ones
@@ -577,6 +580,7 @@ class Checkpointer:
             self._drain()
             self._persist_memory_only()
             self._drain()
+            self._await_shared_commits()
             clean = self._memory_durable()
             self._close_mirrors(clean)
         finally:
@@ -1225,14 +1229,22 @@ class Checkpointer:
             if "none" in column:
                 continue  # some rank has neither the shard nor the snapshot: never complete
             writers[o] = column.count("write")
+            # the key the committing rank publishes its outcome under (the persist thread's
+            # for the writers' jobs, which share this seq on every rank)
+            key = f"commit/{shared.name}/{o[1]}/restore{self._restores}"
             if status[i] == "write":
                 todo.setdefault(o, []).append(shared)
             elif writers[o] == 0 and self._rank == 0:
                 log.info("flashckpt: every shard of step %d is on the storage tier; committing it", o[1])
+                outcome = "ok"
                 try:
                     self._persister.commit_shared(shared, o[1], self._world, o)
                 except FlashCkptError as exc:
                     log.error("flashckpt: committing step %d failed: %s", o[1], exc)
+                    outcome = f"failed: {exc}"
+                self._ctl.publish(key, outcome)
+            else:  # another rank commits it: close waits for that before it judges the memory tier
+                self._awaited.append(key)
         return writers
 
     def _shard_status(self, tier: Tier, order: Order, in_memory: set[Order]) -> str:
@@ -1350,6 +1362,20 @@ class Checkpointer:
             self._stager.release(holder)
             raise
         self._track(handle)
+
+    def _await_shared_commits(self) -> None:
+        """Close, every rank that salvaged: wait (bounded by ``coord_timeout_s``) for the shared
+        commits other ranks make of snapshots this rank holds, so that the memory tier is judged
+        after them, not while they are on their way."""
+        for key in self._awaited:
+            try:
+                outcome = self._ctl.await_outcome(key)
+            except FlashCkptError as exc:
+                log.warning("flashckpt: %s: %s", key, exc)
+                continue
+            if outcome != "ok":
+                log.warning("flashckpt: %s: %s", key, outcome)
+        self._awaited.clear()
 
     def _memory_durable(self) -> bool:
         """Every snapshot the memory tier holds for this run is committed on every persistent

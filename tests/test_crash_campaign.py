@@ -68,6 +68,23 @@ def test_quick_crash_campaign(campaign_out: Path, tmp_path: Path) -> None:
     assert {r["lost_node"] for r in results} >= {0, 1}  # seeds 300 and 110 each lose a node
 
 
+#: Trials of full campaigns that failed before a fix, run again as they were drawn.
+#: 2026113000022: rank 0 dies in retention; the restarted job restores the last step from
+#: memory and ends at once; rank 0 commits the salvaged step while the others close, and
+#: they kept their memory tiers (they judged them before the commit landed).
+FOUND = (2026113000022,)
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", FOUND)
+def test_trials_that_found_a_defect(campaign_out: Path, tmp_path: Path, seed: int) -> None:
+    camp = Campaign(campaign_out, tmp_path / "work", grace=10.0, timeout=240.0, keep_failed=1)
+    r = camp.trial(seed)
+    _no_leftovers([r])
+    assert r["fired"] and r["ok"], f"{r['describe']}: {r['failures']}; {r['repro']}"
+
+
 @pytest.mark.subprocess
 @pytest.mark.slow
 def test_the_campaign_reports_a_restore_that_brings_back_wrong_bytes(

@@ -210,3 +210,35 @@ def test_a_chunk_write_that_cannot_even_be_scheduled_fails_the_save_without_hang
         train_step(state, 0)
         ckpt.save(1, state).wait(timeout=60)  # type: ignore[union-attr]
     assert _committed(tmp_path / "s") == [1]
+
+
+@pytest.mark.parametrize("manifest_fails", [True, False], ids=["manifest-put-fails", "control"])
+def test_a_manifest_write_that_fails_leaves_no_commit(
+    tmp_path: Path, shm_dir: Path, manifest_fails: bool
+) -> None:
+    """The manifest goes before the commit record: when its put fails (every retry), the step
+    is not committed on that tier, and the step before it is still the newest there.  (The
+    control run shows the fault is the only difference.)"""
+    faults = (
+        [Fault(op="put", key_contains=".manifest", times=None, error=StorageError)] if manifest_fails else []
+    )
+    plan = FaultPlan(faults)
+    state = make_state()
+    with flashckpt.Checkpointer(tmp_path / "s", memory_dir=shm_dir, options=FAST_RETRY) as ckpt:
+        h = ckpt.save(0, state)
+        assert h is not None
+        h.wait()
+    be = FaultyBackend(LocalBackend(tmp_path / "s"), plan)
+    train_step(state, 1)
+    with flashckpt.Checkpointer(be, memory_dir=shm_dir, options=FAST_RETRY) as ckpt:
+        ckpt.restore(make_state())
+        h = ckpt.save(1, state)
+        assert h is not None
+        if manifest_fails:
+            with pytest.raises(StorageError, match="injected"):
+                h.wait()
+        else:
+            h.wait()
+        ckpt.close(_raise=False)
+    assert _committed(tmp_path / "s") == ([0] if manifest_fails else [0, 1])
+    assert (plan.fired >= 1) == manifest_fails
