@@ -227,9 +227,9 @@ class Model:
         self.head = n
         return n
 
-    def chain(self) -> list[Node]:
-        """The current timeline, newest first."""
-        out, n = [], self.head
+    def chain(self, head: Node | None = None) -> list[Node]:
+        """The current timeline (or ``head``'s), newest first."""
+        out, n = [], self.head if head is None else head
         while n is not None:
             out.append(n)
             n = n.parent
@@ -563,32 +563,25 @@ def usable(c: Copy, tiers: tuple[str, ...], run_known: str | None) -> bool:
     return not (c.tier == "memory" and run_known and c.run and c.run != run_known)
 
 
-def engine_pick(s: Scan, tiers: tuple[str, ...], run_known: str | None, want: int | None) -> Copy | None:
-    """What the engine's documented rule restores: the newest ``(generation, step)`` that no
-    newer generation abandoned, from its cheapest intact copy.  (Used only to tell a known
-    defect from a new one: the model says what must happen.)"""
-    copies = [c for t in tiers for c in s.copies[t] if usable(c, tiers, run_known)]
-    orders = sorted({c.order for c in copies if c.order is not None})
-    current = set(orders) - abandoned(orders)
-    for o in sorted(current, reverse=True):
-        if want is not None and o[1] != want:
-            continue
-        for t in tiers:
-            c = next((c for c in s.copies[t] if c.order == o and usable(c, tiers, run_known)), None)
-            if c is not None and c.intact:
-                return c
-    return None
-
-
 def model_pick(
     model: Model, s: Scan, tiers: tuple[str, ...], run_known: str | None, want: int | None
 ) -> Node | None:
     """What a restore must return: for ``latest``, the newest save of the current timeline
     with an intact copy on a tier this Checkpointer reads; for ``step=S``, the newest save of
     step ``S`` with one, whichever timeline it is on (the user named it: a step the run left
-    behind is not hidden from an explicit restore, and the run continues from it)."""
+    behind is not hidden from an explicit restore, and the run continues from it).
+
+    The current timeline is the one the surviving evidence names: the newest save that still
+    has a valid record (a commit record, a memory manifest) on these tiers, and its ancestry.
+    When every record of the newest saves is gone (a wiped tier), nothing can tell that the
+    older saves were left behind, and the engine is not asked to."""
     if want is None:
-        candidates = model.chain()
+        seen = [
+            c.uid for t in tiers for c in s.copies[t] if usable(c, tiers, run_known) and c.uid in model.nodes
+        ]
+        if not seen:
+            return None
+        candidates = model.chain(model.nodes[max(seen)])
     else:
         candidates = sorted((n for n in model.nodes.values() if n.step == want), key=lambda n: -n.uid)
     for n in candidates:

@@ -101,7 +101,6 @@ from tests.lifecycle_model import (
     abandoned,
     content,
     diff,
-    engine_pick,
     meta_of,
     model_pick,
     read_run,
@@ -712,10 +711,9 @@ class Lifecycle(RuleBasedStateMachine):
         if expect is not None and node is expect:
             FIG.events["restore: newest" if node is self.model.head else "restore: fell back"] += 1
             return node
-        known = self._why_engine_picked(before, tiers, run_known, want, node)
         self._tolerate(
-            known or "K1",
-            known is not None,
+            "K1",
+            False,
             f"{what} returned {node}, expected {expect}; chain {self.model.chain()[:6]}; "
             f"copies: {self._where(before, node)}; expected's: {self._where(before, expect)}",
         )
@@ -736,19 +734,6 @@ class Lifecycle(RuleBasedStateMachine):
             assert want is not None, f"restore() raised {kind}: {msg}"
         else:
             assert kind == "CorruptCheckpointError", (kind, msg)
-
-    def _why_engine_picked(
-        self, before: Scan, tiers: tuple[str, ...], run_known: str | None, want: int | None, node: Node
-    ) -> str | None:
-        """The known defect that explains the engine's pick of ``node``, a snapshot off the
-        current timeline: K7 if it has the (generation, step) of a save of the timeline (a
-        step saved twice in one generation), K1 if the engine's timeline rule picks it."""
-        pick = engine_pick(before, tiers, run_known, want)
-        chain = self.model.chain()
-        if pick is None or pick.uid != node.uid or node in chain:
-            return None
-        on_chain = {c.order for t in TIERS for c in before.copies[t] if c.uid in {n.uid for n in chain}}
-        return "K7" if pick.order in on_chain else "K1"
 
     def _tolerate(self, known: str, explained: bool, message: str) -> None:
         if explained and known in KNOWN:
@@ -814,6 +799,8 @@ class Lifecycle(RuleBasedStateMachine):
             if uid not in pos:
                 continue  # the run left it: retired or replaced at will
             node = self.model.nodes[uid]
+            if any(n.step == node.step for n in chain[: pos[uid]]):
+                continue  # a newer save of its step number took its place (one per tier)
             if was is not None and self.damage.touches(was, since=self.rule):
                 continue
             if cur is not None and self.damage.touches(cur, since=self.rule):
@@ -977,12 +964,14 @@ class Lifecycle(RuleBasedStateMachine):
         )
 
 
-def _settings(examples: int, steps: int) -> settings:
+def _settings(examples: int, steps: int, *, fixed: bool = False) -> settings:
+    """``fixed``: the same sequences every run (CI: a failure there is a regression, and
+    reproducible; exploring new sequences is the long run's job)."""
     return settings(
         max_examples=examples,
         stateful_step_count=steps,
         deadline=None,
-        derandomize=False,
+        derandomize=fixed,
         database=None,
         suppress_health_check=list(HealthCheck),
         report_multiple_bugs=False,
@@ -1025,7 +1014,9 @@ def test_lifecycle(machine_base: Path, capsys: pytest.CaptureFixture[str]) -> No
     try:
         run_state_machine_as_test(
             Lifecycle,
-            settings=_settings(examples=CI_EXAMPLES, steps=CI_STEPS),
+            settings=_settings(
+                examples=CI_EXAMPLES, steps=CI_STEPS, fixed=not os.environ.get("FLASHCKPT_LIFECYCLE_EXPLORE")
+            ),
         )
     except Exception as exc:
         if FIG.history:  # what the failing run did (a crash's timing may not replay)

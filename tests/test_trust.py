@@ -440,6 +440,32 @@ def test_any_failure_after_the_slot_is_taken_gives_it_back(dirs: dict[str, Path]
     assert _load_eq(dirs["storage"], 2)
 
 
+def test_a_persisted_save_gives_its_slot_back(dirs: dict[str, Path]) -> None:
+    """Once a save's handle is done its slot is free, on every path a job ends by: committed,
+    memory only, failed on a tier.  (Planted, a slot never released was caught only by a test
+    timing out on the third save.)"""
+    with _ckpt(dirs, persist_every=2, local_dir=dirs["storage"].parent / "local") as ckpt:
+        for step in range(3):  # persisted, memory only, persisted
+            h = ckpt.save(step, _state(step))
+            assert h is not None
+            h.wait(timeout=60)
+            ckpt.wait(timeout=60)
+            held = [s.name for s in ckpt._stager.slots if s.busy]
+            assert not held, f"after step {step}: {held} still held"
+        shutil.rmtree(dirs["storage"].parent / "local")
+        (dirs["storage"].parent / "local").write_text("a file where the local tier's directory was")
+        h = ckpt.save(4, _state(4))
+        assert h is not None
+        with pytest.raises(flashckpt.FlashCkptError):
+            h.wait(timeout=60)
+        try:
+            ckpt.wait(timeout=60)  # every job ended (raises the tier's failure again)
+        except flashckpt.FlashCkptError:
+            pass
+        assert not [s.name for s in ckpt._stager.slots if s.busy], "a failed save kept its slot"
+        ckpt.close(_raise=False)
+
+
 # -- M4: a memory tier belongs to one run -----------------------------------------------------------
 
 
