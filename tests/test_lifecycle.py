@@ -135,7 +135,7 @@ POINTS = [
     "restore.loaded",
 ]
 #: The short run: sequences and rules per sequence (about two minutes on two shared cores).
-CI_EXAMPLES = int(os.environ.get("FLASHCKPT_LIFECYCLE_EXAMPLES") or 36)
+CI_EXAMPLES = int(os.environ.get("FLASHCKPT_LIFECYCLE_EXAMPLES") or 24)
 CI_STEPS = 50
 LIMIT_S = {"check": 120.0, "crash": 120.0}  # per rule; others 60 s
 
