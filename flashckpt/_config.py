@@ -50,8 +50,9 @@ class Options:
     #: Multi-rank jobs: how long a rank waits for the others (a collective in ``restore``, the
     #: commit of a step) before it reports :class:`~flashckpt.CoordinationError` / a failure.
     coord_timeout_s: float = 300.0
-    #: Multi-rank jobs: a chunk of the shared tier that no manifest references is deleted only
-    #: after it has stayed unreferenced this long (a rank may be about to reference it).
+    #: Temporary files (``*.tmp-*``) a killed writer left on a tier are deleted once they are
+    #: this old (or 60 s, whichever is longer), unless this process made them.  (The shared
+    #: tier's chunk GC needs no grace: it runs in a commit window, when no rank writes.)
     gc_grace_s: float = 600.0
     #: Multi-rank jobs whose ranks hold the same state (data parallel, e.g. DDP): each chunk
     #: whose bytes are the same on its owner rank goes to the shared tier from that rank only,
@@ -126,7 +127,7 @@ _BOUNDS: dict[str, tuple[float, bool, float | None]] = {
     "backoff_max_s": (0, True, MAX_SECONDS),
     # zero: every collective and commit wait would time out at once
     "coord_timeout_s": (0, True, MAX_SECONDS),
-    # zero: unreferenced chunks go at the next pass (tests); NaN would disable the rule
+    # zero: the 60 s floor applies; NaN would disable the rule
     "gc_grace_s": (0, False, MAX_SECONDS),
     # zero: no cap
     "mirror_bytes_per_s": (0, False, None),

@@ -13,7 +13,6 @@ import ctypes
 import dataclasses
 import logging
 import re
-import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -309,7 +308,7 @@ def apply_retention(
     opts: Options,
     *,
     protect: Sequence[int] = (),
-    gc_candidates: dict[str, tuple[Order, float]] | None = None,
+    collect: bool = True,
 ) -> list[int]:
     """Keep the newest ``keep`` committed steps on ``be`` in ``(generation, step)`` order, and
     the steps in ``protect`` (just committed, just restored); retire the others and delete
@@ -322,8 +321,9 @@ def apply_retention(
     rank ahead of this one) writes manifests of the newest generation, newer than any commit,
     and they are never touched.  Directories of abandoned steps (a rollback) go once the run
     passes them.  Records that fail validation, and names that are not flashckpt keys, are
-    skipped, never deleted.  ``gc_candidates`` (a tier every rank of a job writes to): see
-    :func:`collect_chunks`.
+    skipped, never deleted.  ``collect``: delete the chunks no kept step references (a tier
+    every rank of a job writes to is collected in its commit window instead, see
+    :func:`collect_chunks`).
     """
     records = read_commits(be, opts)
     if not records:
@@ -357,9 +357,7 @@ def apply_retention(
             continue
         _delete_manifests(be, s, opts)
         removed.append(s)
-    if gc_candidates is not None:
-        collect_chunks(be, kept_records, opts, candidates=gc_candidates)
-    elif removed or len(kept_records) < len(records):
+    if collect and (removed or len(kept_records) < len(records)):
         collect_chunks(be, kept_records, opts)
     return removed
 
@@ -397,65 +395,48 @@ def collect_chunks(
     kept: Sequence[CommitRecord],
     opts: Options,
     *,
-    candidates: dict[str, tuple[Order, float]] | None = None,
+    every_manifest: bool = False,
 ) -> int:
     """Delete chunk objects that no manifest references; return how many.
 
     Names under ``chunks/`` that are not chunk keys are skipped, never deleted.
 
-    One process (``candidates`` is None): the manifests of the kept steps count.  Safe against
-    this process's saves: the persist thread runs it between jobs, and a save only reuses
-    chunks of its own newest manifest, which is kept.
+    One process (``every_manifest`` False): the manifests of the kept steps count.  Safe
+    against this process's saves: the persist thread runs it between jobs, and a save only
+    reuses chunks of its own newest manifest, which is kept.
 
-    A tier shared by the ranks of a job (rank 0 runs this after each commit): every manifest
-    present counts, committed or in flight; and another rank may have written a chunk for a
-    manifest it has not written yet.  So a chunk is deleted only if it was already
-    unreferenced at a pass made at an older commit (``candidates`` maps it to the newest
-    commit's ``(generation, step)`` and the time when it was first seen so), and at least
-    ``opts.gc_grace_s`` ago.  That suffices because a rank writes the chunks of its next
-    save only after it has seen the previous one committed (or failed): by the next commit
-    after a chunk was written, the manifest that references it exists.  A rank reuses chunks
-    of its own newest manifest only, and that manifest's step is retired only after a newer
-    one is committed, which needs the rank's next manifest, written first.
+    A tier shared by the ranks of a job (``every_manifest``): every manifest present counts,
+    committed or not, and it runs only in a commit window: after the last rank's manifest
+    of a save every rank makes arrived and the commit record is written, before the outcome
+    is published.  Then no rank writes chunks: each has written its shard of this step and
+    waits for the outcome, and writes the next step's only after it (a rank that gave up
+    waiting writes no more to the tier until that outcome is known, see
+    ``Persister._check_stalled``).  A pass while ranks write cannot be made safe by rules
+    about passes: a restarted run that replays its steps writes again, under the same
+    content address, chunks a killed attempt left unreferenced, just as a pass deletes them.
     """
     referenced: set[str] = set()
-
     keys: list[str] = []
-    if candidates is None:
+    if not every_manifest:
         for record in kept:
             keys.extend(key for key, _size, _digest in record.manifests)
     else:
-        # listed before the chunks: a manifest written after this never references a chunk
-        # that the listing below misses as new
         listed = retry(lambda: be.list("steps/"), f"list steps on {be.url}", opts)
         keys = [k for k in listed if k.endswith(".manifest")]
     for key in keys:
         try:
             m = decode_manifest(read_record(be, key, key, opts), key, check_key=check_key)
         except (ObjectNotFound, CorruptCheckpointError) as exc:
-            if candidates is None:
+            if not every_manifest:
                 raise
-            log.debug("collect_chunks: skipping %s: %s", key, exc)  # being retired or torn
+            log.debug("collect_chunks: skipping %s: %s", key, exc)  # torn or not flashckpt's
             continue
         referenced.update(c.key for c in m.chunks)
     deleted = 0
-    t_now = time.monotonic()
-    newest = max((r.order for r in kept), default=(-1, -1))
     listed = retry(lambda: be.list(CHUNKS_PREFIX), f"list chunks on {be.url}", opts)
-    chunks = [k for k in listed if parse_chunk_key(k) is not None]  # a foreign file is no chunk
-    present = set(chunks)
-    if candidates is not None:
-        for key in list(candidates):
-            if key in referenced or key not in present:
-                del candidates[key]
-    for key in chunks:
-        if key in referenced:
+    for key in listed:
+        if parse_chunk_key(key) is None or key in referenced:  # a foreign file is no chunk
             continue
-        if candidates is not None:
-            seen_at, first = candidates.setdefault(key, (newest, t_now))
-            if seen_at >= newest or t_now - first < opts.gc_grace_s:
-                continue
-            del candidates[key]
         retry(lambda k=key: be.delete(k), f"delete {key}", opts)  # type: ignore[misc]
         deleted += 1
     return deleted

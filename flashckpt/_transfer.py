@@ -37,6 +37,7 @@ from flashckpt._config import Options
 from flashckpt._coordinator import (
     apply_retention,
     claim_run,
+    collect_chunks,
     read_commits,
     read_committed_manifest,
     read_record,
@@ -245,7 +246,6 @@ class Persister:
         #: committed on the tier.  Set by the training thread in ``restore``.
         self.protect: dict[int, tuple[int, int]] = {}
         # per shared tier: unreferenced chunk -> (newest commit, time) when first seen so
-        self._gc_candidates: dict[str, dict[str, tuple[tuple[int, int], float]]] = {}
         self._died: BaseException | None = None
         #: peers whose mirror is failing now: a failure is logged once per peer and episode
         self._mirror_failing: set[int] = set()
@@ -401,7 +401,7 @@ class Persister:
                 self.keep,
                 self.opts,
                 protect=[job.manifest.step, *(s for s, o in self.protect.items() if o > job.manifest.order)],
-                gc_candidates=self._gc_candidates.setdefault(tier.name, {}) if shared else None,
+                collect=not shared,  # a shared tier's chunks: in the commit window (_collect_shared)
             )
         except Exception as exc:  # retention failing never fails a save, nor the thread
             log.warning(
@@ -412,6 +412,24 @@ class Persister:
                 exc,
             )
             job.handle._warn(f"retention on {tier.name}", exc)
+
+    def _collect_shared(self, tier: Tier, job: Job) -> None:
+        """Persist thread of the rank that committed a save every rank made, in the commit
+        window (the other ranks wait for the outcome, none writes chunks): delete the chunks
+        no manifest on the shared tier references (see ``collect_chunks``).  Never raises: a
+        failure is a warning on the handle (the step is committed)."""
+        if self.keep is None:
+            return
+        try:
+            n = collect_chunks(tier.backend, (), self.opts, every_manifest=True)
+            log.debug(
+                "flashckpt: step %d: collected %d chunk(s) on the %s tier", job.manifest.step, n, tier.name
+            )
+        except Exception as exc:
+            log.warning(
+                "flashckpt: chunk GC on the %s tier failed: %s: %s", tier.name, type(exc).__name__, exc
+            )
+            job.handle._warn(f"chunk GC on {tier.name}", exc)
 
     def _run(self, job: Job) -> tuple[list[Tier], list[tuple[Tier, str, float]]]:
         """Seal and persist one job.  Returns the tiers on which it was committed, and the
@@ -488,6 +506,8 @@ class Persister:
                     except BaseException as exc:
                         self.control.publish(ckey, f"the commit by rank {self.control.rank} failed: {exc}")
                         raise
+                    if job.writers is None:  # every rank wrote its shard and waits: no writer runs
+                        self._collect_shared(tier, job)
                     self.control.publish(ckey, "ok")
                     if self.opts.dedup_replicated:  # every rank has read them: its manifest is in
                         for r in range(self.control.world):
