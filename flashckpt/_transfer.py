@@ -494,7 +494,13 @@ class Persister:
             try:
                 on_sealed = sealed if pipelined and i == 0 else None
                 job.handle.written_bytes[tier.name] = self.persist(
-                    tier, m, job.slot, job.seq, on_sealed=on_sealed, verify=job.hashed
+                    tier,
+                    m,
+                    job.slot,
+                    job.seq,
+                    on_sealed=on_sealed,
+                    verify=job.hashed,
+                    dedup=job.writers is None,
                 )
                 if ckey is not None:
                     arrived = self.control.arrive(ckey)
@@ -791,6 +797,7 @@ class Persister:
         *,
         on_sealed: Callable[[Manifest], None] | None = None,
         verify: bool = False,
+        dedup: bool = True,
     ) -> int:
         """Write one shard to ``tier``: new chunks, then the manifest, then the commit record.
 
@@ -803,6 +810,9 @@ class Persister:
         checksums its chunk before it writes it, and ``on_sealed(sealed manifest)`` is called
         on this thread as soon as every checksum is known, while the writes go on.
 
+        ``dedup``: False for a save only some ranks make (a salvage): every chunk of the
+        shard is written by this rank (the ranks that do not write would never publish theirs).
+
         ``verify``: ``m``'s checksums were not computed from the slot just now (a snapshot
         salvaged from the memory tier, or persisted at close): every chunk written is checked
         against its checksum first, so damaged bytes are never stored, above all not under
@@ -813,12 +823,13 @@ class Persister:
         retry(lambda: be.delete(commit_key(m.step)), f"uncommit step {m.step}", opts)
         known = self._known(tier, m)
         groups = _byte_groups(m)
+        dedup = dedup and self._dedups(tier)
         if not m.sealed:
-            if on_sealed is None or self._dedups(tier):
+            if on_sealed is None or dedup:
                 raise ValueError("an unsealed manifest is persisted only with on_sealed, without dedup")
             return self._persist_unsealed(tier, m, slot, known, groups, on_sealed)
         owners = None
-        if self._dedups(tier):
+        if dedup:
             owners = assign_owners([c.nbytes for c in m.chunks], self.control.world)
         futures: list[Future[ChunkEntry]] = []
         written: list[Future[ChunkEntry]] = []  # every write reading the slot
