@@ -278,6 +278,9 @@ class Lifecycle(RuleBasedStateMachine):
         self.last: Node | None = None  # the last snapshot it saved or restored
         self.run_known: str | None = None  # the storage tier's run when it was made
         self.scan: Scan = scan(self.roots)
+        #: which save each (generation, step) was, learned while its copies could be read (a
+        #: copy whose manifest is damaged still has a commit record, and retention counts it)
+        self.order_uid: dict[tuple[int, int], int] = {}
         self.rule = 0
         self.keeps: list[int | None] = []  # keep of every Checkpointer that ran in this rule
         self.observed: list[tuple[str, int]] = []  # (tier, uid) reported durable in this rule
@@ -608,6 +611,7 @@ class Lifecycle(RuleBasedStateMachine):
             problems += [f"flashckpt logged: {r.levelname} {r.getMessage()}" for r in bad]
             self.errors_seen = len(self.log.records)
             self.scan = now
+            self._learn_orders(now)
             if problems:
                 FIG.history = [*self.history[-40:], "  failed: " + "; ".join(problems)[:2000]]
             assert not problems, "\n".join(problems)
@@ -876,6 +880,12 @@ class Lifecycle(RuleBasedStateMachine):
                 + ("no retention pass retired it" if verdict is None else f"retired with keep {self.keeps}"),
             )
 
+    def _learn_orders(self, s: Scan) -> None:
+        for t in TIERS:
+            for c in s.copies[t]:
+                if c.uid is not None and c.order is not None:
+                    self.order_uid.setdefault(c.order, c.uid)
+
     def _retirement(self, node: Node, tier: str, keep: int | None) -> str | None:
         """Judge the retention pass that retired ``node`` on ``tier`` in this rule, from what
         the tier listed at that moment: ``"fair"`` if some snapshot J listed then has
@@ -887,7 +897,9 @@ class Lifecycle(RuleBasedStateMachine):
         if not events:
             return None
         for r in events:
-            listed = {u for u, _ in r.listed if u is not None}
+            # a commit record counts whether or not its manifest can be read (the test may
+            # have damaged it): retention counts commits, it does not read their data
+            listed = {u if u is not None else self.order_uid.get(o) for u, o in r.listed} - {None}
             for j in (self.model.nodes[u] for u in listed if u in self.model.nodes):
                 newer, n = 0, j
                 while n is not None and n is not node:
