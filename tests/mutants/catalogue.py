@@ -281,13 +281,16 @@ MUTANTS: list[Mutant] = [
         "    kept_records = current[:keep] + [r for r in current[keep:] if r.step in protect]",
     ),
     Mutant(
-        "gc_grace_ignored",
-        "the shared tier's chunk GC deletes a candidate without waiting gc_grace_s",
-        "flashckpt/_coordinator.py",
-        "            if seen_at >= newest or t_now - first < opts.gc_grace_s:",
-        "            if seen_at >= newest:",
+        "gc_while_ranks_write",
+        "the shared tier's chunk GC runs after the outcome is published, while ranks write the next step",
+        "flashckpt/_transfer.py",
+        """                    if job.writers is None:  # every rank wrote its shard and waits: no writer runs
+                        self._collect_shared(tier, job)
+                    self.control.publish(ckey, "ok")""",
+        """                    self.control.publish(ckey, "ok")
+                    if job.writers is None:
+                        self._collect_shared(tier, job)""",
     ),
-    # -- memory tier ------------------------------------------------------------------------
     Mutant(
         "memory_manifest_check_returns_early",
         "format.check_memory_manifest returns before checking anything",
