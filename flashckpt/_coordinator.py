@@ -24,6 +24,7 @@ from flashckpt import _hooks as hooks
 from flashckpt._codec import decode
 from flashckpt._config import Options
 from flashckpt._retry import retry
+from flashckpt._tasks import run_all
 from flashckpt.backends import Backend
 from flashckpt.backends._base import check_key
 from flashckpt.errors import CoordinationError, CorruptCheckpointError, ObjectNotFound, StateMismatchError
@@ -176,7 +177,8 @@ def fetch_chunks(
     pool: Executor,
     opts: Options,
 ) -> None:
-    """Read every chunk of ``m`` from ``be`` into ``dest(offset, nbytes)`` and verify it."""
+    """Read every chunk of ``m`` from ``be`` into ``dest(offset, nbytes)`` and verify it.
+    Returns, or raises the first failure, only once no read is still writing into ``dest``."""
 
     def one(i: int) -> None:
         c = m.chunks[i]
@@ -193,8 +195,7 @@ def fetch_chunks(
         if checksum(view) != c.checksum:
             raise CorruptCheckpointError(f"chunk {c.key} on {be.url} fails its checksum")
 
-    for f in [pool.submit(one, i) for i in range(len(m.chunks))]:
-        f.result()
+    run_all(pool, one, range(len(m.chunks)))  # never returns with a read still writing
 
 
 def verify_chunks(
@@ -212,7 +213,8 @@ def verify_chunks(
     ``fills`` (sorted ``(start, end, dst_address)`` byte ranges of the shard, memory at
     ``base``) are copied out while each chunk is checksummed, piece by cache-sized piece, so
     the bytes are read from memory once instead of twice.  If a chunk then fails, those
-    destinations hold a mix of bytes: the caller must treat them as overwritten.
+    destinations hold a mix of bytes: the caller must treat them as overwritten (no copy is
+    still running by the time this raises).
     """
     starts = [f[0] for f in fills]
 
@@ -241,7 +243,7 @@ def verify_chunks(
             raise CorruptCheckpointError(f"chunk at {c.at} of {c.key} in {where} fails its checksum")
         return c
 
-    return m.with_chunks(list(pool.map(one, m.chunks)))
+    return m.with_chunks(run_all(pool, one, m.chunks))  # no copy still running once it raises
 
 
 #: A snapshot's place on the run's timeline: ``(generation, step)`` (docs/format.md).

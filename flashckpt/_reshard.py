@@ -29,6 +29,7 @@ from flashckpt._coordinator import read_committed_manifest, read_record
 from flashckpt._retry import retry
 from flashckpt._staging import check_fits
 from flashckpt._statewalk import build, load_into
+from flashckpt._tasks import run_all
 from flashckpt.backends import Backend
 from flashckpt.backends._base import check_key
 from flashckpt.errors import CorruptCheckpointError, StateMismatchError
@@ -52,8 +53,8 @@ class StepReader:
         what = f"commit record of step {step} on {be.url}"
         raw = read_record(be, commit_key(step), what, opts)
         self.world = decode_commit(raw, what, check_key=check_key).world_size
-        self.manifests: list[Manifest] = list(
-            pool.map(lambda r: read_committed_manifest(be, step, r, self.world, opts), range(self.world))
+        self.manifests: list[Manifest] = run_all(
+            pool, lambda r: read_committed_manifest(be, step, r, self.world, opts), range(self.world)
         )
         self.trees = [m.state_tree() for m in self.manifests]
         self.pieces: dict[str, list[tuple[int, DTensorRef]]] = {}

@@ -47,6 +47,7 @@ from flashckpt._memtier import MemoryTier
 from flashckpt._mirror import MirrorAbort, push
 from flashckpt._retry import retry
 from flashckpt._staging import Slot, Stager
+from flashckpt._tasks import run_all, wait_all
 from flashckpt.backends import Backend
 from flashckpt.backends._base import check_key
 from flashckpt.errors import CoordinationError, CorruptCheckpointError, FlashCkptError, WaitTimeout
@@ -703,7 +704,7 @@ class Persister:
                 raise CorruptCheckpointError(f"{key} describes another shard")
             return (key, len(data), checksum(data)), m
 
-        got = list(self.pool.map(entry, range(world)))
+        got = run_all(self.pool, entry, range(world))
         lineages = {(m.generation, m.run, m.ancestors) for _, m in got}
         first = got[0][1]
         if len(lineages) != 1 or (order is not None and first.generation != order[0]):
@@ -733,7 +734,7 @@ class Persister:
             self._run_claimed.add(tier.name)
 
     def _hash(self, m: Manifest, slot: Slot) -> Manifest:
-        digests = list(self.pool.map(lambda c: checksum(slot.view(c.offset, c.nbytes)), m.chunks))
+        digests = run_all(self.pool, lambda c: checksum(slot.view(c.offset, c.nbytes)), m.chunks)
         return m.with_chunks(
             ChunkEntry(slot.name, c.offset, c.offset, c.nbytes, c.nbytes, c.codec, d)
             for c, d in zip(m.chunks, digests, strict=True)
@@ -852,7 +853,7 @@ class Persister:
                 futures.append(written[-1])
             if owners is not None:
                 self._dedup(tier, m, slot, seq, owners, futures, written, deferred, groups, published, verify)
-            out = m.with_chunks(_wait_all(futures))
+            out = m.with_chunks(wait_all(futures))
         except BaseException:
             # The slot goes back to the stager after this: every write that reads it must be
             # over first (a straggler would store the next snapshot's bytes under this
@@ -914,10 +915,10 @@ class Persister:
                 tasks.append(self.hash_pool.submit(hash_then_write, i, src, group))
             sealed = m.with_chunks(
                 ChunkEntry(slot.name, c.offset, c.offset, c.nbytes, c.nbytes, c.codec, d)
-                for c, d in zip(m.chunks, _wait_all(digests), strict=True)
+                for c, d in zip(m.chunks, wait_all(digests), strict=True)
             )
             on_sealed(sealed)
-            out = sealed.with_chunks(_wait_all(entries))
+            out = sealed.with_chunks(wait_all(entries))
         except BaseException:
             # The slot goes back to the stager after this: nothing may read it any more.
             stop.set()
@@ -1107,20 +1108,3 @@ def _settle_from(src: Future[T], dst: Future[T]) -> None:
         _settle(dst, error=exc)
     else:
         _settle(dst, src.result())
-
-
-def _wait_all(futures: list[Future[T]]) -> list[T]:
-    """Wait for every future; cancel the rest and raise the first error if one fails."""
-    error: BaseException | None = None
-    results: list[T] = []
-    for f in futures:
-        try:
-            results.append(f.result())
-        except BaseException as exc:
-            if error is None:
-                error = exc
-                for g in futures:
-                    g.cancel()
-    if error is not None:
-        raise error
-    return results

@@ -49,6 +49,17 @@ def _equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
+def _blank(step: int) -> dict[str, Any]:
+    """A state to restore into: the shapes of ``_state(step)``, none of its values."""
+    s = _state(step)
+    return {
+        "w": torch.zeros_like(s["w"]),
+        "m": torch.zeros_like(s["m"]),
+        "small": [torch.zeros_like(t) for t in s["small"]],
+        "step": -1,
+    }
+
+
 def _ckpt(dirs: dict[str, Path], **kw: Any) -> flashckpt.Checkpointer:
     kw.setdefault("options", OPTS)
     return flashckpt.Checkpointer(dirs["storage"], memory_dir=dirs["memory"], **kw)
@@ -839,3 +850,132 @@ def test_close_after_a_restore_starts_no_commit_only_some_ranks_make(tmp_path: P
         assert got == 2 and error is None and took < 10, (rank, got, took, error)
     for rank in (0, 1):  # the salvage committed step 2
         assert _equal(flashckpt.load(tmp_path / "storage", step=2, rank=rank, options=OPTS), _state(2))
+
+
+# -- a failed read leaves no reader behind ---------------------------------------------------------
+
+
+def _two_chunk_keys(storage: Path, step: int) -> list[str]:
+    """The chunk keys of ``step``'s shard on ``storage``, in shard order."""
+    from flashckpt.format import manifest_key
+
+    m = decode_manifest((storage / manifest_key(step, 0, 1)).read_bytes(), check_key=check_key)
+    return [c.key for c in sorted(m.chunks, key=lambda c: c.offset)]
+
+
+def test_a_failed_chunk_read_returns_only_when_every_read_it_started_is_done(tmp_path: Path) -> None:
+    """Found by the lifecycle model in CI: a restore from storage whose first chunk failed
+    returned while another chunk's read was still in flight into the slot; the next save
+    staged into that slot and the late read overwrote part of the new snapshot (which then
+    verified: it was checksummed after).  Here the reads of ``fetch_chunks`` directly."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flashckpt._coordinator import fetch_chunks, read_committed_manifest
+    from flashckpt.backends.faults import Fault, FaultPlan, FaultyBackend
+
+    storage = tmp_path / "storage"
+    with flashckpt.Checkpointer(storage, memory_dir=tmp_path / "mem", options=OPTS) as ckpt:
+        ckpt.save(0, _state(0))
+    keys = _two_chunk_keys(storage, 0)
+    plan = FaultPlan(
+        [
+            Fault(op="get", key_contains=keys[0], times=None, error=None, truncate_to=10),  # fails at once
+            Fault(op="get", key_contains=keys[1], times=None, error=None, delay_s=0.5),  # still reading
+        ]
+    )
+    be = FaultyBackend(LocalBackend(storage), plan)
+    m = read_committed_manifest(be, 0, 0, 1, OPTS)
+    buf = bytearray(m.total_bytes)
+    with ThreadPoolExecutor(4) as pool:
+        with pytest.raises(flashckpt.CorruptCheckpointError, match="truncated"):
+            fetch_chunks(be, m, lambda off, n: memoryview(buf)[off : off + n], pool, OPTS)
+        seen = bytes(buf)
+        time.sleep(1.0)
+        assert bytes(buf) == seen, "a chunk read went on writing after fetch_chunks raised"
+
+
+def test_a_failed_memory_verify_returns_only_when_every_copy_it_started_is_done() -> None:
+    """``verify_chunks`` copies out while it checksums (``fills``): when one chunk fails, no
+    copy into the destination may still be running once it raises (the caller gives the
+    destination back: a user's tensor, a slot about to be reused)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flashckpt._coordinator import verify_chunks
+    from flashckpt.format import ChunkEntry
+
+    n = 1 << 16
+    src = bytearray(os.urandom(4 * n))
+    dst = bytearray(4 * n)
+    src_t = torch.frombuffer(src, dtype=torch.uint8)
+    dst_t = torch.frombuffer(dst, dtype=torch.uint8)
+
+    def view(at: int, nbytes: int) -> memoryview:
+        if at >= 2 * n:  # the later chunks are slow to read
+            time.sleep(0.5)
+        return memoryview(src)[at : at + nbytes]
+
+    from flashckpt._coordinator import checksum
+
+    chunks = [
+        ChunkEntry(
+            key="slot-0.bin",
+            offset=i * n,
+            nbytes=n,
+            codec="raw/1",
+            stored_nbytes=n,
+            at=i * n,
+            checksum=("0" * 32 if i == 0 else checksum(memoryview(src)[i * n : (i + 1) * n])),
+        )
+        for i in range(4)
+    ]
+
+    class _M:  # the two things verify_chunks asks of a manifest
+        def __init__(self, cs: list[ChunkEntry]) -> None:
+            self.chunks = cs
+
+        def with_chunks(self, cs: list[ChunkEntry]) -> _M:
+            return _M(cs)
+
+    with ThreadPoolExecutor(4) as pool:
+        with pytest.raises(flashckpt.CorruptCheckpointError, match="fails its checksum"):
+            verify_chunks(
+                _M(chunks),  # type: ignore[arg-type]
+                view,
+                pool,
+                "test",
+                base=src_t.data_ptr(),
+                fills=[(0, 4 * n, dst_t.data_ptr())],
+            )
+        seen = bytes(dst)
+        time.sleep(1.0)
+        assert bytes(dst) == seen, "a copy went on writing after verify_chunks raised"
+
+
+def test_a_save_after_a_failed_restore_holds_its_own_bytes(tmp_path: Path, shm_dir: Path) -> None:
+    """The user's path of the defect above: the only committed step has a damaged chunk, so
+    restore() starts from scratch; the save right after must come back bitwise."""
+    from flashckpt.backends.faults import Fault, FaultPlan, FaultyBackend
+
+    storage = tmp_path / "storage"
+    with flashckpt.Checkpointer(storage, memory_dir=tmp_path / "mem0", options=OPTS) as ckpt:
+        ckpt.save(0, _state(0))
+    keys = _two_chunk_keys(storage, 0)
+    plan = FaultPlan(
+        [
+            Fault(op="get", key_contains=keys[0], times=None, error=None, truncate_to=10),
+            *[Fault(op="get", key_contains=k, times=None, error=None, delay_s=0.6) for k in keys[1:]],
+        ]
+    )
+    be = FaultyBackend(LocalBackend(storage), plan)
+    ckpt = flashckpt.Checkpointer(be, memory_dir=shm_dir, persist_every=100, options=OPTS)
+    try:
+        assert ckpt.restore(_blank(1)) is None  # nothing intact: a fresh start
+        h = ckpt.save(1, _state(1), force=False)
+        assert h is not None
+        h.wait(timeout=60)
+        time.sleep(1.5)  # any read still in flight has landed by now
+        state = _blank(1)
+        assert ckpt.restore(state) == 1
+        assert _equal(state, _state(1)), "the save after a failed restore holds other bytes"
+    finally:
+        ckpt.close()
