@@ -74,8 +74,8 @@ MUTANTS: list[Mutant] = [
         "hash_wrong_bytes",
         "the whole-slot checksum pass (dedup, seal_now) hashes each chunk's size from offset 0",
         "flashckpt/_transfer.py",
-        "digests = list(self.pool.map(lambda c: checksum(slot.view(c.offset, c.nbytes)), m.chunks))",
-        "digests = list(self.pool.map(lambda c: checksum(slot.view(0, c.nbytes)), m.chunks))",
+        "digests = run_all(self.pool, lambda c: checksum(slot.view(c.offset, c.nbytes)), m.chunks)",
+        "digests = run_all(self.pool, lambda c: checksum(slot.view(0, c.nbytes)), m.chunks)",
     ),
     Mutant(
         "commit_before_manifest",
