@@ -1,0 +1,166 @@
+"""The parts of the engine and the imports that must never exist between them.
+
+Every module of ``flashckpt/`` belongs to one part of the architecture (docs/architecture.md;
+``../shared/architecture.json`` is where the parts and the forbidden arrows were first written
+down), or is a leaf every part may use.  An import from one part to another that the
+architecture forbids fails here, and so does a module that belongs to no part (a new module
+must say where it stands).  Imports are read with ``ast``: nothing is imported or run.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "flashckpt"
+
+#: module (dotted, or a package prefix ending in ".") -> part
+PARTS: dict[str, str] = {
+    "flashckpt": "Face",
+    "flashckpt._checkpointer": "Face",
+    "flashckpt._load": "Face",
+    "flashckpt.cli": "CLI",
+    "flashckpt._coordinator": "Coordination",
+    "flashckpt._reshard": "Coordination",
+    "flashckpt._mirror": "Replication",
+    "flashckpt._staging": "Staging",
+    "flashckpt._statewalk": "Staging",
+    "flashckpt._memtier": "Staging",
+    "flashckpt._transfer": "Transfer",
+    "flashckpt._retry": "Transfer",
+    "flashckpt._tasks": "Transfer",
+    "flashckpt._codec": "Transfer",
+    "flashckpt.format": "Format",
+    "flashckpt.format.": "Format",
+    "flashckpt.backends": "Storage",  # the package re-exports the protocol and the backends
+    "flashckpt.backends._base": "Storage",
+    "flashckpt.backends._registry": "Storage",
+    "flashckpt.backends._redact": "Storage",
+    "flashckpt.backends.local": "Backends",
+    "flashckpt.backends.fsspec": "Backends",
+    "flashckpt.backends.faults": "Backends",
+}
+
+#: modules any part may import: errors, options, the event seam, file-safety helpers, the
+#: process-group control
+LEAVES = {
+    "flashckpt.errors",
+    "flashckpt._config",
+    "flashckpt._hooks",
+    "flashckpt._secure",
+    "flashckpt._dist",
+}
+
+#: (from, to, why): the arrows that must never exist (architecture.json's "never")
+NEVER = [
+    ("Backends", "Transfer", "backends see bytes and keys, never codecs or retries"),
+    ("Format", "Storage", "the format is pure: no I/O"),
+    ("Staging", "Transfer", "staging is a memory copy; it never does I/O"),
+    ("Storage", "Coordination", "dependencies point down"),
+    ("Backends", "Face", "dependencies point down"),
+]
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def part_of(module: str) -> str | None:
+    """The part a ``flashckpt`` module belongs to; None for a leaf; KeyError if unplaced."""
+    if module in LEAVES:
+        return None
+    if module in PARTS:
+        return PARTS[module]
+    prefixes = [p for p in PARTS if p.endswith(".") and module.startswith(p)]
+    if prefixes:
+        return PARTS[max(prefixes, key=len)]
+    raise KeyError(module)
+
+
+def imports_of(path: Path, module: str | None = None) -> set[str]:
+    """The ``flashckpt`` modules ``path`` (module ``module``, by default the one at that
+    path) imports: ``from a import b`` counts ``a.b`` when that is a module, else ``a``; at
+    any depth of the file (a function-level import is an arrow too)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    me = module or _module_name(path)
+    is_pkg = path.name == "__init__.py"
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.split(".")[0] == "flashckpt")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = me.split(".") if is_pkg else me.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.split(".")[0] != "flashckpt":
+                continue
+            for a in node.names:
+                sub = f"{mod}.{a.name}"
+                known = (ROOT / Path(*sub.split("."))).with_suffix(".py").exists() or (
+                    ROOT / Path(*sub.split(".")) / "__init__.py"
+                ).exists()
+                out.add(sub if known else mod)
+    return out
+
+
+def _modules() -> list[Path]:
+    return sorted(PKG.rglob("*.py"))
+
+
+def test_every_module_belongs_to_a_part() -> None:
+    unplaced = []
+    for path in _modules():
+        try:
+            part_of(_module_name(path))
+        except KeyError:
+            unplaced.append(_module_name(path))
+    assert not unplaced, f"modules that belong to no part (add them to PARTS or LEAVES): {unplaced}"
+
+
+def test_no_forbidden_arrow() -> None:
+    bad = []
+    for path in _modules():
+        src = part_of(_module_name(path))
+        for mod in imports_of(path):
+            dst = part_of(mod)
+            for a, b, why in NEVER:
+                if (src, dst) == (a, b):
+                    bad.append(f"{_module_name(path)} -> {mod}: {a} -> {b} ({why})")
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize(
+    ("source", "as_module", "forbidden"),
+    [
+        ("from flashckpt._transfer import Persister\n", "flashckpt.backends.local", True),
+        ("def f():\n    from flashckpt import _transfer\n", "flashckpt.backends.local", True),
+        ("import flashckpt._checkpointer\n", "flashckpt.backends.fsspec", True),
+        ("from .. import _transfer\n", "flashckpt.backends.fsspec", True),
+        ("from flashckpt.errors import ConfigError\n", "flashckpt.backends.local", False),
+        ("from flashckpt.backends._base import Backend\n", "flashckpt.format", True),
+        ("from flashckpt.format import checksum\n", "flashckpt._staging", False),
+        ("from flashckpt import _codec\n", "flashckpt._memtier", True),
+    ],
+)
+def test_the_checker_sees_a_forbidden_import(
+    tmp_path: Path, source: str, as_module: str, forbidden: bool
+) -> None:
+    """The checker itself: an import planted in a stand-in for a module of a given part is
+    caught, or not, as the table says."""
+    planted = tmp_path / ("__init__.py" if (ROOT / Path(*as_module.split("."))).is_dir() else "x.py")
+    planted.write_text(source)
+    src = part_of(as_module)
+    found = [
+        (a, b) for mod in imports_of(planted, as_module) for a, b, _ in NEVER if (src, part_of(mod)) == (a, b)
+    ]
+    assert bool(found) == forbidden, (source, as_module, found)
