@@ -401,7 +401,9 @@ class Checkpointer:
             else:
                 log.info("flashckpt: step %d saved again: the newer save comes first", step)
         self._prev, self._prev_saved = step, True
-        slot, waited = self._stager.acquire(layout.total_bytes, check=self._persister.check_alive)
+        slot, waited = self._stager.acquire(
+            layout.total_bytes, check=self._persister.check_alive, idle=self._persister.idle
+        )
         try:
             self._mem.forget(slot)  # its bytes are about to change
             cold = self._stager.stage(slot, flat.tensors, layout)
@@ -782,7 +784,9 @@ class Checkpointer:
             raise CorruptCheckpointError(f"step {step} on the {tier.name} tier changed meanwhile")
         self._precheck(state, m)
         check_fits(m.total_bytes, self._rank_dir, f"step {step} on the {tier.name} tier")
-        slot, _ = self._stager.acquire(m.total_bytes, replacing=step, check=self._persister.check_alive)
+        slot, _ = self._stager.acquire(
+            m.total_bytes, replacing=step, check=self._persister.check_alive, idle=self._persister.idle
+        )
         try:
             self._mem.forget(slot)
             slot.ensure(m.total_bytes)
@@ -1122,7 +1126,9 @@ class Checkpointer:
 
         def into(m: Manifest) -> Callable[[int, int], memoryview]:
             check_fits(m.total_bytes, self._rank_dir, f"step {step} from rank {peer}'s mirror")
-            slot, _ = self._stager.acquire(m.total_bytes, replacing=step, check=self._persister.check_alive)
+            slot, _ = self._stager.acquire(
+                m.total_bytes, replacing=step, check=self._persister.check_alive, idle=self._persister.idle
+            )
             held.append(slot)
             self._mem.forget(slot)
             slot.ensure(m.total_bytes)

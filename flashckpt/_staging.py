@@ -48,7 +48,7 @@ import torch
 from flashckpt import _hooks as hooks
 from flashckpt import _secure
 from flashckpt._config import Options
-from flashckpt.errors import ConfigError, StorageFullError
+from flashckpt.errors import ConfigError, FlashCkptError, StorageFullError
 
 log = logging.getLogger(__name__)
 
@@ -669,6 +669,10 @@ class Slot:
                 log.debug("slot %s still has live views; unmapping deferred", self.path)
 
 
+class NoSlotWillFree(FlashCkptError, RuntimeError):
+    """Every staging slot is held and nothing that would give one back is running (a bug)."""
+
+
 class Stager:
     """Two slots and the rule for handing them out.  See the module docstring for threads."""
 
@@ -700,14 +704,23 @@ class Stager:
 
     # -- slot hand-out -----------------------------------------------------------------------
     def acquire(
-        self, nbytes: int = 0, *, replacing: int | None = None, check: Callable[[], None] | None = None
+        self,
+        nbytes: int = 0,
+        *,
+        replacing: int | None = None,
+        check: Callable[[], None] | None = None,
+        idle: Callable[[], bool] | None = None,
     ) -> tuple[Slot, float]:
         """Block until a slot is free; mark it busy.  Returns the slot and seconds waited.
 
         A wait has no fixed bound (a slot is held while a large snapshot is persisted, which
-        takes as long as the storage needs), but ``check()`` is called at least twice a second
-        while waiting and may raise (the Checkpointer raises if the persist thread that
-        would free the slot is gone), so a save never waits for a slot nobody will free.
+        takes as long as the storage needs), but a save never waits for a slot nobody will
+        give back: ``check()`` is called at least twice a second while waiting and may raise
+        (the Checkpointer raises if the persist thread that would free the slot is gone), and
+        ``idle()`` says that nothing that could give a slot back is running (no persist job
+        queued or in progress).  No slot free, none being prefaulted and ``idle()`` on two
+        checks in a row (the slots were looked at again between them) is a slot that leaked:
+        :class:`NoSlotWillFree` is raised at once.
 
         Prefers a slot holding step ``replacing`` (a copy about to be replaced anyway), then an
         empty slot, then the slot that does not hold the newest staged step, so the newest
@@ -720,6 +733,7 @@ class Stager:
         threads fault memory in faster than one).
         """
         t0 = time.perf_counter()
+        stuck = 0  # checks in a row that found no slot free, none prefaulting, nothing running
         while True:
             with self._cond:
                 free = [s for s in self.slots if not s.busy]
@@ -755,6 +769,16 @@ class Stager:
             if wait_more:
                 if check is not None:
                     check()
+                if idle is not None and target is None and not free and idle():
+                    stuck += 1
+                    if stuck >= 2:
+                        raise NoSlotWillFree(
+                            f"no staging slot will be given back: all {len(self.slots)} are held and "
+                            "nothing that would free one is running (a flashckpt bug: a slot leaked); "
+                            "close this Checkpointer and create a new one"
+                        )
+                else:
+                    stuck = 0
                 continue
             assert target is not None
             self.helped_bytes += target.help_fault()

@@ -278,6 +278,12 @@ class Persister:
         self.check_alive()
         self._queue.put(job)
 
+    def idle(self) -> bool:
+        """Any thread: no job is queued or in progress (no slot will be given back by this
+        thread until a new job is submitted).  A job's slot is released before its
+        ``task_done``, so once this is True every finished job's slot is free."""
+        return self._queue.unfinished_tasks == 0
+
     def check_alive(self) -> None:
         """Any thread: raise :class:`PersisterDied` if the persist thread is gone."""
         if self._died is not None or not self._thread.is_alive():

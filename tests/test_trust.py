@@ -451,6 +451,26 @@ def test_any_failure_after_the_slot_is_taken_gives_it_back(dirs: dict[str, Path]
     assert _load_eq(dirs["storage"], 2)
 
 
+def test_a_save_never_waits_for_a_slot_nobody_will_give_back(dirs: dict[str, Path]) -> None:
+    """Both slots busy and nothing running that could free one (no persist job, no
+    prefault): a leak, which a save must report at once instead of waiting forever.  (Planted,
+    a slot kept by a save that raised was caught only by a test timing out.)"""
+    with _ckpt(dirs) as ckpt:
+        h = ckpt.save(0, _state(0))
+        assert h is not None
+        h.wait(timeout=60)
+        ckpt._stager.join_prefault()
+        for s in ckpt._stager.slots:  # what a leak leaves: busy, and no job holds them
+            assert not s.busy
+            s.busy = True
+        try:
+            with pytest.raises(flashckpt.FlashCkptError, match="no staging slot will be given back"):
+                ckpt.save(1, _state(1))  # (before: it waited forever)
+        finally:
+            for s in ckpt._stager.slots:
+                s.busy = False
+
+
 def test_a_persisted_save_gives_its_slot_back(dirs: dict[str, Path]) -> None:
     """Once a save's handle is done its slot is free, on every path a job ends by: committed,
     memory only, failed on a tier.  (Planted, a slot never released was caught only by a test
