@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import builtins
 import errno
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -26,25 +25,11 @@ from flashckpt.errors import (
     TransientStorageError,
 )
 
+# The key grammar is the format's (flashckpt.format.keys); re-exported here for the backends.
+from flashckpt.format.keys import MAX_KEY_CHARS as MAX_KEY_CHARS
+from flashckpt.format.keys import check_key as check_key
+
 Buffer = bytes | bytearray | memoryview
-
-_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
-MAX_KEY_CHARS = 1024
-
-
-def check_key(key: str) -> str:
-    """Return ``key`` if it is a safe relative name, else raise ``ValueError``.
-
-    Safe means: no empty, ``.`` or ``..`` segment, no leading ``/``, only portable characters.
-    Every name read from a manifest passes through here before it reaches a backend, so a
-    hostile manifest cannot make a backend touch anything outside the checkpoint's root.
-    """
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS:
-        raise ValueError(f"invalid storage key {key!r}")
-    for seg in key.split("/"):
-        if not _SEGMENT.fullmatch(seg) or seg in (".", ".."):
-            raise ValueError(f"invalid storage key {key!r}")
-    return key
 
 
 def check_range(offset: int, length: int | None) -> None:

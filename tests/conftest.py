@@ -143,3 +143,17 @@ def chunk_paths(root: Path, step: int, rank: int = 0, world: int = 1) -> list[Pa
 
     m = read_committed_manifest(LocalBackend(root), step, rank, world, Options())
     return [root / c.key for c in sorted(m.chunks, key=lambda c: c.offset)]
+
+
+def set_format_limit(monkeypatch: pytest.MonkeyPatch, name: str, value: int) -> None:
+    """Lower the format's limit ``name`` (``MAX_RECORD_BYTES``, ``MAX_TENSORS``, ...) for one
+    test, everywhere the format reads it: the module of ``flashckpt.format`` that defines it
+    and every one that imports it (``decode_commit`` bounds manifest sizes by
+    ``MAX_RECORD_BYTES`` too), as setting it on the single ``format.py`` used to."""
+    import flashckpt.format as fmt
+
+    modules = [fmt, fmt.keys, fmt.record, fmt.tree, fmt.manifest, fmt.commit]
+    holders = [m for m in modules if hasattr(m, name)]
+    assert holders, f"flashckpt.format has no limit {name}"
+    for m in holders:
+        monkeypatch.setattr(m, name, value)

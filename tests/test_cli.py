@@ -14,9 +14,8 @@ import pytest
 import torch
 
 import flashckpt
-from flashckpt import format as fmt
 from flashckpt.cli import main
-from tests.conftest import chunk_paths
+from tests.conftest import chunk_paths, set_format_limit
 from tests.hostile.cases import CASES, Case
 from tests.hostile.tree import Step, saved_tree
 
@@ -94,7 +93,7 @@ def test_hostile_step_is_reported_and_the_others_checked(
 ) -> None:
     _hostile(tree, case)
     if case.limit is not None:
-        monkeypatch.setattr(fmt, "MAX_RECORD_BYTES", case.limit)
+        set_format_limit(monkeypatch, "MAX_RECORD_BYTES", case.limit)
     code, out, err = _main(capsys, "verify", str(tree))
     assert code == 1, out + err
     lines = out.splitlines()

@@ -40,7 +40,7 @@ from flashckpt.format import (
     encode_record,
     manifest_key,
 )
-from tests.conftest import chunk_paths
+from tests.conftest import chunk_paths, set_format_limit
 
 HEX = "0123456789abcdef" * 2
 CHUNK0 = "steps/000000000007/r00000-of-00001/000000"
@@ -172,7 +172,7 @@ def test_broken_records(raw: bytes) -> None:
 
 def test_record_over_size_limit_rejected_before_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     raw = encode_manifest(_valid_manifest())
-    monkeypatch.setattr(fmt, "MAX_RECORD_BYTES", len(raw) - 1)
+    set_format_limit(monkeypatch, "MAX_RECORD_BYTES", len(raw) - 1)
     with pytest.raises(flashckpt.CorruptCheckpointError, match="over the limit"):
         _decode(raw)
 
@@ -606,11 +606,11 @@ def test_mutations_start_from_a_valid_body() -> None:
 
 def test_table_counts_over_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     raw = encode_manifest(_valid_manifest())
-    monkeypatch.setattr(fmt, "MAX_TENSORS", 2)
+    set_format_limit(monkeypatch, "MAX_TENSORS", 2)
     with pytest.raises(flashckpt.CorruptCheckpointError, match="tensor table"):
         _decode(raw)
-    monkeypatch.setattr(fmt, "MAX_TENSORS", 3)
-    monkeypatch.setattr(fmt, "MAX_CHUNKS", 1)
+    set_format_limit(monkeypatch, "MAX_TENSORS", 3)
+    set_format_limit(monkeypatch, "MAX_CHUNKS", 1)
     with pytest.raises(flashckpt.CorruptCheckpointError, match="chunk table"):
         _decode(raw)
 
@@ -800,6 +800,22 @@ def test_check_key_accepts(key: str) -> None:
 def test_check_key_rejects(key: Any) -> None:
     with pytest.raises(ValueError):
         check_key(key)
+
+
+def test_decoders_check_names_by_default() -> None:
+    """``check_key`` is optional: the decoders default to the format's own, the one the
+    backends re-export."""
+    assert check_key is fmt.keys.check_key is fmt.check_key
+    assert decode_manifest(encode_manifest(_valid_manifest())) == _valid_manifest()
+    body = _body()
+    body["chunks"][0][0] = "../../etc/passwd"
+    with pytest.raises(flashckpt.CorruptCheckpointError, match="unsafe chunk name"):
+        decode_manifest(encode_record(body))
+    commit = _commit_body()
+    assert decode_commit(encode_record(commit)).manifests[0][0] == manifest_key(7, 0, 1)
+    commit["manifests"][0][0] = "../../etc/passwd"
+    with pytest.raises(flashckpt.CorruptCheckpointError, match="unsafe manifest name"):
+        decode_commit(encode_record(commit))
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import flashckpt
-from flashckpt import format as fmt
 from flashckpt.backends._base import check_key
 from flashckpt.format import commit_key, decode_commit, decode_manifest, manifest_key
+from tests.conftest import set_format_limit
 from tests.hostile.cases import CASES, Case
 from tests.hostile.tree import Step, assert_state, saved_tree, state_for
 
@@ -36,7 +36,7 @@ def _make_hostile(root: Path, case: Case, monkeypatch: pytest.MonkeyPatch) -> St
     case.apply(s)
     s.write()
     if case.limit is not None:
-        monkeypatch.setattr(fmt, "MAX_RECORD_BYTES", case.limit)
+        set_format_limit(monkeypatch, "MAX_RECORD_BYTES", case.limit)
     return s
 
 

@@ -303,7 +303,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "memory_manifest_check_returns_early",
         "format.check_memory_manifest returns before checking anything",
-        "flashckpt/format.py",
+        "flashckpt/format/manifest.py",
         """    keys = {c.key for c in m.chunks}
     if len(keys) > 1""",
         """    keys = {c.key for c in m.chunks}
