@@ -1083,7 +1083,7 @@ class Checkpointer:
         self._ancestors = (loaded.order, *self._restored_ancestors(loaded, plan))[:MAX_ANCESTORS]
         if run and not self._run_known:
             self._run = run  # the storage tier names no run: continue the restored one's
-        self._persister.protect = {s: loaded.order}
+        self._persister.protect = {s: self._gen}
         if loaded.manifest is None or loaded.slot is None:  # resharded: nothing of it is staged
             self._stager.prefault(self._stager.layout(flatten(state).tensors).total_bytes)
         else:  # a fetched copy is in this rank's memory tier now

@@ -243,10 +243,12 @@ class Persister:
         self.stager = stager
         self.keep = keep
         self.control = control if control is not None else Control(None, opts.coord_timeout_s)
-        #: the restored snapshot (step -> order): retention keeps it until a newer one is
-        #: committed on the tier.  Set by the training thread in ``restore``.
-        self.protect: dict[int, tuple[int, int]] = {}
-        # per shared tier: unreferenced chunk -> (newest commit, time) when first seen so
+        #: the restored step -> the generation the run continues in after it: retention
+        #: keeps the restored step while it commits snapshots taken before the restore
+        #: (older ones salvaged, or newer ones of the timeline it left, persisted at close);
+        #: snapshots of the continued run (that generation or later) may retire it.  Set by
+        #: the training thread in ``restore``.
+        self.protect: dict[int, int] = {}
         self._died: BaseException | None = None
         #: peers whose mirror is failing now: a failure is logged once per peer and episode
         self._mirror_failing: set[int] = set()
@@ -393,6 +395,10 @@ class Persister:
         for tier in committed:
             self._retain(tier, job)
 
+    def _protected(self, job: Job) -> list[int]:
+        """The restored steps retention keeps after ``job`` (see ``protect``)."""
+        return [s for s, g in self.protect.items() if job.manifest.generation < g]
+
     def _retain(self, tier: Tier, job: Job) -> None:
         """Persist thread: retention of ``tier`` after ``job`` committed there.  Never raises:
         a failure (of any type: a foreign file, a hostile record, a bug) is logged and
@@ -407,7 +413,7 @@ class Persister:
                 tier.backend,
                 self.keep,
                 self.opts,
-                protect=[job.manifest.step, *(s for s, o in self.protect.items() if o > job.manifest.order)],
+                protect=[job.manifest.step, *self._protected(job)],
                 collect=not shared,  # a shared tier's chunks: in the commit window (_collect_shared)
             )
         except Exception as exc:  # retention failing never fails a save, nor the thread

@@ -322,6 +322,22 @@ def test_retention_keeps_the_restored_step_while_an_older_one_is_salvaged(dirs: 
     assert _load_eq(dirs["storage"], 5)
 
 
+def test_close_after_restoring_an_older_step_never_retires_it(dirs: dict[str, Path]) -> None:
+    """Found by the lifecycle model (30-minute run of 2026-12-01): memory held steps 1 and 2
+    of a crashed run, the local disk neither; restore(step=1) copied step 1 to the local
+    tier, then close persisted step 2 there too (a restore without a save leaves the newer
+    steps alone) and local retention (keep=1) deleted step 1, the step the run continues
+    from.  The restored step is kept while snapshots taken before the restore are committed."""
+    _crashed_run(dirs["storage"], dirs["memory"], [(0, 0), (1, 1), (2, 2)], keep=None)
+    with _ckpt(dirs, local_dir=dirs["local"], keep=1) as ckpt:
+        state = _blank(1)
+        assert ckpt.restore(state, step=1) == 1
+        assert _equal(state, _state(1))
+    local = sorted(p.name for p in (dirs["local"] / "commits").iterdir())
+    assert "step-000000000001" in local, f"close retired the restored step from the local tier: {local}"
+    assert _load_eq(dirs["local"], 1)
+
+
 def test_saving_a_lower_step_without_restore_continues_from_there(dirs: dict[str, Path]) -> None:
     """A save below the last one (a loop restarted by hand) starts a new timeline too."""
     with _ckpt(dirs, keep=None) as ckpt:
