@@ -564,7 +564,12 @@ def usable(c: Copy, tiers: tuple[str, ...], run_known: str | None) -> bool:
 
 
 def model_pick(
-    model: Model, s: Scan, tiers: tuple[str, ...], run_known: str | None, want: int | None
+    model: Model,
+    s: Scan,
+    tiers: tuple[str, ...],
+    run_known: str | None,
+    want: int | None,
+    order_uid: dict[tuple[int, int], int] | None = None,
 ) -> Node | None:
     """What a restore must return: for ``latest``, the newest save of the current timeline
     with an intact copy on a tier this Checkpointer reads; for ``step=S``, the newest save of
@@ -574,10 +579,21 @@ def model_pick(
     The current timeline is the one the surviving evidence names: the newest save that still
     has a valid record (a commit record, a memory manifest) on these tiers, and its ancestry.
     When every record of the newest saves is gone (a wiped tier), nothing can tell that the
-    older saves were left behind, and the engine is not asked to."""
+    older saves were left behind, and the engine is not asked to.  A record whose manifest
+    the test damaged still names its (generation, step): ``order_uid`` (what the test saw
+    there before) tells whose it is."""
+
+    def uid(c: Copy) -> int | None:
+        if c.uid is not None:
+            return c.uid
+        return (order_uid or {}).get(c.order) if c.order else None
+
     if want is None:
         seen = [
-            c.uid for t in tiers for c in s.copies[t] if usable(c, tiers, run_known) and c.uid in model.nodes
+            u
+            for t in tiers
+            for c in s.copies[t]
+            if usable(c, tiers, run_known) and (u := uid(c)) in model.nodes
         ]
         if not seen:
             return None

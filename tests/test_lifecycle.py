@@ -725,7 +725,7 @@ class Lifecycle(RuleBasedStateMachine):
         meta: tuple[int, int, int] | None,
     ) -> Node | str:
         """Check a restore's result against the model; returns what the run continues from."""
-        expect = model_pick(self.model, before, tiers, run_known, want)
+        expect = model_pick(self.model, before, tiers, run_known, want, self.order_uid)
         what = f"restore(step={'latest' if want is None else want}) on {tiers}"
         if r is None:
             assert want is None, f"{what} returned None"
@@ -755,7 +755,7 @@ class Lifecycle(RuleBasedStateMachine):
         kind: str,
         msg: str,
     ) -> None:
-        expect = model_pick(self.model, before, tiers, run_known, want)
+        expect = model_pick(self.model, before, tiers, run_known, want, self.order_uid)
         assert expect is None, f"restore(step={want}) raised {kind}: {msg}; expected {expect}"
         if kind == "CheckpointNotFound":
             assert want is not None, f"restore() raised {kind}: {msg}"
@@ -1005,7 +1005,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     def _check_load_latest(self, tier: str, root: Path, s: Scan) -> None:
         """``flashckpt.load(url)`` gives what a restore from that tier alone would."""
-        expect = model_pick(self.model, s, (tier,), None, None)
+        expect = model_pick(self.model, s, (tier,), None, None, self.order_uid)
         try:
             got = meta_of(flashckpt.load(root, options=OPTS))
         except flashckpt.CheckpointNotFound:
@@ -1166,6 +1166,36 @@ def test_the_model_lets_close_release_a_memory_copy_the_test_made_unreadable(mac
             ("corrupt", {"data": (24600, 170, 8406287), "how": "flip", "tier": "memory", "what": "commit"}),
             ("wipe", {"tier": "storage"}),
             ("close", {}),
+        ]
+    )
+
+
+@pytest.mark.subprocess
+def test_the_model_counts_a_rollback_whose_manifest_the_test_damaged(machine_base: Path) -> None:
+    """Found by the 30-minute run of 2026-12-01 (the model's defect): steps 0 and 1 saved,
+    then step 0 again (a new timeline: 1 is left behind); the new step 0's memory manifest
+    deleted and its storage manifest truncated by the test.  Its commit record still names
+    its (generation, step), so the engine does not resume the abandoned step 1 (and starts
+    from scratch: nothing of the current timeline is intact).  The model took a record whose
+    manifest is unreadable for no evidence, and expected step 1."""
+    _replay(
+        [
+            ("wipe_memory", {}),
+            ("open", {**_PLAIN, "keep": 3, "persist_every": 3}),
+            ("restore_latest", {}),
+            ("restore_step", {"data": (0, 1557)}),
+            ("restore_step", {"data": (0, 0)}),
+            ("restore_latest", {}),
+            ("save", {"saves": [(1, True, True, True), (1, True, True, True), (-3, False, True, True)]}),
+            ("restore_latest", {}),
+            ("corrupt", {"data": (120478, 84, 102776), "how": "delete", "tier": "memory", "what": "commit"}),
+            (
+                "corrupt",
+                {"data": (89245, 1723, 63956), "how": "truncate", "tier": "storage", "what": "manifest"},
+            ),
+            ("restore_step", {"data": (0, 404)}),
+            ("foreign_file", {"name": "commits/step-5", "where": "storage"}),
+            ("restore_latest", {}),
         ]
     )
 
