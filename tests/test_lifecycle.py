@@ -71,7 +71,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -257,6 +257,8 @@ class Cfg:
 
 class Lifecycle(RuleBasedStateMachine):
     base: Path = Path("/tmp")  # the test sets it (its own tmp_path)
+    #: every memory root a machine of this process made (the fixture removes what is left)
+    mem_roots: ClassVar[list[Path]] = []
 
     def __init__(self) -> None:
         super().__init__()
@@ -264,6 +266,7 @@ class Lifecycle(RuleBasedStateMachine):
         tag = uuid.uuid4().hex[:12]
         self.dir = self.base / f"seq-{tag}"
         self.mem_root = Path("/dev/shm") / f"flashckpt-lifecycle-{tag}"
+        Lifecycle.mem_roots.append(self.mem_root)
         self.roots = {
             "memory": self.mem_root / SHARD,
             "local": self.dir / "local",
@@ -1055,11 +1058,11 @@ def _print_figures(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.fixture
 def machine_base(tmp_path: Path) -> Iterator[Path]:
     Lifecycle.base = tmp_path
-    before = set(Path("/dev/shm").glob("flashckpt-lifecycle-*"))  # another run's: not ours
     yield tmp_path
     stop_fork_server()
-    for p in set(Path("/dev/shm").glob("flashckpt-lifecycle-*")) - before:
+    for p in Lifecycle.mem_roots:  # ours only: another run on this machine has its own
         shutil.rmtree(p, ignore_errors=True)
+    Lifecycle.mem_roots.clear()
 
 
 @pytest.mark.subprocess
