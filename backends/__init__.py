@@ -9,11 +9,11 @@ from __future__ import annotations
 if __name__ != "flashckpt.backends":  # pragma: no cover - guard against `import backends`
     raise ImportError(f"the storage backends must be imported as 'flashckpt.backends', not {__name__!r}")
 
-from flashckpt.backends._base import Backend, Capabilities, translate_os_error
-from flashckpt.backends._registry import open_backend, redact_url
 from flashckpt.backends.faults import Fault, FaultPlan, FaultyBackend
 from flashckpt.backends.fsspec import FsspecBackend
 from flashckpt.backends.local import LocalBackend
+from flashckpt.storage.protocol import Backend, Capabilities, translate_os_error
+from flashckpt.storage.registry import open_backend, redact_url
 
 __all__ = [
     "Backend",

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from flashckpt.backends._base import Backend, Buffer, Capabilities
 from flashckpt.errors import StorageError, TransientStorageError
+from flashckpt.storage.protocol import Backend, Buffer, Capabilities
 
 Op = Literal["put", "get", "head", "list", "delete"]
 

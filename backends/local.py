@@ -39,8 +39,8 @@ from itertools import count
 from pathlib import Path
 
 from flashckpt._secure import open_private, private_dir
-from flashckpt.backends._base import Buffer, Capabilities, check_key, check_range, translate_os_error
 from flashckpt.errors import ConfigError, ObjectNotFound, StorageError, StoragePermissionError
+from flashckpt.storage.protocol import Buffer, Capabilities, check_key, check_range, translate_os_error
 
 log = logging.getLogger(__name__)
 

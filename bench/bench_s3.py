@@ -64,8 +64,8 @@ from typing import Any
 import torch
 
 import flashckpt
-from flashckpt._codec import Compression, encode
 from flashckpt.backends import FsspecBackend
+from flashckpt.transfer.codec import Compression, encode
 
 BUCKET = "flashckpt-bench"
 

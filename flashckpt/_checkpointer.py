@@ -37,7 +37,6 @@ from typing import Any, Literal
 import torch
 
 from flashckpt import _hooks as hooks
-from flashckpt._codec import Compression
 from flashckpt._config import Options, default_memory_root, node_id, options_from_env
 from flashckpt._coordinator import (
     Ancestors,
@@ -60,8 +59,7 @@ from flashckpt._secure import open_private, private_dir
 from flashckpt._staging import Slot, Stager, check_fits, restore_copies
 from flashckpt._statewalk import check_loadable, find_targets, flatten, load_into
 from flashckpt._transfer import Job, Persister, PersisterDied, SaveHandle, Tier
-from flashckpt.backends import Backend, LocalBackend, open_backend, translate_os_error
-from flashckpt.backends._base import check_key
+from flashckpt.backends import LocalBackend
 from flashckpt.errors import (
     CheckpointNotFound,
     ClosedError,
@@ -87,6 +85,8 @@ from flashckpt.format import (
     now,
     shard_name,
 )
+from flashckpt.storage import Backend, open_backend, translate_os_error
+from flashckpt.transfer.codec import Compression
 
 log = logging.getLogger(__name__)
 
@@ -1258,7 +1258,7 @@ class Checkpointer:
         is not, but the snapshot is in memory; ``none``: neither."""
         key = manifest_key(order[1], self._rank, self._world)
         try:
-            there = decode_manifest(read_record(tier.backend, key, key, self._opts), key, check_key=check_key)
+            there = decode_manifest(read_record(tier.backend, key, key, self._opts), key)
             if there.order == order:
                 return "have"
         except (StorageError, CorruptCheckpointError):

@@ -21,12 +21,7 @@ from typing import TYPE_CHECKING
 import xxhash
 
 from flashckpt import _hooks as hooks
-from flashckpt._codec import decode
 from flashckpt._config import Options
-from flashckpt._retry import retry
-from flashckpt._tasks import run_all
-from flashckpt.backends import Backend
-from flashckpt.backends._base import check_key
 from flashckpt.errors import CoordinationError, CorruptCheckpointError, ObjectNotFound, StateMismatchError
 from flashckpt.format import (
     CHUNKS_PREFIX,
@@ -49,6 +44,10 @@ from flashckpt.format import (
     parse_memory_manifest_key,
     step_prefix,
 )
+from flashckpt.storage import Backend
+from flashckpt.transfer.codec import decode
+from flashckpt.transfer.futures import run_all
+from flashckpt.transfer.store import retrying
 
 if TYPE_CHECKING:
     from flashckpt._transfer import Tier
@@ -63,7 +62,7 @@ _PIECE = 1 << 20  # checksum-and-copy granularity: stays in cache between the tw
 def committed_steps(be: Backend, opts: Options) -> list[int]:
     """Step numbers with a commit record on ``be``, lowest first (names only: nothing is read).
     Names that are not commit keys (a foreign file) are skipped."""
-    names = retry(lambda: be.children("commits/"), f"list commits on {be.url}", opts)
+    names = retrying(be, opts).children("commits/")
     return sorted(int(m.group(1)) for n in names if (m := _COMMIT_NAME.match(n)))
 
 
@@ -72,10 +71,10 @@ def read_record(be: Backend, key: str, what: str, opts: Options) -> bytes:
     any record is refused without being read whole."""
     # The size first: an object store backend reads a ranged GET into a buffer of the length
     # asked for, so the bound passed to ``get`` must be the object's size, not the limit.
-    size = retry(lambda: be.head(key), f"head {what}", opts)
+    size = retrying(be, opts).head(key)
     if size > MAX_RECORD_BYTES:
         raise CorruptCheckpointError(f"{what}: {size} bytes, larger than any record ({MAX_RECORD_BYTES})")
-    return retry(lambda: be.get(key, length=size), f"get {what}", opts)  # (replaced meanwhile: the
+    return retrying(be, opts).get(key, length=size)  # (replaced meanwhile: the
     # record's trailer does not match)
 
 
@@ -90,7 +89,7 @@ def read_commits(be: Backend, opts: Options) -> list[CommitRecord]:
     for step in committed_steps(be, opts):
         what = f"commit record of step {step} on {be.url}"
         try:
-            record = decode_commit(read_record(be, commit_key(step), what, opts), what, check_key=check_key)
+            record = decode_commit(read_record(be, commit_key(step), what, opts), what)
             if record.step != step:
                 raise CorruptCheckpointError(f"{what} names step {record.step}")
         except ObjectNotFound:
@@ -112,7 +111,7 @@ def read_committed_manifest(be: Backend, step: int, rank: int, world: int, opts:
     against the commit record (size and checksum)."""
     what = f"step {step} on {be.url}"
     raw = read_record(be, commit_key(step), f"commit record of {what}", opts)
-    record = decode_commit(raw, f"commit record of {what}", check_key=check_key)
+    record = decode_commit(raw, f"commit record of {what}")
     if record.step != step:
         raise CorruptCheckpointError(f"commit record of {what} names step {record.step}")
     if record.world_size != world:
@@ -127,7 +126,7 @@ def read_committed_manifest(be: Backend, step: int, rank: int, world: int, opts:
     mraw = read_record(be, want, f"manifest {want}", opts)
     if len(mraw) != entry[1] or checksum(mraw) != entry[2]:
         raise CorruptCheckpointError(f"manifest {want} on {be.url} does not match its commit record")
-    m = decode_manifest(mraw, f"manifest {want}", check_key=check_key)
+    m = decode_manifest(mraw, f"manifest {want}")
     if (m.step, m.rank, m.world_size) != (step, rank, world):
         raise CorruptCheckpointError(f"manifest {want} describes another shard")
     if m.generation != record.generation:
@@ -152,7 +151,7 @@ def claim_run(be: Backend, run: str, opts: Options) -> None:
     if have is None:
         exclusive = be.capabilities.exclusive_create
         try:
-            retry(lambda: be.put(RUN_KEY, encode_run(run), exclusive=exclusive), f"put run on {be.url}", opts)
+            retrying(be, opts).put(RUN_KEY, encode_run(run), exclusive=exclusive)
         except FileExistsError:
             have = read_run(be, opts)
     if have is not None and have != run:
@@ -164,7 +163,7 @@ def claim_run(be: Backend, run: str, opts: Options) -> None:
 
 def read_memory_manifest(be: Backend, step: int) -> Manifest:
     key = memory_manifest_key(step)
-    m = decode_manifest(be.get(key), f"memory manifest {key}", check_key=check_key, allow_unsealed=True)
+    m = decode_manifest(be.get(key), f"memory manifest {key}", allow_unsealed=True)
     if m.step != step:
         raise CorruptCheckpointError(f"memory manifest {key} describes step {m.step}")
     return m
@@ -185,7 +184,7 @@ def fetch_chunks(
         view = dest(c.offset, c.nbytes)
         # raw chunks land in place; encoded ones go through a buffer of their stored size
         into = view if c.codec == CODEC_RAW else memoryview(bytearray(c.stored_nbytes))
-        n = retry(lambda: be.get_into(c.key, into, offset=c.at), f"get {c.key}", opts)
+        n = retrying(be, opts).get_into(c.key, into, offset=c.at)
         if n != c.stored_nbytes:
             raise CorruptCheckpointError(
                 f"chunk {c.key} on {be.url} is truncated ({n} of {c.stored_nbytes} bytes)"
@@ -347,8 +346,8 @@ def apply_retention(
     for r in records:
         if r.step not in kept:
             hooks.fire("retention.delete", step=r.step, tier=be.url)
-            retry(lambda s=r.step: be.delete(commit_key(s)), f"delete commit of step {r.step}", opts)  # type: ignore[misc]
-    names = retry(lambda: be.children("steps/"), f"list steps on {be.url}", opts)
+            retrying(be, opts).delete(commit_key(r.step))
+    names = retrying(be, opts).children("steps/")
     removed = []
     for name in names:
         m = _STEP_DIR.match(name)
@@ -370,19 +369,19 @@ _MANIFEST_NAME = re.compile(r"r\d{5}-of-\d{5}\.manifest")
 def _delete_manifests(be: Backend, step: int, opts: Options) -> None:
     """Delete the manifests of ``step`` (its directory goes once empty); a name that is not
     a manifest key is not flashckpt's and stays."""
-    for key in retry(lambda: be.list(step_prefix(step)), f"list step {step} on {be.url}", opts):
+    for key in retrying(be, opts).list(step_prefix(step)):
         if _MANIFEST_NAME.fullmatch(key[len(step_prefix(step)) :]):
-            retry(lambda k=key: be.delete(k), f"delete {key}", opts)  # type: ignore[misc]
+            retrying(be, opts).delete(key)
 
 
 def _older_than(be: Backend, step: int, newest: Order, opts: Options) -> bool:
     """True if every manifest in step ``step``'s directory is older than ``newest`` (an
     unreadable one counts as newer: it is left alone)."""
-    for key in retry(lambda: be.list(step_prefix(step)), f"list step {step} on {be.url}", opts):
+    for key in retrying(be, opts).list(step_prefix(step)):
         if not key.endswith(".manifest"):
             continue
         try:
-            m = decode_manifest(read_record(be, key, key, opts), key, check_key=check_key)
+            m = decode_manifest(read_record(be, key, key, opts), key)
         except ObjectNotFound:
             continue
         except CorruptCheckpointError:
@@ -423,11 +422,11 @@ def collect_chunks(
         for record in kept:
             keys.extend(key for key, _size, _digest in record.manifests)
     else:
-        listed = retry(lambda: be.list("steps/"), f"list steps on {be.url}", opts)
+        listed = retrying(be, opts).list("steps/")
         keys = [k for k in listed if k.endswith(".manifest")]
     for key in keys:
         try:
-            m = decode_manifest(read_record(be, key, key, opts), key, check_key=check_key)
+            m = decode_manifest(read_record(be, key, key, opts), key)
         except (ObjectNotFound, CorruptCheckpointError) as exc:
             if not every_manifest:
                 raise
@@ -435,10 +434,10 @@ def collect_chunks(
             continue
         referenced.update(c.key for c in m.chunks)
     deleted = 0
-    listed = retry(lambda: be.list(CHUNKS_PREFIX), f"list chunks on {be.url}", opts)
+    listed = retrying(be, opts).list(CHUNKS_PREFIX)
     for key in listed:
         if parse_chunk_key(key) is None or key in referenced:  # a foreign file is no chunk
             continue
-        retry(lambda k=key: be.delete(k), f"delete {key}", opts)  # type: ignore[misc]
+        retrying(be, opts).delete(key)
         deleted += 1
     return deleted

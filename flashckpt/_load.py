@@ -23,10 +23,9 @@ from flashckpt._coordinator import (
 from flashckpt._reshard import StepReader
 from flashckpt._staging import check_fits
 from flashckpt._statewalk import build
-from flashckpt.backends import Backend, open_backend
-from flashckpt.backends._base import check_key
 from flashckpt.errors import CheckpointNotFound, ConfigError, CorruptCheckpointError
 from flashckpt.format import Manifest, commit_key, decode_commit
+from flashckpt.storage import Backend, open_backend
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,7 @@ def _load_step(
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     raw = read_record(be, commit_key(step), f"commit record of step {step}", opts)
-    world = decode_commit(raw, check_key=check_key).world_size
+    world = decode_commit(raw).world_size
     if rank is not None and not 0 <= rank < world:
         raise ConfigError(f"rank {rank} is out of range: step {step} was saved by {world} ranks")
     if world > 1 and rank is None:

@@ -521,10 +521,9 @@ def fetch(
 
 
 def _decode(data: bytes, what: str) -> Manifest:
-    from flashckpt.backends._base import check_key
     from flashckpt.format import decode_manifest
 
-    m = decode_manifest(data, f"mirrored manifest of {what}", check_key=check_key)
+    m = decode_manifest(data, f"mirrored manifest of {what}")
     if not m.sealed:
         raise CorruptCheckpointError(f"mirrored manifest of {what} carries no checksums")
     check_memory_manifest(m, f"mirrored manifest of {what}")

@@ -23,15 +23,10 @@ from typing import Any
 
 import torch
 
-from flashckpt._codec import decode
 from flashckpt._config import Options
 from flashckpt._coordinator import read_committed_manifest, read_record
-from flashckpt._retry import retry
 from flashckpt._staging import check_fits
 from flashckpt._statewalk import build, load_into
-from flashckpt._tasks import run_all
-from flashckpt.backends import Backend
-from flashckpt.backends._base import check_key
 from flashckpt.errors import CorruptCheckpointError, StateMismatchError
 from flashckpt.format import (
     CODEC_RAW,
@@ -43,6 +38,10 @@ from flashckpt.format import (
     decode_commit,
     tensor_nbytes,
 )
+from flashckpt.storage import Backend
+from flashckpt.transfer.codec import decode
+from flashckpt.transfer.futures import run_all
+from flashckpt.transfer.store import retrying
 
 
 class StepReader:
@@ -52,7 +51,7 @@ class StepReader:
         self.be, self.step, self.opts, self.pool = be, step, opts, pool
         what = f"commit record of step {step} on {be.url}"
         raw = read_record(be, commit_key(step), what, opts)
-        self.world = decode_commit(raw, what, check_key=check_key).world_size
+        self.world = decode_commit(raw, what).world_size
         self.manifests: list[Manifest] = run_all(
             pool, lambda r: read_committed_manifest(be, step, r, self.world, opts), range(self.world)
         )
@@ -117,7 +116,7 @@ class StepReader:
             return hit
         check_fits(stored + (n if codec != CODEC_RAW else 0), None, f"chunk {key} of step {self.step}")
         buf = bytearray(stored)
-        got = retry(lambda: self.be.get_into(key, memoryview(buf), offset=at), f"get {key}", self.opts)
+        got = retrying(self.be, self.opts).get_into(key, memoryview(buf), offset=at)
         if got != stored:
             raise CorruptCheckpointError(f"chunk {key} on {self.be.url} is truncated ({got} of {stored})")
         if codec != CODEC_RAW:

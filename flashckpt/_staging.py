@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from flashckpt import _hooks as hooks
-from flashckpt import _secure
+from flashckpt import _platform, _secure
 from flashckpt._config import Options
 from flashckpt.errors import ConfigError, FlashCkptError, StorageFullError
 
@@ -56,53 +56,9 @@ _PAGE = 4096
 _LINE = 64
 _GROW = 2 << 20  # capacities are rounded up to 2 MiB
 _PIECE = 16 << 20  # the prefault thread faults this much between checks for a running copy
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in, report ENOMEM instead of SIGBUS
-
-
-def _libc_madvise() -> Callable[[int, int, int], int] | None:
-    """libc ``madvise`` through ctypes, which releases the GIL (``mmap.madvise`` and
-    ``mmap(MAP_POPULATE)`` hold it on CPython 3.11, stalling the training thread)."""
-    if os.uname().sysname != "Linux":
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-
-    def madvise(addr: int, length: int, advice: int) -> int:
-        return int(fn(addr, length, advice))
-
-    return madvise
-
-
-_madvise = _libc_madvise()
-
-
-def _populate_write(addr: int, length: int) -> None:
-    assert _madvise is not None
-    if _madvise(addr, length, _MADV_POPULATE_WRITE) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"MADV_POPULATE_WRITE failed: {os.strerror(err)}")
-
-
-def _probe_populate_write() -> bool:
-    """True if this kernel supports MADV_POPULATE_WRITE."""
-    if _madvise is None:
-        return False
-    m = mmap.mmap(-1, mmap.PAGESIZE)
-    try:
-        t = torch.frombuffer(m, dtype=torch.uint8)
-        ok = _madvise(t.data_ptr(), mmap.PAGESIZE, _MADV_POPULATE_WRITE) == 0
-        del t
-        return ok
-    finally:
-        m.close()
-
-
-_CAN_POPULATE_WRITE = _probe_populate_write()
+# libc madvise off the GIL (flashckpt/_platform.py); module names here, so tests can patch them
+_populate_write = _platform.populate_write
+_CAN_POPULATE_WRITE = _platform.CAN_POPULATE_WRITE
 
 
 def _round_up(n: int, align: int) -> int:

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flashckpt import _hooks as hooks
-from flashckpt._codec import Compression, encode
 from flashckpt._config import Options
 from flashckpt._coordinator import (
     apply_retention,
@@ -45,11 +44,7 @@ from flashckpt._coordinator import (
 from flashckpt._dist import Control
 from flashckpt._memtier import MemoryTier
 from flashckpt._mirror import MirrorAbort, push
-from flashckpt._retry import retry
 from flashckpt._staging import Slot, Stager
-from flashckpt._tasks import run_all, wait_all
-from flashckpt.backends import Backend
-from flashckpt.backends._base import check_key
 from flashckpt.errors import CoordinationError, CorruptCheckpointError, FlashCkptError, WaitTimeout
 from flashckpt.format import (
     CHUNKS_PREFIX,
@@ -68,6 +63,10 @@ from flashckpt.format import (
     manifest_key,
     now,
 )
+from flashckpt.storage import Backend
+from flashckpt.transfer.codec import Compression, encode
+from flashckpt.transfer.futures import run_all, wait_all
+from flashckpt.transfer.store import retrying
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -711,7 +710,7 @@ class Persister:
         def entry(rank: int) -> tuple[tuple[str, int, str], Manifest]:
             key = manifest_key(step, rank, world)
             data = read_record(be, key, key, opts)
-            m = decode_manifest(data, key, check_key=check_key)
+            m = decode_manifest(data, key)
             if (m.step, m.rank, m.world_size) != (step, rank, world):
                 raise CorruptCheckpointError(f"{key} describes another shard")
             return (key, len(data), checksum(data)), m
@@ -721,7 +720,7 @@ class Persister:
         first = got[0][1]
         if len(lineages) != 1 or (order is not None and first.generation != order[0]):
             raise CorruptCheckpointError(f"the shards of step {step} belong to different saves")
-        present = set(retry(lambda: be.list(CHUNKS_PREFIX), f"list chunks on {be.url}", opts))
+        present = set(retrying(be, opts).list(CHUNKS_PREFIX))
         for _, m in got:
             lost = [c.key for c in m.chunks if c.key not in present]
             if lost:
@@ -736,7 +735,7 @@ class Persister:
         run = first.run
         self._claim_run(tier, run)
         hooks.fire("commit.record", step=step, tier=tier.name)
-        retry(lambda: be.put(commit_key(step), encode_commit(record)), f"commit step {step}", opts)
+        retrying(be, opts).put(commit_key(step), encode_commit(record))
         hooks.fire("commit.done", step=step, tier=tier.name)
 
     def _claim_run(self, tier: Tier, run: str) -> None:
@@ -796,7 +795,7 @@ class Persister:
         what = f"commit record of step {order[1]} on {tier.backend.url}"
         try:
             raw = read_record(tier.backend, commit_key(order[1]), what, self.opts)
-            return decode_commit(raw, what, check_key=check_key).order == order
+            return decode_commit(raw, what).order == order
         except FlashCkptError as exc:
             log.debug("flashckpt: %s: %s", what, exc)
             return False
@@ -833,7 +832,7 @@ class Persister:
         """
         be, opts = tier.backend, self.opts
         # Re-saving a step number: un-commit first, so the step is never committed while torn.
-        retry(lambda: be.delete(commit_key(m.step)), f"uncommit step {m.step}", opts)
+        retrying(be, opts).delete(commit_key(m.step))
         known = self._known(tier, m)
         groups = _byte_groups(m)
         dedup = dedup and self._dedups(tier)
@@ -950,7 +949,7 @@ class Persister:
         be, opts = tier.backend, self.opts
         mkey = manifest_key(m.step, m.rank, m.world_size)
         mdata = encode_manifest(out)
-        retry(lambda: be.put(mkey, mdata), f"put {mkey}", opts)
+        retrying(be, opts).put(mkey, mdata)
         hooks.fire("persist.manifest", step=m.step, tier=tier.name)
         # Later saves reuse the chunks of this rank's own newest manifest: retention never
         # deletes it before a newer manifest of this rank exists (see collect_chunks).  A
@@ -974,7 +973,7 @@ class Persister:
             self._claim_run(tier, m.run)
             cdata = encode_commit(record)
             hooks.fire("commit.record", step=m.step, tier=tier.name)
-            retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
+            retrying(be, opts).put(commit_key(m.step), cdata)
             hooks.fire("commit.done", step=m.step, tier=tier.name)
 
     def _dedup(
@@ -1061,7 +1060,7 @@ class Persister:
             )
         codec, stored = encode(view, group, tier.compression)
         key = chunk_key(c.checksum, codec, len(stored))
-        retry(lambda: tier.backend.put(key, stored), f"put {key}", self.opts)
+        retrying(tier.backend, self.opts).put(key, stored)
         hooks.fire("persist.chunk", step=step, tier=tier.name, key=key)
         return ChunkEntry(key, 0, c.offset, c.nbytes, len(stored), codec, c.checksum)
 

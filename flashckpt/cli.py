@@ -22,10 +22,10 @@ from flashckpt._config import Options
 from flashckpt._coordinator import committed_steps, fetch_chunks, read_committed_manifest, read_record
 from flashckpt._reshard import StepReader
 from flashckpt._staging import check_fits
-from flashckpt.backends import Backend, LocalBackend, open_backend
-from flashckpt.backends._base import check_key
+from flashckpt.backends import LocalBackend
 from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError, FlashCkptError, ObjectNotFound
 from flashckpt.format import CommitRecord, commit_key, decode_commit
+from flashckpt.storage import Backend, open_backend
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -60,7 +60,7 @@ def _open(url: str) -> Backend:
 
 def _commit(be: Backend, step: int, opts: Options) -> CommitRecord:
     what = f"commit record of step {step}"
-    rec = decode_commit(read_record(be, commit_key(step), what, opts), what, check_key=check_key)
+    rec = decode_commit(read_record(be, commit_key(step), what, opts), what)
     if rec.step != step:
         raise CorruptCheckpointError(f"{what} names step {rec.step}")
     return rec

@@ -382,7 +382,7 @@ def run_clean(dirs: Dirs, attempt: int, settings: Settings, timeout: float) -> t
 
 
 def _check_key(key: str) -> str:
-    from flashckpt.backends._base import check_key
+    from flashckpt.format.keys import check_key
 
     return check_key(key)
 

@@ -45,7 +45,6 @@ import zstandard
 
 import flashckpt
 from flashckpt import _hooks as hooks
-from flashckpt.backends._base import check_key
 from flashckpt.errors import CorruptCheckpointError
 from flashckpt.format import (
     SLOT_NAMES,
@@ -367,7 +366,7 @@ def _persistent_copy(root: Path, tier: str, name: str) -> Copy | None:
     if raw is None:
         return None
     try:
-        rec = decode_commit(raw, ckey, check_key=check_key)
+        rec = decode_commit(raw, ckey)
         if rec.step != step:
             raise CorruptCheckpointError("names another step")
     except CorruptCheckpointError as exc:
@@ -386,7 +385,7 @@ def _persistent_copy(root: Path, tier: str, name: str) -> Copy | None:
         c.problem = "manifest does not match its commit record"
         return c
     try:
-        m = decode_manifest(mraw, mkey, check_key=check_key)
+        m = decode_manifest(mraw, mkey)
     except CorruptCheckpointError as exc:
         c.problem = f"manifest: {exc}"
         return c
@@ -471,7 +470,7 @@ def scan_memory(rank_dir: Path) -> list[Copy]:
         if raw is None:
             continue
         try:
-            m = decode_manifest(raw, name, check_key=check_key, allow_unsealed=True)
+            m = decode_manifest(raw, name, allow_unsealed=True)
             if m.step != step:
                 raise CorruptCheckpointError("describes another step")
             slot = check_memory_manifest(m, name)

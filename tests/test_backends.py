@@ -28,7 +28,6 @@ from flashckpt.backends import (
     open_backend,
     redact_url,
 )
-from flashckpt.backends._base import check_key, translate_os_error
 from flashckpt.errors import (
     ConfigError,
     ObjectNotFound,
@@ -37,6 +36,7 @@ from flashckpt.errors import (
     StoragePermissionError,
     TransientStorageError,
 )
+from flashckpt.storage.protocol import check_key, translate_os_error
 from tests.conftest import make_state
 
 
@@ -272,7 +272,7 @@ def test_s3_a_failed_multipart_upload_is_aborted(s3: dict[str, object]) -> None:
 
 
 def test_s3_timeouts_and_retries_are_explicit_and_overridable(s3: dict[str, object]) -> None:
-    from flashckpt.backends.fsspec import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, s3_defaults
+    from flashckpt.backends.s3 import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, s3_defaults
 
     opts = s3_defaults({"key": "k", "config_kwargs": {"read_timeout": 99}}, max_concurrency=16)
     assert opts["key"] == "k"

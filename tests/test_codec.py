@@ -10,8 +10,8 @@ import pytest
 import torch
 import zstandard
 
-from flashckpt._codec import RAW, Compression, decode, encode, is_known
 from flashckpt.errors import ConfigError, CorruptCheckpointError
+from flashckpt.transfer.codec import RAW, Compression, decode, encode, is_known
 
 
 def _bytes(t: torch.Tensor) -> memoryview:

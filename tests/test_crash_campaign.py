@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import flashckpt
-from flashckpt._codec import Compression, encode
 from flashckpt.format import decode_manifest, manifest_key
+from flashckpt.transfer.codec import Compression, encode
 from tests.crash_campaign import (
     GROUPS,
     Campaign,

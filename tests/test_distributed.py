@@ -27,7 +27,6 @@ import torch
 import torch.multiprocessing as mp
 
 import flashckpt
-from flashckpt.backends._base import check_key
 from flashckpt.format import commit_key, decode_commit
 from tests.conftest import make_state
 
@@ -202,7 +201,7 @@ def test_a_rank_killed_mid_save_resumes_every_rank_at_the_newest_consistent_step
     assert _commits(storage) == list(range(STEPS))
     _verify_all(storage, nproc)
     for s in range(STEPS):
-        record = decode_commit((storage / commit_key(s)).read_bytes(), check_key=check_key)
+        record = decode_commit((storage / commit_key(s)).read_bytes())
         assert record.world_size == nproc and len(record.manifests) == nproc
     assert not shm_dir.exists() or not any(p.is_file() for p in shm_dir.rglob("*")), "memory-tier files left"
 
@@ -524,7 +523,7 @@ def test_fsdp2_state_saved_as_local_shards_restored_in_place_resharded_and_conso
         checks = json.loads(Path(f"{result}.{r}").read_text())
         assert checks == dict.fromkeys(checks, True) and len(checks) == 5, (r, checks)
     # what rank 1 stored: its shard of the first layer's weight, rows 6..11 of 24
-    m = decode_manifest((storage / manifest_key(2, 1, world)).read_bytes(), check_key=check_key)
+    m = decode_manifest((storage / manifest_key(2, 1, world)).read_bytes())
     refs: list[DTensorRef] = []
 
     def collect(node: Any) -> None:
@@ -818,16 +817,14 @@ def test_a_step_corrupt_on_one_rank_everywhere_sends_every_rank_to_the_older_ste
     mp.start_processes(_two_phase_worker, args=(0, *args), nprocs=2, join=True, start_method="spawn")
     # rank 1's step 2: one byte flipped in memory and in storage
     mem = shm_dir / "m1" / "r00001-of-00002"
-    m = decode_manifest(
-        (mem / "step-000000000002.manifest").read_bytes(), check_key=check_key, allow_unsealed=True
-    )
+    m = decode_manifest((mem / "step-000000000002.manifest").read_bytes(), allow_unsealed=True)
     c = m.chunks[0]
     with open(mem / c.key, "r+b") as f:
         f.seek(c.at)
         b = f.read(1)
         f.seek(c.at)
         f.write(bytes([b[0] ^ 1]))
-    m = decode_manifest((storage / manifest_key(2, 1, 2)).read_bytes(), check_key=check_key)
+    m = decode_manifest((storage / manifest_key(2, 1, 2)).read_bytes())
     chunk = storage / m.chunks[0].key
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 1

@@ -54,6 +54,38 @@ def test_a_failing_tier_is_reported_and_the_others_go_on(tmp_path: Path, shm_dir
     assert _committed(tmp_path / "s") == [0]
 
 
+def test_a_step_a_tier_failed_to_take_keeps_its_warm_slot(tmp_path: Path, shm_dir: Path) -> None:
+    """A save whose storage write failed lives only in memory: the next save faults the cold
+    slot in rather than write over it, so a crash or failure during that copy never leaves the
+    job without the step.  (After a restore the restored slot is warm and the other cold:
+    without a prefault, a warm slot is taken over a cold one only when its step is durable
+    elsewhere.)"""
+    plan = FaultPlan([Fault(op="put", key_contains="steps/000000000001/", times=None, error=StorageError)])
+    storage = FaultyBackend(LocalBackend(tmp_path / "s"), plan)
+    opts = flashckpt.Options(retries=1, backoff_s=0.01, backoff_max_s=0.05, prefault=False)
+    state = make_state()
+    with flashckpt.Checkpointer(storage, memory_dir=shm_dir, options=opts) as ckpt:
+        ckpt.save(0, state)
+        ckpt.wait()
+        assert ckpt.restore(make_state()) == 0  # the restored slot is warm, the other cold
+        train_step(state, 0)
+        h = ckpt.save(1, state)
+        assert h is not None
+        with pytest.raises(StorageError, match="injected"):
+            h.wait()
+        assert plan.fired and h.durable_on() == ("memory",)
+        assert ckpt.stats["cold"] is False
+        train_step(state, 1)
+        ckpt.save(2, state)
+        # the only warm slot holds step 1, which lives nowhere else: it is kept
+        assert ckpt.stats["cold"] is True
+        ckpt.wait()
+        memory = sorted(p.name for p in ckpt.memory_path.iterdir() if p.name.endswith(".manifest"))
+        assert memory == ["step-000000000001.manifest", "step-000000000002.manifest"]
+        ckpt.close(_raise=False)
+    assert _committed(tmp_path / "s") == [0, 2]
+
+
 def test_truncated_read_on_one_tier_falls_back_to_the_next(tmp_path: Path, shm_dir: Path) -> None:
     state = make_state()
     train_step(state, 0)

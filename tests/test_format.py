@@ -22,7 +22,6 @@ import torch
 
 import flashckpt
 from flashckpt import format as fmt
-from flashckpt.backends._base import MAX_KEY_CHARS, check_key
 from flashckpt.format import (
     CODEC_RAW,
     ChunkEntry,
@@ -40,6 +39,7 @@ from flashckpt.format import (
     encode_record,
     manifest_key,
 )
+from flashckpt.format.keys import MAX_KEY_CHARS, check_key
 from tests.conftest import chunk_paths, set_format_limit
 
 HEX = "0123456789abcdef" * 2
@@ -90,11 +90,11 @@ def _with_trailer(body: bytes) -> bytes:
 
 
 def _decode(raw: bytes) -> Manifest:
-    return decode_manifest(raw, "test manifest", check_key=check_key)
+    return decode_manifest(raw, "test manifest")
 
 
 def _decode_c(raw: bytes) -> CommitRecord:
-    return decode_commit(raw, "test commit", check_key=check_key)
+    return decode_commit(raw, "test commit")
 
 
 def test_valid_manifest_round_trips() -> None:

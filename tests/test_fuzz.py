@@ -51,8 +51,6 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 import flashckpt
-from flashckpt._codec import decode as codec_decode
-from flashckpt.backends._base import check_key
 from flashckpt.format import (
     CODEC_RAW,
     DTYPES,
@@ -75,6 +73,7 @@ from flashckpt.format import (
     manifest_key,
     tensor_nbytes,
 )
+from flashckpt.transfer.codec import decode as codec_decode
 from tests.hostile.tree import encode_as
 
 # --------------------------------------------------------------------------------------------
@@ -911,7 +910,7 @@ def _load(tmp: Path, root: Path, step: int, tally: Tally) -> Any:
 
 def _decode_m(raw: bytes, tally: Tally) -> Manifest | None:
     try:
-        m = decode_manifest(raw, "fuzzed manifest", check_key=check_key)
+        m = decode_manifest(raw, "fuzzed manifest")
     except flashckpt.CorruptCheckpointError:
         tally.add("manifest-refused")
         return None
@@ -1003,7 +1002,7 @@ def test_fuzz_commit_records(tmp_path: Path) -> None:
         tally.add("examples")
         try:
             with _Watching(tmp_path, tmp_path / "none"):
-                got = decode_commit(hostile, "fuzzed commit", check_key=check_key)
+                got = decode_commit(hostile, "fuzzed commit")
         except flashckpt.CorruptCheckpointError:
             tally.add("commit-refused")
             return

@@ -30,18 +30,14 @@ PARTS: dict[str, str] = {
     "flashckpt._statewalk": "Staging",
     "flashckpt._memtier": "Staging",
     "flashckpt._transfer": "Transfer",
-    "flashckpt._retry": "Transfer",
-    "flashckpt._tasks": "Transfer",
-    "flashckpt._codec": "Transfer",
+    "flashckpt.transfer": "Transfer",
+    "flashckpt.transfer.": "Transfer",
     "flashckpt.format": "Format",
     "flashckpt.format.": "Format",
-    "flashckpt.backends": "Storage",  # the package re-exports the protocol and the backends
-    "flashckpt.backends._base": "Storage",
-    "flashckpt.backends._registry": "Storage",
-    "flashckpt.backends._redact": "Storage",
-    "flashckpt.backends.local": "Backends",
-    "flashckpt.backends.fsspec": "Backends",
-    "flashckpt.backends.faults": "Backends",
+    "flashckpt.storage": "Storage",
+    "flashckpt.storage.": "Storage",
+    "flashckpt.backends": "Backends",  # the package also re-exports the storage protocol
+    "flashckpt.backends.": "Backends",
 }
 
 #: modules any part may import: errors, options, the event seam, file-safety helpers, the
@@ -52,6 +48,7 @@ LEAVES = {
     "flashckpt._hooks",
     "flashckpt._secure",
     "flashckpt._dist",
+    "flashckpt._platform",
 }
 
 #: (from, to, why): the arrows that must never exist (architecture.json's "never")
@@ -67,6 +64,8 @@ NEVER = [
 def _module_name(path: Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
+    if parts[0] == "backends":  # the directory imported as flashckpt.backends
+        parts.insert(0, "flashckpt")
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -106,15 +105,16 @@ def imports_of(path: Path, module: str | None = None) -> set[str]:
                 continue
             for a in node.names:
                 sub = f"{mod}.{a.name}"
-                known = (ROOT / Path(*sub.split("."))).with_suffix(".py").exists() or (
-                    ROOT / Path(*sub.split(".")) / "__init__.py"
-                ).exists()
+                where = ROOT / Path(*sub.split("."))
+                known = where.with_suffix(".py").exists() or (where / "__init__.py").exists()
                 out.add(sub if known else mod)
     return out
 
 
 def _modules() -> list[Path]:
-    return sorted(PKG.rglob("*.py"))
+    """Every module of the package, the backends directory too (``flashckpt/backends`` is a
+    link to it, which ``rglob`` does not follow)."""
+    return sorted([*PKG.rglob("*.py"), *(ROOT / "backends").rglob("*.py")])
 
 
 def test_every_module_belongs_to_a_part() -> None:
@@ -147,9 +147,9 @@ def test_no_forbidden_arrow() -> None:
         ("import flashckpt._checkpointer\n", "flashckpt.backends.fsspec", True),
         ("from .. import _transfer\n", "flashckpt.backends.fsspec", True),
         ("from flashckpt.errors import ConfigError\n", "flashckpt.backends.local", False),
-        ("from flashckpt.backends._base import Backend\n", "flashckpt.format", True),
+        ("from flashckpt.storage.protocol import Backend\n", "flashckpt.format", True),
         ("from flashckpt.format import checksum\n", "flashckpt._staging", False),
-        ("from flashckpt import _codec\n", "flashckpt._memtier", True),
+        ("from flashckpt.transfer import codec\n", "flashckpt._memtier", True),
     ],
 )
 def test_the_checker_sees_a_forbidden_import(
@@ -164,3 +164,57 @@ def test_the_checker_sees_a_forbidden_import(
         (a, b) for mod in imports_of(planted, as_module) for a, b, _ in NEVER if (src, part_of(mod)) == (a, b)
     ]
     assert bool(found) == forbidden, (source, as_module, found)
+
+
+def part_graph() -> dict[str, set[str]]:
+    """part -> the other parts its modules import (leaves left out)."""
+    graph: dict[str, set[str]] = {}
+    for path in _modules():
+        src = part_of(_module_name(path))
+        if src is None:
+            continue
+        for mod in imports_of(path):
+            dst = part_of(mod)
+            if dst is not None and dst != src:
+                graph.setdefault(src, set()).add(dst)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` (its nodes in order, the first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    path: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        path.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return [*path[path.index(m) :], m]
+            if m not in state and (found := visit(m)):
+                return found
+        path.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_the_cycle_finder() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"b", "c"}}) == ["b", "b"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 11: Coordination and Transfer still import each other (the Persister holds the "
+    "commit protocol and retention); this flips to a pass, and strict makes that a failure to notice, "
+    "when the coordination package is split out",
+)
+def test_no_cycle_between_parts() -> None:
+    cycle = find_cycle(part_graph())
+    assert cycle is None, " -> ".join(cycle or [])

@@ -21,7 +21,6 @@ import torch
 import flashckpt
 from flashckpt import _hooks as hooks
 from flashckpt.backends import LocalBackend
-from flashckpt.backends._base import check_key
 from flashckpt.format import commit_key, decode_manifest, memory_manifest_key
 
 MiB = 1 << 20
@@ -124,7 +123,7 @@ def test_restoring_from_a_compressed_tier_then_closing_keeps_every_tier_intact(d
         assert _equal(state, _state(2))
         # what the memory tier says of the restored step describes the slot's bytes
         (name,) = [p for p in ckpt.memory_path.iterdir() if p.name.endswith(".manifest")]
-        m = decode_manifest(name.read_bytes(), check_key=check_key)
+        m = decode_manifest(name.read_bytes())
         assert {(c.codec, c.stored_nbytes == c.nbytes, c.at == c.offset) for c in m.chunks} == {
             ("raw/1", True, True)
         }
@@ -823,6 +822,59 @@ def test_a_commit_whose_chunks_are_gone_is_refused(tmp_path: Path, shm_dir: Path
         stager.close(unlink=True)
 
 
+def test_a_manifest_its_commit_record_does_not_name_is_never_loaded(dirs: dict[str, Path]) -> None:
+    """A commit record names the size and checksum of every shard's manifest.  A manifest that
+    decodes and names the right step, shard and generation but is not the one committed (the
+    step saved again, and an object store answering with the older version, or a copy put
+    back from a backup) is refused, never loaded: its chunks, content addressed, are still
+    there, so it would load, bitwise intact, the save the commit replaced."""
+    from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError
+    from flashckpt.format import manifest_key
+
+    key = dirs["storage"] / manifest_key(3, 0, 1)
+    with _ckpt(dirs, keep=None) as ckpt:
+        ckpt.save(3, _state(3))
+        ckpt.wait()
+        older = key.read_bytes()
+        ckpt.save(3, _state(103))  # the same step again, in the same generation
+        ckpt.wait()
+    assert _equal(flashckpt.load(dirs["storage"], step=3, options=OPTS), _state(103))
+    key.write_bytes(older)  # decodes, and its chunks are all there
+    assert decode_manifest(older, "older").step == 3
+    with pytest.raises(CheckpointNotFound, match="no intact committed step") as info:
+        flashckpt.load(dirs["storage"], step=3, options=OPTS)
+    cause = info.value.__cause__
+    assert isinstance(cause, CorruptCheckpointError) and "does not match its commit record" in str(cause)
+    got = _blank(3)
+    with _ckpt(dirs, keep=None) as ckpt:
+        assert ckpt.restore(got) is None  # step 3 is the only step, and it does not load
+    assert got["step"] == -1
+
+
+def test_an_object_larger_than_any_record_is_refused_by_its_size_unread(dirs: dict[str, Path]) -> None:
+    """A commit record of more than ``MAX_RECORD_BYTES`` (a planted or damaged object) is
+    refused from its size alone: not a byte of it is read (reading it whole would cost that
+    much memory on every rank, for a record that cannot be valid), the step is skipped, and
+    the object is left where it is."""
+    from flashckpt.backends import Fault, FaultPlan, FaultyBackend
+    from flashckpt.errors import StorageError
+    from flashckpt.format import MAX_RECORD_BYTES
+
+    with _ckpt(dirs, keep=None) as ckpt:
+        ckpt.save(3, _state(3))
+    huge = dirs["storage"] / commit_key(5)
+    with open(huge, "wb") as f:
+        f.truncate(MAX_RECORD_BYTES + 1)  # sparse: no disk
+    plan = FaultPlan([Fault(op="get", key_contains=commit_key(5), times=None, error=StorageError)])
+    storage = FaultyBackend(LocalBackend(dirs["storage"]), plan)
+    got = _blank(3)
+    with flashckpt.Checkpointer(storage, memory_dir=dirs["memory"], options=OPTS, keep=None) as ckpt:
+        assert ckpt.restore(got) == 3
+    assert _equal(got, _state(3))
+    assert plan.fired == 0, "a byte of the oversized record was read"
+    assert huge.stat().st_size == MAX_RECORD_BYTES + 1
+
+
 def test_temporary_manifests_a_killed_writer_left_in_memory_are_swept(dirs: dict[str, Path]) -> None:
     """A process killed while it wrote a memory manifest leaves its temporary file; the next
     one (holding the lock) removes it, and a clean close leaves nothing behind."""
@@ -895,7 +947,7 @@ def _two_chunk_keys(storage: Path, step: int) -> list[str]:
     """The chunk keys of ``step``'s shard on ``storage``, in shard order."""
     from flashckpt.format import manifest_key
 
-    m = decode_manifest((storage / manifest_key(step, 0, 1)).read_bytes(), check_key=check_key)
+    m = decode_manifest((storage / manifest_key(step, 0, 1)).read_bytes())
     return [c.key for c in sorted(m.chunks, key=lambda c: c.offset)]
 
 

@@ -19,7 +19,6 @@ import pytest
 import torch
 import zstandard
 
-from flashckpt._codec import decode
 from flashckpt.format import (
     CODEC_RAW,
     CommitRecord,
@@ -30,6 +29,7 @@ from flashckpt.format import (
     encode_record,
     manifest_key,
 )
+from flashckpt.transfer.codec import decode
 
 Body = dict[str, Any]
 _TRAILER = b"\n#xxh3_128:"

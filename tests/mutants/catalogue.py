@@ -81,7 +81,7 @@ MUTANTS: list[Mutant] = [
         "commit_before_manifest",
         "a rank-own tier's commit record is written before the shard's manifest",
         "flashckpt/_transfer.py",
-        """        retry(lambda: be.put(mkey, mdata), f"put {mkey}", opts)
+        """        retrying(be, opts).put(mkey, mdata)
         hooks.fire("persist.manifest", step=m.step, tier=tier.name)
         # Later saves reuse the chunks of this rank's own newest manifest: retention never
         # deletes it before a newer manifest of this rank exists (see collect_chunks).  A
@@ -105,7 +105,7 @@ MUTANTS: list[Mutant] = [
             self._claim_run(tier, m.run)
             cdata = encode_commit(record)
             hooks.fire("commit.record", step=m.step, tier=tier.name)
-            retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
+            retrying(be, opts).put(commit_key(m.step), cdata)
             hooks.fire("commit.done", step=m.step, tier=tier.name)
 """,
         """        # Later saves reuse the chunks of this rank's own newest manifest: retention never
@@ -130,9 +130,9 @@ MUTANTS: list[Mutant] = [
             self._claim_run(tier, m.run)
             cdata = encode_commit(record)
             hooks.fire("commit.record", step=m.step, tier=tier.name)
-            retry(lambda: be.put(commit_key(m.step), cdata), f"commit step {m.step}", opts)
+            retrying(be, opts).put(commit_key(m.step), cdata)
             hooks.fire("commit.done", step=m.step, tier=tier.name)
-        retry(lambda: be.put(mkey, mdata), f"put {mkey}", opts)
+        retrying(be, opts).put(mkey, mdata)
         hooks.fire("persist.manifest", step=m.step, tier=tier.name)
 """,
     ),
@@ -140,7 +140,7 @@ MUTANTS: list[Mutant] = [
         "resave_without_uncommit",
         "re-saving a step number writes over it without deleting its commit record first",
         "flashckpt/_transfer.py",
-        '        retry(lambda: be.delete(commit_key(m.step)), f"uncommit step {m.step}", opts)\n',
+        '        retrying(be, opts).delete(commit_key(m.step))\n',
         "",
     ),
     Mutant(
@@ -187,7 +187,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "retry_never_retries",
         "a retryable storage error is raised at the first attempt",
-        "flashckpt/_retry.py",
+        "flashckpt/transfer/store.py",
         "            if not exc.retryable or attempt == opts.retries:",
         "            if True:",
     ),

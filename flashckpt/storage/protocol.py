@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from flashckpt.backends._redact import redact_text
 from flashckpt.errors import (
     ObjectNotFound,
     StorageError,
@@ -28,6 +27,7 @@ from flashckpt.errors import (
 # The key grammar is the format's (flashckpt.format.keys); re-exported here for the backends.
 from flashckpt.format.keys import MAX_KEY_CHARS as MAX_KEY_CHARS
 from flashckpt.format.keys import check_key as check_key
+from flashckpt.storage.redact import redact_text
 
 Buffer = bytes | bytearray | memoryview
 

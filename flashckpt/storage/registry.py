@@ -1,15 +1,33 @@
-"""Choosing a backend for a URL.  Imports of optional dependencies stay lazy."""
+"""Choosing a backend for a URL.
+
+The backends are named here by dotted path and imported when a URL first needs one: this
+part never imports a backend module statically (the backends import the protocol from here,
+so the arrow points one way), and optional dependencies (fsspec, s3fs) stay lazy.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from flashckpt.backends._base import Backend
-from flashckpt.backends._redact import redact_text, redact_url
 from flashckpt.errors import ConfigError
+from flashckpt.storage.protocol import Backend
+from flashckpt.storage.redact import redact_text, redact_url
+
+#: backend kind -> "module:class"
+BACKENDS = {
+    "local": "flashckpt.backends.local:LocalBackend",
+    "fsspec": "flashckpt.backends.fsspec:FsspecBackend",
+}
+
+
+def backend_class(kind: str) -> Any:
+    """The class that implements backend ``kind`` (a key of :data:`BACKENDS`), imported now."""
+    module, _, name = BACKENDS[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def open_backend(
@@ -28,20 +46,16 @@ def open_backend(
     """
     if isinstance(target, Backend):
         return target
-    from flashckpt.backends.local import LocalBackend
-
     text = os.fspath(target)
     if not text.strip():
         raise ConfigError("an empty path is not a storage location (it would mean the current directory)")
     if "://" not in text:
-        return LocalBackend(text)
+        return backend_class("local")(text)  # type: ignore[no-any-return]
     parts = urlsplit(text)
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise ConfigError(f"file:// URL with a host is not supported: {redact_url(text)}")
-        return LocalBackend(parts.path)
-    from flashckpt.backends.fsspec import FsspecBackend
-
+        return backend_class("local")(parts.path)  # type: ignore[no-any-return]
     try:
         import fsspec
 
@@ -51,7 +65,7 @@ def open_backend(
         raise ConfigError(
             f"no fsspec file system for {parts.scheme!r} URLs{hint}: {redact_url(text)}"
         ) from exc
-    return FsspecBackend(
+    return backend_class("fsspec")(  # type: ignore[no-any-return]
         text, storage_options=storage_options, max_concurrency=max_concurrency, range_bytes=range_bytes
     )
 
