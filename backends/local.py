@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from itertools import count
 from pathlib import Path
 
+from flashckpt import _hooks as hooks
 from flashckpt._secure import open_private, private_dir
 from flashckpt.errors import ConfigError, ObjectNotFound, StorageError, StoragePermissionError
 from flashckpt.storage.protocol import Buffer, Capabilities, check_key, check_range, translate_os_error
@@ -115,6 +116,7 @@ class LocalBackend:
         """The file that holds ``key`` (the key is validated first)."""
         return self.root / check_key(key)
 
+    @hooks.timed("time.backend.put", lambda self, key, *a, **k: {"key": key})
     def put(self, key: str, data: Buffer | Sequence[Buffer], *, exclusive: bool = False) -> None:
         path = self.path_of(key)
         parts = (
@@ -281,6 +283,7 @@ class LocalBackend:
             raise translate_os_error(exc, f"delete {key} on {self.url}") from exc
         self._prune_dirs(path.parent)
 
+    @hooks.timed("time.backend.delete_prefix")
     def delete_prefix(self, prefix: str) -> None:
         if not prefix.endswith("/"):
             raise ValueError(f"delete_prefix needs a prefix ending in '/', got {prefix!r}")

@@ -58,8 +58,8 @@ from typing import Any
 import torch
 
 import flashckpt
-from flashckpt import _checkpointer, _staging, _transfer
-from flashckpt.backends.local import LocalBackend
+from flashckpt import _hooks as hooks
+from flashckpt import _staging
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -300,57 +300,43 @@ def rm(path: Path) -> None:
 
 
 class Profiler:
-    """Wraps a few library internals with timers (diagnostics only; behaviour unchanged)."""
+    """Times where a save and a restore spend their time, from the engine's timed points
+    (``flashckpt._hooks``: the event seam; nothing of the library is patched).  Diagnostics
+    only: a point costs one dict lookup while nobody listens."""
 
-    METHODS = (
-        (_staging.Slot, "ensure", "slot.ensure"),
-        (_staging.Stager, "stage", "stager.stage"),
-        (_staging.Stager, "acquire", "stager.acquire"),
-        (_transfer.Persister, "_hash", "persist.hash"),
-        (_transfer.Persister, "persist", "persist.tier"),
-        (_checkpointer.Checkpointer, "_apply", "restore.apply"),
-        (_checkpointer.Checkpointer, "_inventory", "restore.inventory"),
-        (LocalBackend, "put", "backend.put"),
-        (LocalBackend, "delete_prefix", "backend.delete_prefix"),
-    )
-    FUNCS = (
-        (_checkpointer, "verify_chunks", "restore.verify"),
-        (_checkpointer, "fetch_chunks", "restore.fetch"),
-        (_transfer, "apply_retention", "persist.retention"),
+    POINTS = (
+        "slot.ensure",
+        "stager.stage",
+        "stager.acquire",
+        "persist.hash",
+        "persist.tier",
+        "persist.retention",
+        "restore.apply",
+        "restore.inventory",
+        "restore.verify",
+        "restore.fetch",
+        "backend.put",
+        "backend.delete_prefix",
     )
 
     def __init__(self) -> None:
         self.events: list[tuple[str, str, float, float]] = []
         self._lock = threading.Lock()
-        self._saved: list[tuple[Any, str, Any]] = []
+        self._off: list[Callable[[], None]] = []
 
-    def _wrap(self, fn: Callable[..., Any], label: str, tier_arg: bool) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                t1 = time.perf_counter()
-                name = f"{label}.{getattr(args[1], 'name', '?')}" if tier_arg else label
-                with self._lock:
-                    self.events.append((name, threading.current_thread().name, t0, t1))
-
-        return wrapper
+    def _record(self, *, point: str, t0: float, seconds: float, tier: str | None = None, **_: Any) -> None:
+        label = point.removeprefix("time.")
+        name = f"{label}.{tier}" if tier is not None else label
+        with self._lock:
+            self.events.append((name, threading.current_thread().name, t0, t0 + seconds))
 
     def install(self) -> None:
-        for owner, attr, label in self.METHODS:
-            fn = getattr(owner, attr)
-            self._saved.append((owner, attr, fn))
-            setattr(owner, attr, self._wrap(fn, label, tier_arg=attr == "persist"))
-        for module, attr, label in self.FUNCS:
-            fn = getattr(module, attr)
-            self._saved.append((module, attr, fn))
-            setattr(module, attr, self._wrap(fn, label, tier_arg=False))
+        self._off = [hooks.on(f"time.{p}", self._record) for p in self.POINTS]
 
     def uninstall(self) -> None:
-        for owner, attr, fn in reversed(self._saved):
-            setattr(owner, attr, fn)
-        self._saved.clear()
+        for off in self._off:
+            off()
+        self._off.clear()
 
     def window(self, t0: float, t1: float) -> dict[str, float]:
         """Seconds per ``label@thread`` over the calls that started in ``[t0, t1]``."""

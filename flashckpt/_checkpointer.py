@@ -711,6 +711,7 @@ class Checkpointer:
         self._stager.join_prefault()
         self._persister.join()
 
+    @hooks.timed("time.restore.inventory")
     def _inventory(self) -> list[tuple[Tier, dict[Order, Ancestors]]]:
         """The snapshots each tier of this rank holds, cheapest tier first.  A tier that
         cannot be listed counts as empty and is recorded in ``self._unlisted``."""
@@ -836,6 +837,7 @@ class Checkpointer:
         entries = ((m.tensors[i], t) for i, t in filled.items())
         return sorted((e.offset, e.offset + e.nbytes, t.data_ptr()) for e, t in entries)
 
+    @hooks.timed("time.restore.apply")
     def _apply(self, m: Manifest, slot: Slot, state: Any, filled: dict[int, torch.Tensor]) -> None:
         """Load the verified snapshot in ``slot`` into ``state``.  Returns (or raises) only once
         every copy out of the slot is finished, on every device written: the slot may be

@@ -169,6 +169,7 @@ def read_memory_manifest(be: Backend, step: int) -> Manifest:
     return m
 
 
+@hooks.timed("time.restore.fetch")
 def fetch_chunks(
     be: Backend,
     m: Manifest,
@@ -197,6 +198,7 @@ def fetch_chunks(
     run_all(pool, one, range(len(m.chunks)))  # never returns with a read still writing
 
 
+@hooks.timed("time.restore.verify")
 def verify_chunks(
     m: Manifest,
     view: Callable[[int, int], memoryview],
@@ -303,6 +305,7 @@ def plan_sources(inventory: Sequence[tuple[Tier, Collection[Order]]], want: Orde
     return [Source(want[1], tier, want[0]) for tier, held in inventory if want in held]
 
 
+@hooks.timed("time.persist.retention")
 def apply_retention(
     be: Backend,
     keep: int,

@@ -23,15 +23,41 @@ point                       thread               info
 ``mirror.piece``            mirror               ``step``, ``sent`` (bytes sent so far)
 ``restore.loaded``          training             ``step``, ``tier`` (verified, before apply)
 ==========================  ===================  ==============================================
+
+Timed points (:func:`timed`): each fires once the call it wraps returns or raises, on the thread
+that made the call, with ``t0`` (``time.perf_counter()`` at the start), ``seconds``, ``failed``
+(it raised) and the ``info`` named here.  Benchmarks read where the time of a save or restore
+goes from these (``bench/bench_core.py``'s profiler), never by wrapping private methods.
+
+==============================  ===================  ===========================================
+point                           thread               what was timed (``info``)
+==============================  ===================  ===========================================
+``time.stager.acquire``         training             waiting for a free staging slot
+``time.stager.stage``           training             the copy of a state into a slot
+``time.slot.ensure``            training / prefault  mapping and faulting in a slot's memory
+``time.persist.hash``           persist              checksumming a whole slot at once
+``time.persist.tier``           persist              writing one snapshot to a tier (``tier``)
+``time.persist.retention``      persist              a retention pass on a tier
+``time.restore.inventory``      training             finding what every tier holds
+``time.restore.fetch``          training             reading chunks of a tier into a slot
+``time.restore.verify``         training             checking a slot's chunks against a manifest
+``time.restore.apply``          training             copying a restored snapshot into the state
+``time.backend.put``            any                  ``LocalBackend.put`` (``key``)
+``time.backend.delete_prefix``  any                  ``LocalBackend.delete_prefix``
+==============================  ===================  ===========================================
 """
 
 from __future__ import annotations
 
+import functools
 import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 Callback = Callable[..., None]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _listeners: dict[str, list[Callback]] = {}
 _lock = threading.Lock()
@@ -67,3 +93,30 @@ def clear() -> None:
     """Drop every callback (tests, between cases)."""
     with _lock:
         _listeners.clear()
+
+
+def timed(
+    point: str, info: Callable[..., dict[str, Any]] | None = None
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a function so that each call fires ``point`` when it returns or raises (see
+    the module docstring), with ``info(*args, **kwargs)`` added when given.  Without a
+    listener a call costs one dict lookup more; ``info`` is then not called."""
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            if point not in _listeners:
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            failed = True
+            try:
+                out = fn(*args, **kwargs)
+                failed = False
+                return out
+            finally:
+                extra = info(*args, **kwargs) if info is not None else {}
+                fire(point, t0=t0, seconds=time.perf_counter() - t0, failed=failed, **extra)
+
+        return wrapper
+
+    return decorate

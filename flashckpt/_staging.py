@@ -478,6 +478,7 @@ class Slot:
         """Mapped for at least ``nbytes``: a copy into it faults no fresh memory."""
         return self._buf is not None and self.capacity >= nbytes
 
+    @hooks.timed("time.slot.ensure")
     def ensure(self, nbytes: int, *, pause: Callable[[], None] | None = None) -> bool:
         """Map at least ``nbytes``; return True if fresh memory had to be mapped.
 
@@ -659,6 +660,7 @@ class Stager:
         return cached
 
     # -- slot hand-out -----------------------------------------------------------------------
+    @hooks.timed("time.stager.acquire")
     def acquire(
         self,
         nbytes: int = 0,
@@ -822,6 +824,7 @@ class Stager:
             self._prefault_thread = None
 
     # -- the copy ----------------------------------------------------------------------------
+    @hooks.timed("time.stager.stage")
     def stage(self, slot: Slot, tensors: Sequence[torch.Tensor], layout: Layout) -> bool:
         """Training thread: copy ``tensors`` into ``slot`` per ``layout``; return True if the
         slot was cold.  When this returns (or raises), no copy into the slot is in flight:

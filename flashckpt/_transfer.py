@@ -744,6 +744,7 @@ class Persister:
             claim_run(tier.backend, run, self.opts)
             self._run_claimed.add(tier.name)
 
+    @hooks.timed("time.persist.hash")
     def _hash(self, m: Manifest, slot: Slot) -> Manifest:
         digests = run_all(self.pool, lambda c: checksum(slot.view(c.offset, c.nbytes)), m.chunks)
         return m.with_chunks(
@@ -800,6 +801,7 @@ class Persister:
             log.debug("flashckpt: %s: %s", what, exc)
             return False
 
+    @hooks.timed("time.persist.tier", lambda self, tier, *a, **k: {"tier": tier.name})
     def persist(
         self,
         tier: Tier,
