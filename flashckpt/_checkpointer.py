@@ -523,7 +523,8 @@ class Checkpointer:
         saved by another world size is resharded from storage.  Returns the step, or ``None``
         when nothing was saved.  A snapshot that a persistent tier lacks is persisted again in
         the background (salvage).  Raises :class:`CheckpointNotFound` when an explicit
-        ``step`` is not available intact, :class:`TransientStorageError` when a tier could not
+        ``step`` is not available intact (nothing changes: the next save continues from the last
+        save or restore), :class:`TransientStorageError` when a tier could not
         be listed (restoring what the others hold could roll the run back), and
         :class:`CorruptCheckpointError` when nothing intact remains after the state was
         already written to.  Saves after a restore are newer than every snapshot it saw.
@@ -541,9 +542,17 @@ class Checkpointer:
             if agreed:
                 assert loaded is not None
                 return self._restored(loaded, plan, state, t0, run)
+        lineage = self._gen, self._prev, self._ancestors
         self._gen = max(self._gen, plan.newest_gen + 1)
-        self._prev, self._ancestors = None, ()
-        self._restore_nothing(want, state, progress)
+        self._prev, self._ancestors = None, ()  # nothing restored: the next save starts afresh
+        try:
+            self._restore_nothing(want, state, progress)
+        except CheckpointNotFound:
+            # The step asked for is not there and the state is untouched: the run goes on from
+            # where it was, so its next save continues (or branches off) the last save or
+            # restore, and retention keeps the steps it continues from.
+            self._gen, self._prev, self._ancestors = lineage
+            raise
         return None
 
     def prepare(self, state: Any) -> None:

@@ -315,7 +315,8 @@ def apply_retention(
     collect: bool = True,
 ) -> list[int]:
     """Keep the newest ``keep`` committed steps on ``be`` in ``(generation, step)`` order, and
-    the steps in ``protect`` (just committed, just restored); retire the others and delete
+    the steps in ``protect`` (just committed, just restored: even on a timeline the run had
+    left, see :func:`abandoned`); retire the others and delete
     step directories nothing needs.  Returns the step numbers whose directories were deleted.
 
     A step is un-committed (record deleted) before its data, so a crash midway leaves an
@@ -333,7 +334,11 @@ def apply_retention(
     if not records:
         return []
     newest = records[-1].order
-    left = abandoned([(r.order, r.ancestors) for r in records])
+    # A protected step is kept whichever timeline its record is on: a step just restored from
+    # a timeline the run had left is the run's again, but only its next save records that.
+    # Kept besides the newest ``keep`` of the timeline, never in place of one of them.
+    off = abandoned([(r.order, r.ancestors) for r in records])
+    left = {o for o in off if o[1] not in protect}
     for r in records:
         if r.order in left:
             log.warning(
@@ -343,8 +348,9 @@ def apply_retention(
                 be.url,
                 r.generation,
             )
-    current = [r for r in records if r.order not in left]
+    current = [r for r in records if r.order not in off]
     kept_records = current[-keep:] + [r for r in current[:-keep] if r.step in protect]
+    kept_records += [r for r in records if r.order in off and r.order not in left]
     kept = {r.step for r in kept_records}
     for r in records:
         if r.step not in kept:

@@ -693,6 +693,79 @@ def test_deduplicated_ddp_saves_write_each_replicated_byte_once(tmp_path: Path, 
     assert chunks["plain"] == chunks["dedup"]
 
 
+def _gc_window_worker(rank: int, world: int, init: str, storage: str, memory: str, result: str) -> None:
+    """Rank 0 commits step 0 (its manifest write is slowed, so it arrives last) and collects
+    the shared tier's chunks, its chunk listings slowed by a second; rank 1 writes step 1's
+    first chunk as soon as it may, then holds its manifest back for two seconds."""
+    import time
+
+    from flashckpt import _hooks as hooks
+    from flashckpt.backends import Fault, FaultPlan, FaultyBackend, LocalBackend
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    be: Any = storage
+    if rank == 0:
+        slow = [
+            Fault(op="put", key_contains="steps/000000000000/r00000", times=1, error=None, delay_s=1.0),
+            Fault(op="list", key_contains="chunks/", times=None, error=None, delay_s=1.0),
+        ]
+        be = FaultyBackend(LocalBackend(storage), FaultPlan(slow))
+    else:
+        held = []
+
+        def hold(*, step: int, **_: Any) -> None:
+            if step == 1 and not held:
+                held.append(step)
+                time.sleep(2.0)
+
+        hooks.on("persist.chunk", hold)
+    opts = flashckpt.Options(gc_grace_s=0.0, chunk_bytes=1 << 16, small_tensor_bytes=1 << 16)
+    state = make_state(seed=rank)
+    out: dict[str, Any] = {}
+    with flashckpt.Checkpointer(be, memory_dir=f"{memory}/{rank}", keep=1, options=opts) as ckpt:
+        ckpt.save(0, state)
+        for t in state["model"].parameters():
+            t.data.add_(1.0)  # step 1's chunks are new: the GC could take them
+        ckpt.save(1, state)
+        try:
+            ckpt.wait()
+            out["wait"] = "ok"
+        except flashckpt.FlashCkptError as exc:
+            out["wait"] = f"{type(exc).__name__}: {exc}"
+    back = make_state(seed=99)
+    with flashckpt.Checkpointer(storage, memory_dir=f"{memory}/back{rank}", options=opts) as ckpt:
+        out["restored"] = ckpt.restore(back)
+    want = state["model"].state_dict()
+    out["equal"] = all(torch.equal(v, want[k]) for k, v in back["model"].state_dict().items())
+    Path(f"{result}.{rank}").write_text(json.dumps(out))
+    torch.distributed.destroy_process_group()
+    _exit_before_finalization()
+
+
+def test_the_shared_chunk_gc_never_runs_while_ranks_write_the_next_step(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    """The committer of a step collects the shared tier's unreferenced chunks inside the
+    commit window, while every other rank waits for the outcome: once the outcome is out,
+    ranks write the next step's chunks before its manifest names them, and a collection then
+    would delete them (the next commit is refused: its chunks are gone).  With no grace
+    period, the window is what protects them."""
+    world = 2
+    storage, result = tmp_path / "storage", tmp_path / "result"
+    mp.start_processes(
+        _gc_window_worker,
+        args=(world, f"file://{tmp_path / 'rendezvous'}", str(storage), str(shm_dir), str(result)),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
+    got = [json.loads(Path(f"{result}.{r}").read_text()) for r in range(world)]
+    assert [g["wait"] for g in got] == ["ok", "ok"], got
+    assert [(g["restored"], g["equal"]) for g in got] == [(1, True), (1, True)], got
+
+
 # -- peer mirrors: lose a node, resume without storage --------------------------------------------
 
 

@@ -297,6 +297,9 @@ class Lifecycle(RuleBasedStateMachine):
         self.foreign: dict[Path, bytes] = {}
         self.log = _Records()
         self.errors_seen = 0
+        #: objects the test damaged that were still damaged at the last check: a log of this
+        #: rule may be about one the engine has replaced since (a step saved again)
+        self.damaged_at_check: set[tuple[str, str]] = set()
         lg = logging.getLogger("flashckpt")
         lg.addHandler(self.log)
         self._propagate = lg.propagate
@@ -613,6 +616,7 @@ class Lifecycle(RuleBasedStateMachine):
             ]
             problems += [f"flashckpt logged: {r.levelname} {r.getMessage()}" for r in bad]
             self.errors_seen = len(self.log.records)
+            self.damaged_at_check = {k for k in self.damage.files if self.damage.live(*k)}
             self.scan = now
             self._learn_orders(now)
             if problems:
@@ -622,12 +626,15 @@ class Lifecycle(RuleBasedStateMachine):
     def _excused_log(self, r: logging.LogRecord) -> bool:
         """Errors that the test's own damage explains: retention stops (reported, chunks kept)
         while a kept step's manifest is damaged (it cannot know which chunks that step
-        references); close cannot persist a snapshot whose memory manifest is damaged."""
+        references; the manifest may have been replaced since, by the step saved again in the
+        same rule); close cannot persist a snapshot whose memory manifest is damaged."""
         m = re.search(
             r"retention on the (\w+) tier .* failed: \w+: .*?(steps/\d{12}/r\d{5}-of-\d{5}\.manifest)",
             r.getMessage(),
         )
-        if m is not None and self.damage.live(m.group(1), m.group(2)):
+        if m is not None and (
+            self.damage.live(m.group(1), m.group(2)) or (m.group(1), m.group(2)) in self.damaged_at_check
+        ):
             FIG.events["retention stopped by a damaged manifest"] += 1
             return True
         if self._damaged_memory(r.getMessage()):
@@ -835,18 +842,20 @@ class Lifecycle(RuleBasedStateMachine):
                 continue
             if cur is not None and self.damage.touches(cur, since=self.rule):
                 continue
-            if cur is not None and cur.reencoded:
-                self._note(problems, "K6", True, f"{node}'s {tier} copy was broken: {cur}")
-                continue
-            if cur is not None and self.damage.taints(cur):
-                self._note(problems, "K3", True, f"{node}'s {tier} copy was destroyed: {cur}")
-                continue
             if was is None and cur is not None and cur.listed and self.damage.touches(cur):
                 # Reported durable, but it references an object the test damaged in place
                 # after an older step wrote it: a save reuses the chunks its tier's newest
                 # commit holds without reading them back (a deleted basis commit is noticed,
                 # bitrot is not: restore and verify are where it shows; docs/reliability.md).
+                # (Before the known-defect explanations: the object the test damaged itself
+                # explains the broken copy, whatever else holds the same bytes.)
                 FIG.events["durable save reuses an object the test damaged"] += 1
+                continue
+            if cur is not None and cur.reencoded:
+                self._note(problems, "K6", True, f"{node}'s {tier} copy was broken: {cur}")
+                continue
+            if cur is not None and self.damage.taints(cur):
+                self._note(problems, "K3", True, f"{node}'s {tier} copy was destroyed: {cur}")
                 continue
             if tier == "memory":
                 # a memory copy is a cache once the step is committed on the persistent tiers
@@ -1199,6 +1208,266 @@ def test_the_model_counts_a_rollback_whose_manifest_the_test_damaged(machine_bas
             ("restore_step", {"data": (0, 404)}),
             ("foreign_file", {"name": "commits/step-5", "where": "storage"}),
             ("restore_latest", {}),
+        ]
+    )
+
+
+_N1 = {**_PLAIN, "keep": 3}
+
+
+@pytest.mark.subprocess
+def test_a_save_after_restoring_a_missing_step_continues_the_run(machine_base: Path) -> None:
+    """The 30-minute run of 2026-12-01 (an engine defect, reported twice): ``restore(step=9)``
+    for a step that does not exist raised and reset the Checkpointer's timeline, so the next
+    save (step 1) started a timeline with no past, and retention (keep=3) deleted step 0, the
+    step it continued from, keeping steps 3 and 5 it had left.  The plain test:
+    ``tests/test_trust.py::test_a_restore_of_a_missing_step_leaves_the_timeline_as_it_was``."""
+    P = {"comp_local": None, "comp_storage": None}
+    _replay(
+        [
+            ("open", {**P, "keep": 3, "local": False, "persist_every": 3}),
+            ("restore_step", {"data": (0, 0)}),
+            ("save", {"saves": [(1, False, False, False)] * 3}),
+            ("save", {"saves": [(1, False, False, False)] * 3}),
+            ("corrupt", {"data": (0, 0, 0), "how": "flip", "tier": "memory", "what": "chunk"}),
+            ("restore_step", {"data": (0, 5081)}),
+            ("restore_step", {"data": (2, 100)}),
+            ("wipe", {"tier": "local"}),
+            ("save", {"saves": [(2, False, True, False)]}),
+        ]
+    )
+
+
+@pytest.mark.subprocess
+def test_the_model_excuses_retention_stopped_by_a_manifest_saved_again_since(machine_base: Path) -> None:
+    """The 30-minute run of 2026-12-01 (the model's defect): the test damaged step 1's storage
+    manifest; in one later rule retention stopped on it (reported, as it must) and then step 1
+    was saved again, replacing the manifest, so the damage was no longer there when the
+    model judged the warning.  Damage still there at the previous check now explains it."""
+    P = {"comp_local": None, "comp_storage": None}
+    _replay(
+        [
+            (
+                "crash",
+                {
+                    **P,
+                    "keep": 3,
+                    "kill": ("hook", "stage.done", 1),
+                    "local": False,
+                    "persist_every": 1,
+                    "saves": [],
+                },
+            ),
+            ("wipe_memory", {}),
+            ("wipe_memory", {}),
+            (
+                "crash",
+                {
+                    **P,
+                    "keep": 3,
+                    "kill": ("end",),
+                    "local": False,
+                    "persist_every": 1,
+                    "saves": [(1, False, False), (1, False, False)],
+                },
+            ),
+            ("open", {**P, "keep": 3, "local": False, "persist_every": 1}),
+            ("save", {"saves": [(0, False, False, False)]}),
+            ("corrupt", {"data": (1543, 0, 0), "how": "flip", "tier": "storage", "what": "manifest"}),
+            ("save", {"saves": [(1, True, False, False)]}),
+            ("restore_latest", {}),
+            ("restore_latest", {}),
+            (
+                "save",
+                {"saves": [(1, False, False, False), (-3, False, False, False), (1, False, False, False)]},
+            ),
+        ]
+    )
+
+
+@pytest.mark.subprocess
+def test_restoring_a_step_the_run_had_left_keeps_it_through_close(machine_base: Path) -> None:
+    """The 30-minute run of 2026-12-01 (an engine defect): a crashed run left step 5 in memory
+    only, then branched to step 2; ``restore(step=5)`` persisted step 5 and retention retired it
+    at once as a step of the timeline the run had left, and close released the memory copy.
+    The plain test: ``tests/test_trust.py::test_restoring_a_step_the_run_had_left_never_retires_it``."""
+    P = {"comp_local": None, "comp_storage": None}
+    N1 = _N1
+    _replay(
+        [
+            ("foreign_file", {"name": "README.txt", "where": "local"}),
+            ("wipe_memory", {}),
+            ("open", {**P, "keep": 3, "local": True, "persist_every": 1}),
+            ("close", {}),
+            ("wipe_memory", {}),
+            ("crash", {**N1, "kill": ("hook", "stage.done", 1), "saves": []}),
+            ("wipe", {"tier": "local"}),
+            ("wipe_memory", {}),
+            ("crash", {**N1, "kill": ("hook", "stage.done", 1), "saves": []}),
+            ("foreign_file", {"name": "README.txt", "where": "local"}),
+            ("wipe_memory", {}),
+            ("open", N1),
+            ("close", {}),
+            ("wipe_memory", {}),
+            ("wipe_memory", {}),
+            ("open", N1),
+            ("close", {}),
+            ("wipe_memory", {}),
+            ("wipe_memory", {}),
+            ("open", {**N1, "comp_storage": "zstd:3"}),
+            ("save", {"saves": [(1, True, False, True), (1, True, True, True), (1, False, False, False)]}),
+            ("save", {"saves": [(1, False, False, False)]}),
+            ("close", {}),
+            ("wipe_memory", {}),
+            ("wipe_memory", {}),
+            ("open", N1),
+            ("close", {}),
+            ("wipe_memory", {}),
+            ("wipe_memory", {}),
+            ("open", N1),
+            ("save", {"saves": [(0, True, True, True), (2, True, True, True), (-1, False, True, False)]}),
+            ("close", {}),
+            ("wipe_memory", {}),
+            (
+                "open",
+                {
+                    "comp_local": "none",
+                    "comp_storage": "zstd:3",
+                    "keep": 2,
+                    "local": False,
+                    "persist_every": 2,
+                },
+            ),
+            ("close", {}),
+            (
+                "crash",
+                {
+                    "comp_local": "zstd:3",
+                    "comp_storage": "zstd:3",
+                    "keep": 3,
+                    "kill": ("end",),
+                    "local": True,
+                    "persist_every": 2,
+                    "saves": [
+                        (1, True, True),
+                        (1, True, False),
+                        (0, True, False),
+                        (-1, True, True),
+                        (-3, False, False),
+                    ],
+                },
+            ),
+            (
+                "open",
+                {"comp_local": "none", "comp_storage": "zstd", "keep": 3, "local": True, "persist_every": 1},
+            ),
+            ("restore_step", {"data": (1, 9189)}),
+            ("close", {}),
+        ]
+    )
+
+
+@pytest.mark.subprocess
+def test_the_model_blames_the_damaged_object_before_a_known_defect(machine_base: Path) -> None:
+    """The 30-minute run of 2026-12-01 (the model's defect): the test flipped a byte of a chunk
+    object on storage that every step shares, and the next durable save referenced it (a save
+    reuses the chunks its tier's newest commit holds without reading them back: not
+    promised).  The model checked first whether the chunk's bytes had also been flipped in
+    memory earlier (a fixed defect's signature) and reported it as that.  The crash children
+    here are killed after delays: the sequence replays on this machine, but a different
+    timing may take another path (then it passes without reaching the case)."""
+    P = {"comp_local": None, "comp_storage": None}
+    _replay(
+        [
+            ("corrupt", {"data": (11, 0, 0), "how": "flip", "tier": "memory", "what": "chunk"}),
+            ("corrupt", {"data": (0, 0, 0), "how": "flip", "tier": "memory", "what": "chunk"}),
+            (
+                "crash",
+                {
+                    **P,
+                    "keep": 3,
+                    "kill": ("end",),
+                    "local": True,
+                    "persist_every": 1,
+                    "saves": [
+                        (1, False, False),
+                        (1, True, True),
+                        (1, True, False),
+                        (1, True, True),
+                        (1, False, False),
+                    ],
+                },
+            ),
+            (
+                "crash",
+                {**P, "keep": 3, "kill": ("staged", 1), "local": True, "persist_every": 1, "saves": []},
+            ),
+            ("corrupt", {"data": (0, 11, 0), "how": "flip", "tier": "memory", "what": "chunk"}),
+            (
+                "crash",
+                {
+                    **P,
+                    "keep": 3,
+                    "kill": ("hook", "stage.done", 1),
+                    "local": True,
+                    "persist_every": 1,
+                    "saves": [(1, True, False)],
+                },
+            ),
+            (
+                "crash",
+                {**P, "keep": 3, "kill": ("staged", 1), "local": False, "persist_every": 1, "saves": []},
+            ),
+            (
+                "crash",
+                {
+                    **P,
+                    "keep": 3,
+                    "kill": ("delay", 0.0),
+                    "local": True,
+                    "persist_every": 1,
+                    "saves": [(1, False, False), (1, False, False)],
+                },
+            ),
+            (
+                "crash",
+                {
+                    "comp_local": None,
+                    "comp_storage": "none",
+                    "keep": 3,
+                    "kill": ("delay", 0.0),
+                    "local": False,
+                    "persist_every": 1,
+                    "saves": [],
+                },
+            ),
+            ("corrupt", {"data": (0, 0, 0), "how": "flip", "tier": "memory", "what": "slot"}),
+            ("corrupt", {"data": (0, 7, 0), "how": "flip", "tier": "memory", "what": "chunk"}),
+            (
+                "crash",
+                {
+                    "comp_local": None,
+                    "comp_storage": "zstd:3",
+                    "keep": None,
+                    "kill": ("staged", 3),
+                    "local": False,
+                    "persist_every": 1,
+                    "saves": [(1, True, True), (5, False, True)],
+                },
+            ),
+            ("corrupt", {"data": (1999, 233557, 1080), "how": "truncate", "tier": "memory", "what": "chunk"}),
+            ("corrupt", {"data": (338145, 727312, 1007), "how": "flip", "tier": "storage", "what": "chunk"}),
+            (
+                "crash",
+                {
+                    **P,
+                    "keep": 3,
+                    "kill": ("delay", 0.1),
+                    "local": False,
+                    "persist_every": 3,
+                    "saves": [(1, False, False), (1, True, True)],
+                },
+            ),
         ]
     )
 

@@ -337,6 +337,71 @@ def test_close_after_restoring_an_older_step_never_retires_it(dirs: dict[str, Pa
     assert _load_eq(dirs["local"], 1)
 
 
+def test_restoring_a_step_the_run_had_left_never_retires_it(dirs: dict[str, Path]) -> None:
+    """Found by the lifecycle model (30-minute run of 2026-12-01): step 5, held in memory
+    only, was left behind when the run saved step 2 (a new timeline from step 1).  Then
+    ``restore(step=5)``: the run continues from 5, which was persisted (only memory held it)
+    and at once retired by retention as a step of the timeline the run had left (the switch
+    back is recorded only by the next save), and close released the memory copy: the step
+    the run continues from was gone everywhere.  A protected step (just restored, or just
+    committed) is never retired, whichever timeline its record is on."""
+    with _ckpt(dirs, keep=3, persist_every=2) as ckpt:
+        ckpt.save(4, _state(4))  # persisted
+        ckpt.save(5, _state(5))  # memory only
+        ckpt.save(2, _state(2))  # below 5: a new timeline from step 1; step 4 is left behind
+        ckpt.wait()
+        state = _blank(5)
+        assert ckpt.restore(state, step=5) == 5  # from memory
+        assert _equal(state, _state(5))
+        ckpt.wait()
+    storage = sorted(int(p.name.split("-")[1]) for p in (dirs["storage"] / "commits").iterdir())
+    assert 5 in storage, f"the restored step was retired: {storage}"
+    assert _load_eq(dirs["storage"], 5)
+
+
+def test_a_restored_step_off_the_timeline_is_kept_besides_the_newest_steps(dirs: dict[str, Path]) -> None:
+    """The protected step of the test above is kept in addition to the newest ``keep`` steps
+    of the timeline, never in place of one: counted among them, it made retention delete
+    step 2, which step 5 itself continues from (CI's lifecycle sequences, the first version
+    of that fix)."""
+    with _ckpt(dirs, keep=2, persist_every=2) as ckpt:
+        for s in (0, 2, 4):
+            ckpt.save(s, _state(s))  # persisted
+        ckpt.save(5, _state(5))  # memory only
+        ckpt.save(3, _state(3), force=True)  # below 5: a new timeline from step 2; 4 is left
+        ckpt.wait()
+        state = _blank(5)
+        assert ckpt.restore(state, step=5) == 5  # from memory; persisted, protected
+        ckpt.wait()
+    storage = sorted(int(p.name.split("-")[1]) for p in (dirs["storage"] / "commits").iterdir())
+    assert storage == [2, 3, 5], storage
+    assert all(_load_eq(dirs["storage"], s) for s in storage)
+
+
+def test_a_restore_of_a_missing_step_leaves_the_timeline_as_it_was(dirs: dict[str, Path]) -> None:
+    """``restore(step=N)`` for a step that is not there raises and writes nothing: the run goes
+    on from where it was.  A save below the last one then branches off that run (the steps
+    above are left behind), instead of starting a timeline of its own with no past, which made
+    retention delete the step it continued from and keep the ones it left (lifecycle model,
+    30-minute run of 2026-12-01)."""
+    from flashckpt.errors import CheckpointNotFound
+
+    with _ckpt(dirs, keep=2, persist_every=3) as ckpt:
+        for s in range(6):
+            ckpt.save(s, _state(s))  # 0 and 3 persisted
+        ckpt.wait()
+        with pytest.raises(CheckpointNotFound):
+            ckpt.restore(_blank(9), step=9)
+        ckpt.save(1, _state(101), force=True)  # below 5: a new timeline from step 0
+        ckpt.wait()
+    assert sorted(int(p.name.split("-")[1]) for p in (dirs["storage"] / "commits").iterdir()) == [0, 1]
+    (dirs["storage"] / commit_key(1)).unlink()  # the newest step lost: fall back along the timeline
+    got = _blank(0)
+    with _ckpt(dirs, keep=2) as ckpt:
+        assert ckpt.restore(got) == 0
+    assert _equal(got, _state(0))
+
+
 def test_saving_a_lower_step_without_restore_continues_from_there(dirs: dict[str, Path]) -> None:
     """A save below the last one (a loop restarted by hand) starts a new timeline too."""
     with _ckpt(dirs, keep=None) as ckpt:

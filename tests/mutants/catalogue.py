@@ -140,7 +140,7 @@ MUTANTS: list[Mutant] = [
         "resave_without_uncommit",
         "re-saving a step number writes over it without deleting its commit record first",
         "flashckpt/_transfer.py",
-        '        retrying(be, opts).delete(commit_key(m.step))\n',
+        "        retrying(be, opts).delete(commit_key(m.step))\n",
         "",
     ),
     Mutant(
