@@ -388,7 +388,7 @@ class S3Transfer:
         except BaseException:
             try:  # parts of an upload never completed are stored (and billed) until aborted
                 await asyncio.shield(call("abort_multipart_upload", **ids))
-            except Exception:
+            except Exception:  # best effort: the failed part's error is raised below  # noqa: BLE001
                 pass
             raise
         self.fs.invalidate_cache(path)
@@ -422,7 +422,7 @@ class S3Transfer:
                 task.cancel()
                 try:
                     await task
-                except BaseException:
+                except BaseException:  # cancelling: the request's outcome is decided already  # noqa: BLE001
                     pass
             body.release()
 

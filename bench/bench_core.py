@@ -59,7 +59,7 @@ import torch
 
 import flashckpt
 from flashckpt import _hooks as hooks
-from flashckpt import _staging
+from flashckpt.staging import stager as _staging
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 import flashckpt
 from flashckpt._coordinator import read_memory_manifest
-from flashckpt._mirror import MirrorServer, push
+from flashckpt.replication.mirror import MirrorServer, push
 
 MiB = 1 << 20
 

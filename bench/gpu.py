@@ -56,7 +56,7 @@ import torch
 
 import flashckpt
 from flashckpt import _hooks as hooks
-from flashckpt import _staging
+from flashckpt.staging import stager as _staging
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -612,7 +612,7 @@ _SUBPROCESS_SPY = """
 import json, logging, pathlib, sys, threading
 import torch
 import flashckpt
-from flashckpt import _staging
+from flashckpt.staging import stager as _staging
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 calls = []
 real = torch.cuda.cudart

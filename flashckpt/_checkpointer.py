@@ -52,12 +52,8 @@ from flashckpt._coordinator import (
     verify_chunks,
 )
 from flashckpt._dist import Control
-from flashckpt._memtier import MemoryTier
-from flashckpt._mirror import MirrorServer, default_host, fetch, mirror_peers
 from flashckpt._reshard import StepReader
 from flashckpt._secure import open_private, private_dir
-from flashckpt._staging import Slot, Stager, check_fits, restore_copies
-from flashckpt._statewalk import check_loadable, find_targets, flatten, load_into
 from flashckpt._transfer import Job, Persister, PersisterDied, SaveHandle, Tier
 from flashckpt.backends import LocalBackend
 from flashckpt.errors import (
@@ -85,6 +81,10 @@ from flashckpt.format import (
     now,
     shard_name,
 )
+from flashckpt.replication.mirror import MirrorServer, default_host, fetch, mirror_peers
+from flashckpt.staging.memory_tier import MemoryTier
+from flashckpt.staging.stager import Slot, Stager, check_fits, restore_copies
+from flashckpt.staging.statewalk import check_loadable, find_targets, flatten, load_into
 from flashckpt.storage import Backend, open_backend, translate_os_error
 from flashckpt.transfer.codec import Compression
 
@@ -885,7 +885,7 @@ class Checkpointer:
             for be in backends:
                 try:
                     n = be.sweep_temps(max_age)
-                except Exception as exc:  # never a silent death: logged, and the next one goes on
+                except Exception as exc:  # never a silent death: logged, and the next one goes on  # noqa: BLE001
                     log.warning("flashckpt: sweeping %s failed: %s", be.url, exc)
                     continue
                 if n:
@@ -1012,12 +1012,12 @@ class Checkpointer:
                     progress.failed(err, touched=True)
                     log.warning("flashckpt: resharding step %d failed: %s", step, err)
                     continue
-                except BaseException as err:
+                except BaseException as err:  # returned: the caller tries the next source  # noqa: BLE001
                     return None, err
                 return _Loaded(key, src.tier, None, None, nbytes), None
             except (PersisterDied, KeyboardInterrupt):
                 raise
-            except Exception as exc:
+            except Exception as exc:  # logged: the next source is tried  # noqa: BLE001
                 progress.failed(exc, touched=bool(filled))
                 log.warning(
                     "flashckpt: step %d on %s is unusable, trying the next source: %s", step, where, exc
@@ -1026,7 +1026,7 @@ class Checkpointer:
             try:
                 hooks.fire("restore.loaded", step=step, tier=src.tier.name if peer is None else "mirror")
                 self._apply(m, slot, state, filled)
-            except BaseException as exc:  # the state does not fit the step: the user's to fix
+            except BaseException as exc:  # the state does not fit the step: the user's to fix  # noqa: BLE001
                 self._stager.release(slot)
                 return None, exc
             return _Loaded(key, src.tier, m, slot, m.total_bytes), None
@@ -1427,7 +1427,7 @@ class Checkpointer:
         for be in self._owned:
             try:
                 be.close()
-            except Exception as exc:
+            except Exception as exc:  # logged: the other backends are closed too  # noqa: BLE001
                 log.debug("flashckpt: closing %s: %s", be.url, exc)
 
     def _atexit(self) -> None:

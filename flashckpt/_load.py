@@ -21,10 +21,10 @@ from flashckpt._coordinator import (
     read_record,
 )
 from flashckpt._reshard import StepReader
-from flashckpt._staging import check_fits
-from flashckpt._statewalk import build
 from flashckpt.errors import CheckpointNotFound, ConfigError, CorruptCheckpointError
 from flashckpt.format import Manifest, commit_key, decode_commit
+from flashckpt.staging.stager import check_fits
+from flashckpt.staging.statewalk import build
 from flashckpt.storage import Backend, open_backend
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _load(be: Backend, step: int | Literal["latest"], opts: Options, rank: int |
                 return _load_step(be, s, opts, pool, rank)
             except (ConfigError, KeyboardInterrupt):
                 raise
-            except Exception as exc:
+            except Exception as exc:  # logged: the next older step is tried  # noqa: BLE001
                 log.warning("flashckpt: step %d at %s is unusable: %s", s, be.url, exc)
                 last = exc
     raise CheckpointNotFound(f"no intact committed step at {be.url}") from last

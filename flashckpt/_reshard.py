@@ -25,8 +25,6 @@ import torch
 
 from flashckpt._config import Options
 from flashckpt._coordinator import read_committed_manifest, read_record
-from flashckpt._staging import check_fits
-from flashckpt._statewalk import build, load_into
 from flashckpt.errors import CorruptCheckpointError, StateMismatchError
 from flashckpt.format import (
     CODEC_RAW,
@@ -38,6 +36,8 @@ from flashckpt.format import (
     decode_commit,
     tensor_nbytes,
 )
+from flashckpt.staging.stager import check_fits
+from flashckpt.staging.statewalk import build, load_into
 from flashckpt.storage import Backend
 from flashckpt.transfer.codec import decode
 from flashckpt.transfer.futures import run_all

@@ -42,9 +42,6 @@ from flashckpt._coordinator import (
     read_record,
 )
 from flashckpt._dist import Control
-from flashckpt._memtier import MemoryTier
-from flashckpt._mirror import MirrorAbort, push
-from flashckpt._staging import Slot, Stager
 from flashckpt.errors import CoordinationError, CorruptCheckpointError, FlashCkptError, WaitTimeout
 from flashckpt.format import (
     CHUNKS_PREFIX,
@@ -63,6 +60,9 @@ from flashckpt.format import (
     manifest_key,
     now,
 )
+from flashckpt.replication.mirror import MirrorAbort, push
+from flashckpt.staging.memory_tier import MemoryTier
+from flashckpt.staging.stager import Slot, Stager
 from flashckpt.storage import Backend
 from flashckpt.transfer.codec import Compression, encode
 from flashckpt.transfer.futures import run_all, wait_all
@@ -415,7 +415,7 @@ class Persister:
                 protect=[job.manifest.step, *self._protected(job)],
                 collect=not shared,  # a shared tier's chunks: in the commit window (_collect_shared)
             )
-        except Exception as exc:  # retention failing never fails a save, nor the thread
+        except Exception as exc:  # retention failing never fails a save, nor the thread  # noqa: BLE001
             log.warning(
                 "flashckpt: retention on the %s tier (%s) failed: %s: %s",
                 tier.name,
@@ -437,7 +437,7 @@ class Persister:
             log.debug(
                 "flashckpt: step %d: collected %d chunk(s) on the %s tier", job.manifest.step, n, tier.name
             )
-        except Exception as exc:
+        except Exception as exc:  # the step is committed: a warning on its handle  # noqa: BLE001
             log.warning(
                 "flashckpt: chunk GC on the %s tier failed: %s: %s", tier.name, type(exc).__name__, exc
             )
@@ -463,7 +463,7 @@ class Persister:
             error: BaseException | None = None
             try:
                 self.memory.seal(job.slot, sm)
-            except BaseException as exc:  # the tiers go on: their writes carry the checksums
+            except BaseException as exc:  # the tiers go on: their writes carry the checksums  # noqa: BLE001
                 log.error("flashckpt: step %d's sealed manifest was not written to memory: %s", sm.step, exc)
                 error = exc
             job.handle._finish_tier("memory", time.perf_counter() - t_seal, error)
@@ -474,7 +474,7 @@ class Persister:
             every tier still pending failed, if that fails."""
             try:
                 sm = self._hash(m, job.slot)
-            except BaseException as exc:
+            except BaseException as exc:  # every pending tier is failed with it  # noqa: BLE001
                 log.error("flashckpt: step %d could not be checksummed: %s", m.step, exc)
                 for tier in job.tiers:
                     if tier.name in job.handle._pending:
@@ -530,7 +530,7 @@ class Persister:
                     if self.opts.dedup_replicated:  # every rank has read them: its manifest is in
                         for r in range(self.control.world):
                             self.control.delete(_dedup_key(tier, m.step, job.seq, r))
-            except BaseException as exc:
+            except BaseException as exc:  # this tier fails with it; the others go on  # noqa: BLE001
                 self._discard(tier, m)
                 self._report_failure(job, tier, exc)
                 secs = time.perf_counter() - t0
@@ -592,7 +592,7 @@ class Persister:
         for peer, _t0, fut in pushes:
             try:
                 sent += fut.result()
-            except Exception as exc:  # a slow or dead peer never fails the save's other tiers
+            except Exception as exc:  # a slow or dead peer never fails the save's other tiers  # noqa: BLE001
                 self._mirror_failed(peer, job.manifest.step, exc)
                 error = error or exc
             else:
@@ -918,7 +918,7 @@ class Persister:
                     write = self.pool.submit(self._put_chunk, tier, m.step, c, view, group)
                     writes.append(write)
                     write.add_done_callback(lambda f: _settle_from(f, entries[i]))
-            except BaseException as exc:
+            except BaseException as exc:  # settled into the futures: whoever waits raises it  # noqa: BLE001
                 _settle(digests[i], error=exc)
                 _settle(entries[i], error=exc)
 

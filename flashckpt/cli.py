@@ -21,10 +21,10 @@ from typing import Any
 from flashckpt._config import Options
 from flashckpt._coordinator import committed_steps, fetch_chunks, read_committed_manifest, read_record
 from flashckpt._reshard import StepReader
-from flashckpt._staging import check_fits
 from flashckpt.backends import LocalBackend
 from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError, FlashCkptError, ObjectNotFound
 from flashckpt.format import CommitRecord, commit_key, decode_commit
+from flashckpt.staging.stager import check_fits
 from flashckpt.storage import Backend, open_backend
 
 OK, FAILED, USAGE = 0, 1, 2
@@ -79,7 +79,7 @@ def _ls(args: argparse.Namespace) -> int:
             for rank in range(rec.world_size):
                 total += read_committed_manifest(be, step, rank, rec.world_size, opts).total_bytes
             row.update(world_size=rec.world_size, bytes=total, created_unix=rec.created_unix, error=None)
-        except Exception as exc:  # report this step, list the others
+        except Exception as exc:  # report this step, list the others  # noqa: BLE001
             step_code, label = _verdict(exc)
             code = max(code, step_code)
             row["error"] = f"{label}: {_line(exc)}"
@@ -123,7 +123,7 @@ def _verify(args: argparse.Namespace) -> int:
                     for c in m.chunks:
                         fetch_chunks(be, m.with_chunks([c]), _scratch(buf), pool, opts)
                 print(f"step {step}: ok")
-            except Exception as exc:  # report this step, verify the others
+            except Exception as exc:  # report this step, verify the others  # noqa: BLE001
                 step_code, label = _verdict(exc)
                 code = max(code, step_code)
                 print(f"step {step}: {label}: {_line(exc)}")
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FlashCkptError as exc:
         _warn(exc)
         return USAGE
-    except Exception as exc:  # no traceback, whatever happened
+    except Exception as exc:  # no traceback, whatever happened  # noqa: BLE001
         _warn(f"{type(exc).__name__}: {exc}")
         return USAGE
 

@@ -14,7 +14,7 @@ import torch
 
 import flashckpt
 from flashckpt import _hooks as hooks
-from flashckpt import _staging
+from flashckpt.staging import stager as _staging
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -175,7 +175,7 @@ _SUBPROCESS_PRELUDE = """
 import sys, threading, tempfile, pathlib
 import torch
 import flashckpt
-from flashckpt import _staging
+from flashckpt.staging import stager as _staging
 
 calls = []
 real = torch.cuda.cudart

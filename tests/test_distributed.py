@@ -446,7 +446,7 @@ def _fsdp_step(model: torch.nn.Module, optim: torch.optim.Optimizer, step: int) 
 
 
 def _local_copy(app: _AppState) -> dict[str, torch.Tensor]:
-    from flashckpt._statewalk import flatten
+    from flashckpt.staging.statewalk import flatten
 
     flat = flatten({"app": app})
     return {p: t.clone() for p, t in zip(flat.paths, flat.tensors, strict=True)}
@@ -660,7 +660,7 @@ def _ddp_worker(rank: int, world: int, init: str, storage: str, memory: str, res
 
 
 def _flat_tensors(state: Any) -> list[torch.Tensor]:
-    from flashckpt._statewalk import flatten
+    from flashckpt.staging.statewalk import flatten
 
     return flatten(state).tensors
 

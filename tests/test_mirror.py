@@ -15,8 +15,8 @@ import pytest
 
 import flashckpt
 from flashckpt._coordinator import read_memory_manifest
-from flashckpt._mirror import MirrorAuthError, MirrorServer, fetch, mirror_peers, push
 from flashckpt.format import UNSEALED, encode_manifest, memory_manifest_key
+from flashckpt.replication.mirror import MirrorAuthError, MirrorServer, fetch, mirror_peers, push
 from tests.conftest import make_state
 
 SECRET = b"s" * 32
@@ -200,7 +200,7 @@ def _victim_worker(rank: int, init: str, storage: str, memory: str, result: str)
 
     import torch
 
-    from flashckpt import _mirror
+    from flashckpt.replication import mirror as _mirror
     from tests.conftest import train_step
 
     os.environ["FLASHCKPT_NODE_ID"] = f"node{rank}"

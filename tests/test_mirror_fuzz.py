@@ -33,10 +33,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashckpt
-from flashckpt import _mirror
-from flashckpt._mirror import MirrorServer, fetch, push
 from flashckpt.errors import CorruptCheckpointError, FlashCkptError
 from flashckpt.format import encode_manifest
+from flashckpt.replication import mirror as _mirror
+from flashckpt.replication.mirror import MirrorServer, fetch, push
 from tests.test_mirror_transport import Snap
 
 SECRET = b"f" * 32

@@ -21,9 +21,9 @@ import torch
 
 import flashckpt
 from flashckpt import _hooks as hooks
-from flashckpt import _mirror
-from flashckpt._mirror import MirrorAbort, MirrorAuthError, MirrorError, MirrorServer, fetch, push
 from flashckpt.format import CODEC_RAW, ChunkEntry, Manifest, TensorEntry, checksum
+from flashckpt.replication import mirror as _mirror
+from flashckpt.replication.mirror import MirrorAbort, MirrorAuthError, MirrorError, MirrorServer, fetch, push
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = b"k" * 32
@@ -415,7 +415,8 @@ def test_a_thread_that_cannot_start_does_not_stop_the_server(
 def _peer_process(rank_dir: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """A real MirrorServer in a process of its own (so that it can be frozen with SIGSTOP)."""
     code = (
-        "import sys; from pathlib import Path; import flashckpt; from flashckpt._mirror import MirrorServer\n"
+        "import sys; from pathlib import Path; import flashckpt\n"
+        "from flashckpt.replication.mirror import MirrorServer\n"
         "s = MirrorServer(Path(sys.argv[1]), bytes.fromhex(sys.argv[2]), flashckpt.Options(), '127.0.0.1')\n"
         "print(s.port, flush=True); sys.stdin.read(); s.close()\n"
     )

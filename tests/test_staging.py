@@ -19,8 +19,8 @@ import torch
 import flashckpt
 import flashckpt.errors
 from flashckpt import _hooks as hooks
-from flashckpt import _staging
-from flashckpt._staging import Stager
+from flashckpt.staging import stager as _staging
+from flashckpt.staging.stager import Stager
 
 
 def _hold_prefault(stager: Stager, until: Callable[[Any], bool]) -> None:
@@ -224,7 +224,9 @@ def test_an_unexpected_error_on_the_prefault_thread_is_logged_and_the_slots_rele
         stager.prefault(4 * _MiB)
         stager.join_prefault()
         assert not died, "the prefault thread died with an uncaught exception"
-        errors = [r for r in caplog.records if r.name == "flashckpt._staging" and r.levelno >= logging.ERROR]
+        errors = [
+            r for r in caplog.records if r.name == "flashckpt.staging.stager" and r.levelno >= logging.ERROR
+        ]
         assert errors and "injected bug" in caplog.text
         assert not any(s.busy or s.prefaulting or s.mapped for s in stager.slots)
     finally:

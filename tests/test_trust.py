@@ -862,11 +862,11 @@ def test_a_commit_whose_chunks_are_gone_is_refused(tmp_path: Path, shm_dir: Path
     steps, rewriting what a killed attempt left unreferenced) fails the commit instead of
     committing a step that does not load."""
     from flashckpt._config import Options
-    from flashckpt._memtier import MemoryTier
-    from flashckpt._staging import Stager
     from flashckpt._transfer import Persister, Tier
     from flashckpt.errors import CorruptCheckpointError
     from flashckpt.format import commit_key
+    from flashckpt.staging.memory_tier import MemoryTier
+    from flashckpt.staging.stager import Stager
 
     storage = tmp_path / "storage"
     with _ckpt({"storage": storage, "memory": shm_dir}, keep=None) as ckpt:

@@ -29,7 +29,7 @@ def wait_all(futures: list[Future[T]]) -> list[T]:
     for f in futures:
         try:
             results.append(f.result())
-        except BaseException as exc:
+        except BaseException as exc:  # the first error is raised once every task is done  # noqa: BLE001
             if error is None:
                 error = exc
                 for g in futures:
@@ -52,7 +52,7 @@ def run_all(pool: Executor, fn: Callable[[A], T], items: Iterable[A]) -> list[T]
             f.cancel()
         try:
             wait_all(futures)
-        except BaseException:
+        except BaseException:  # the submit error is the one raised  # noqa: BLE001
             pass  # the submit error is the one to report
         raise
     return wait_all(futures)

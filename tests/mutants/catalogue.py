@@ -26,7 +26,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "stage_first_chunk_only",
         "save copies only the first chunk_bytes of each CPU tensor into the slot",
-        "flashckpt/_staging.py",
+        "flashckpt/staging/stager.py",
         """            for i, (dst, src) in enumerate(host):
                 dst.copy_(src)
 """,
@@ -313,7 +313,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "late_seal_overwrites",
         "a late seal overwrites the memory manifest of a newer snapshot of the same step",
-        "flashckpt/_memtier.py",
+        "flashckpt/staging/memory_tier.py",
         """            if slot.step != m.step:
                 return False
             self.backend.put""",
@@ -323,21 +323,21 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "mirror_client_skips_server_proof",
         "the mirror client does not check the server's HMAC proof",
-        "flashckpt/_mirror.py",
+        "flashckpt/replication/mirror.py",
         '    if not hmac.compare_digest(proof, _derive(secret, b"server proof", nc, ns)):',
         '    if False and not hmac.compare_digest(proof, _derive(secret, b"server proof", nc, ns)):',
     ),
     Mutant(
         "mirror_server_skips_client_proof",
         "the mirror server does not check the client's HMAC proof",
-        "flashckpt/_mirror.py",
+        "flashckpt/replication/mirror.py",
         '    if not hmac.compare_digest(proof, _derive(secret, b"client proof", nc, ns)):',
         '    if False and not hmac.compare_digest(proof, _derive(secret, b"client proof", nc, ns)):',
     ),
     Mutant(
         "mirror_data_tag_unchecked",
         "a data frame's Poly1305 tag is not checked (its frame counter still advances)",
-        "flashckpt/_mirror.py",
+        "flashckpt/replication/mirror.py",
         '                    self._verify(b"D", tag, dst)\n',
         "                    self._in += 1\n",
     ),

@@ -24,7 +24,6 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from flashckpt._staging import Slot
 from flashckpt.backends import LocalBackend
 from flashckpt.errors import CorruptCheckpointError, StorageError
 from flashckpt.format import (
@@ -36,6 +35,7 @@ from flashckpt.format import (
     memory_manifest_key,
     parse_memory_manifest_key,
 )
+from flashckpt.staging.stager import Slot
 
 log = logging.getLogger(__name__)
 

@@ -89,7 +89,6 @@ from flashckpt import _hooks as hooks
 from flashckpt._config import Options
 from flashckpt._coordinator import memory_steps, read_memory_manifest, verify_chunks
 from flashckpt._secure import check_private_dir, open_private, private_dir
-from flashckpt._staging import Slot, check_fits
 from flashckpt.backends import LocalBackend
 from flashckpt.errors import (
     ConfigError,
@@ -109,6 +108,7 @@ from flashckpt.format import (
     memory_manifest,
     memory_manifest_key,
 )
+from flashckpt.staging.stager import Slot, check_fits
 
 log = logging.getLogger(__name__)
 
@@ -808,7 +808,7 @@ class MirrorServer:
                 continue
             try:  # one unreadable leftover must not fail the restore (every rank waits on it)
                 orphan = _Orphan(d, fd)
-            except Exception as exc:
+            except Exception as exc:  # logged: the other directories are served  # noqa: BLE001
                 os.close(fd)
                 log.warning("flashckpt: not serving %s: %s", d, exc)
                 continue

@@ -209,7 +209,7 @@ def _clear_last_error(device: int) -> None:
             try:
                 torch.ones(1, device=torch.device("cuda", device))
                 return
-            except Exception as exc:  # the pending error, raised and thereby reset
+            except Exception as exc:  # the pending error, raised and thereby reset  # noqa: BLE001
                 log.debug("flashckpt: cleared a pending CUDA error (attempt %d): %s", attempt, exc)
 
 
@@ -217,7 +217,7 @@ def _error_string(cudart: Any, rc: int) -> str:
     """``cudaGetErrorString(rc)`` and the code, e.g. ``out of memory (2)``."""
     try:
         return f"{cudart.cudaGetErrorString(cudart.cudaError(rc))} ({rc})"
-    except Exception:  # an old or stripped binding: the number still identifies the error
+    except Exception:  # an old or stripped binding: the number still identifies the error  # noqa: BLE001
         return f"CUDA error {rc}"
 
 
@@ -250,7 +250,7 @@ def _register(addr: int, nbytes: int, device: int, what: Path) -> bool:
                 return True
             _clear_last_error(device)
             reason = _error_string(cudart, rc)
-    except Exception as exc:
+    except Exception as exc:  # pinning is best effort: logged once  # noqa: BLE001
         reason = f"{type(exc).__name__}: {exc}"
     _warn_once(
         reason,
@@ -271,7 +271,7 @@ def _unregister(addr: int, device: int, what: Path) -> None:
                 return
             _clear_last_error(device)
             reason = _error_string(cudart, rc)
-    except Exception as exc:
+    except Exception as exc:  # logged: unpinning is best effort  # noqa: BLE001
         reason = f"{type(exc).__name__}: {exc}"
     log.warning("flashckpt: cudaHostUnregister of %s failed: %s", what, reason)
 
@@ -363,7 +363,7 @@ def restore_copies(slot: Slot | None = None) -> Iterator[RestoreCopies]:
     except BaseException:
         try:
             copies.synchronize()
-        except Exception as exc:
+        except Exception as exc:  # logged: the error being handled is raised  # noqa: BLE001
             log.warning("flashckpt: waiting for the restore's device copies failed: %s", exc)
         raise
     copies.synchronize()
@@ -377,7 +377,7 @@ def _synchronize_streams(streams: Sequence[Any], *, failing: bool) -> None:
     for stream in streams:
         try:
             stream.synchronize()
-        except Exception as exc:
+        except Exception as exc:  # the first is raised once every stream is synchronized  # noqa: BLE001
             if failing:
                 log.warning("flashckpt: synchronizing a staging stream failed: %s", exc)
             elif first is None:
@@ -421,7 +421,7 @@ class _Faulting:
             try:
                 os.posix_fallocate(self.fd, off, n)
                 _populate_write(self.base + off, n)
-            except BaseException as exc:
+            except BaseException as exc:  # recorded in the job: its owner raises it  # noqa: BLE001
                 error = exc
             with self.cond:
                 self.active -= 1
@@ -547,7 +547,7 @@ class Slot:
         before = job.helped
         try:
             job.work(helper=True)
-        except Exception:  # recorded in the job: the prefault thread (its owner) reports it
+        except Exception:  # recorded in the job: the prefault thread (its owner) reports it  # noqa: BLE001
             pass
         return job.helped - before
 
