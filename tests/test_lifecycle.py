@@ -297,6 +297,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.foreign: dict[Path, bytes] = {}
         self.log = _Records()
         self.errors_seen = 0
+        self.opened_at = 0  # the rule that opened the Checkpointer in use
         #: objects the test damaged that were still damaged at the last check: a log of this
         #: rule may be about one the engine has replaced since (a step saved again)
         self.damaged_at_check: set[tuple[str, str]] = set()
@@ -337,6 +338,7 @@ class Lifecycle(RuleBasedStateMachine):
             options=OPTS,
         )
         self.cfg = cfg
+        self.opened_at = self.rule
         self.pending, self.prev_step, self.last = None, None, None
         self._restore(None)
 
@@ -401,14 +403,16 @@ class Lifecycle(RuleBasedStateMachine):
         self.keeps.append(self.cfg.keep)
         self.k4 = self.k4 or (self.last is not None and self.last is not self.model.head)
         before = scan(self.roots)
+        refused = False  # close refused to persist memory bytes the test damaged
         try:
             self.ckpt.close()
         except flashckpt.CorruptCheckpointError as exc:
             if not self._damaged_memory(str(exc)):
                 raise
+            refused = True
         cfg, last = self.cfg, self.last
         self.ckpt = self.cfg = None
-        self._after_close(cfg, last, before)
+        self._after_close(cfg, last, before, refused)
 
     # hypothesis draws among enabled rules uniformly: the lifecycle's own rules twice as often
     reopen = open
@@ -958,7 +962,7 @@ class Lifecycle(RuleBasedStateMachine):
         else:
             problems.append(message)
 
-    def _after_close(self, cfg: Cfg, last: Node | None, before: Scan) -> None:
+    def _after_close(self, cfg: Cfg, last: Node | None, before: Scan, refused: bool = False) -> None:
         deadline = time.monotonic() + 5
         while True:
             left = [t.name for t in threading.enumerate() if t.name.startswith("flashckpt-")]
@@ -982,13 +986,31 @@ class Lifecycle(RuleBasedStateMachine):
         kept = self.roots["memory"].exists()
         if kept:
             mem_ok = last is not None and any(c.listed and c.uid == last.uid for c in before.copies["memory"])
-            assert not (durable and mem_ok), f"a clean close kept the memory tier though {last} is durable"
+            if durable and mem_ok and refused:
+                # the newest snapshot (not the one the run continues from, after a restore)
+                # could not be persisted: its memory bytes were damaged by the test
+                FIG.events["close kept memory: a damaged snapshot was not persisted"] += 1
+            else:
+                assert not (durable and mem_ok), (
+                    f"a clean close kept the memory tier though {last} is durable"
+                )
         else:
             # close keeps the memory tier while a snapshot it can read there is not durable; a
             # snapshot whose manifest the test damaged is not one it can read (nothing is lost)
             readable = last is not None and any(
                 c.listed and c.uid == last.uid for c in before.copies["memory"]
             )
+            if not durable and readable and order is not None:
+                # a persistent tier the test wiped since this Checkpointer opened: close makes
+                # the newest snapshot durable there again, not an older one a restore returned;
+                # nothing is lost while another persistent tier holds it
+                missing = [
+                    t for t in cfg.persistent if not any(c.listed and c.order == order for c in s.copies[t])
+                ]
+                wiped = all(self.damage.wiped.get(t, -1) >= self.opened_at for t in missing)
+                if wiped and len(missing) < len(cfg.persistent):
+                    FIG.events["close: the run's step is missing only on a tier the test wiped"] += 1
+                    durable = True
             assert durable or not readable, (
                 f"close released the memory tier, but {last} is not committed on every tier"
             )
@@ -1470,6 +1492,56 @@ def test_the_model_blames_the_damaged_object_before_a_known_defect(machine_base:
             ),
         ]
     )
+
+
+@pytest.mark.subprocess
+def test_the_model_lets_close_keep_memory_when_a_damaged_newest_snapshot_was_refused(
+    machine_base: Path,
+) -> None:
+    """The 30-minute run of 2026-12-01, on d0e4a63 (the model's defect): after ``restore(step=0)``
+    the newest snapshot (step 1, memory only) is still what a restart resumes; close could not
+    persist it (the test had flipped its bytes: refused, as it must be) and kept the memory
+    tier.  The model asked only whether the step the run continues from was durable."""
+    n = {**_PLAIN, "keep": 3, "persist_every": 2}
+    flip = {"data": (0, 0, 0), "how": "flip", "tier": "memory", "what": "chunk"}
+    no = (False, False, False)
+    seen = FIG.events["close kept memory: a damaged snapshot was not persisted"]
+    _replay(
+        [
+            ("open", n),
+            ("restore_step", {"data": (0, 0)}),
+            ("corrupt", flip),
+            ("save", {"saves": [(1, *no), (-3, *no), (1, *no)]}),
+            ("restore_step", {"data": (0, 0)}),
+            ("corrupt", flip),
+            ("close", {}),
+        ]
+    )
+    assert FIG.events["close kept memory: a damaged snapshot was not persisted"] == seen + 1
+
+
+@pytest.mark.subprocess
+def test_the_model_lets_close_leave_a_restored_step_off_a_tier_the_test_wiped(machine_base: Path) -> None:
+    """The 30-minute run of 2026-12-01, on d0e4a63 (the model's defect): ``restore(step=6)``, a
+    step the run had left, persisted it to both tiers; the test then wiped the local tier, and
+    close made the newest snapshot durable there again and released memory.  Step 6 stays
+    committed on storage: nothing is lost; the model wanted it on every tier."""
+    n = {**_PLAIN, "keep": 3, "local": True}
+    no = (False, False, False)
+    seen = FIG.events["close: the run's step is missing only on a tier the test wiped"]
+    _replay(
+        [
+            ("open", n),
+            ("save", {"saves": [(1, *no)]}),
+            ("save", {"saves": [(1, *no), (0, *no), (5, *no)]}),
+            ("corrupt", {"data": (0, 0, 0), "how": "flip", "tier": "memory", "what": "chunk"}),
+            ("save", {"saves": [(-3, False, False, False)]}),
+            ("restore_step", {"data": (1, 343)}),
+            ("wipe", {"tier": "local"}),
+            ("close", {}),
+        ]
+    )
+    assert FIG.events["close: the run's step is missing only on a tier the test wiped"] == seen + 1
 
 
 @pytest.mark.slow
