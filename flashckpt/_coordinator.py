@@ -179,13 +179,14 @@ def fetch_chunks(
 ) -> None:
     """Read every chunk of ``m`` from ``be`` into ``dest(offset, nbytes)`` and verify it.
     Returns, or raises the first failure, only once no read is still writing into ``dest``."""
+    store = retrying(be, opts)
 
     def one(i: int) -> None:
         c = m.chunks[i]
         view = dest(c.offset, c.nbytes)
         # raw chunks land in place; encoded ones go through a buffer of their stored size
         into = view if c.codec == CODEC_RAW else memoryview(bytearray(c.stored_nbytes))
-        n = retrying(be, opts).get_into(c.key, into, offset=c.at)
+        n = store.get_into(c.key, into, offset=c.at)
         if n != c.stored_nbytes:
             raise CorruptCheckpointError(
                 f"chunk {c.key} on {be.url} is truncated ({n} of {c.stored_nbytes} bytes)"
@@ -352,11 +353,12 @@ def apply_retention(
     kept_records = current[-keep:] + [r for r in current[:-keep] if r.step in protect]
     kept_records += [r for r in records if r.order in off and r.order not in left]
     kept = {r.step for r in kept_records}
+    store = retrying(be, opts)
     for r in records:
         if r.step not in kept:
             hooks.fire("retention.delete", step=r.step, tier=be.url)
-            retrying(be, opts).delete(commit_key(r.step))
-    names = retrying(be, opts).children("steps/")
+            store.delete(commit_key(r.step))
+    names = store.children("steps/")
     removed = []
     for name in names:
         m = _STEP_DIR.match(name)
@@ -378,9 +380,10 @@ _MANIFEST_NAME = re.compile(r"r\d{5}-of-\d{5}\.manifest")
 def _delete_manifests(be: Backend, step: int, opts: Options) -> None:
     """Delete the manifests of ``step`` (its directory goes once empty); a name that is not
     a manifest key is not flashckpt's and stays."""
-    for key in retrying(be, opts).list(step_prefix(step)):
+    store = retrying(be, opts)
+    for key in store.list(step_prefix(step)):
         if _MANIFEST_NAME.fullmatch(key[len(step_prefix(step)) :]):
-            retrying(be, opts).delete(key)
+            store.delete(key)
 
 
 def _older_than(be: Backend, step: int, newest: Order, opts: Options) -> bool:
@@ -443,10 +446,10 @@ def collect_chunks(
             continue
         referenced.update(c.key for c in m.chunks)
     deleted = 0
-    listed = retrying(be, opts).list(CHUNKS_PREFIX)
-    for key in listed:
+    store = retrying(be, opts)
+    for key in store.list(CHUNKS_PREFIX):
         if parse_chunk_key(key) is None or key in referenced:  # a foreign file is no chunk
             continue
-        retrying(be, opts).delete(key)
+        store.delete(key)
         deleted += 1
     return deleted
