@@ -30,8 +30,8 @@ import torch
 import torch.multiprocessing as mp
 
 import flashckpt
-from flashckpt._coordinator import read_memory_manifest
 from flashckpt.replication.mirror import MirrorServer, push
+from flashckpt.staging.memory_tier import read_memory_manifest
 
 MiB = 1 << 20
 

@@ -6,10 +6,10 @@ and the error hierarchy rooted at :class:`FlashCkptError`.  See ``docs/architect
 
 from __future__ import annotations
 
-from flashckpt._checkpointer import Checkpointer
 from flashckpt._config import Options
 from flashckpt._load import load
-from flashckpt._transfer import SaveHandle
+from flashckpt.checkpointer import Checkpointer
+from flashckpt.coordination.handle import SaveHandle
 from flashckpt.errors import (
     CheckpointNotFound,
     ClosedError,

@@ -12,20 +12,15 @@ from typing import Any, Literal
 import torch
 
 from flashckpt._config import Options
-from flashckpt._coordinator import (
-    abandoned,
-    committed_steps,
-    fetch_chunks,
-    read_commits,
-    read_committed_manifest,
-    read_record,
-)
-from flashckpt._reshard import StepReader
+from flashckpt.coordination.inventory import committed_steps, read_commits, read_committed_manifest
+from flashckpt.coordination.reshard import StepReader
+from flashckpt.coordination.retention import abandoned
 from flashckpt.errors import CheckpointNotFound, ConfigError, CorruptCheckpointError
 from flashckpt.format import Manifest, commit_key, decode_commit
 from flashckpt.staging.stager import check_fits
 from flashckpt.staging.statewalk import build
 from flashckpt.storage import Backend, open_backend
+from flashckpt.transfer.reader import fetch_chunks, read_record
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from flashckpt._config import Options
-from flashckpt._coordinator import committed_steps, fetch_chunks, read_committed_manifest, read_record
-from flashckpt._reshard import StepReader
 from flashckpt.backends import LocalBackend
+from flashckpt.coordination.inventory import committed_steps, read_committed_manifest
+from flashckpt.coordination.reshard import StepReader
 from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError, FlashCkptError, ObjectNotFound
 from flashckpt.format import CommitRecord, commit_key, decode_commit
 from flashckpt.staging.stager import check_fits
 from flashckpt.storage import Backend, open_backend
+from flashckpt.transfer.reader import fetch_chunks, read_record
 
 OK, FAILED, USAGE = 0, 1, 2
 

@@ -138,8 +138,8 @@ def s3(s3_server: str) -> dict[str, object]:
 def chunk_paths(root: Path, step: int, rank: int = 0, world: int = 1) -> list[Path]:
     """The chunk files of one committed shard on a POSIX tier, in shard order."""
     from flashckpt import Options
-    from flashckpt._coordinator import read_committed_manifest
     from flashckpt.backends import LocalBackend
+    from flashckpt.coordination.inventory import read_committed_manifest
 
     m = read_committed_manifest(LocalBackend(root), step, rank, world, Options())
     return [root / c.key for c in sorted(m.chunks, key=lambda c: c.offset)]

@@ -299,7 +299,7 @@ def _flip(path: Path, offset: int) -> None:
 def test_a_flipped_byte_on_each_tier_falls_back_tier_by_tier_then_step_by_step(
     dirs: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    from flashckpt._coordinator import read_memory_manifest
+    from flashckpt.staging.memory_tier import read_memory_manifest
 
     state = make_state()
     with _ckpt(dirs, keep=None) as ckpt:
@@ -340,7 +340,7 @@ def test_a_flipped_byte_on_each_tier_falls_back_tier_by_tier_then_step_by_step(
 def test_a_corrupt_memory_only_snapshot_that_was_partly_loaded_is_an_error(dirs: dict[str, Path]) -> None:
     """Restore from memory fills the state while it checksums; if the only copy then proves
     corrupt, restore must not return None as if the state were untouched."""
-    from flashckpt._coordinator import read_memory_manifest
+    from flashckpt.staging.memory_tier import read_memory_manifest
 
     state = {"w": torch.arange(1 << 20, dtype=torch.float32), "b": torch.ones(3)}
     with _ckpt(dirs, local_dir=None, persist_every=1000) as ckpt:

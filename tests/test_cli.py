@@ -157,7 +157,7 @@ def test_any_error_is_one_line_and_exit_2(
 def test_an_unexpected_error_in_one_step_exits_2_after_checking_the_others(
     tree: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import flashckpt._reshard as reshard
+    import flashckpt.coordination.reshard as reshard
 
     real = reshard.read_committed_manifest
 

@@ -198,7 +198,7 @@ def test_a_first_tier_failing_before_any_checksum_still_seals_the_snapshot(
     """Checksums are computed by the first tier's chunk tasks; if that tier fails before
     starting them (here: it cannot even un-commit the step), the snapshot is checksummed
     anyway: the memory tier's manifest is sealed and the next tier is written."""
-    from flashckpt._coordinator import read_memory_manifest
+    from flashckpt.staging.memory_tier import read_memory_manifest
 
     plan = FaultPlan([Fault(op="delete", key_contains="commits/", times=None, error=StorageError)])
     failing = FaultyBackend(LocalBackend(tmp_path / "bad"), plan)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import flashckpt
-from flashckpt._coordinator import read_memory_manifest
 from flashckpt.format import UNSEALED, encode_manifest, memory_manifest_key
 from flashckpt.replication.mirror import MirrorAuthError, MirrorServer, fetch, mirror_peers, push
+from flashckpt.staging.memory_tier import read_memory_manifest
 from tests.conftest import make_state
 
 SECRET = b"s" * 32

@@ -495,8 +495,8 @@ def test_a_wedged_peer_costs_a_save_no_training_time(tmp_path: Path, shm_dir: Pa
 
         off = hooks.on("mirror.piece", freeze)
         try:
-            ckpt._persister.mirror_peers = [(1, ("127.0.0.1", port))]
-            ckpt._persister.mirror_owner = OWNER
+            ckpt._persister.mirrors.peers = [(1, ("127.0.0.1", port))]
+            ckpt._persister.mirrors.owner = OWNER
             ckpt._persister.control.secret = SECRET
             state = {"w": torch.zeros(16 << 20)}  # 64 MiB
             h1 = ckpt.save(1, state)

@@ -268,7 +268,8 @@ def test_saving_a_step_again_puts_the_newer_save_first_and_keeps_the_earlier_one
     only, is what "latest" resumes (K7); its record names the earlier save of the step as the
     point it continued from, so that save stays on the timeline (the fallback) instead of
     being counted as left behind."""
-    from flashckpt._coordinator import abandoned, read_commits
+    from flashckpt.coordination.inventory import read_commits
+    from flashckpt.coordination.retention import abandoned
 
     _crashed_run(dirs["storage"], dirs["memory"], [(1, 1, True), (1, 101)], persist_every=2, keep=None)
     got = _state(9)
@@ -288,7 +289,7 @@ def test_saving_a_step_again_puts_the_newer_save_first_and_keeps_the_earlier_one
 
 def test_the_abandoned_rule() -> None:
     """The timeline rule of docs/format.md on hand-made ancestries."""
-    from flashckpt._coordinator import abandoned
+    from flashckpt.coordination.retention import abandoned
 
     g0, g1, g2 = 10, 20, 30
     # g0 saved 0..4; g1 restored (g0, 2) and saved 3, 4; g2 saved step 1 below it (from 0)
@@ -862,11 +863,12 @@ def test_a_commit_whose_chunks_are_gone_is_refused(tmp_path: Path, shm_dir: Path
     steps, rewriting what a killed attempt left unreferenced) fails the commit instead of
     committing a step that does not load."""
     from flashckpt._config import Options
-    from flashckpt._transfer import Persister, Tier
+    from flashckpt.coordination.worker import Persister
     from flashckpt.errors import CorruptCheckpointError
     from flashckpt.format import commit_key
     from flashckpt.staging.memory_tier import MemoryTier
     from flashckpt.staging.stager import Stager
+    from flashckpt.transfer.tier import Tier
 
     storage = tmp_path / "storage"
     with _ckpt({"storage": storage, "memory": shm_dir}, keep=None) as ckpt:
@@ -880,7 +882,7 @@ def test_a_commit_whose_chunks_are_gone_is_refused(tmp_path: Path, shm_dir: Path
     try:
         tier = Tier("storage", LocalBackend(storage), shared=True)
         with pytest.raises(CorruptCheckpointError, match="gone"):
-            persister.commit_shared(tier, 3, 1)
+            persister.commits.commit_shared(tier, 3, 1)
         assert not (storage / commit_key(3)).exists()
     finally:
         persister.close()
@@ -1023,8 +1025,9 @@ def test_a_failed_chunk_read_returns_only_when_every_read_it_started_is_done(tmp
     verified: it was checksummed after).  Here the reads of ``fetch_chunks`` directly."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from flashckpt._coordinator import fetch_chunks, read_committed_manifest
     from flashckpt.backends.faults import Fault, FaultPlan, FaultyBackend
+    from flashckpt.coordination.inventory import read_committed_manifest
+    from flashckpt.transfer.reader import fetch_chunks
 
     storage = tmp_path / "storage"
     with flashckpt.Checkpointer(storage, memory_dir=tmp_path / "mem", options=OPTS) as ckpt:
@@ -1053,8 +1056,8 @@ def test_a_failed_memory_verify_returns_only_when_every_copy_it_started_is_done(
     destination back: a user's tensor, a slot about to be reused)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from flashckpt._coordinator import verify_chunks
     from flashckpt.format import ChunkEntry
+    from flashckpt.transfer.reader import verify_chunks
 
     n = 1 << 16
     src = bytearray(os.urandom(4 * n))
@@ -1067,7 +1070,7 @@ def test_a_failed_memory_verify_returns_only_when_every_copy_it_started_is_done(
             time.sleep(0.5)
         return memoryview(src)[at : at + nbytes]
 
-    from flashckpt._coordinator import checksum
+    from flashckpt.format import checksum
 
     chunks = [
         ChunkEntry(

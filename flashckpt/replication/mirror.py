@@ -87,7 +87,6 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from flashckpt import _hooks as hooks
 from flashckpt._config import Options
-from flashckpt._coordinator import memory_steps, read_memory_manifest, verify_chunks
 from flashckpt._secure import check_private_dir, open_private, private_dir
 from flashckpt.backends import LocalBackend
 from flashckpt.errors import (
@@ -108,7 +107,9 @@ from flashckpt.format import (
     memory_manifest,
     memory_manifest_key,
 )
+from flashckpt.staging.memory_tier import memory_steps, read_memory_manifest
 from flashckpt.staging.stager import Slot, check_fits
+from flashckpt.transfer.reader import verify_chunks
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,8 @@ Threads: the training thread (``save``, ``restore``, ``close``) and the persist 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -24,8 +26,9 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from flashckpt._secure import open_private, private_dir
 from flashckpt.backends import LocalBackend
-from flashckpt.errors import CorruptCheckpointError, StorageError
+from flashckpt.errors import ConfigError, CorruptCheckpointError, StorageError
 from flashckpt.format import (
     Manifest,
     check_memory_manifest,
@@ -36,10 +39,28 @@ from flashckpt.format import (
     parse_memory_manifest_key,
 )
 from flashckpt.staging.stager import Slot
+from flashckpt.storage import Backend
 
 log = logging.getLogger(__name__)
 
 _TEMP_MANIFEST = re.compile(r"step-\d{12}\.manifest\.tmp-[A-Za-z0-9._-]+")
+
+
+def memory_steps(be: Backend) -> list[int]:
+    """Steps with a manifest in a memory-tier directory, oldest first (names only)."""
+    return sorted(s for n in be.children("") if (s := parse_memory_manifest_key(n)) is not None)
+
+
+def read_memory_manifest(be: Backend, step: int, what: str = "") -> Manifest:
+    """The manifest of ``step`` in a memory-tier directory, decoded (unsealed allowed) and
+    checked to name that step.  Its slot is checked by :meth:`MemoryTier.read` (and by the
+    mirror holdings for peers' copies)."""
+    key = memory_manifest_key(step)
+    what = what or f"memory manifest {key}"
+    m = decode_manifest(be.get(key), what, allow_unsealed=True)
+    if m.step != step:
+        raise CorruptCheckpointError(f"{what} describes step {m.step}")
+    return m
 
 
 class MemoryTier:
@@ -55,11 +76,23 @@ class MemoryTier:
         )
         self._lock = threading.Lock()
 
+    def refuse_foreign(self, storage: str, url: str) -> None:
+        """Raise :class:`ConfigError` if this memory tier holds snapshots saved for another
+        storage tier than ``storage`` (``url``): another job's (two jobs given one
+        ``memory_dir``).  Using it would overwrite them, and a clean close would delete them,
+        though they may be that job's only copy of its newest step."""
+        others = sorted({m.storage for m in self.holdings() if m.storage and m.storage != storage})
+        if others:
+            raise ConfigError(
+                f"memory tier {self.directory} holds snapshots of another job (storage tier "
+                f"{others[0]}, not {storage} = {url}): give this job its own memory_dir, or "
+                "persist and delete those snapshots first"
+            )
+
     # -- reading --------------------------------------------------------------------------------
     def steps(self) -> list[int]:
         """Step numbers with a manifest here, oldest first (not validated: :meth:`read` is)."""
-        names = self.backend.children("")
-        return sorted(s for n in names if (s := parse_memory_manifest_key(n)) is not None)
+        return memory_steps(self.backend)
 
     def read(self, step: int) -> tuple[Manifest, Slot]:
         """The validated manifest of ``step`` and the slot that holds it.  Raises
@@ -179,17 +212,64 @@ class MemoryTier:
                 except FileNotFoundError:
                     pass
 
+    def release(self, lock_fd: int, parents: Iterable[Path] = ()) -> None:
+        """Training thread, clean close, everything durable: delete the manifests and every
+        other file here (the stager unlinks the slot files), then the lock (:func:`lock`)
+        last, while it is still held, then the directory and ``parents`` once empty."""
+        self.clear()
+        be = self.backend
+        for name in be.children(""):
+            if not name.endswith("/") and name != "lock":
+                be.delete(name)
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / "lock").unlink()
+        os.close(lock_fd)
+        for d in [self.directory, *parents]:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
     # -- helpers --------------------------------------------------------------------------------
     def _what(self, step: int) -> str:
         return f"memory manifest of step {step} in {self.directory}"
 
     def _decode(self, step: int) -> Manifest:
-        key = memory_manifest_key(step)
-        m = decode_manifest(self.backend.get(key), self._what(step), allow_unsealed=True)
-        if m.step != step:
-            raise CorruptCheckpointError(f"{self._what(step)} describes step {m.step}")
-        return m
+        return read_memory_manifest(self.backend, step, self._what(step))
 
     def _slot_named(self, m: Manifest, step: int) -> Slot:
         name = check_memory_manifest(m, self._what(step))
         return next(s for s in self.slots if s.name == name)
+
+
+def lock(directory: Path, trusted_above: Path) -> int:
+    """The memory tier's ``flock`` (its file descriptor): refuses a second live Checkpointer
+    on ``directory`` (:class:`ConfigError`).
+
+    The holder unlinks the file at a clean close while it still holds it (and removes the
+    directory once empty), so a process that opened the old file meanwhile gets the lock
+    of an unlinked inode: every taker checks that the file it locked is still the one at
+    the path, else it makes the directory again if needed and tries again."""
+    path = directory / "lock"
+    for _ in range(100):
+        try:
+            fd = open_private(path, write=True, create=True)
+        except FileNotFoundError:  # the directory went with a clean close meanwhile
+            private_dir(directory, trusted_above=trusted_above)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"memory tier {directory} is in use by another live process "
+                "(two Checkpointers for the same storage and rank?)"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the old holder unlinked it after we opened it: take the new file
+    raise ConfigError(f"cannot take the lock of memory tier {directory}")

@@ -38,7 +38,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "save_slot_leak_on_exception",
         "save does not give the slot back when something raises after it was taken",
-        "flashckpt/_checkpointer.py",
+        "flashckpt/checkpointer.py",
         """        except BaseException:  # whatever it is, the slot goes back and says nothing
             self._mem.forget(slot)
             self._stager.release(slot)
@@ -50,15 +50,16 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "save_keeps_old_memory_manifest",
         "save overwrites a slot without first deleting the memory manifest of what it held",
-        "flashckpt/_checkpointer.py",
-        "            self._mem.forget(slot)  # its bytes are about to change\n",
+        "flashckpt/checkpointer.py",
+        """            self._mem.forget(slot)  # its bytes are about to change
+""",
         "",
     ),
     # -- persist thread ---------------------------------------------------------------------
     Mutant(
         "slot_never_released",
         "the persist thread never gives a slot back after a job",
-        "flashckpt/_transfer.py",
+        "flashckpt/coordination/worker.py",
         """            self.stager.release(job.slot)
             released = True""",
         """            released = True""",
@@ -66,94 +67,56 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "checksum_prefix_only",
         "a fresh chunk's checksum covers only its first 4 KiB (content address and manifest)",
-        "flashckpt/_transfer.py",
-        "                d = checksum(view)\n",
-        "                d = checksum(view[:4096])\n",
+        "flashckpt/transfer/writer.py",
+        """                d = checksum(view)
+""",
+        """                d = checksum(view[:4096])
+""",
     ),
     Mutant(
         "hash_wrong_bytes",
         "the whole-slot checksum pass (dedup, seal_now) hashes each chunk's size from offset 0",
-        "flashckpt/_transfer.py",
+        "flashckpt/transfer/writer.py",
         "digests = run_all(self.pool, lambda c: checksum(slot.view(c.offset, c.nbytes)), m.chunks)",
         "digests = run_all(self.pool, lambda c: checksum(slot.view(0, c.nbytes)), m.chunks)",
     ),
     Mutant(
         "commit_before_manifest",
         "a rank-own tier's commit record is written before the shard's manifest",
-        "flashckpt/_transfer.py",
-        """        retrying(be, opts).put(mkey, mdata)
-        hooks.fire("persist.manifest", step=m.step, tier=tier.name)
-        # Later saves reuse the chunks of this rank's own newest manifest: retention never
-        # deletes it before a newer manifest of this rank exists (see collect_chunks).  A
-        # salvaged older snapshot is not the newest: retention may retire it at once.
-        if m.order >= self._known_order.get(tier.name, (-1, -1)):
-            self._known_chunks[tier.name] = {c.checksum: c for c in out.chunks}
-            self._known_order[tier.name] = m.order
-        if not (tier.shared and self.control.distributed):
-            scope = "rank" if m.world_size > 1 else "job"
-            entries = ((mkey, len(mdata), checksum(mdata)),)
-            record = CommitRecord(
-                m.step,
-                m.world_size,
-                now(),
-                entries,
-                scope,
-                generation=m.generation,
-                run=m.run,
-                ancestors=m.ancestors,
-            )
-            self._claim_run(tier, m.run)
-            cdata = encode_commit(record)
-            hooks.fire("commit.record", step=m.step, tier=tier.name)
-            retrying(be, opts).put(commit_key(m.step), cdata)
-            hooks.fire("commit.done", step=m.step, tier=tier.name)
+        "flashckpt/coordination/worker.py",
+        """        entry = self.commits.write_manifest(tier, out)
+        self.reuse.remember(tier, out)
+        self.commits.commit_own(tier, out, entry)
 """,
-        """        # Later saves reuse the chunks of this rank's own newest manifest: retention never
-        # deletes it before a newer manifest of this rank exists (see collect_chunks).  A
-        # salvaged older snapshot is not the newest: retention may retire it at once.
-        if m.order >= self._known_order.get(tier.name, (-1, -1)):
-            self._known_chunks[tier.name] = {c.checksum: c for c in out.chunks}
-            self._known_order[tier.name] = m.order
-        if not (tier.shared and self.control.distributed):
-            scope = "rank" if m.world_size > 1 else "job"
-            entries = ((mkey, len(mdata), checksum(mdata)),)
-            record = CommitRecord(
-                m.step,
-                m.world_size,
-                now(),
-                entries,
-                scope,
-                generation=m.generation,
-                run=m.run,
-                ancestors=m.ancestors,
-            )
-            self._claim_run(tier, m.run)
-            cdata = encode_commit(record)
-            hooks.fire("commit.record", step=m.step, tier=tier.name)
-            retrying(be, opts).put(commit_key(m.step), cdata)
-            hooks.fire("commit.done", step=m.step, tier=tier.name)
-        retrying(be, opts).put(mkey, mdata)
-        hooks.fire("persist.manifest", step=m.step, tier=tier.name)
+        """        from flashckpt.format import checksum, encode_manifest
+
+        _data = encode_manifest(out)
+        _key = manifest_key(out.step, out.rank, out.world_size)
+        self.commits.commit_own(tier, out, (_key, len(_data), checksum(_data)))
+        self.commits.write_manifest(tier, out)
+        self.reuse.remember(tier, out)
 """,
     ),
     Mutant(
         "resave_without_uncommit",
         "re-saving a step number writes over it without deleting its commit record first",
-        "flashckpt/_transfer.py",
-        "        retrying(be, opts).delete(commit_key(m.step))\n",
+        "flashckpt/coordination/worker.py",
+        """        self.commits.uncommit(tier, m.step)
+""",
         "",
     ),
     Mutant(
         "failed_tier_keeps_manifest",
         "a tier that fails does not remove the shard's manifest it may have written",
-        "flashckpt/_transfer.py",
-        "                self._discard(tier, m)\n",
+        "flashckpt/coordination/worker.py",
+        """            p._discard(tier, self.m)
+""",
         "",
     ),
     Mutant(
         "retention_exception_escapes",
         "retention catches only CorruptCheckpointError: a storage error escapes to the loop's last guard",
-        "flashckpt/_transfer.py",
+        "flashckpt/coordination/worker.py",
         "        except Exception as exc:  # retention failing never fails a save, nor the thread",
         "        except CorruptCheckpointError as exc:  # (a StorageError now escapes)",
     ),
@@ -163,20 +126,20 @@ MUTANTS: list[Mutant] = [
         # equivalent: the key comparison below it derives the key from this chunk's checksum,
         # so an entry for other content is refused all the same.  Both are dropped here.)
         "a deduplicated save references the owner's chunk without checking it is this content",
-        "flashckpt/_transfer.py",
-        """                and got[0] == src.checksum
-                and isinstance(got[3], str)
-                and CODEC_PATTERN.fullmatch(got[3])
-                and got[1] == chunk_key(src.checksum, got[3], got[2])
+        "flashckpt/coordination/dedup.py",
+        """            and got[0] == src.checksum
+            and isinstance(got[3], str)
+            and CODEC_PATTERN.fullmatch(got[3])
+            and got[1] == chunk_key(src.checksum, got[3], got[2])
 """,
-        """                and isinstance(got[3], str)
-                and CODEC_PATTERN.fullmatch(got[3])
+        """            and isinstance(got[3], str)
+            and CODEC_PATTERN.fullmatch(got[3])
 """,
     ),
     Mutant(
         "durable_despite_failure",
         "a slot is marked durable (free to overwrite) even when a tier failed",
-        "flashckpt/_transfer.py",
+        "flashckpt/coordination/worker.py",
         """            if job.tiers and len(committed) == len(job.tiers) and not job.handle.failures:
                 self.stager.mark_durable(job.slot, job.generation)
             # Waiting""",
@@ -221,84 +184,94 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "restore_memory_unverified",
         "a memory (or mirror) snapshot whose chunk fails its checksum is used anyway",
-        "flashckpt/_coordinator.py",
-        "        if digest != c.checksum:\n",
-        "        if False and digest != c.checksum:\n",
+        "flashckpt/transfer/reader.py",
+        """        if digest != c.checksum:
+""",
+        """        if False and digest != c.checksum:
+""",
     ),
     Mutant(
         "restore_storage_unverified",
         "a chunk read from local/storage is not checked against its checksum",
-        "flashckpt/_coordinator.py",
-        "        if checksum(view) != c.checksum:\n",
-        "        if False and checksum(view) != c.checksum:\n",
+        "flashckpt/transfer/reader.py",
+        """        if checksum(view) != c.checksum:
+""",
+        """        if False and checksum(view) != c.checksum:
+""",
     ),
     Mutant(
         "commit_entry_digest_unchecked",
         "a manifest is not checked against the size and checksum its commit record lists",
-        "flashckpt/_coordinator.py",
-        "    if len(mraw) != entry[1] or checksum(mraw) != entry[2]:\n",
-        "    if False:\n",
+        "flashckpt/coordination/inventory.py",
+        """    if len(mraw) != entry[1] or checksum(mraw) != entry[2]:
+""",
+        """    if False:
+""",
     ),
     Mutant(
         "record_size_bound_skipped",
         "read_record reads an object of any size (the 1 GiB record bound is not checked)",
-        "flashckpt/_coordinator.py",
-        "    if size > MAX_RECORD_BYTES:\n",
-        "    if False:\n",
+        "flashckpt/transfer/reader.py",
+        """    if size > MAX_RECORD_BYTES:
+""",
+        """    if False:
+""",
     ),
     Mutant(
         "restore_generation_not_raised",
         "restore does not raise the generation above what it saw: a rollback resumes the old run",
-        "flashckpt/_checkpointer.py",
-        """        self._gen = max(self._gen, plan.newest_gen + 1)
-        self._prev, self._prev_saved = s, False
+        "flashckpt/coordination/timeline.py",
+        """        self.gen = max(self.gen, newest_gen + 1)
+        self.prev, self.prev_saved = order[1], False
 """,
-        """        self._prev, self._prev_saved = s, False
+        """        self.prev, self.prev_saved = order[1], False
 """,
     ),
     Mutant(
         "abandoned_filter_skipped",
         "restore may pick a snapshot of an abandoned timeline",
-        "flashckpt/_checkpointer.py",
-        "        left = abandoned([(o, known.get(o, ())) for o in set().union(*every)])\n",
-        "        left: set[Order] = set()\n",
+        "flashckpt/coordination/plan.py",
+        """    left = abandoned([(o, known.get(o, ())) for o in set().union(*every)])
+""",
+        """    left: set[Order] = set()
+""",
     ),
     # -- retention --------------------------------------------------------------------------
     Mutant(
         "retention_keeps_one_fewer",
         "retention keeps keep-1 steps (plus the protected ones)",
-        "flashckpt/_coordinator.py",
+        "flashckpt/coordination/retention.py",
         "    kept_records = current[-keep:] + [r for r in current[:-keep] if r.step in protect]",
-        "    kept_records = current[len(current) - keep + 1 :] + [\n"
-        "        r for r in current[: len(current) - keep + 1] if r.step in protect\n"
-        "    ]",
+        """    kept_records = current[len(current) - keep + 1 :] + [
+        r for r in current[: len(current) - keep + 1] if r.step in protect
+    ]""",
     ),
     Mutant(
         "retention_keeps_one_more",
         "retention keeps keep+1 steps",
-        "flashckpt/_coordinator.py",
+        "flashckpt/coordination/retention.py",
         "    kept_records = current[-keep:] + [r for r in current[:-keep] if r.step in protect]",
-        "    kept_records = current[-(keep + 1) :] + [\n"
-        "        r for r in current[: -(keep + 1)] if r.step in protect\n"
-        "    ]",
+        """    kept_records = current[-(keep + 1) :] + [
+        r for r in current[: -(keep + 1)] if r.step in protect
+    ]""",
     ),
     Mutant(
         "retention_keeps_oldest",
         "retention keeps the oldest keep steps: newer unprotected ones are deleted",
-        "flashckpt/_coordinator.py",
+        "flashckpt/coordination/retention.py",
         "    kept_records = current[-keep:] + [r for r in current[:-keep] if r.step in protect]",
         "    kept_records = current[:keep] + [r for r in current[keep:] if r.step in protect]",
     ),
     Mutant(
         "gc_while_ranks_write",
         "the shared tier's chunk GC runs after the outcome is published, while ranks write the next step",
-        "flashckpt/_transfer.py",
-        """                    if job.writers is None:  # every rank wrote its shard and waits: no writer runs
-                        self._collect_shared(tier, job)
-                    self.control.publish(ckey, "ok")""",
-        """                    self.control.publish(ckey, "ok")
-                    if job.writers is None:
-                        self._collect_shared(tier, job)""",
+        "flashckpt/coordination/worker.py",
+        """        if job.writers is None:  # every rank wrote its shard and waits: no writer runs
+            p._collect_shared(tier, job)
+        p.commits.publish(ckey, "ok")""",
+        """        p.commits.publish(ckey, "ok")
+        if job.writers is None:
+            p._collect_shared(tier, job)""",
     ),
     Mutant(
         "memory_manifest_check_returns_early",
@@ -338,8 +311,10 @@ MUTANTS: list[Mutant] = [
         "mirror_data_tag_unchecked",
         "a data frame's Poly1305 tag is not checked (its frame counter still advances)",
         "flashckpt/replication/mirror.py",
-        '                    self._verify(b"D", tag, dst)\n',
-        "                    self._in += 1\n",
+        """                    self._verify(b"D", tag, dst)
+""",
+        """                    self._in += 1
+""",
     ),
 ]
 

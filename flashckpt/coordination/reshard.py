@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from flashckpt._config import Options
-from flashckpt._coordinator import read_committed_manifest, read_record
+from flashckpt.coordination.inventory import read_committed_manifest
 from flashckpt.errors import CorruptCheckpointError, StateMismatchError
 from flashckpt.format import (
     CODEC_RAW,
@@ -41,6 +41,7 @@ from flashckpt.staging.statewalk import build, load_into
 from flashckpt.storage import Backend
 from flashckpt.transfer.codec import decode
 from flashckpt.transfer.futures import run_all
+from flashckpt.transfer.reader import read_record
 from flashckpt.transfer.store import retrying
 
 
