@@ -30,7 +30,8 @@ import torch
 import torch.multiprocessing as mp
 
 import flashckpt
-from flashckpt.replication.mirror import MirrorServer, push
+from flashckpt.replication.client import push
+from flashckpt.replication.server import MirrorServer
 from flashckpt.staging.memory_tier import read_memory_manifest
 
 MiB = 1 << 20

@@ -1057,3 +1057,38 @@ def test_hostile_chunk_name_never_touches_files_outside_root(dirs: dict[str, Pat
     with pytest.raises(flashckpt.CorruptCheckpointError, match="unsafe chunk name"):
         _decode((dirs["storage"] / manifest_key(2, 0, 1)).read_bytes())
     assert flashckpt.load(dirs["storage"])["extra"]["step"] == 1
+
+
+@pytest.mark.parametrize("step", [0, 7, 10**12 - 1])
+@pytest.mark.parametrize(("rank", "world"), [(0, 1), (3, 8), (99999, 99999)])
+def test_every_key_parses_back_to_what_named_it(step: int, rank: int, world: int) -> None:
+    """The key grammar is written once (format.keys): every name it makes parses back, and
+    nothing else does (the engine lists tiers by these parsers: a name they refuse is not
+    flashckpt's and is never deleted)."""
+    from flashckpt.format import (
+        commit_key,
+        manifest_key,
+        memory_manifest_key,
+        parse_commit_key,
+        parse_manifest_key,
+        parse_memory_manifest_key,
+        parse_step_prefix,
+        step_prefix,
+    )
+
+    assert parse_commit_key(commit_key(step)) == step
+    assert parse_step_prefix(step_prefix(step)) == step
+    assert parse_manifest_key(manifest_key(step, rank, world)) == (step, rank, world)
+    assert parse_memory_manifest_key(memory_manifest_key(step)) == step
+    for foreign in (
+        commit_key(step) + ".tmp-host-1-2",
+        step_prefix(step) + "x/",
+        manifest_key(step, rank, world) + ".tmp-host-1-2",
+        step_prefix(step) + "notes.manifest",
+        "steps/12/r00000-of-00001.manifest",
+        "",
+    ):
+        assert parse_commit_key(foreign) is None
+        assert parse_step_prefix(foreign) is None
+        assert parse_manifest_key(foreign) is None
+        assert parse_memory_manifest_key(foreign) is None

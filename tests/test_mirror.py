@@ -15,7 +15,10 @@ import pytest
 
 import flashckpt
 from flashckpt.format import UNSEALED, encode_manifest, memory_manifest_key
-from flashckpt.replication.mirror import MirrorAuthError, MirrorServer, fetch, mirror_peers, push
+from flashckpt.replication.client import fetch, push
+from flashckpt.replication.placement import mirror_peers
+from flashckpt.replication.server import MirrorServer
+from flashckpt.replication.wire import MirrorAuthError
 from flashckpt.staging.memory_tier import read_memory_manifest
 from tests.conftest import make_state
 
@@ -200,7 +203,7 @@ def _victim_worker(rank: int, init: str, storage: str, memory: str, result: str)
 
     import torch
 
-    from flashckpt.replication import mirror as _mirror
+    from flashckpt.replication import server as _server
     from tests.conftest import train_step
 
     os.environ["FLASHCKPT_NODE_ID"] = f"node{rank}"
@@ -209,14 +212,14 @@ def _victim_worker(rank: int, init: str, storage: str, memory: str, result: str)
         "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=30)
     )
     if rank == 1:
-        orig = _mirror.MirrorServer._put
+        orig = _server.MirrorServer._put
 
-        def put(self: _mirror.MirrorServer, conn: socket.socket, req: dict[str, object]) -> None:
+        def put(self: _server.MirrorServer, conn: socket.socket, req: dict[str, object]) -> None:
             if req.get("step") == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
             orig(self, conn, req)
 
-        _mirror.MirrorServer._put = put  # type: ignore[method-assign]
+        _server.MirrorServer._put = put  # type: ignore[method-assign]
     opts = flashckpt.Options(coord_timeout_s=3.0, mirror_timeout_s=3.0)
     ckpt = flashckpt.Checkpointer(storage, memory_dir=f"{memory}/node{rank}", options=opts)
     state = make_state(seed=rank)

@@ -18,7 +18,7 @@ from flashckpt.errors import CoordinationError
 
 pytestmark = pytest.mark.subprocess
 
-# What the Checkpointer gathers (flashckpt/_checkpointer.py), as each rank passes it.
+# What the Checkpointer gathers (checkpointer.py, coordination/plan.py, restore.py), as each rank passes it.
 GATHERED: list[Any] = [
     "node0",  # node names
     ("10.0.0.1", 41234),  # mirror server addresses

@@ -35,8 +35,10 @@ from hypothesis import strategies as st
 import flashckpt
 from flashckpt.errors import CorruptCheckpointError, FlashCkptError
 from flashckpt.format import encode_manifest
-from flashckpt.replication import mirror as _mirror
-from flashckpt.replication.mirror import MirrorServer, fetch, push
+from flashckpt.replication import server as _server
+from flashckpt.replication import wire as _wire
+from flashckpt.replication.client import fetch, push
+from flashckpt.replication.server import MirrorServer
 from tests.test_mirror_transport import Snap
 
 SECRET = b"f" * 32
@@ -130,7 +132,7 @@ def conversations(draw: st.DrawFn) -> tuple[str, bytes, list[Any]]:
 # -- the fuzzing client ---------------------------------------------------------------------------
 
 
-def _send_frame(ch: _mirror._Channel, frame: tuple[Any, ...]) -> bool:
+def _send_frame(ch: _wire.Channel, frame: tuple[Any, ...]) -> bool:
     """Send one fuzzed frame; False once the stream is cut."""
     kind, sock = frame[0], ch.sock
     TALLY[f"frame:{kind}"] += 1
@@ -138,12 +140,12 @@ def _send_frame(ch: _mirror._Channel, frame: tuple[Any, ...]) -> bool:
         ch.send_header(frame[1])
     elif kind in ("any-json", "not-json"):
         payload = json.dumps(frame[1]).encode() if kind == "any-json" else frame[1]
-        sock.sendall(_mirror._HEADER.pack(len(payload)) + payload + ch._tag(b"H", payload))
+        sock.sendall(_wire.HEADER.pack(len(payload)) + payload + ch._tag(b"H", payload))
     elif kind == "bad-tag":
         payload = json.dumps(frame[1]).encode()
-        sock.sendall(_mirror._HEADER.pack(len(payload)) + payload + os.urandom(16))
+        sock.sendall(_wire.HEADER.pack(len(payload)) + payload + os.urandom(16))
     elif kind == "bad-length":
-        sock.sendall(_mirror._HEADER.pack(frame[1]) + frame[2])
+        sock.sendall(_wire.HEADER.pack(frame[1]) + frame[2])
     elif kind == "blob":
         ch.send_blob(frame[1])
     elif kind == "data":
@@ -154,8 +156,8 @@ def _send_frame(ch: _mirror._Channel, frame: tuple[Any, ...]) -> bool:
         sock.sendall(frame[1])
         return False
     elif kind == "pieces":  # random bytes, sized and tagged as the 4096-byte snapshot's
-        for off in range(0, frame[1], _mirror._PIECE):
-            piece = os.urandom(min(_mirror._PIECE, frame[1] - off))
+        for off in range(0, frame[1], _wire.PIECE):
+            piece = os.urandom(min(_wire.PIECE, frame[1] - off))
             sock.sendall(piece + ch._tag(b"D", piece))
     return True
 
@@ -173,10 +175,10 @@ def _talk(port: int, conversation: tuple[str, bytes, list[Any]]) -> None:
                 sock.recv(1 << 10)
                 sock.sendall(junk[:32] if start == "hello+proof" else junk)
             elif start == "wrong-secret":
-                with pytest.raises(_mirror.MirrorAuthError):
-                    _mirror._client_handshake(sock, b"w" * 32, time.monotonic() + 5)
+                with pytest.raises(_wire.MirrorAuthError):
+                    _wire.client_handshake(sock, b"w" * 32, time.monotonic() + 5)
             else:
-                ch = _mirror._client_handshake(sock, SECRET, time.monotonic() + 5)
+                ch = _wire.client_handshake(sock, SECRET, time.monotonic() + 5)
                 if start == "put":  # a well-formed start, so that fuzzed frames reach deeper
                     ch.send_header({"op": "put", "shard": OWNER, "step": 3, "manifest": len(junk)})
                     ch.send_blob(junk)
@@ -244,10 +246,10 @@ def test_a_fuzzing_client_never_breaks_the_server(shm_dir: Path) -> None:
             _talk(server.port, conversation)
             assert server._thread.is_alive()
             deadline = time.monotonic() + 10
-            while server._conns and time.monotonic() < deadline:
+            while server.connections and time.monotonic() < deadline:
                 time.sleep(0.005)
-            assert not server._conns, "a connection thread outlived its connection"
-            assert _conn_threads() <= _mirror.MAX_PREAUTH
+            assert server.connections == 0, "a connection thread outlived its connection"
+            assert _conn_threads() <= _server.MAX_PREAUTH
             _files_ok(shm_dir, rank_dir)
             # a good client is still served
             good_step[0] += 1
@@ -323,7 +325,7 @@ def _fuzz_server(ls: socket.socket, script: tuple[str, str, bytes, list[Any]]) -
                 conn.sendall(junk[:18].ljust(18, b"x") + os.urandom(64))
                 return
             secret = SECRET if start == "authed" else b"w" * 32
-            ch = _mirror._server_handshake(conn, secret, time.monotonic() + 5)
+            ch = _wire.server_handshake(conn, secret, time.monotonic() + 5)
             for frame in frames_:
                 if frame[0] == "header" and not isinstance(frame[1], dict):
                     continue

@@ -22,8 +22,10 @@ import torch
 import flashckpt
 from flashckpt import _hooks as hooks
 from flashckpt.format import CODEC_RAW, ChunkEntry, Manifest, TensorEntry, checksum
-from flashckpt.replication import mirror as _mirror
-from flashckpt.replication.mirror import MirrorAbort, MirrorAuthError, MirrorError, MirrorServer, fetch, push
+from flashckpt.replication import server as _server
+from flashckpt.replication.client import MirrorAbort, fetch, push
+from flashckpt.replication.server import MirrorServer
+from flashckpt.replication.wire import MirrorAuthError, MirrorError
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = b"k" * 32
@@ -351,9 +353,9 @@ def test_idle_unauthenticated_connections_get_bounded_threads_and_a_peer_is_stil
         for _ in range(300):
             socks.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
             peak = max(peak, _conn_threads())
-        assert _until(lambda: server.refused >= 300 - _mirror.MAX_PREAUTH)
+        assert _until(lambda: server.refused >= 300 - _server.MAX_PREAUTH)
         peak = max(peak, _conn_threads())
-        assert peak <= _mirror.MAX_PREAUTH + 2, peak
+        assert peak <= _server.MAX_PREAUTH + 2, peak
         refusals = [r for r in caplog.records if "refused a mirror connection" in r.getMessage()]
         assert len(refusals) == 1  # once per episode, not per connection
         # while they are all still open, a peer pushes and fetches
@@ -368,7 +370,7 @@ def test_idle_unauthenticated_connections_get_bounded_threads_and_a_peer_is_stil
 def test_a_handshake_trickled_byte_by_byte_is_dropped_after_the_handshake_timeout(
     shm_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_mirror, "HANDSHAKE_TIMEOUT_S", 1.0, raising=False)
+    monkeypatch.setattr(_server, "HANDSHAKE_TIMEOUT_S", 1.0)
     s = MirrorServer(shm_dir / "r00001-of-00002", SECRET, OPTS, "127.0.0.1")
     try:
         with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
@@ -416,7 +418,7 @@ def _peer_process(rank_dir: Path) -> Iterator[tuple[subprocess.Popen[str], int]]
     """A real MirrorServer in a process of its own (so that it can be frozen with SIGSTOP)."""
     code = (
         "import sys; from pathlib import Path; import flashckpt\n"
-        "from flashckpt.replication.mirror import MirrorServer\n"
+        "from flashckpt.replication.server import MirrorServer\n"
         "s = MirrorServer(Path(sys.argv[1]), bytes.fromhex(sys.argv[2]), flashckpt.Options(), '127.0.0.1')\n"
         "print(s.port, flush=True); sys.stdin.read(); s.close()\n"
     )

@@ -8,7 +8,6 @@ training thread plans restores with them, the persist thread reads a tier's comm
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from flashckpt.format import (
     decode_run,
     encode_run,
     manifest_key,
+    parse_commit_key,
 )
 from flashckpt.storage import Backend
 from flashckpt.transfer.reader import read_record
@@ -32,8 +32,6 @@ from flashckpt.transfer.store import retrying
 from flashckpt.transfer.tier import Tier
 
 log = logging.getLogger(__name__)
-
-_COMMIT_NAME = re.compile(r"^step-(\d{12})$")
 
 #: A snapshot's place on the run's timeline: ``(generation, step)`` (docs/format.md).
 Order = tuple[int, int]
@@ -45,7 +43,7 @@ def committed_steps(be: Backend, opts: Options) -> list[int]:
     """Step numbers with a commit record on ``be``, lowest first (names only: nothing is read).
     Names that are not commit keys (a foreign file) are skipped."""
     names = retrying(be, opts).children("commits/")
-    return sorted(int(m.group(1)) for n in names if (m := _COMMIT_NAME.match(n)))
+    return sorted(s for n in names if (s := parse_commit_key(f"commits/{n}")) is not None)
 
 
 def read_commits(be: Backend, opts: Options) -> list[CommitRecord]:

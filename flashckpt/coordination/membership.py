@@ -10,7 +10,8 @@ import logging
 from flashckpt.coordination.parts import RankParts
 from flashckpt.errors import FlashCkptError
 from flashckpt.format import shard_name
-from flashckpt.replication.mirror import MirrorServer, default_host, mirror_peers
+from flashckpt.replication.placement import default_host, mirror_peers
+from flashckpt.replication.server import MirrorServer
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from flashckpt._config import Options
 from flashckpt._dist import Control
 from flashckpt.coordination.handle import SaveHandle
 from flashckpt.format import Manifest
-from flashckpt.replication.mirror import MirrorAbort, push
+from flashckpt.replication.client import MirrorAbort, push
 from flashckpt.staging.stager import Slot
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from flashckpt._config import Options
 from flashckpt._dist import Control
 from flashckpt.coordination.timeline import Timeline
 from flashckpt.coordination.worker import Persister
-from flashckpt.replication.mirror import MirrorServer
+from flashckpt.replication.server import MirrorServer
 from flashckpt.staging.memory_tier import MemoryTier
 from flashckpt.staging.stager import Stager
 from flashckpt.transfer.tier import Tier

@@ -31,7 +31,7 @@ from flashckpt.errors import (
     StorageError,
 )
 from flashckpt.format import Manifest, memory_manifest, shard_name
-from flashckpt.replication.mirror import fetch
+from flashckpt.replication.client import fetch
 from flashckpt.staging.apply import apply, fill_targets, precheck
 from flashckpt.staging.stager import Slot, check_fits
 from flashckpt.staging.statewalk import flatten

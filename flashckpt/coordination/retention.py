@@ -9,7 +9,6 @@ name that is not a flashckpt key are never deleted.  The persist thread calls
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Sequence
 
@@ -24,6 +23,8 @@ from flashckpt.format import (
     commit_key,
     decode_manifest,
     parse_chunk_key,
+    parse_manifest_key,
+    parse_step_prefix,
     step_prefix,
 )
 from flashckpt.storage import Backend
@@ -32,8 +33,6 @@ from flashckpt.transfer.store import retrying
 from flashckpt.transfer.tier import Tier
 
 log = logging.getLogger(__name__)
-
-_STEP_DIR = re.compile(r"^(\d{12})/$")
 
 
 def abandoned(snapshots: Sequence[tuple[Order, Ancestors]]) -> set[Order]:
@@ -129,10 +128,9 @@ def apply_retention(
     names = store.children("steps/")
     removed = []
     for name in names:
-        m = _STEP_DIR.match(name)
-        if not m:
+        s = parse_step_prefix(f"steps/{name}")
+        if s is None:
             continue
-        s = int(m.group(1))
         if s in kept or s in protect or not _older_than(be, s, newest, opts):
             continue
         _delete_manifests(be, s, opts)
@@ -142,15 +140,12 @@ def apply_retention(
     return removed
 
 
-_MANIFEST_NAME = re.compile(r"r\d{5}-of-\d{5}\.manifest")
-
-
 def _delete_manifests(be: Backend, step: int, opts: Options) -> None:
     """Delete the manifests of ``step`` (its directory goes once empty); a name that is not
     a manifest key is not flashckpt's and stays."""
     store = retrying(be, opts)
     for key in store.list(step_prefix(step)):
-        if _MANIFEST_NAME.fullmatch(key[len(step_prefix(step)) :]):
+        if (parsed := parse_manifest_key(key)) is not None and parsed[0] == step:
             store.delete(key)
 
 
@@ -158,7 +153,7 @@ def _older_than(be: Backend, step: int, newest: Order, opts: Options) -> bool:
     """True if every manifest in step ``step``'s directory is older than ``newest`` (an
     unreadable one counts as newer: it is left alone)."""
     for key in retrying(be, opts).list(step_prefix(step)):
-        if not key.endswith(".manifest"):
+        if parse_manifest_key(key) is None:
             continue
         try:
             m = decode_manifest(read_record(be, key, key, opts), key)
@@ -203,7 +198,7 @@ def collect_chunks(
             keys.extend(key for key, _size, _digest in record.manifests)
     else:
         listed = retrying(be, opts).list("steps/")
-        keys = [k for k in listed if k.endswith(".manifest")]
+        keys = [k for k in listed if parse_manifest_key(k) is not None]
     for key in keys:
         try:
             m = decode_manifest(read_record(be, key, key, opts), key)

@@ -45,7 +45,9 @@ from flashckpt.format.keys import (
     memory_manifest_key,
     parse_chunk_key,
     parse_commit_key,
+    parse_manifest_key,
     parse_memory_manifest_key,
+    parse_step_prefix,
     shard_name,
     step_prefix,
 )
@@ -109,7 +111,9 @@ __all__ = [
     "memory_manifest_key",
     "parse_chunk_key",
     "parse_commit_key",
+    "parse_manifest_key",
     "parse_memory_manifest_key",
+    "parse_step_prefix",
     "shard_name",
     "step_prefix",
     # record

@@ -95,6 +95,22 @@ def parse_commit_key(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+_STEP_PREFIX_RE = re.compile(r"^steps/(\d{12})/$")
+_MANIFEST_RE = re.compile(r"^steps/(\d{12})/r(\d{5})-of-(\d{5})\.manifest$")
+
+
+def parse_step_prefix(prefix: str) -> int | None:
+    """The step a step directory's prefix (``steps/<step>/``) names, else None."""
+    m = _STEP_PREFIX_RE.match(prefix)
+    return int(m.group(1)) if m else None
+
+
+def parse_manifest_key(key: str) -> tuple[int, int, int] | None:
+    """``(step, rank, world size)`` of a manifest key, else None (not flashckpt's)."""
+    m = _MANIFEST_RE.match(key)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
 def parse_memory_manifest_key(key: str) -> int | None:
     m = _MEMORY_MANIFEST_RE.match(key)
     return int(m.group(1)) if m else None

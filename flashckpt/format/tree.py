@@ -200,20 +200,7 @@ def decode_tree(node: Any, n_tensors: int, depth: int = 0) -> Any:
     if tag == "dtensor":
         return _decode_dtensor(node, n_tensors)
     if tag == "dict":
-        keys, vals = node.get("k"), v
-        if not isinstance(keys, list) or not isinstance(vals, list) or len(keys) != len(vals):
-            raise CorruptCheckpointError("bad dict node")
-        items = [
-            (_hashable(decode_tree(k, 0, depth + 1)), decode_tree(x, n_tensors, depth + 1))
-            for k, x in zip(keys, vals, strict=True)
-        ]
-        meta = node.get("meta")
-        if meta is not None:
-            # What nn.Module.state_dict returns: an OrderedDict carrying ``_metadata``.
-            out: dict[Any, Any] = OrderedDict(items)
-            out._metadata = decode_tree(meta, 0, depth + 1)  # type: ignore[attr-defined]
-            return out
-        return OrderedDict(items) if node.get("ordered") is True else dict(items)
+        return _decode_dict(node, n_tensors, depth)
     if tag == "tuple":
         return tuple(decode_tree(x, n_tensors, depth + 1) for x in _list(v))
     if tag == "stateful":
@@ -221,6 +208,30 @@ def decode_tree(node: Any, n_tensors: int, depth: int = 0) -> Any:
         if not isinstance(kind, str):
             raise CorruptCheckpointError("bad stateful node")
         return StatefulRecord(kind, decode_tree(v, n_tensors, depth + 1))
+    return _decode_tagged_value(tag, v, depth)
+
+
+def _decode_dict(node: dict[str, Any], n_tensors: int, depth: int) -> dict[Any, Any]:
+    """A ``dict`` node: keys and values, ordered (and a module's ``_metadata``) as saved."""
+    keys, vals = node.get("k"), node.get("v")
+    if not isinstance(keys, list) or not isinstance(vals, list) or len(keys) != len(vals):
+        raise CorruptCheckpointError("bad dict node")
+    items = [
+        (_hashable(decode_tree(k, 0, depth + 1)), decode_tree(x, n_tensors, depth + 1))
+        for k, x in zip(keys, vals, strict=True)
+    ]
+    meta = node.get("meta")
+    if meta is not None:
+        # What nn.Module.state_dict returns: an OrderedDict carrying ``_metadata``.
+        out: dict[Any, Any] = OrderedDict(items)
+        out._metadata = decode_tree(meta, 0, depth + 1)  # type: ignore[attr-defined]
+        return out
+    return OrderedDict(items) if node.get("ordered") is True else dict(items)
+
+
+def _decode_tagged_value(tag: Any, v: Any, depth: int) -> Any:
+    """A tagged plain value (no tensor below it): float words, sizes, sets, bytes, dtypes,
+    devices."""
     if tag == "float" and isinstance(v, str) and v in _FLOAT_WORDS:
         return _FLOAT_WORDS[v]
     if tag == "size":

@@ -75,6 +75,8 @@ class MemoryTier:
             directory, fsync=False, direct_io=False, private=True, durable=False
         )
         self._lock = threading.Lock()
+        #: slot name -> ``(generation, step)`` of the snapshot it holds
+        self._order: dict[str, tuple[int, int]] = {}
 
     def refuse_foreign(self, storage: str, url: str) -> None:
         """Raise :class:`ConfigError` if this memory tier holds snapshots saved for another
@@ -103,6 +105,13 @@ class MemoryTier:
             raise CorruptCheckpointError(f"memory snapshot of step {step} in {self.directory} has no slot")
         check_memory_manifest(m, self._what(step), capacity=slot.capacity)
         return m, slot
+
+    def newest_slot(self) -> Slot | None:
+        """The slot holding the newest snapshot here, in ``(generation, step)`` order (a run
+        continued from an older step is newer than the steps it left); None if none."""
+        with self._lock:
+            held = [s for s in self.slots if s.step is not None and s.name in self._order]
+            return max(held, key=lambda s: self._order[s.name], default=None)
 
     def holdings(self) -> list[Manifest]:
         """Every valid snapshot held here (manifests that fail validation are skipped)."""
@@ -136,6 +145,7 @@ class MemoryTier:
                             raise CorruptCheckpointError(f"slot holds step {slot.step}, which is newer")
                         self.backend.delete(memory_manifest_key(slot.step))
                     slot.step = step
+                    self._order[slot.name] = m.order
                 except (CorruptCheckpointError, StorageError) as exc:
                     log.warning("flashckpt: dropping memory snapshot of step %d: %s", step, exc)
                     self.backend.delete(memory_manifest_key(step))
@@ -151,11 +161,14 @@ class MemoryTier:
             for s in self.slots:
                 if s is not slot and s.step == m.step:
                     s.step = None  # superseded; the key is taken over below
+                    self._order.pop(s.name, None)
             if slot.step is not None and slot.step != m.step:
                 self.backend.delete(memory_manifest_key(slot.step))
             slot.step = None
+            self._order.pop(slot.name, None)
             self.backend.put(memory_manifest_key(m.step), data)
             slot.step = m.step
+            self._order[slot.name] = mm.order
         return mm
 
     def seal(self, slot: Slot, m: Manifest) -> bool:
@@ -178,6 +191,7 @@ class MemoryTier:
             if slot.step is not None:
                 self.backend.delete(memory_manifest_key(slot.step))
             slot.step = None
+            self._order.pop(slot.name, None)
 
     def forget_step(self, step: int) -> None:
         """Delete the snapshot of ``step`` wherever it is held (its slot is idle)."""
@@ -185,6 +199,7 @@ class MemoryTier:
             for s in self.slots:
                 if s.step == step:
                     s.step = None
+                    self._order.pop(s.name, None)
             self.backend.delete(memory_manifest_key(step))
 
     def clear(self) -> None:
@@ -196,6 +211,7 @@ class MemoryTier:
                     self.backend.delete(name)
             for s in self.slots:
                 s.step = None
+            self._order.clear()
         self._sweep_temps()
 
     def _sweep_temps(self) -> None:

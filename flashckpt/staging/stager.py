@@ -696,50 +696,56 @@ class Stager:
             with self._cond:
                 free = [s for s in self.slots if not s.busy]
                 if free:
-                    free.sort(
-                        key=lambda s: (
-                            replacing is None or s.step != replacing,
-                            s.step is not None,
-                            s is self._last,
-                            s.step or 0,
-                        )
-                    )
-                    slot = free[0]
-                    if not slot.warm(nbytes):
-                        slot = next(
-                            (s for s in free if s.warm(nbytes) and (s.step is None or s.durable)), slot
-                        )
+                    slot = self._pick(free, nbytes, replacing)
                     if slot.warm(nbytes) or not any(p.prefaulting for p in self.slots):
                         slot.busy = True
                         return slot, time.perf_counter() - t0
                 # Waiting for the prefault: fault that slot in alongside it rather than idle.
                 target = next((p for p in self.slots if p.prefaulting), None)
                 job = target.faulting if target is not None else None
-                if target is None or job is None or not job.left():
-                    self.waiters += 1
-                    try:  # re-checked now and then: a prefault may start faulting a slot in
-                        self._cond.wait(0.05 if target is not None else 0.5)
-                    finally:
-                        self.waiters -= 1
-                    wait_more = True
-                else:
-                    wait_more = False
-            if wait_more:
-                if check is not None:
-                    check()
-                if idle is not None and target is None and not free and idle():
-                    stuck += 1
-                    if stuck >= 2:
-                        raise NoSlotWillFree(
-                            f"no staging slot will be given back: all {len(self.slots)} are held and "
-                            "nothing that would free one is running (a flashckpt bug: a slot leaked); "
-                            "close this Checkpointer and create a new one"
-                        )
-                else:
-                    stuck = 0
+                idle_wait = target is None or job is None or not job.left()
+                if idle_wait:  # re-checked now and then: a prefault may start faulting a slot in
+                    self._wait(0.05 if target is not None else 0.5)
+            if not idle_wait:
+                assert target is not None
+                self.helped_bytes += target.help_fault()
                 continue
-            assert target is not None
-            self.helped_bytes += target.help_fault()
+            if check is not None:
+                check()
+            if idle is not None and target is None and not free and idle():
+                stuck += 1
+                if stuck >= 2:
+                    raise NoSlotWillFree(
+                        f"no staging slot will be given back: all {len(self.slots)} are held and "
+                        "nothing that would free one is running (a flashckpt bug: a slot leaked); "
+                        "close this Checkpointer and create a new one"
+                    )
+            else:
+                stuck = 0
+
+    def _pick(self, free: list[Slot], nbytes: int, replacing: int | None) -> Slot:
+        """Under the lock: the free slot :meth:`acquire` prefers (see there)."""
+        free.sort(
+            key=lambda s: (
+                replacing is None or s.step != replacing,
+                s.step is not None,
+                s is self._last,
+                s.step or 0,
+            )
+        )
+        slot = free[0]
+        if not slot.warm(nbytes):
+            slot = next((s for s in free if s.warm(nbytes) and (s.step is None or s.durable)), slot)
+        return slot
+
+    def _wait(self, seconds: float) -> None:
+        """Under the lock: wait for a slot to be given back (counted in ``waiters``: the
+        mirror pushes holding a slot give up when a save waits)."""
+        self.waiters += 1
+        try:
+            self._cond.wait(seconds)
+        finally:
+            self.waiters -= 1
 
     def try_acquire(self, slot: Slot) -> bool:
         with self._cond:

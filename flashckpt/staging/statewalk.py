@@ -10,7 +10,7 @@ Called on the training thread only.  Flattening does not copy tensor data.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,11 +48,56 @@ def flatten(state: Any) -> FlatState:
     stored once and referenced twice.  Raises :class:`UnsupportedStateError` naming the path of
     the first object that cannot be saved.
     """
-    tensors: list[torch.Tensor] = []
-    paths: list[str] = []
-    seen: dict[tuple[Any, ...], int] = {}
+    f = _Flattener()
+    flat_tree = f.walk(state, "", 0)
+    try:
+        tree = encode_tree(flat_tree)
+    except TypeError as exc:
+        path, _, detail = str(exc).partition(": ")
+        raise UnsupportedStateError(path if path != "<root>" else "", detail) from None
+    return FlatState(tree, f.tensors, f.paths)
 
-    def add_tensor(t: torch.Tensor, path: str) -> TensorRef:
+
+class _Flattener:
+    """One walk of :func:`flatten`: the tensors found so far, each exact duplicate once."""
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self.paths: list[str] = []
+        self._seen: dict[tuple[Any, ...], int] = {}
+
+    def walk(self, obj: Any, path: str, depth: int) -> Any:
+        """``obj`` with every tensor replaced by its reference, every ``Stateful`` by a record."""
+        if depth > 90:
+            raise UnsupportedStateError(path, "state nested too deeply (or a reference cycle)")
+        if is_dtensor(obj):
+            return self.dtensor(obj, path)
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj, path)
+        if isinstance(obj, dict):
+            out: dict[Any, Any] = OrderedDict() if isinstance(obj, OrderedDict) else {}
+            if getattr(obj, "_metadata", None) is not None:
+                out = OrderedDict()
+                out._metadata = obj._metadata  # type: ignore[attr-defined]
+            for k, v in obj.items():
+                out[k] = self.walk(v, _join(path, k), depth + 1)
+            return out
+        if type(obj) is list:
+            return [self.walk(v, _join(path, i), depth + 1) for i, v in enumerate(obj)]
+        if type(obj) is tuple:
+            return tuple(self.walk(v, _join(path, i), depth + 1) for i, v in enumerate(obj))
+        if is_stateful(obj):
+            try:
+                sd = obj.state_dict()
+            except Exception as exc:
+                raise UnsupportedStateError(
+                    path, f"state_dict() of {type(obj).__qualname__} failed: {exc}"
+                ) from exc
+            kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+            return StatefulRecord(kind, self.walk(sd, path, depth + 1))
+        return obj
+
+    def tensor(self, t: torch.Tensor, path: str) -> TensorRef:
         _check_tensor(t, path)
         t = t.detach()
         key = None
@@ -67,15 +112,15 @@ def flatten(state: Any) -> FlatState:
                 t.is_conj(),
                 t.is_neg(),
             )
-            if key in seen:
-                return TensorRef(seen[key])
-        tensors.append(t)
-        paths.append(path)
+            if key in self._seen:
+                return TensorRef(self._seen[key])
+        self.tensors.append(t)
+        self.paths.append(path)
         if key is not None:
-            seen[key] = len(tensors) - 1
-        return TensorRef(len(tensors) - 1)
+            self._seen[key] = len(self.tensors) - 1
+        return TensorRef(len(self.tensors) - 1)
 
-    def add_dtensor(t: Any, path: str) -> DTensorRef:
+    def dtensor(self, t: Any, path: str) -> DTensorRef:
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -90,7 +135,7 @@ def flatten(state: Any) -> FlatState:
                     path, f"DTensor placement {p} is not supported (Shard and Replicate are)"
                 )
         _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        ref = add_tensor(t.to_local(), path)
+        ref = self.tensor(t.to_local(), path)
         return DTensorRef(
             ref.index,
             tuple(int(d) for d in t.shape),
@@ -98,44 +143,6 @@ def flatten(state: Any) -> FlatState:
             tuple(placements),
             tuple(int(d) for d in t.device_mesh.shape),
         )
-
-    def walk(obj: Any, path: str, depth: int) -> Any:
-        if depth > 90:
-            raise UnsupportedStateError(path, "state nested too deeply (or a reference cycle)")
-        if is_dtensor(obj):
-            return add_dtensor(obj, path)
-        if isinstance(obj, torch.Tensor):
-            return add_tensor(obj, path)
-        if isinstance(obj, dict):
-            out: dict[Any, Any] = OrderedDict() if isinstance(obj, OrderedDict) else {}
-            if getattr(obj, "_metadata", None) is not None:
-                out = OrderedDict()
-                out._metadata = obj._metadata  # type: ignore[attr-defined]
-            for k, v in obj.items():
-                out[k] = walk(v, _join(path, k), depth + 1)
-            return out
-        if type(obj) is list:
-            return [walk(v, _join(path, i), depth + 1) for i, v in enumerate(obj)]
-        if type(obj) is tuple:
-            return tuple(walk(v, _join(path, i), depth + 1) for i, v in enumerate(obj))
-        if is_stateful(obj):
-            try:
-                sd = obj.state_dict()
-            except Exception as exc:
-                raise UnsupportedStateError(
-                    path, f"state_dict() of {type(obj).__qualname__} failed: {exc}"
-                ) from exc
-            kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
-            return StatefulRecord(kind, walk(sd, path, depth + 1))
-        return obj
-
-    flat_tree = walk(state, "", 0)
-    try:
-        tree = encode_tree(flat_tree)
-    except TypeError as exc:
-        path, _, detail = str(exc).partition(": ")
-        raise UnsupportedStateError(path if path != "<root>" else "", detail) from None
-    return FlatState(tree, tensors, paths)
 
 
 def is_dtensor(obj: Any) -> bool:
@@ -241,35 +248,9 @@ class _Loader:
                 return current
             return self.value(None, node.state, path, exact=True)
         if isinstance(node, dict):
-            if not exact and isinstance(current, MutableMapping):
-                for k, v in node.items():
-                    old = current.get(k)
-                    new = self.value(old, v, _join(path, k), exact)
-                    if new is not old or k not in current:
-                        current[k] = new
-                return current
-            base = current if isinstance(current, dict) else {}
-            out: dict[Any, Any] = type(node)()
-            if getattr(node, "_metadata", None) is not None:
-                out._metadata = node._metadata  # type: ignore[attr-defined]
-            for k, v in node.items():
-                out[k] = self.value(base.get(k), v, _join(path, k), exact)
-            return out
+            return self._dict(current, node, path, exact)
         if isinstance(node, list):
-            old_list = current if isinstance(current, list) else None
-            items = [
-                self.value(
-                    old_list[i] if old_list is not None and i < len(old_list) else None,
-                    v,
-                    _join(path, i),
-                    exact,
-                )
-                for i, v in enumerate(node)
-            ]
-            if not exact and old_list is not None:
-                old_list[:] = items
-                return old_list
-            return items
+            return self._list(current, node, path, exact)
         if isinstance(node, torch.Size):  # a tuple subclass, but a plain value
             return node
         if isinstance(node, tuple):
@@ -283,41 +264,87 @@ class _Loader:
             return tuple(items)
         return node
 
+    def _dict(self, current: Any, node: dict[Any, Any], path: str, exact: bool) -> Any:
+        if not exact and isinstance(current, MutableMapping):
+            for k, v in node.items():
+                old = current.get(k)
+                new = self.value(old, v, _join(path, k), exact)
+                if new is not old or k not in current:
+                    current[k] = new
+            return current
+        base = current if isinstance(current, dict) else {}
+        out: dict[Any, Any] = type(node)()
+        if getattr(node, "_metadata", None) is not None:
+            out._metadata = node._metadata  # type: ignore[attr-defined]
+        for k, v in node.items():
+            out[k] = self.value(base.get(k), v, _join(path, k), exact)
+        return out
 
-def find_targets(
-    state: Any, tree: Any, accept: Callable[[int, torch.Tensor], bool]
-) -> dict[int, torch.Tensor]:
-    """The live tensors that ``load_into`` would copy saved tensor ``i`` into, for each ``i``
-    where ``accept(i, tensor)``.  A dry walk: nothing is mutated, no ``load_state_dict`` runs
-    (``Stateful`` objects are looked into through ``state_dict()``)."""
-    found: dict[int, torch.Tensor] = {}
+    def _list(self, current: Any, node: list[Any], path: str, exact: bool) -> Any:
+        old_list = current if isinstance(current, list) else None
+        items = [
+            self.value(
+                old_list[i] if old_list is not None and i < len(old_list) else None,
+                v,
+                _join(path, i),
+                exact,
+            )
+            for i, v in enumerate(node)
+        ]
+        if not exact and old_list is not None:
+            old_list[:] = items
+            return old_list
+        return items
 
-    def walk(current: Any, node: Any) -> None:
-        if isinstance(node, TensorRef):
-            if isinstance(current, torch.Tensor) and node.index not in found and accept(node.index, current):
-                found[node.index] = current
-        elif isinstance(node, DTensorRef):
-            if is_dtensor(current) and node.index not in found:
-                local = current.to_local()
-                if accept(node.index, local):
-                    found[node.index] = local
+
+def _pairs(
+    state: Any, tree: Any, on_stateful: Callable[[Any, Any, Any, str], None] | None = None
+) -> Iterator[tuple[str, Any, TensorRef | DTensorRef]]:
+    """The dry walk of a live ``state`` against a saved ``tree``, as :func:`load_into` would
+    pair them: yields ``(path, live value, tensor or DTensor reference)`` for each saved
+    tensor whose place the state has.  Nothing is mutated and no ``load_state_dict`` runs:
+    a ``Stateful`` is looked into through ``state_dict()`` (shown to ``on_stateful(obj,
+    live state dict, saved state, path)`` first)."""
+
+    def walk(current: Any, node: Any, path: str) -> Iterator[tuple[str, Any, TensorRef | DTensorRef]]:
+        if isinstance(node, (TensorRef, DTensorRef)):
+            yield path, current, node
         elif isinstance(node, StatefulRecord):
             if is_stateful(current):
-                walk(current.state_dict(), node.state)
+                live = current.state_dict()
+                if on_stateful is not None:
+                    on_stateful(current, live, node.state, path or "<root>")
+                yield from walk(live, node.state, path)
         elif isinstance(node, dict):
             if isinstance(current, Mapping):
                 for k, v in node.items():
-                    walk(current.get(k), v)
+                    yield from walk(current.get(k), v, _join(path, k))
         elif (
             isinstance(node, (list, tuple))
             and not isinstance(node, torch.Size)
             and isinstance(current, (list, tuple))
             and len(current) == len(node)
         ):
-            for c, v in zip(current, node, strict=True):
-                walk(c, v)
+            for i, (c, v) in enumerate(zip(current, node, strict=True)):
+                yield from walk(c, v, _join(path, i))
 
-    walk(state, tree)
+    return walk(state, tree, "")
+
+
+def find_targets(
+    state: Any, tree: Any, accept: Callable[[int, torch.Tensor], bool]
+) -> dict[int, torch.Tensor]:
+    """The live tensors that ``load_into`` would copy saved tensor ``i`` into, for each ``i``
+    where ``accept(i, tensor)``.  A dry walk (:func:`_pairs`)."""
+    found: dict[int, torch.Tensor] = {}
+    for _, current, node in _pairs(state, tree):
+        if node.index in found:
+            continue
+        if isinstance(node, DTensorRef):
+            if is_dtensor(current) and accept(node.index, local := current.to_local()):
+                found[node.index] = local
+        elif isinstance(current, torch.Tensor) and accept(node.index, current):
+            found[node.index] = current
     return found
 
 
@@ -340,45 +367,29 @@ def check_loadable(state: Any, tree: Any, meta: TensorMeta, *, resharding: bool 
         raise StateMismatchError(f"restore needs a dict-like state, got {type(state).__qualname__}")
     replaced: list[str] = []
 
-    def walk(current: Any, node: Any, path: str) -> None:
+    def stateful(obj: Any, live: Any, saved: Any, where: str) -> None:
+        _check_stateful(obj, live, saved, where, meta)
+
+    for path, current, node in _pairs(state, tree, stateful):
         where = path or "<root>"
         if isinstance(node, TensorRef):
             if isinstance(current, torch.Tensor) and (current.dtype, tuple(current.shape)) != meta(
                 node.index
             ):
                 replaced.append(where)
-        elif isinstance(node, DTensorRef):
-            if not is_dtensor(current):
-                raise StateMismatchError(
-                    f"{where}: the checkpoint holds a DTensor shard here, the state has "
-                    f"{type(current).__qualname__}; build the sharded state first and restore into it"
-                )
-            local = current.to_local()
-            if not resharding and (local.dtype, tuple(local.shape)) != meta(node.index):
-                dtype, shape = meta(node.index)
-                raise StateMismatchError(
-                    f"{where}: the live DTensor's local shard is {tuple(local.shape)} {local.dtype}, "
-                    f"the checkpoint's is {shape} {dtype}: the sharding changed"
-                )
-        elif isinstance(node, StatefulRecord):
-            if is_stateful(current):
-                live = current.state_dict()
-                _check_stateful(current, live, node.state, where, meta)
-                walk(live, node.state, path)
-        elif isinstance(node, dict):
-            if isinstance(current, Mapping):
-                for k, v in node.items():
-                    walk(current.get(k), v, _join(path, k))
-        elif (
-            isinstance(node, (list, tuple))
-            and not isinstance(node, torch.Size)
-            and isinstance(current, (list, tuple))
-            and len(current) == len(node)
-        ):
-            for i, (c, v) in enumerate(zip(current, node, strict=True)):
-                walk(c, v, _join(path, i))
-
-    walk(state, tree, "")
+            continue
+        if not is_dtensor(current):
+            raise StateMismatchError(
+                f"{where}: the checkpoint holds a DTensor shard here, the state has "
+                f"{type(current).__qualname__}; build the sharded state first and restore into it"
+            )
+        local = current.to_local()
+        if not resharding and (local.dtype, tuple(local.shape)) != meta(node.index):
+            dtype, shape = meta(node.index)
+            raise StateMismatchError(
+                f"{where}: the live DTensor's local shard is {tuple(local.shape)} {local.dtype}, "
+                f"the checkpoint's is {shape} {dtype}: the sharding changed"
+            )
     return replaced
 
 

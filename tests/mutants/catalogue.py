@@ -38,20 +38,20 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "save_slot_leak_on_exception",
         "save does not give the slot back when something raises after it was taken",
-        "flashckpt/checkpointer.py",
+        "flashckpt/coordination/save.py",
         """        except BaseException:  # whatever it is, the slot goes back and says nothing
-            self._mem.forget(slot)
-            self._stager.release(slot)
+            p.mem.forget(slot)
+            p.stager.release(slot)
             raise""",
         """        except BaseException:  # whatever it is, the slot goes back and says nothing
-            self._mem.forget(slot)
+            p.mem.forget(slot)
             raise""",
     ),
     Mutant(
         "save_keeps_old_memory_manifest",
         "save overwrites a slot without first deleting the memory manifest of what it held",
-        "flashckpt/checkpointer.py",
-        """            self._mem.forget(slot)  # its bytes are about to change
+        "flashckpt/coordination/save.py",
+        """            p.mem.forget(slot)  # its bytes are about to change
 """,
         "",
     ),
@@ -158,7 +158,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "data_fsync_skipped",
         "LocalBackend.put renames the temporary file into place without fsyncing its data",
-        "backends/local.py",
+        "backends/_files.py",
         """            if self._fsync:
                 os.fsync(fd)
 """,
@@ -169,7 +169,7 @@ MUTANTS: list[Mutant] = [
         "LocalBackend.put does not fsync the directory after the rename",
         "backends/local.py",
         """            if self._fsync:
-                self._fsync_dir(path.parent)
+                fsync_dir(path.parent)
 """,
         "",
     ),
@@ -296,21 +296,21 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "mirror_client_skips_server_proof",
         "the mirror client does not check the server's HMAC proof",
-        "flashckpt/replication/mirror.py",
+        "flashckpt/replication/wire.py",
         '    if not hmac.compare_digest(proof, _derive(secret, b"server proof", nc, ns)):',
         '    if False and not hmac.compare_digest(proof, _derive(secret, b"server proof", nc, ns)):',
     ),
     Mutant(
         "mirror_server_skips_client_proof",
         "the mirror server does not check the client's HMAC proof",
-        "flashckpt/replication/mirror.py",
+        "flashckpt/replication/wire.py",
         '    if not hmac.compare_digest(proof, _derive(secret, b"client proof", nc, ns)):',
         '    if False and not hmac.compare_digest(proof, _derive(secret, b"client proof", nc, ns)):',
     ),
     Mutant(
         "mirror_data_tag_unchecked",
         "a data frame's Poly1305 tag is not checked (its frame counter still advances)",
-        "flashckpt/replication/mirror.py",
+        "flashckpt/replication/wire.py",
         """                    self._verify(b"D", tag, dst)
 """,
         """                    self._in += 1
