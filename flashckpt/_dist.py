@@ -94,6 +94,19 @@ class Control:
         self._prefix = f"flashckpt/{token['nonce']}/"
         self._store = PrefixStore(self._prefix, _get_process_group_store(pg))
 
+    @classmethod
+    def on_store(cls, store: Any, rank: int, world: int, timeout_s: float) -> Control:
+        """A Control for ``rank`` of ``world`` over a c10d ``store`` (e.g. a ``HashStore``)
+        and no process group: the store channel only, no collectives.  For tests and tools
+        that drive the persist thread's protocols (commit, dedup) of several ranks in one
+        process."""
+        self = cls.__new__(cls)
+        self.timeout_s = timeout_s
+        self.rank, self.world = rank, world
+        self._pg, self._own_pg, self._store, self._prefix = None, False, store, ""
+        self.secret = b""
+        return self
+
     def release(self) -> None:
         """Training thread, once no thread uses this Control any more (``Checkpointer.close``;
         no collective).  Destroys the gloo group this Control created (a job that opens a

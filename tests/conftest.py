@@ -157,3 +157,10 @@ def set_format_limit(monkeypatch: pytest.MonkeyPatch, name: str, value: int) -> 
     assert holders, f"flashckpt.format has no limit {name}"
     for m in holders:
         monkeypatch.setattr(m, name, value)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the S3 server is marked ``s3`` (``-m "not s3"`` leaves them out)."""
+    for item in items:
+        if "s3" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.s3)

@@ -19,6 +19,8 @@ from tests.conftest import chunk_paths, set_format_limit
 from tests.hostile.cases import CASES, Case
 from tests.hostile.tree import Step, saved_tree
 
+pytestmark = [pytest.mark.subprocess]
+
 REPO = Path(__file__).resolve().parent.parent
 
 

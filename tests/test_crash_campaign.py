@@ -32,6 +32,8 @@ from tests.crash_campaign import (
     trial_processes,
 )
 
+pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]
+
 #: keep=1, persist_every=2, zstd on storage, dedup_replicated: the settings that exercise the
 #: most (retention of every older step, memory-only steps, compressed and shared chunks).
 #: 300: the node receiving a mirror push is lost; 721: a rank dies about to write the storage

@@ -30,6 +30,8 @@ import flashckpt
 from flashckpt.format import commit_key, decode_commit
 from tests.conftest import make_state
 
+pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
 

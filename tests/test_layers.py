@@ -35,6 +35,8 @@ PARTS: dict[str, str] = {
     "flashckpt.format.": "Format",
     "flashckpt.storage": "Storage",
     "flashckpt.storage.": "Storage",
+    "flashckpt.testing": "Testing",  # the conformance suite shipped for backend authors
+    "flashckpt.testing.": "Testing",
     "flashckpt.backends": "Backends",  # the package also re-exports the storage protocol
     "flashckpt.backends.": "Backends",
 }

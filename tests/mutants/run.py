@@ -3,7 +3,7 @@ repository, run the test suite there, and record which tests notice.
 
     nice -n 10 python -m tests.mutants.run                      # every mutant, whole suite, -x
     python -m tests.mutants.run --only slot_never_released     # one (repeatable, or a,b,c)
-    python -m tests.mutants.run --tests tests/test_backends.py # a narrower suite
+    python -m tests.mutants.run --tests tests/backends/test_backends.py # a narrower suite
     python -m tests.mutants.run --check                        # every mutant still applies?
     python -m tests.mutants.run --baseline                     # also run the unmutated copy
 
@@ -48,8 +48,8 @@ BASELINE = "_baseline"
 #: The whole suite, in this order: the slowest files last, so that ``-x`` stops a killed
 #: mutant early (a survivor runs everything anyway).  Every other test file comes first.
 SLOW_LAST = [
-    "tests/test_fuzz.py",
-    "tests/test_s3.py",
+    "tests/format/test_fuzz.py",
+    "tests/backends/test_s3.py",
     "tests/test_crash.py",
     "tests/test_cli.py",
     "tests/test_distributed.py",

@@ -39,7 +39,7 @@ from flashckpt.replication import server as _server
 from flashckpt.replication import wire as _wire
 from flashckpt.replication.client import fetch, push
 from flashckpt.replication.server import MirrorServer
-from tests.test_mirror_transport import Snap
+from tests.replication.test_mirror_transport import Snap
 
 SECRET = b"f" * 32
 OWNER = "r00000-of-00002"

@@ -250,6 +250,7 @@ def _victim_worker(rank: int, init: str, storage: str, memory: str, result: str)
     os._exit(0)  # skip finalization: torch's gloo teardown race (pytorch/pytorch#179291)
 
 
+@pytest.mark.subprocess
 def test_a_peer_killed_during_a_mirror_transfer_does_not_stop_training(tmp_path: Path, shm_dir: Path) -> None:
     import json
     import multiprocessing

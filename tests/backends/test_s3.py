@@ -13,6 +13,8 @@ import torch
 import flashckpt
 from tests.conftest import assert_state_equal, make_state, train_step
 
+pytestmark = [pytest.mark.s3]
+
 SECRET = "sEcReT-do-not-log-4f2a"
 
 

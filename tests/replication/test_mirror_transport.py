@@ -27,7 +27,7 @@ from flashckpt.replication.client import MirrorAbort, fetch, push
 from flashckpt.replication.server import MirrorServer
 from flashckpt.replication.wire import MirrorAuthError, MirrorError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SECRET = b"k" * 32
 OWNER = "r00000-of-00002"
 MAGIC = b"flashckpt-mirror/2"
