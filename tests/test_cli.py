@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -144,12 +143,12 @@ def test_usage_and_access_errors_exit_2_with_one_line(tmp_path: Path) -> None:
 def test_any_error_is_one_line_and_exit_2(
     tree: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import flashckpt.cli as cli
+    from flashckpt.catalog import Catalog
 
     def boom(*_args: object) -> list[int]:
         raise RuntimeError("first line\nsecond line\x1b[31m")
 
-    monkeypatch.setattr(cli, "committed_steps", boom)
+    monkeypatch.setattr(Catalog, "step_numbers", boom)
     for cmd in ("ls", "verify"):
         code, out, err = _main(capsys, cmd, str(tree))
         assert code == 2 and out == "", (out, err)
@@ -159,16 +158,16 @@ def test_any_error_is_one_line_and_exit_2(
 def test_an_unexpected_error_in_one_step_exits_2_after_checking_the_others(
     tree: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import flashckpt.coordination.reshard as reshard
+    from flashckpt.catalog import Catalog
 
-    real = reshard.read_committed_manifest
+    real = Catalog.verify
 
-    def flaky(be: Any, step: int, *args: Any) -> Any:
+    def flaky(self: Catalog, step: int) -> None:
         if step == 1:
             raise ValueError("not a corruption")
-        return real(be, step, *args)
+        real(self, step)
 
-    monkeypatch.setattr(reshard, "read_committed_manifest", flaky)
+    monkeypatch.setattr(Catalog, "verify", flaky)
     code, out, _err = _main(capsys, "verify", str(tree))
     assert code == 2
     assert out.splitlines() == ["step 0: ok", "step 1: ERROR (ValueError): not a corruption", "step 2: ok"]

@@ -22,7 +22,11 @@ PARTS: dict[str, str] = {
     "flashckpt": "Face",
     "flashckpt.checkpointer": "Face",
     "flashckpt._load": "Face",
+    "flashckpt.catalog": "Face",
     "flashckpt.cli": "CLI",
+    "flashckpt.cli.": "CLI",
+    "flashckpt.integrations": "Integrations",
+    "flashckpt.integrations.": "Integrations",
     "flashckpt.coordination": "Coordination",
     "flashckpt.coordination.": "Coordination",
     "flashckpt.replication": "Replication",
@@ -166,6 +170,23 @@ def test_the_checker_sees_a_forbidden_import(
         (a, b) for mod in imports_of(planted, as_module) for a, b, _ in NEVER if (src, part_of(mod)) == (a, b)
     ]
     assert bool(found) == forbidden, (source, as_module, found)
+
+
+#: parts that see the engine only through its public face (and the format, and the leaves)
+FACE_ONLY = {"CLI": {"Face", "Format"}, "Integrations": {"Face", "Format"}}
+
+
+def test_the_cli_and_the_integrations_use_only_the_public_face() -> None:
+    bad = []
+    for path in _modules():
+        src = part_of(_module_name(path))
+        if src not in FACE_ONLY:
+            continue
+        for mod in imports_of(path):
+            dst = part_of(mod)
+            if dst is not None and dst != src and dst not in FACE_ONLY[src]:
+                bad.append(f"{_module_name(path)} -> {mod} ({dst})")
+    assert not bad, "\n".join(bad)
 
 
 def part_graph() -> dict[str, set[str]]:

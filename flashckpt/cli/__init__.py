@@ -15,18 +15,11 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from flashckpt._config import Options
-from flashckpt.backends import LocalBackend
-from flashckpt.coordination.inventory import committed_steps, read_committed_manifest
-from flashckpt.coordination.reshard import StepReader
-from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError, FlashCkptError, ObjectNotFound
-from flashckpt.format import CommitRecord, commit_key, decode_commit
-from flashckpt.staging.stager import check_fits
-from flashckpt.storage import Backend, open_backend
-from flashckpt.transfer.reader import fetch_chunks, read_record
+from flashckpt.catalog import Catalog
+from flashckpt.errors import CorruptCheckpointError, FlashCkptError, ObjectNotFound
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -52,40 +45,24 @@ def _verdict(exc: BaseException) -> tuple[int, str]:
     return USAGE, f"ERROR ({type(exc).__name__})"
 
 
-def _open(url: str) -> Backend:
-    be = open_backend(url)
-    if isinstance(be, LocalBackend) and not be.root.is_dir():  # a typo must not look like an empty run
-        raise CheckpointNotFound(f"no such directory: {be.root}")
-    return be
-
-
-def _commit(be: Backend, step: int, opts: Options) -> CommitRecord:
-    what = f"commit record of step {step}"
-    rec = decode_commit(read_record(be, commit_key(step), what, opts), what)
-    if rec.step != step:
-        raise CorruptCheckpointError(f"{what} names step {rec.step}")
-    return rec
-
-
 def _ls(args: argparse.Namespace) -> int:
-    be = _open(args.url)
-    opts = Options()
     rows: list[dict[str, Any]] = []
     code = OK
-    for step in committed_steps(be, opts):
-        row: dict[str, Any] = {"step": step, "world_size": None, "bytes": None, "created_unix": None}
-        try:
-            rec = _commit(be, step, opts)
-            total = 0
-            for rank in range(rec.world_size):
-                total += read_committed_manifest(be, step, rank, rec.world_size, opts).total_bytes
-            row.update(world_size=rec.world_size, bytes=total, created_unix=rec.created_unix, error=None)
-        except Exception as exc:  # report this step, list the others  # noqa: BLE001
-            step_code, label = _verdict(exc)
-            code = max(code, step_code)
-            row["error"] = f"{label}: {_line(exc)}"
-            _warn(f"step {step}: {row['error']}")
-        rows.append(row)
+    with Catalog(args.url) as cat:
+        for info in cat.steps():
+            row: dict[str, Any] = {
+                "step": info.step,
+                "world_size": info.world_size,
+                "bytes": info.bytes,
+                "created_unix": info.created_unix,
+                "error": None,
+            }
+            if info.error is not None:
+                step_code, label = _verdict(info.error)
+                code = max(code, step_code)
+                row["error"] = f"{label}: {_line(info.error)}"
+                _warn(f"step {info.step}: {row['error']}")
+            rows.append(row)
     if args.json:
         print(json.dumps(rows))
     else:
@@ -99,40 +76,25 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from concurrent.futures import ThreadPoolExecutor
-
-    be = _open(args.url)
-    opts = Options()
-    steps = committed_steps(be, opts)
-    if args.step is not None:
-        steps = [s for s in steps if s == args.step]
-        if not steps:
-            _warn(f"step {args.step} is not committed at {be.url}")
-            return USAGE
-    if not steps:
-        _warn(f"no committed step at {be.url}: nothing to verify")
     code = OK
-    with ThreadPoolExecutor(opts.io_threads, thread_name_prefix="flashckpt-io") as pool:
+    with Catalog(args.url) as cat:
+        steps = cat.step_numbers()
+        if args.step is not None:
+            steps = [s for s in steps if s == args.step]
+            if not steps:
+                _warn(f"step {args.step} is not committed at {cat.url}")
+                return USAGE
+        if not steps:
+            _warn(f"no committed step at {cat.url}: nothing to verify")
         for step in steps:
             try:
-                # every rank's records, and the shards checked against each other
-                reader = StepReader(be, step, opts, pool)
-                for m in reader.manifests:
-                    size = max((c.nbytes for c in m.chunks), default=0)
-                    check_fits(size, None, f"a chunk of step {step}")  # a hostile size fails cleanly
-                    buf = bytearray(size)  # one chunk at a time: bounded memory
-                    for c in m.chunks:
-                        fetch_chunks(be, m.with_chunks([c]), _scratch(buf), pool, opts)
+                cat.verify(step)  # every rank's records, the shards against each other, every chunk
                 print(f"step {step}: ok")
             except Exception as exc:  # report this step, verify the others  # noqa: BLE001
                 step_code, label = _verdict(exc)
                 code = max(code, step_code)
                 print(f"step {step}: {label}: {_line(exc)}")
     return code
-
-
-def _scratch(buf: bytearray) -> Callable[[int, int], memoryview]:
-    return lambda _offset, n: memoryview(buf)[:n]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,120 @@
+"""What a storage tier holds, read-only: the public face the command line (and any tool)
+reads checkpoints through.
+
+:class:`Catalog` lists the committed steps of one tier with their records validated, and
+verifies a step by re-reading every chunk of every shard against its checksum, one chunk at
+a time (bounded memory), the shards checked against each other.  Nothing here writes.
+Any thread; a Catalog holds a small pool of reader threads until :meth:`Catalog.close`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from flashckpt._config import Options
+from flashckpt.backends import LocalBackend
+from flashckpt.coordination.inventory import committed_steps, read_committed_manifest
+from flashckpt.coordination.reshard import StepReader
+from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError
+from flashckpt.format import CommitRecord, commit_key, decode_commit
+from flashckpt.staging.stager import check_fits
+from flashckpt.storage import Backend, open_backend
+from flashckpt.transfer.reader import fetch_chunks, read_record
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One committed step: its commit record's figures (``None`` where the records do not
+    validate; ``error`` then says why)."""
+
+    step: int
+    world_size: int | None = None
+    bytes: int | None = None
+    created_unix: float | None = None
+    generation: int | None = None
+    error: BaseException | None = None
+
+
+class Catalog:
+    """The committed steps of one storage tier (a path, an fsspec URL, or a ``Backend``)."""
+
+    def __init__(
+        self,
+        storage: str | os.PathLike[str] | Backend,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        options: Options | None = None,
+    ) -> None:
+        self.opts = options if options is not None else Options()
+        self.backend = open_backend(storage, storage_options=storage_options)
+        self._owned = not isinstance(storage, Backend)
+        if isinstance(self.backend, LocalBackend) and not self.backend.root.is_dir():
+            raise CheckpointNotFound(f"no such directory: {self.backend.root}")  # a typo is no empty run
+        self._pool = ThreadPoolExecutor(self.opts.io_threads, thread_name_prefix="flashckpt-io")
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    def step_numbers(self) -> list[int]:
+        """The step numbers with a commit record, lowest first (names only: nothing is read)."""
+        return committed_steps(self.backend, self.opts)
+
+    def info(self, step: int) -> StepInfo:
+        """``step``'s commit record and every shard's manifest, validated.  Raises what a
+        record that does not validate raises (``CorruptCheckpointError``, ``StorageError``)."""
+        rec = self._commit(step)
+        total = sum(
+            read_committed_manifest(self.backend, step, r, rec.world_size, self.opts).total_bytes
+            for r in range(rec.world_size)
+        )
+        return StepInfo(step, rec.world_size, total, rec.created_unix, rec.generation)
+
+    def steps(self) -> list[StepInfo]:
+        """Every committed step, lowest first; a step whose records do not validate is listed
+        with its ``error`` (the others are still listed)."""
+        out = []
+        for step in self.step_numbers():
+            try:
+                out.append(self.info(step))
+            except Exception as exc:  # reported on the step; the others are listed  # noqa: BLE001
+                out.append(StepInfo(step, error=exc))
+        return out
+
+    def verify(self, step: int) -> None:
+        """Re-read every chunk of every shard of ``step`` and check it against its checksum,
+        one chunk at a time; the shards are checked against each other.  Raises
+        ``CorruptCheckpointError`` (or ``ObjectNotFound``) for a damaged step."""
+        reader = StepReader(self.backend, step, self.opts, self._pool)
+        for m in reader.manifests:
+            size = max((c.nbytes for c in m.chunks), default=0)
+            check_fits(size, None, f"a chunk of step {step}")  # a hostile size fails cleanly
+            buf = bytearray(size)  # one chunk at a time: bounded memory
+            for c in m.chunks:
+                fetch_chunks(self.backend, m.with_chunks([c]), _scratch(buf), self._pool, self.opts)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._owned:
+            self.backend.close()
+
+    def _commit(self, step: int) -> CommitRecord:
+        what = f"commit record of step {step}"
+        rec = decode_commit(read_record(self.backend, commit_key(step), what, self.opts), what)
+        if rec.step != step:
+            raise CorruptCheckpointError(f"{what} names step {rec.step}")
+        return rec
+
+
+def _scratch(buf: bytearray) -> Callable[[int, int], memoryview]:
+    return lambda _offset, n: memoryview(buf)[:n]
