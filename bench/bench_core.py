@@ -60,6 +60,7 @@ import torch
 import flashckpt
 from flashckpt import _hooks as hooks
 from flashckpt.staging import stager as _staging
+from flashckpt.testing import parts
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -601,7 +602,7 @@ def training_step(ckpt: flashckpt.Checkpointer, seconds: float, kind: str) -> di
     Returns when the prefault thread had finished (seconds into the step; None if it was still
     running when the step ended), the longest the training thread went without running (a
     5 ms sleep or a small matmul should come back at once: anything longer is a stall), and
-    the step's real length.  Reads ``ckpt._stager._prefault_thread`` for this diagnostic only.
+    the step's real length.  Reads ``parts(ckpt).stager._prefault_thread`` for this diagnostic only.
     """
     t0 = time.perf_counter()
     done_at: float | None = None
@@ -610,8 +611,7 @@ def training_step(ckpt: flashckpt.Checkpointer, seconds: float, kind: str) -> di
         a, b = torch.randn(512, 512), torch.randn(512, 512)
     worst = 0.0
     while (now := time.perf_counter() - t0) < seconds:
-        th = ckpt._stager._prefault_thread
-        if done_at is None and (th is None or not th.is_alive()):
+        if done_at is None and not parts(ckpt).stager.prefaulting:
             done_at = now
         t1 = time.perf_counter()
         if a is not None and b is not None:
@@ -710,7 +710,7 @@ def measure_flashckpt(
         out["cold"] = cold
         out["blocking_cold"] = cold["blocking"]
         t0 = time.perf_counter()
-        ckpt._stager.join_prefault()  # diagnostic: is the prefault still running after the first save?
+        parts(ckpt).stager.join_prefault()  # diagnostic: is the prefault still running after the first save?
         out["prefault_left_after_cold"] = time.perf_counter() - t0
         out["floor_after_cold"] = mirror.copy()  # diagnostic only: the cold ratio uses the steady floors
         log(
@@ -789,7 +789,7 @@ def measure_flashckpt(
         ckpt = new("mem-s", storage=d / "store-only")
         assert ckpt.restore(state) is None
         t0 = time.perf_counter()
-        ckpt._stager.join_prefault()  # diagnostic: how long the prefault takes on its own
+        parts(ckpt).stager.join_prefault()  # diagnostic: how long the prefault takes on its own
         out["prefault_join_s"] = time.perf_counter() - t0
         out["floor_before_joined"] = mirror.copy()
         first = timed_save(ckpt, 1, state, prof, local=False)

@@ -33,6 +33,7 @@ import flashckpt
 from flashckpt.replication.client import push
 from flashckpt.replication.server import MirrorServer
 from flashckpt.staging.memory_tier import read_memory_manifest
+from flashckpt.testing import parts
 
 MiB = 1 << 20
 
@@ -81,8 +82,8 @@ def mirror_push(tmp: Path, shm: Path, mib: int, repeats: int) -> tuple[list[floa
         for step in range(repeats + 1):
             ckpt.save(step, state)
             ckpt.wait()
-            m = read_memory_manifest(ckpt._memory.backend, step)
-            slot = next(s for s in ckpt._stager.slots if s.step == step)
+            m = read_memory_manifest(parts(ckpt).memory.backend, step)
+            slot = next(s for s in parts(ckpt).stager.slots if s.step == step)
             t0 = time.perf_counter()
             push(("127.0.0.1", server.port), b"k" * 32, "r00000-of-00002", m, slot.view, flashckpt.Options())
             secs = time.perf_counter() - t0
@@ -118,7 +119,7 @@ def train_worker(rank: int, init: str, args: argparse.Namespace, out: str) -> No
             where, memory_dir=f"{args.shm}/{name}{rank}", mirror=mirror, persist_every=1000, options=opts
         ) as ckpt:
             ckpt.restore(state)
-            ckpt._stager.join_prefault()
+            parts(ckpt).stager.join_prefault()
             times, handles = [], []
             for step in range(args.steps):
                 torch.distributed.barrier()

@@ -57,6 +57,7 @@ import torch
 import flashckpt
 from flashckpt import _hooks as hooks
 from flashckpt.staging import stager as _staging
+from flashckpt.testing import parts
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -218,7 +219,7 @@ def warm(ck: flashckpt.Checkpointer, state: dict[str, Any], first_step: int = 1)
     """Fault both slots in and pin both (pinning is lazy: on the first save into each slot);
     return the next step number."""
     ck.prepare(state)
-    ck._stager.join_prefault()
+    parts(ck).stager.join_prefault()
     for step in (first_step, first_step + 1):
         h = ck.save(step, state)
         assert h is not None
@@ -227,7 +228,7 @@ def warm(ck: flashckpt.Checkpointer, state: dict[str, Any], first_step: int = 1)
 
 
 def slot_ranges(ck: flashckpt.Checkpointer) -> list[tuple[int, int]]:
-    return [(s.address, s.address + s.capacity) for s in ck._stager.slots if s.mapped]
+    return [(s.address, s.address + s.capacity) for s in parts(ck).stager.slots if s.mapped]
 
 
 # -- the checks ------------------------------------------------------------------------------------
@@ -295,7 +296,7 @@ def check_save_blocking(ctx: Ctx) -> dict[str, Any]:
         state = {"w": torch.randn(size // 4, device="cuda")}
         with ctx.ckpt(f"save-{size >> 20}M") as ck:
             step = warm(ck, state)
-            slots = ck._stager.slots
+            slots = parts(ck).stager.slots
             require(all(s.pinned for s in slots), "a slot is not pinned after two saves")
             require(
                 all(s.tensor(0, 1, torch.uint8, (1,)).is_pinned() for s in slots), "a slot is not page-locked"
@@ -388,9 +389,9 @@ def check_in_flight(ctx: Ctx) -> dict[str, Any]:
             require("injected" in str(exc), f"unexpected error: {exc}")
         finally:
             off()
-        streams = list(ck._stager._streams.values())
+        streams = list(parts(ck).stager._streams.values())
         require(all(s.query() for s in streams), "L2: a staging copy is still in flight after a failed save")
-        require(not any(s.busy for s in ck._stager.slots), "the failed save left a slot busy")
+        require(not any(s.busy for s in parts(ck).stager.slots), "the failed save left a slot busy")
         out["l2_synchronized"] = True
 
     # L5: an offload buffer in pinned host memory, written by a non-blocking copy still queued
@@ -510,7 +511,7 @@ def check_conj_neg(ctx: Ctx) -> dict[str, Any]:
         try:
             with ctx.ckpt(f"conj-{arm}") as ck:
                 step = warm(ck, state)
-                pinned = all(s.pinned for s in ck._stager.slots)
+                pinned = all(s.pinned for s in parts(ck).stager.slots)
                 require(pinned == (arm == "pinned"), f"{arm} arm: slots pinned = {pinned}")
                 h = ck.save(step, state)
                 assert h is not None
@@ -593,7 +594,7 @@ def check_gpu_memory(ctx: Ctx) -> dict[str, Any]:
     state = {"t": base.t()}
     with ctx.ckpt("gpu-memory") as ck:
         ck.prepare(state)
-        ck._stager.join_prefault()
+        parts(ck).stager.join_prefault()
         torch.cuda.synchronize()
         allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
         h = ck.save(1, state)
@@ -613,6 +614,7 @@ import json, logging, pathlib, sys, threading
 import torch
 import flashckpt
 from flashckpt.staging import stager as _staging
+from flashckpt.testing import parts
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 calls = []
 real = torch.cuda.cudart
@@ -664,7 +666,7 @@ try:
     torch.cuda.synchronize()
 except Exception as exc:
     error = repr(exc)
-pinned = [s.pinned for s in ck._stager.slots]
+pinned = [s.pinned for s in parts(ck).stager.slots]
 ck.close()
 print(json.dumps({{"next_kernel_error": error, "calls": calls, "pinned": pinned}}))
 """

@@ -12,6 +12,7 @@ import torch
 
 import flashckpt
 from flashckpt.format import commit_key
+from flashckpt.testing import parts
 from tests.conftest import assert_state_equal, chunk_paths, make_state, train_step
 
 
@@ -305,7 +306,7 @@ def test_a_flipped_byte_on_each_tier_falls_back_tier_by_tier_then_step_by_step(
     with _ckpt(dirs, keep=None) as ckpt:
         snapshots = _train_and_save(ckpt, state, 2)
         ckpt.wait()
-        m = read_memory_manifest(ckpt._memory.backend, 1)
+        m = read_memory_manifest(parts(ckpt).memory.backend, 1)
         big = max(m.chunks, key=lambda c: c.nbytes)
         _flip(ckpt.memory_path / big.key, big.at + big.nbytes // 2)  # the slot holding step 1
         caplog.set_level(logging.INFO, logger="flashckpt")
@@ -325,7 +326,7 @@ def test_a_flipped_byte_on_each_tier_falls_back_tier_by_tier_then_step_by_step(
             chunk = chunk_paths(dirs[d], 1)[0]
             _flip(chunk, chunk.stat().st_size // 2)
         # restoring from local put step 1 back into a slot; corrupt that copy too
-        m = read_memory_manifest(ckpt._memory.backend, 1)
+        m = read_memory_manifest(parts(ckpt).memory.backend, 1)
         big = max(m.chunks, key=lambda c: c.nbytes)
         _flip(ckpt.memory_path / big.key, big.at + 7)
         caplog.clear()
@@ -348,7 +349,7 @@ def test_a_corrupt_memory_only_snapshot_that_was_partly_loaded_is_an_error(dirs:
         state["w"] += 1
         ckpt.save(1, state)  # step 1 lives in memory only
         ckpt.wait()
-        m = read_memory_manifest(ckpt._memory.backend, 1)
+        m = read_memory_manifest(parts(ckpt).memory.backend, 1)
         last = max(m.chunks, key=lambda c: c.at)  # corrupt the end: most bytes are copied first
         _flip(ckpt.memory_path / last.key, last.at + last.nbytes - 1)
         target = {"w": torch.zeros(1 << 20), "b": torch.zeros(3)}

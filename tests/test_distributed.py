@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 
 import flashckpt
 from flashckpt.format import commit_key, decode_commit
+from flashckpt.testing import parts
 from tests.conftest import make_state
 
 pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]
@@ -372,7 +373,7 @@ def _non_gloo_worker(rank: int, init: str, storage: str, memory: str, result: st
     assert torch.distributed.get_backend() == "fake"
     state = make_state(seed=rank)
     with flashckpt.Checkpointer(storage, memory_dir=f"{memory}/rank{rank}", keep=None) as ckpt:
-        control = ckpt._ctl._pg
+        control = parts(ckpt).ctl._pg
         assert control is not torch.distributed.group.WORLD
         assert torch.distributed.get_backend(control) == "gloo"
         assert ckpt.restore(state) is None

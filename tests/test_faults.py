@@ -13,6 +13,7 @@ import torch
 import flashckpt
 from flashckpt.backends import Fault, FaultPlan, FaultyBackend, LocalBackend
 from flashckpt.errors import StorageError, StorageFullError, TransientStorageError
+from flashckpt.testing import parts
 from tests.conftest import make_state, train_step
 
 FAST_RETRY = flashckpt.Options(retries=4, backoff_s=0.01, backoff_max_s=0.05)
@@ -212,7 +213,7 @@ def test_a_first_tier_failing_before_any_checksum_still_seals_the_snapshot(
         with pytest.raises(StorageError, match="injected"):
             h.wait(timeout=60)
         assert h.durable_on() == (("memory", "storage") if two_tiers else ("memory",))
-        assert read_memory_manifest(ckpt._memory.backend, 0).sealed
+        assert read_memory_manifest(parts(ckpt).memory.backend, 0).sealed
         ckpt.close(_raise=False)
     assert plan.fired > 0
     if two_tiers:
@@ -226,7 +227,7 @@ def test_a_chunk_write_that_cannot_even_be_scheduled_fails_the_save_without_hang
     task that hands the write over must still settle, or every wait would hang."""
     state = make_state()
     with flashckpt.Checkpointer(tmp_path / "s", memory_dir=shm_dir, options=FAST_RETRY) as ckpt:
-        pool = ckpt._persister.pool
+        pool = parts(ckpt).persister.pool
         submit = pool.submit
 
         def refuse(*args: object, **kwargs: object) -> object:

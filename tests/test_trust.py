@@ -22,6 +22,7 @@ import flashckpt
 from flashckpt import _hooks as hooks
 from flashckpt.backends import LocalBackend
 from flashckpt.format import commit_key, decode_manifest, memory_manifest_key
+from flashckpt.testing import parts
 
 MiB = 1 << 20
 OPTS = flashckpt.Options(chunk_bytes=MiB, retries=2, backoff_s=0.01)
@@ -440,7 +441,7 @@ def test_foreign_files_in_the_storage_tree_are_skipped_never_deleted(dirs: dict[
             h = ckpt.save(step, _state(step))
             assert h is not None
             h.wait(timeout=60)
-        assert ckpt._persister._thread.is_alive()
+        assert parts(ckpt).persister.alive
     assert all(f.read_bytes() == b"not flashckpt's" for f in foreign)
     assert _load_eq(dirs["storage"], 4)
 
@@ -465,7 +466,7 @@ def test_a_persist_thread_that_died_fails_save_wait_and_close_fast(dirs: dict[st
     with pytest.raises(flashckpt.FlashCkptError, match="persist thread"):
         ckpt.close()
     assert time.monotonic() - t0 < 20
-    assert not any(s.busy for s in ckpt._stager.slots)
+    assert not any(s.busy for s in parts(ckpt).stager.slots)
 
 
 def test_a_failing_retention_is_reported_and_the_thread_goes_on(
@@ -523,7 +524,7 @@ def test_any_failure_after_the_slot_is_taken_gives_it_back(dirs: dict[str, Path]
             with pytest.raises(KeyboardInterrupt):
                 ckpt.save(step, _state(step))
         off()
-        assert not any(s.busy for s in ckpt._stager.slots)
+        assert not any(s.busy for s in parts(ckpt).stager.slots)
         assert not list(ckpt.memory_path.glob("*.manifest"))  # nothing half-saved survives
         for step in range(3):
             h = ckpt.save(step, _state(step))
@@ -540,15 +541,15 @@ def test_a_save_never_waits_for_a_slot_nobody_will_give_back(dirs: dict[str, Pat
         h = ckpt.save(0, _state(0))
         assert h is not None
         h.wait(timeout=60)
-        ckpt._stager.join_prefault()
-        for s in ckpt._stager.slots:  # what a leak leaves: busy, and no job holds them
+        parts(ckpt).stager.join_prefault()
+        for s in parts(ckpt).stager.slots:  # what a leak leaves: busy, and no job holds them
             assert not s.busy
             s.busy = True
         try:
             with pytest.raises(flashckpt.FlashCkptError, match="no staging slot will be given back"):
                 ckpt.save(1, _state(1))  # (before: it waited forever)
         finally:
-            for s in ckpt._stager.slots:
+            for s in parts(ckpt).stager.slots:
                 s.busy = False
 
 
@@ -562,7 +563,7 @@ def test_a_persisted_save_gives_its_slot_back(dirs: dict[str, Path]) -> None:
             assert h is not None
             h.wait(timeout=60)
             ckpt.wait(timeout=60)
-            held = [s.name for s in ckpt._stager.slots if s.busy]
+            held = [s.name for s in parts(ckpt).stager.slots if s.busy]
             assert not held, f"after step {step}: {held} still held"
         shutil.rmtree(dirs["storage"].parent / "local")
         (dirs["storage"].parent / "local").write_text("a file where the local tier's directory was")
@@ -574,7 +575,7 @@ def test_a_persisted_save_gives_its_slot_back(dirs: dict[str, Path]) -> None:
             ckpt.wait(timeout=60)  # every job ended (raises the tier's failure again)
         except flashckpt.FlashCkptError:
             pass
-        assert not [s.name for s in ckpt._stager.slots if s.busy], "a failed save kept its slot"
+        assert not [s.name for s in parts(ckpt).stager.slots if s.busy], "a failed save kept its slot"
         ckpt.close(_raise=False)
 
 
@@ -756,7 +757,7 @@ def test_a_backend_opened_by_the_checkpointer_is_closed(dirs: dict[str, Path]) -
     mine = Recording(dirs["local"])
     with _ckpt(dirs, local_dir=mine) as ckpt:
         ckpt.save(0, _state(0))
-        storage = ckpt._tiers[-1].backend
+        storage = parts(ckpt).tiers[-1].backend
         storage_close = storage.close
         storage.close = lambda: (closed.append("storage"), storage_close())  # type: ignore[method-assign]
     assert closed == ["storage"]

@@ -122,6 +122,11 @@ class Persister:
         ``task_done``, so once this is True every finished job's slot is free."""
         return self._queue.unfinished_tasks == 0
 
+    @property
+    def alive(self) -> bool:
+        """Any thread: the persist thread is running."""
+        return self._thread.is_alive()
+
     def check_alive(self) -> None:
         """Any thread: raise :class:`PersisterDied` if the persist thread is gone."""
         if self._died is not None or not self._thread.is_alive():

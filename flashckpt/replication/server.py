@@ -125,6 +125,11 @@ class MirrorServer:
         return self._gate.refused
 
     @property
+    def serving(self) -> bool:
+        """The accept thread is running (nothing a peer does ends it; only :meth:`close`)."""
+        return self._thread.is_alive()
+
+    @property
     def connections(self) -> int:
         """Connections being served now (each has a ``flashckpt-mirror-conn`` thread)."""
         return self._gate.live()

@@ -823,7 +823,14 @@ class Stager:
             while self._copying:
                 self._cond.wait()
 
+    @property
+    def prefaulting(self) -> bool:
+        """Any thread: the prefault thread is still faulting slots in."""
+        t = self._prefault_thread
+        return t is not None and t.is_alive()
+
     def join_prefault(self) -> None:
+        """Training thread: wait for the prefault thread to finish faulting slots in."""
         t = self._prefault_thread
         if t is not None:
             t.join()

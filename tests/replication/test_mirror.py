@@ -20,6 +20,7 @@ from flashckpt.replication.placement import mirror_peers
 from flashckpt.replication.server import MirrorServer
 from flashckpt.replication.wire import MirrorAuthError
 from flashckpt.staging.memory_tier import read_memory_manifest
+from flashckpt.testing import parts
 from tests.conftest import make_state
 
 SECRET = b"s" * 32
@@ -53,8 +54,8 @@ def test_push_then_fetch_round_trips_a_sealed_snapshot(dirs: dict[str, Path]) ->
         dirs["memory"] / "peer" / "r00001-of-00002", SECRET, flashckpt.Options(), "127.0.0.1"
     )
     try:
-        m = read_memory_manifest(ckpt._memory.backend, 3)
-        slot = ckpt._stager.slots[0]
+        m = read_memory_manifest(parts(ckpt).memory.backend, 3)
+        slot = parts(ckpt).stager.slots[0]
         sent = push(("127.0.0.1", server.port), SECRET, "r00000-of-00002", m, slot.view, flashckpt.Options())
         assert sent == sum(c.nbytes for c in m.chunks) == server.received_bytes
         assert server.holdings() == {"r00000-of-00002": [3]}
@@ -77,8 +78,8 @@ def test_push_then_fetch_round_trips_a_sealed_snapshot(dirs: dict[str, Path]) ->
         for step in (4, 5):
             ckpt.save(step, make_state(seed=step))
             ckpt.wait()
-            m = read_memory_manifest(ckpt._memory.backend, step)
-            slot = next(s for s in ckpt._stager.slots if s.step == step)
+            m = read_memory_manifest(parts(ckpt).memory.backend, step)
+            slot = next(s for s in parts(ckpt).stager.slots if s.step == step)
             push(("127.0.0.1", server.port), SECRET, "r00000-of-00002", m, slot.view, flashckpt.Options())
         assert server.holdings() == {"r00000-of-00002": [4, 5]}
         server.drop()
@@ -94,14 +95,14 @@ def test_a_connection_without_the_jobs_secret_is_refused(dirs: dict[str, Path]) 
         dirs["memory"] / "peer" / "r00001-of-00002", SECRET, flashckpt.Options(), "127.0.0.1"
     )
     try:
-        m = read_memory_manifest(ckpt._memory.backend, 3)
+        m = read_memory_manifest(parts(ckpt).memory.backend, 3)
         with pytest.raises(MirrorAuthError):
             push(
                 ("127.0.0.1", server.port),
                 b"x" * 32,
                 "r00000-of-00002",
                 m,
-                ckpt._stager.slots[0].view,
+                parts(ckpt).stager.slots[0].view,
                 flashckpt.Options(),
             )
         # a raw client that sends a request instead of proving the secret gets nothing
@@ -127,7 +128,7 @@ def test_an_orphaned_shard_directory_is_claimed_once_served_sealed_and_dropped(d
     owner = flashckpt.Checkpointer(dirs["storage"], memory_dir=root / "owner")
     owner.save(7, make_state())
     owner.wait()
-    m = read_memory_manifest(owner._memory.backend, 7)
+    m = read_memory_manifest(parts(owner).memory.backend, 7)
     slot_bytes = (owner.memory_path / "slot-0.bin").read_bytes()
     orphan = root / "r00000-of-00002"  # what the crashed rank left: its slots and manifests
     shutil.copytree(owner.memory_path, orphan, ignore=shutil.ignore_patterns("lock"))

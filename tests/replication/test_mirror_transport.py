@@ -26,6 +26,7 @@ from flashckpt.replication import server as _server
 from flashckpt.replication.client import MirrorAbort, fetch, push
 from flashckpt.replication.server import MirrorServer
 from flashckpt.replication.wire import MirrorAuthError, MirrorError
+from flashckpt.testing import parts
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = b"k" * 32
@@ -361,7 +362,7 @@ def test_idle_unauthenticated_connections_get_bounded_threads_and_a_peer_is_stil
         # while they are all still open, a peer pushes and fetches
         _push(server.port, Snap(1))
         assert _fetch(server.port, 1)[1] == Snap(1).data
-        assert server._thread.is_alive()
+        assert server.serving
     finally:
         for s in socks:
             s.close()
@@ -497,9 +498,9 @@ def test_a_wedged_peer_costs_a_save_no_training_time(tmp_path: Path, shm_dir: Pa
 
         off = hooks.on("mirror.piece", freeze)
         try:
-            ckpt._persister.mirrors.peers = [(1, ("127.0.0.1", port))]
-            ckpt._persister.mirrors.owner = OWNER
-            ckpt._persister.control.secret = SECRET
+            parts(ckpt).persister.mirrors.peers = [(1, ("127.0.0.1", port))]
+            parts(ckpt).persister.mirrors.owner = OWNER
+            parts(ckpt).persister.control.secret = SECRET
             state = {"w": torch.zeros(16 << 20)}  # 64 MiB
             h1 = ckpt.save(1, state)
             assert frozen.wait(20)

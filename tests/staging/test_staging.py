@@ -307,9 +307,9 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
     fake = FakeCuda()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "cudart", fake.cudart)
-    monkeypatch.setattr(_staging, "_device", fake.device, raising=False)
-    monkeypatch.setattr(_staging, "_libcudart", lambda: fake, raising=False)
-    monkeypatch.setattr(_staging, "_warned", set(), raising=False)
+    monkeypatch.setattr(_staging, "_device", fake.device)
+    monkeypatch.setattr(_staging, "_libcudart", lambda: fake)
+    monkeypatch.setattr(_staging, "_warned", set())
     return fake
 
 
@@ -460,8 +460,8 @@ def test_a_copy_that_fails_midway_still_waits_for_the_queued_device_copies(
         streams.append(_FakeStream())
         pending.append(streams[-1])
 
-    monkeypatch.setattr(Stager, "_copy_from_device", queue, raising=False)
-    monkeypatch.setattr(_staging.Slot, "pin", lambda self, device: False, raising=False)
+    monkeypatch.setattr(Stager, "_copy_from_device", queue)
+    monkeypatch.setattr(_staging.Slot, "pin", lambda self, device: False)
     cpu = torch.arange(10, dtype=torch.float32)
     gpu = _FakeCudaTensor(torch.empty(1000, dtype=torch.float32), 0)
     layout = stager.layout([cpu, torch.empty(1000, dtype=torch.float32)])
@@ -541,7 +541,7 @@ def test_pinned_cpu_sources_wait_for_the_device_streams_first(
         monkeypatch.setattr(torch.Tensor, "is_pinned", asked)
         stager.stage(slot, tensors, layout)  # CUDA not initialised: nothing can be in flight
         assert events == [0, 1]
-        monkeypatch.setattr(_staging, "_cuda_initialized", lambda: True, raising=False)
+        monkeypatch.setattr(_staging, "_cuda_initialized", lambda: True)
         monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *args: False)
         stager.stage(slot, tensors, layout)
         assert events == [0, 1, 0, 1]

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import flashckpt
 from flashckpt.format import DTYPES, decode_manifest, manifest_key
+from flashckpt.testing import parts
 from tests.conftest import assert_state_equal, make_state, train_step
 
 DTYPE_ITEMS = sorted(DTYPES.items())
@@ -344,7 +345,7 @@ def test_property_load_returns_exactly_what_was_saved(state: dict[str, Any]) -> 
 
 def _slot_ranges(ckpt: flashckpt.Checkpointer) -> list[tuple[int, int]]:
     out = []
-    for slot in ckpt._stager.slots:
+    for slot in parts(ckpt).stager.slots:
         buf = slot._buf
         if buf is not None:
             out.append((buf.data_ptr(), buf.data_ptr() + slot.capacity))
