@@ -15,6 +15,8 @@ point                       thread               info
 ``persist.next``            persist              ``step`` (a job taken from the queue; an
                                                  exception here ends the thread: tests of a
                                                  persist thread that died)
+``persist.sealed``          persist              ``step`` (every checksum known, the memory
+                                                 manifest sealed; the mirrors start next)
 ``persist.chunk``           io pool              ``step``, ``tier``, ``key`` (chunk written)
 ``persist.manifest``        persist              ``step``, ``tier`` (manifest written)
 ``commit.record``           persist / training   ``step``, ``tier`` (about to write the record)

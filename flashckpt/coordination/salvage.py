@@ -148,18 +148,12 @@ class Salvage:
     ) -> None:
         """Hand a memory snapshot to the persist thread (``m``/``slot``: the restored one,
         whose slot the caller holds; else the snapshot is looked up and its slot taken)."""
-        p = self.parts
         step = order[1]
         if m is None:
-            try:
-                m, slot = p.mem.read(step)
-                if m.order != order:
-                    raise CorruptCheckpointError(f"memory holds another snapshot of step {step}")
-            except (CorruptCheckpointError, StorageError) as exc:
-                log.warning("flashckpt: cannot persist the memory snapshot of step %d: %s", step, exc)
+            taken = self._take(step, lambda held, _slot: held.order == order, "another snapshot")
+            if taken is None:
                 return
-            if not p.stager.try_acquire(slot):
-                return
+            m, slot = taken
         assert slot is not None
         log.info(
             "flashckpt: step %d is missing on the %s tier; persisting it from memory",
@@ -168,6 +162,24 @@ class Salvage:
         )
         seq = f"restore{self._restores}"
         self._submit(m, slot, tiers, seq, writers)
+
+    def _take(
+        self, step: int, expect: Callable[[Manifest, Slot], bool], otherwise: str
+    ) -> tuple[Manifest, Slot] | None:
+        """The memory snapshot of ``step`` and its slot, taken busy; None (logged) if the
+        memory tier does not hold it validated, holds ``otherwise`` (``expect`` fails), or its
+        slot is busy (a save took it meanwhile)."""
+        p = self.parts
+        try:
+            m, slot = p.mem.read(step)
+            if not expect(m, slot):
+                raise CorruptCheckpointError(f"memory holds {otherwise} of step {step}")
+        except (CorruptCheckpointError, StorageError) as exc:
+            log.warning("flashckpt: cannot persist the memory snapshot of step %d: %s", step, exc)
+            return None
+        if not p.stager.try_acquire(slot):
+            return None
+        return m, slot
 
     def _submit(
         self, m: Manifest, slot: Slot, tiers: list[Tier], seq: str, writers: int | None = None
@@ -231,16 +243,10 @@ class Salvage:
     def _persist(self, step: int, slot: Slot | None, tiers: list[Tier]) -> None:
         """Close: hand the memory snapshot of ``step`` (in ``slot`` when the caller knows it)
         to the persist thread for ``tiers``."""
-        p = self.parts
-        try:
-            m, holder = p.mem.read(step)
-            if slot is not None and holder is not slot:
-                raise CorruptCheckpointError(f"step {step} moved to another slot")
-        except (CorruptCheckpointError, StorageError) as exc:
-            log.error("flashckpt: cannot persist step %d on close: %s", step, exc)
+        taken = self._take(step, lambda _m, held: slot is None or held is slot, "it in another slot")
+        if taken is None:
             return
-        if not p.stager.try_acquire(holder):
-            return
+        m, holder = taken
         if self.last is not None and self.last[0] == step:
             self.last = (step, holder, True)
         self._submit(m, holder, tiers, "close")

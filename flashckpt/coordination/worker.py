@@ -418,6 +418,7 @@ class _SaveRun:
             log.error("flashckpt: step %d's sealed manifest was not written to memory: %s", sm.step, exc)
             error = exc
         self.job.handle._finish_tier("memory", time.perf_counter() - self.t_seal, error)
+        hooks.fire("persist.sealed", step=sm.step)
         self._start_mirrors()
 
     def _start_mirrors(self) -> None:
