@@ -187,7 +187,7 @@ def collect_chunks(
     is published.  Then no rank writes chunks: each has written its shard of this step and
     waits for the outcome, and writes the next step's only after it (a rank that gave up
     waiting writes no more to the tier until that outcome is known, see
-    ``Persister._check_stalled``).  A pass while ranks write cannot be made safe by rules
+    ``CommitProtocol.check_stalled``).  A pass while ranks write cannot be made safe by rules
     about passes: a restarted run that replays its steps writes again, under the same
     content address, chunks a killed attempt left unreferenced, just as a pass deletes them.
     """
