@@ -1,7 +1,8 @@
 """flashckpt: checkpoints that cost about one memory copy.
 
-The public API is :class:`Checkpointer`, :func:`load`, :class:`SaveHandle`, :class:`Options`
-and the error hierarchy rooted at :class:`FlashCkptError`.  See ``docs/architecture.md``.
+The public API is :class:`Checkpointer`, :func:`load`, :class:`SaveHandle`, :class:`Options`,
+:class:`RNGState` (the random generators, as a ``Stateful`` a state can hold) and the error
+hierarchy rooted at :class:`FlashCkptError`.  See ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from flashckpt.errors import (
     UnsupportedStateError,
     WaitTimeout,
 )
+from flashckpt.rng import RNGState
 
 __version__ = "0.1.0"
 
@@ -39,6 +41,7 @@ __all__ = [
     "FlashCkptError",
     "ObjectNotFound",
     "Options",
+    "RNGState",
     "SaveHandle",
     "StateMismatchError",
     "StorageError",
