@@ -1777,3 +1777,37 @@ def test_a_step_saved_twice_comes_back_as_the_second_save(dirs: dict[str, Path])
     with _open(dirs, persist_every=2) as ckpt:
         assert ckpt.restore(state) == 1
     assert meta_of(state) == (2, 1, 2), f"step 1 came back as {meta_of(state)}"
+
+
+@pytest.mark.subprocess
+def test_restores_of_older_steps_keep_the_newest_memory_only_save(machine_base: Path) -> None:
+    """Found by the 15-minute run of 2026-12-01 on 74c27f0 (the engine's defect, older than
+    the restructure: it replays on 5935e9d too): with ``persist_every=3`` the newest save lived
+    in memory only, and three restores of older steps took, in turn, the slot it was in.
+    Fixed: a restore never takes the slot of the newest snapshot while memory is its only
+    copy (``Stager.acquire(keep=...)``; plain test in test_trust)."""
+    _replay(
+        [
+            ("wipe", {"tier": "local"}),
+            ("open", {**_PLAIN, "keep": None, "persist_every": 3}),
+            ("restore_latest", {}),
+            ("save", {"saves": [(1, False, False, True)]}),
+            ("save", {"saves": [(1, True, True, True)]}),
+            ("save", {"saves": [(5, False, False, True)]}),
+            ("save", {"saves": [(0, False, True, True)]}),
+            ("save", {"saves": [(2, False, False, False), (5, True, False, True), (0, True, False, False)]}),
+            ("save", {"saves": [(1, False, True, True), (2, True, True, True), (2, True, False, True)]}),
+            (
+                "save",
+                {"saves": [(-1, False, True, False), (-1, True, True, False), (-1, True, False, False)]},
+            ),
+            ("restore_step", {"data": (1, 65535)}),
+            ("save", {"saves": [(1, True, True, False), (2, True, True, False), (5, True, False, True)]}),
+            ("wipe", {"tier": "local"}),
+            ("restore_latest", {}),
+            ("save", {"saves": [(1, True, True, False), (2, True, False, True)]}),
+            ("restore_step", {"data": (1, 4590)}),
+            ("restore_step", {"data": (1, 222)}),
+            ("restore_step", {"data": (0, 570)}),
+        ]
+    )

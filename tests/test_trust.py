@@ -1136,3 +1136,30 @@ def test_a_save_after_a_failed_restore_holds_its_own_bytes(tmp_path: Path, shm_d
         assert _equal(state, _state(1)), "the save after a failed restore holds other bytes"
     finally:
         ckpt.close()
+
+
+def test_restoring_older_steps_never_overwrites_the_newest_snapshot_living_in_memory_only(
+    dirs: dict[str, Path],
+) -> None:
+    """Found by the 15-minute lifecycle run on the restructured engine (also on the engine
+    before it): the newest save lived in memory only (``persist_every``), and two restores of
+    older steps from storage each needed a slot.  The first took the other slot and made it
+    the newest staged one, so the second took the slot of the newest save: it was gone from
+    memory, its only copy, and close had nothing to persist.  A restore now never takes the
+    slot of the newest snapshot while memory is its only copy."""
+    with _ckpt(dirs, persist_every=3, keep=None) as ckpt:
+        for step in range(5):  # 0 and 3 persisted; 4 (the newest) in memory only
+            h = ckpt.save(step, _state(step))
+            assert h is not None
+            h.wait(timeout=60)
+        ckpt.wait(timeout=60)
+        for older in (0, 3):
+            target = _state(99)
+            assert ckpt.restore(target, step=older) == older
+            assert _equal(target, _state(older))
+        assert 4 in [s.step for s in parts(ckpt).stager.slots], "the newest snapshot left memory"
+    # close persisted the newest snapshot (what a restart resumes): nothing was lost
+    with _ckpt(dirs) as ckpt:
+        target = _state(99)
+        assert ckpt.restore(target) == 4
+        assert _equal(target, _state(4))

@@ -246,8 +246,12 @@ class Restorer:
     def _take_slot(self, nbytes: int, step: int) -> Slot:
         """A free slot, emptied and grown to ``nbytes``, for a copy of ``step`` (busy)."""
         p = self.parts
+        # The newest snapshot, while memory is its only copy, is never overwritten by loading
+        # another step: a restore of an older step leaves it to close (or the next save).
+        newest = p.mem.newest_slot()
+        keep = newest if newest is not None and not newest.durable and newest.step != step else None
         slot, _ = p.stager.acquire(
-            nbytes, replacing=step, check=p.persister.check_alive, idle=p.persister.idle
+            nbytes, replacing=step, keep=keep, check=p.persister.check_alive, idle=p.persister.idle
         )
         try:
             p.mem.forget(slot)

@@ -666,10 +666,14 @@ class Stager:
         nbytes: int = 0,
         *,
         replacing: int | None = None,
+        keep: Slot | None = None,
         check: Callable[[], None] | None = None,
         idle: Callable[[], bool] | None = None,
     ) -> tuple[Slot, float]:
         """Block until a slot is free; mark it busy.  Returns the slot and seconds waited.
+        ``keep``: a slot never taken (waited for the other instead): a restore passes the slot
+        of the newest snapshot while it lives in memory only, which loading an older step must
+        not overwrite.
 
         A wait has no fixed bound (a slot is held while a large snapshot is persisted, which
         takes as long as the storage needs), but a save never waits for a slot nobody will
@@ -694,7 +698,7 @@ class Stager:
         stuck = 0  # checks in a row that found no slot free, none prefaulting, nothing running
         while True:
             with self._cond:
-                free = [s for s in self.slots if not s.busy]
+                free = [s for s in self.slots if not s.busy and s is not keep]
                 if free:
                     slot = self._pick(free, nbytes, replacing)
                     if slot.warm(nbytes) or not any(p.prefaulting for p in self.slots):
