@@ -12,15 +12,20 @@ from typing import Any, Literal
 import torch
 
 from flashckpt._config import Options
-from flashckpt.coordination.inventory import committed_steps, read_commits, read_committed_manifest
+from flashckpt.coordination.inventory import (
+    committed_steps,
+    read_commit,
+    read_commits,
+    read_committed_manifest,
+)
 from flashckpt.coordination.reshard import StepReader
 from flashckpt.coordination.retention import abandoned
 from flashckpt.errors import CheckpointNotFound, ConfigError, CorruptCheckpointError
-from flashckpt.format import Manifest, commit_key, decode_commit
+from flashckpt.format import Manifest
 from flashckpt.staging.stager import check_fits
 from flashckpt.staging.statewalk import build
 from flashckpt.storage import Backend, open_backend
-from flashckpt.transfer.reader import fetch_chunks, read_record
+from flashckpt.transfer.reader import fetch_chunks
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +92,7 @@ def _load_step(
     be: Backend, step: int, opts: Options, pool: ThreadPoolExecutor, rank: int | None
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    raw = read_record(be, commit_key(step), f"commit record of step {step}", opts)
-    world = decode_commit(raw).world_size
+    world = read_commit(be, step, opts).world_size
     if rank is not None and not 0 <= rank < world:
         raise ConfigError(f"rank {rank} is out of range: step {step} was saved by {world} ranks")
     if world > 1 and rank is None:

@@ -17,13 +17,12 @@ from typing import Any
 
 from flashckpt._config import Options
 from flashckpt.backends import LocalBackend
-from flashckpt.coordination.inventory import committed_steps, read_committed_manifest
+from flashckpt.coordination.inventory import committed_steps, read_commit, read_committed_manifest
 from flashckpt.coordination.reshard import StepReader
-from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError
-from flashckpt.format import CommitRecord, commit_key, decode_commit
+from flashckpt.errors import CheckpointNotFound
 from flashckpt.staging.stager import check_fits
 from flashckpt.storage import Backend, open_backend
-from flashckpt.transfer.reader import fetch_chunks, read_record
+from flashckpt.transfer.reader import fetch_chunks
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class Catalog:
     def info(self, step: int) -> StepInfo:
         """``step``'s commit record and every shard's manifest, validated.  Raises what a
         record that does not validate raises (``CorruptCheckpointError``, ``StorageError``)."""
-        rec = self._commit(step)
+        rec = read_commit(self.backend, step, self.opts)
         total = sum(
             read_committed_manifest(self.backend, step, r, rec.world_size, self.opts).total_bytes
             for r in range(rec.world_size)
@@ -107,13 +106,6 @@ class Catalog:
         self._pool.shutdown(wait=True)
         if self._owned:
             self.backend.close()
-
-    def _commit(self, step: int) -> CommitRecord:
-        what = f"commit record of step {step}"
-        rec = decode_commit(read_record(self.backend, commit_key(step), what, self.opts), what)
-        if rec.step != step:
-            raise CorruptCheckpointError(f"{what} names step {rec.step}")
-        return rec
 
 
 def _scratch(buf: bytearray) -> Callable[[int, int], memoryview]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from flashckpt._config import Options
 from flashckpt._dist import Control
-from flashckpt.coordination.inventory import Order, read_commits, read_committed_manifest
+from flashckpt.coordination.inventory import Order, read_commit, read_commits, read_committed_manifest
 from flashckpt.errors import FlashCkptError
 from flashckpt.format import (
     CODEC_PATTERN,
@@ -21,10 +21,7 @@ from flashckpt.format import (
     ChunkEntry,
     Manifest,
     chunk_key,
-    commit_key,
-    decode_commit,
 )
-from flashckpt.transfer.reader import read_record
 from flashckpt.transfer.tier import Tier
 
 log = logging.getLogger(__name__)
@@ -77,12 +74,10 @@ class Reuse:
         order = self._order.get(tier.name)
         if order is None:
             return not self._chunks.get(tier.name)  # nothing to reuse: nothing to check
-        what = f"commit record of step {order[1]} on {tier.backend.url}"
         try:
-            raw = read_record(tier.backend, commit_key(order[1]), what, self.opts)
-            return decode_commit(raw, what).order == order
+            return read_commit(tier.backend, order[1], self.opts).order == order
         except FlashCkptError as exc:
-            log.debug("flashckpt: %s: %s", what, exc)
+            log.debug("flashckpt: the commit of step %d on %s: %s", order[1], tier.backend.url, exc)
             return False
 
 

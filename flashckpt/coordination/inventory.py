@@ -46,6 +46,17 @@ def committed_steps(be: Backend, opts: Options) -> list[int]:
     return sorted(s for n in names if (s := parse_commit_key(f"commits/{n}")) is not None)
 
 
+def read_commit(be: Backend, step: int, opts: Options) -> CommitRecord:
+    """The commit record of ``step`` on ``be``, validated (size bound, checksum, fields) and
+    checked to name that step.  The one reader of commit records: every place that reads
+    one by step calls it.  Raises ``ObjectNotFound`` when there is none."""
+    what = f"commit record of step {step} on {be.url}"
+    record = decode_commit(read_record(be, commit_key(step), what, opts), what)
+    if record.step != step:
+        raise CorruptCheckpointError(f"{what} names step {record.step}")
+    return record
+
+
 def read_commits(be: Backend, opts: Options) -> list[CommitRecord]:
     """The commit records on ``be``, oldest first in ``(generation, step)`` order: the order
     in which "latest", retention and the commit protocol see steps (docs/format.md).
@@ -55,11 +66,8 @@ def read_commits(be: Backend, opts: Options) -> list[CommitRecord]:
     """
     out = []
     for step in committed_steps(be, opts):
-        what = f"commit record of step {step} on {be.url}"
         try:
-            record = decode_commit(read_record(be, commit_key(step), what, opts), what)
-            if record.step != step:
-                raise CorruptCheckpointError(f"{what} names step {record.step}")
+            record = read_commit(be, step, opts)
         except ObjectNotFound:
             continue  # retired meanwhile
         except CorruptCheckpointError as exc:
@@ -73,10 +81,7 @@ def read_committed_manifest(be: Backend, step: int, rank: int, world: int, opts:
     """The manifest of shard ``rank``/``world`` of committed ``step`` on ``be``, validated
     against the commit record (size and checksum)."""
     what = f"step {step} on {be.url}"
-    raw = read_record(be, commit_key(step), f"commit record of {what}", opts)
-    record = decode_commit(raw, f"commit record of {what}")
-    if record.step != step:
-        raise CorruptCheckpointError(f"commit record of {what} names step {record.step}")
+    record = read_commit(be, step, opts)
     if record.world_size != world:
         raise StateMismatchError(
             f"{what} was saved by {record.world_size} ranks; this job has {world} (a job restores "

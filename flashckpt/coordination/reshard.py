@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from flashckpt._config import Options
-from flashckpt.coordination.inventory import read_committed_manifest
+from flashckpt.coordination.inventory import read_commit, read_committed_manifest
 from flashckpt.errors import CorruptCheckpointError, StateMismatchError
 from flashckpt.format import (
     CODEC_RAW,
@@ -32,8 +32,6 @@ from flashckpt.format import (
     Manifest,
     StatefulRecord,
     checksum,
-    commit_key,
-    decode_commit,
     tensor_nbytes,
 )
 from flashckpt.staging.stager import check_fits
@@ -41,7 +39,6 @@ from flashckpt.staging.statewalk import build, load_into
 from flashckpt.storage import Backend
 from flashckpt.transfer.codec import decode
 from flashckpt.transfer.futures import run_all
-from flashckpt.transfer.reader import read_record
 from flashckpt.transfer.store import retrying
 
 
@@ -50,9 +47,7 @@ class StepReader:
 
     def __init__(self, be: Backend, step: int, opts: Options, pool: Executor) -> None:
         self.be, self.step, self.opts, self.pool = be, step, opts, pool
-        what = f"commit record of step {step} on {be.url}"
-        raw = read_record(be, commit_key(step), what, opts)
-        self.world = decode_commit(raw, what).world_size
+        self.world = read_commit(be, step, opts).world_size
         self.manifests: list[Manifest] = run_all(
             pool, lambda r: read_committed_manifest(be, step, r, self.world, opts), range(self.world)
         )
