@@ -70,6 +70,10 @@ class Options:
     #: never raised.  True makes ``SaveHandle.wait`` / ``Checkpointer.wait`` / ``close``
     #: raise it like a failed durable tier.
     require_mirrors: bool = False
+    #: Preemption: how long after the signal the loop has to take its final save and close
+    #: before the newest staged snapshot is persisted from a background thread (keep it well
+    #: inside the scheduler's own grace: SLURM's KillWait and Kubernetes' default are 30 s).
+    preempt_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
         """Validate every field (any thread): a ``ConfigError`` names the option.  Floats are
@@ -133,6 +137,8 @@ _BOUNDS: dict[str, tuple[float, bool, float | None]] = {
     "mirror_bytes_per_s": (0, False, None),
     # zero makes every mirror socket non-blocking: every transfer would fail
     "mirror_timeout_s": (0, True, MAX_SECONDS),
+    # zero: the watcher would persist the moment the signal comes, racing the final save
+    "preempt_grace_s": (0, True, MAX_SECONDS),
 }
 
 

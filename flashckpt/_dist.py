@@ -203,6 +203,12 @@ class Control:
         except CoordinationError as exc:
             log.debug("flashckpt: could not delete %s: %s", key, exc)
 
+    def propose(self, key: str, value: str) -> str:
+        """Publish ``value`` as ``key``'s outcome unless some rank published one first; return
+        the outcome that holds (one atomic compare-and-set on the store)."""
+        done = key + "/done"
+        return bytes(self._call("compare_set", done, b"", value.encode())).decode(errors="replace")
+
     def outcome_now(self, key: str) -> str | None:
         """``key``'s published outcome, or ``None`` if no rank has published it yet (no wait)."""
         done = key + "/done"

@@ -30,6 +30,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,7 @@ from flashckpt.coordination.inventory import read_run
 from flashckpt.coordination.membership import close_mirrors, setup_mirrors
 from flashckpt.coordination.parts import RankParts
 from flashckpt.coordination.plan import plan_restore, take_inventory
+from flashckpt.coordination.preemption import DEFAULT_SIGNALS, Preemption, parse_signals
 from flashckpt.coordination.restore import Loaded, Restorer
 from flashckpt.coordination.retention import start_sweep
 from flashckpt.coordination.salvage import Salvage
@@ -53,6 +55,7 @@ from flashckpt.errors import (
     ClosedError,
     ConfigError,
     CorruptCheckpointError,
+    FlashCkptError,
     StorageError,
 )
 from flashckpt.format import MAX_STEP, shard_name
@@ -247,6 +250,10 @@ class Checkpointer:
         storage_options: passed to the storage backend.
         process_group: the job's process group (default: the default group, if
             ``torch.distributed`` is initialized); every rank of it constructs a Checkpointer.
+        preempt_signals: the signals that mean the job is being preempted (default SIGTERM and
+            SIGUSR1; names or numbers; ``None`` or ``()``: none).  Handlers are installed when
+            the Checkpointer is built on the main thread, chained to the ones they replace,
+            and put back by ``close``.  See :attr:`preempted`.
         options: tuning knobs (:class:`flashckpt.Options`).
 
     A constructor that fails releases everything it took (lock, mappings, threads, groups).
@@ -265,13 +272,19 @@ class Checkpointer:
         compression: str | dict[str, str | None] | None = None,
         storage_options: dict[str, Any] | None = None,
         process_group: Any = None,
+        preempt_signals: Iterable[int | str] | None = DEFAULT_SIGNALS,
         options: Options | None = None,
     ) -> None:
         _check_args(every, persist_every, keep, mirror)
+        signals = parse_signals(preempt_signals)
         self._closed = True  # until built: close() does nothing, nothing is registered
         self._opts = options_from_env(options)
         self._every, self._persist_every, self._keep = every, persist_every, keep
         self._seq = 0  # saves made so far (after `every`): the same on every rank, names a save
+        self._calls = 0  # save calls so far (before `every`): the same on every rank
+        # held by the training thread in save and close, and by the preemption watcher when it
+        # persists the newest snapshot itself
+        self._busy = threading.RLock()
         self._handles: list[SaveHandle] = []
         self._sweeper: threading.Thread | None = None  # removes temporary files killed writers left
         self._stats = _Stats()
@@ -279,6 +292,9 @@ class Checkpointer:
         with contextlib.ExitStack() as undo:
             self._build(undo, storage, local_dir, memory_dir, compression, storage_options, process_group)
             self._mirrors = setup_mirrors(self._parts, self._nodes, mirror, undo)
+            self._preemption = Preemption(signals, self._opts.preempt_grace_s, self._ctl, self._at_grace)
+            self._preemption.install()
+            undo.callback(self._preemption.uninstall)
             undo.pop_all()
         self._closed = False
         atexit.register(self._atexit)
@@ -355,6 +371,25 @@ class Checkpointer:
         return self._rank_dir
 
     @property
+    def preempted(self) -> bool:
+        """The job is being preempted and this rank has taken its final snapshot: the loop
+        should stop (leave the ``with`` block or call ``close``, which waits until the final
+        snapshot is durable).  Any thread.
+
+        After a preemption signal (``preempt_signals``), the next ``save`` call takes a forced
+        snapshot, persisted whatever ``every`` and ``persist_every`` say.  In a one-process job
+        this is True from the signal on; in a multi-rank job it turns True on every rank after
+        the same ``save`` call, the final one (at most one call after the first rank saw the
+        signal: see ``flashckpt/coordination/preemption.py``), so a loop that stops on it stops
+        at the same step on every rank.  If the loop has not closed ``Options.preempt_grace_s``
+        after the signal, the newest staged snapshot is persisted from a background thread; and
+        if the signal's handler before flashckpt's was the default (terminate), the process
+        then ends as the signal would have ended it.
+        """
+        p = self._preemption
+        return p.final_taken or (self._world == 1 and p.signalled)
+
+    @property
     def stats(self) -> dict[str, Any]:
         """The last save's figures: ``blocking_s``, ``slot_wait_s``, ``bytes``, ``cold``,
         ``persisted``, ``persist_s`` per tier (filled in as tiers finish) and ``errors`` (every
@@ -376,6 +411,15 @@ class Checkpointer:
         """
         self._check_open()
         _check_step(step)
+        with self._busy:
+            return self._save(step, state, force)
+
+    def _save(self, step: int, state: Any, force: bool) -> SaveHandle | None:
+        self._calls += 1
+        final = self._preemption.at_save(self._calls)
+        if final:
+            log.warning("flashckpt: preempted: step %d is the final snapshot; persisting it", step)
+            force = True
         if not force and step % self._every:
             return None
         self._persister.check_alive()
@@ -388,6 +432,8 @@ class Checkpointer:
         persist = force or (step // self._every) % self._persist_every == 0
         staged = self._saver.stage(step, flat, layout, persist=persist, seq=f"save{self._seq}")
         self._stats.saved(step, staged, time.perf_counter() - t0)
+        if final:
+            self._preemption.took_final()
         return staged.handle
 
     def restore(self, state: Any, *, step: int | Literal["latest"] = "latest") -> int | None:
@@ -472,10 +518,12 @@ class Checkpointer:
             return
         self._closed = True
         atexit.unregister(self._atexit)
+        self._preemption.closing()
         clean = False
         try:
             self._drain()
-            self._salvage.at_close({h.step for h in self._handles if h.failures})
+            with self._busy:
+                self._salvage.at_close({h.step for h in self._handles if h.failures})
             self._drain()
             self._salvage.await_shared_commits()
             clean = self._salvage.memory_durable()
@@ -490,6 +538,7 @@ class Checkpointer:
     def _stop(self, clean: bool) -> None:
         """Close: stop every thread, and free the memory tier if ``clean`` (else keep it for
         the next attempt)."""
+        self._preemption.uninstall()
         self._persister.close()
         if self._sweeper is not None:
             self._sweeper.join()
@@ -506,6 +555,25 @@ class Checkpointer:
             os.close(self._lock_fd)
         self._ctl.release()
         self._close_backends()
+
+    def _at_grace(self) -> Callable[[], None]:
+        """The preemption watcher, when the grace period ended before ``close``: persist the
+        newest snapshot if it lives in memory only; returns a bounded wait for durability."""
+        with self._busy:
+            if self._closed:
+                return lambda: None
+            self._salvage.at_close({h.step for h in self._handles if h.failures})
+            handles = list(self._handles)
+
+        def wait_durable() -> None:
+            deadline = time.monotonic() + self._opts.coord_timeout_s
+            for h in handles:
+                try:
+                    h.wait(max(0.0, deadline - time.monotonic()))
+                except FlashCkptError as exc:
+                    log.error("flashckpt: the newest snapshot did not become durable: %s", exc)
+
+        return wait_durable
 
     def _check_open(self) -> None:
         if self._closed:

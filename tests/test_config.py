@@ -20,6 +20,7 @@ FLOATS = [
     "gc_grace_s",
     "mirror_bytes_per_s",
     "mirror_timeout_s",
+    "preempt_grace_s",
 ]
 INTS = ["chunk_bytes", "small_tensor_bytes", "io_threads", "hash_threads", "retries"]
 BOOLS = ["fsync", "direct_io", "prefault", "dedup_replicated", "require_mirrors"]
@@ -32,10 +33,11 @@ BAD: list[tuple[str, Any]] = [
     ("backoff_max_s", 0),
     ("coord_timeout_s", 0.0),
     ("mirror_timeout_s", 0),
+    ("preempt_grace_s", 0),
     # durations beyond what a wait can take
     *[
         (name, MAX_SECONDS * 2)
-        for name in ("coord_timeout_s", "mirror_timeout_s", "gc_grace_s", "backoff_max_s")
+        for name in ("coord_timeout_s", "mirror_timeout_s", "gc_grace_s", "backoff_max_s", "preempt_grace_s")
     ],
     # ints are ints: not bools, not floats (not even integral ones), not strings
     *[(name, v) for name in INTS for v in (True, 4096.0, "4096", None, -4096)],
@@ -87,7 +89,7 @@ def test_defaults_are_unchanged() -> None:
         5,
     )
     assert (o.backoff_s, o.backoff_max_s, o.coord_timeout_s, o.gc_grace_s) == (0.2, 10.0, 300.0, 600.0)
-    assert (o.mirror_bytes_per_s, o.mirror_timeout_s) == (0.0, 60.0)
+    assert (o.mirror_bytes_per_s, o.mirror_timeout_s, o.preempt_grace_s) == (0.0, 60.0, 10.0)
     assert (o.fsync, o.direct_io, o.prefault, o.dedup_replicated) == (True, True, True, False)
     kinds = {f.name: f.type for f in dataclasses.fields(Options)}
     assert sorted(kinds) == sorted(FLOATS + INTS + BOOLS)  # a new option gets a row above
