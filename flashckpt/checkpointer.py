@@ -408,6 +408,10 @@ class Checkpointer:
         taken, and a persist thread that is gone raises at once instead of hanging.  Saving a
         step below the last one saved or restored continues the run from there: the new
         snapshots are newer than the old higher-numbered ones (see docs/format.md).
+
+        ``state`` may also be a function of no arguments that returns the state: it is called
+        only when this call stages (a framework whose state dict costs something to build,
+        like Lightning's, builds it only then).
         """
         self._check_open()
         _check_step(step)
@@ -424,6 +428,8 @@ class Checkpointer:
             return None
         self._persister.check_alive()
         t0 = time.perf_counter()
+        if callable(state) and not hasattr(state, "state_dict"):
+            state = state()
         flat = flatten(state)  # refuses what the format cannot hold, before a slot is taken
         layout = self._stager.layout(flat.tensors)
         # Every rank makes the same saves: these change alike on every rank, whatever fails.

@@ -6,6 +6,7 @@ import logging
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -428,3 +429,21 @@ def test_memory_left_by_a_job_of_another_world_size_is_named_not_read_or_deleted
     said = [r.getMessage() for r in caplog.records]
     assert any("r00001-of-00004" in m and "another world size" in m for m in said), said
     assert (old / "slot-0.bin").read_bytes() == b"x" * 4096
+
+
+def test_a_state_given_as_a_function_is_built_only_when_the_save_stages(dirs: dict[str, Path]) -> None:
+    built: list[int] = []
+
+    def state_of(step: int) -> Any:
+        def build() -> dict[str, torch.Tensor]:
+            built.append(step)
+            return {"w": torch.full((16,), float(step))}
+
+        return build
+
+    with flashckpt.Checkpointer(dirs["storage"], memory_dir=dirs["memory"], every=2) as ckpt:
+        for step in range(5):
+            ckpt.save(step, state_of(step))
+        ckpt.save(5, state_of(5), force=True)
+    assert built == [0, 2, 4, 5]
+    assert torch.equal(flashckpt.load(dirs["storage"])["w"], torch.full((16,), 5.0))

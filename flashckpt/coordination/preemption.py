@@ -105,6 +105,7 @@ class Preemption:
         self._final_call: int | None = None  # the save call that takes the final snapshot
         self._final_taken = False
         self._terminate = False  # the watcher asks the handler to end the process
+        self._uninstalled = False  # closed: a handler of ours still installed only chains
         self._closing = threading.Event()
         self._pipe: tuple[int, int] | None = None
         self._watcher: threading.Thread | None = None
@@ -141,6 +142,7 @@ class Preemption:
         installed: a handler installed after ours, which may chain to it, stays; ours then
         only chains).  Any thread; handlers are put back from the main thread only."""
         self._closing.set()
+        self._uninstalled = True
         if self._pipe is not None:
             _wake(self._pipe[1])
         if self._watcher is not None and self._watcher is not threading.current_thread():
@@ -211,15 +213,21 @@ class Preemption:
     # -- the handler (main thread, between bytecodes) ------------------------------------------
     def _handle(self, signum: int, frame: Any) -> None:
         sig = signal.Signals(signum)
-        if self._terminate:  # the watcher's request: end the process as the signal would have
+        prev = self._previous.get(sig)
+        if self._terminate or (self._uninstalled and prev in (signal.SIG_DFL, None)):
+            # the watcher's request, or a closed Checkpointer's handler still installed (another
+            # library put it back): end the process as the signal would have
             signal.signal(sig, signal.SIG_DFL)
             os.kill(os.getpid(), sig)
+            return
+        if self._uninstalled:  # closed: only the handler it replaced acts
+            if callable(prev):
+                prev(signum, frame)
             return
         first = self._received is None
         self._received = sig
         if first and self._pipe is not None and not self._closing.is_set():
             _wake(self._pipe[1])
-        prev = self._previous.get(sig)
         if callable(prev):
             prev(signum, frame)
 
