@@ -8,7 +8,9 @@ A model with dropout, AdamW, a OneCycle schedule stepped per step, and a shuffle
 first run finds nothing and starts afresh).  ``--die-at N`` SIGKILLs the process when step
 ``N`` begins (after the batch end of step ``N - 1``), ``--sigterm-at N`` sends it a SIGTERM
 then.  At the end each rank writes its model's weights to ``DIR/weights-rank{R}.pt`` and
-``DIR/end-rank{R}.json`` (the global step, the tier its restore came from).
+``DIR/end-rank{R}.json`` (the global step, the tier its restore came from).  ``--no-flash
+--model-checkpoint N`` is Lightning's own resume, for comparison (bench/bench_resume.py);
+``--injected-sampler`` lets Lightning put its ``DistributedSampler`` around the data.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def main() -> None:
     ap.add_argument(
         "--model-checkpoint", type=int, default=0, help="also a ModelCheckpoint(save_last=True) every N"
     )
+    ap.add_argument("--injected-sampler", action="store_true", help="DDP: Lightning's DistributedSampler")
     a = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -82,7 +85,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40 * world, 8, generator=g)
     ds = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
-    if world > 1:
+    if world > 1 and not a.injected_sampler:
         # a stateful sampler of each rank's part: with Lightning's injected DistributedSampler
         # (not stateful) a resumed epoch is reshuffled (docs/integrations.md)
         sampler = StatefulDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=0)
@@ -110,7 +113,7 @@ def main() -> None:
         enable_model_summary=False,
         default_root_dir=str(a.out),
         enable_checkpointing=flash is not None or a.model_checkpoint > 0,
-        use_distributed_sampler=False,
+        use_distributed_sampler=a.injected_sampler,
     )
     restored: dict[str, Any] = {}
 
@@ -121,7 +124,7 @@ def main() -> None:
 
     trainer.callbacks.append(Where())
     try:  # a SIGTERM ends the fit with Lightning's SIGTERMException, a SystemExit (status 0)
-        trainer.fit(model, loader, ckpt_path="last" if flash is not None else None)
+        trainer.fit(model, loader, ckpt_path="last" if flash is not None or a.model_checkpoint else None)
     except SystemExit as exc:
         ended: Any = f"SystemExit({exc.code})"
     else:

@@ -29,37 +29,18 @@ import torch
 import flashckpt
 from flashckpt.errors import ConfigError, UnsupportedStateError
 from flashckpt.integrations._codec import MARK, decode, encode
+from tests.integrations.launch import ROOT, command, env
 
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("torchdata")
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _run(out: Path, *args: str, world: int = 1, pkg: str = "lightning", expect: int | None = 0) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    worker = ["-m", "tests.integrations.lightning_worker", "--out", str(out), *args]
-    if world == 1:
-        cmd = [sys.executable, *worker]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(world),
-            "--max-restarts",
-            "0",
-            *worker,
-        ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        "LIGHTNING_PKG": pkg,
-        "TMPDIR": str(out),
-    }
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    cmd = command("tests.integrations.lightning_worker", ["--out", str(out), *args], world)
+    p = subprocess.run(
+        cmd, cwd=ROOT, env=env(out, LIGHTNING_PKG=pkg), capture_output=True, text=True, timeout=300
+    )
     if expect is not None:
         assert p.returncode == expect, p.stdout + p.stderr
     return p.stdout + p.stderr

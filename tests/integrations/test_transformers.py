@@ -11,9 +11,7 @@ with exit status 0.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +19,16 @@ import pytest
 import torch
 
 from flashckpt.errors import ConfigError
+from tests.integrations.launch import ROOT, command, env
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _run(out: Path, *args: str, world: int = 1, expect: int | None = 0) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    worker = ["-m", "tests.integrations.hf_worker", "--out", str(out), *args]
-    if world == 1:
-        cmd = [sys.executable, *worker]
-    else:
-        launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(world), "--max-restarts", "0"]
-        cmd = [sys.executable, *launcher, *worker]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(out)}
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    cmd = command("tests.integrations.hf_worker", ["--out", str(out), *args], world)
+    p = subprocess.run(cmd, cwd=ROOT, env=env(out), capture_output=True, text=True, timeout=300)
     if expect is not None:
         assert p.returncode == expect, p.stdout + p.stderr
     return p.stdout + p.stderr
