@@ -91,6 +91,12 @@ def fire(point: str, **info: Any) -> None:
         fn(point=point, **info)
 
 
+def listening(point: str) -> bool:
+    """Some callback is registered for ``point`` (a code path may then take its slower,
+    observable form)."""
+    return point in _listeners
+
+
 def clear() -> None:
     """Drop every callback (tests, between cases)."""
     with _lock:

@@ -59,6 +59,10 @@ _PIECE = 16 << 20  # the prefault thread faults this much between checks for a r
 # libc madvise off the GIL (flashckpt/_platform.py); module names here, so tests can patch them
 _populate_write = _platform.populate_write
 _CAN_POPULATE_WRITE = _platform.CAN_POPULATE_WRITE
+# torch's multi-tensor copy (torch >= 2.1): one call stages every host tensor
+_foreach_copy: Callable[[list[torch.Tensor], list[torch.Tensor]], None] | None = getattr(
+    torch, "_foreach_copy_", None
+)
 
 
 def _round_up(n: int, align: int) -> int:
@@ -465,6 +469,9 @@ class Slot:
         self.faulting: _Faulting | None = None  # set while ``ensure`` faults pages in
         self._mm: mmap.mmap | None = None
         self._buf: torch.Tensor | None = None
+        # the destination views of the last layout copied into this mapping (a save of the
+        # same state shape reuses them: no slicing per tensor per save)
+        self._views: tuple[object, list[torch.Tensor | None]] | None = None
         self._may_pin = pin
         self._pinned = False
         self._pin_failed = False  # this mapping could not be pinned: do not try again per save
@@ -568,6 +575,20 @@ class Slot:
         assert self._buf is not None
         return self._buf[offset : offset + nbytes].view(dtype).view(tuple(shape))
 
+    def views(self, layout: Layout, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Training thread, slot held busy and mapped for ``layout``: where each of ``tensors``
+        (whose dtypes and shapes ``layout`` was planned for) goes in this slot (``None``: an
+        empty tensor).  Cached for the last layout of this mapping."""
+        cached = self._views
+        if cached is not None and cached[0] is layout:
+            return cached[1]
+        out: list[torch.Tensor | None] = [
+            self.tensor(off, n, t.dtype, t.shape) if n else None
+            for t, off, n in zip(tensors, layout.offsets, layout.nbytes, strict=True)
+        ]
+        self._views = (layout, out)
+        return out
+
     @property
     def address(self) -> int:
         """Address of the mapping (valid while the slot is held busy)."""
@@ -617,6 +638,7 @@ class Slot:
         self._pinned = self._pin_failed = False
         self.pin_device = None
         self._buf = None
+        self._views = None
         mm, self._mm = self._mm, None
         self.capacity = 0
         if mm is not None:
@@ -884,10 +906,9 @@ class Stager:
     def _copy(self, slot: Slot, tensors: Sequence[torch.Tensor], layout: Layout) -> None:
         by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         host: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for t, off, n in zip(tensors, layout.offsets, layout.nbytes, strict=True):
-            if n == 0:
+        for t, dst in zip(tensors, slot.views(layout, tensors), strict=True):
+            if dst is None:
                 continue
-            dst = slot.tensor(off, n, t.dtype, t.shape)
             if t.device.type == "cpu":
                 host.append((dst, t))
             else:
@@ -903,9 +924,14 @@ class Stager:
                         dst.copy_(src)
             if host:
                 _wait_for_device_writes(src for _, src in host)
-            for i, (dst, src) in enumerate(host):
-                dst.copy_(src)
-                hooks.fire("stage.tensor", index=i, count=len(host))
+            if host and _foreach_copy is not None and not hooks.listening("stage.tensor"):
+                # one call for every tensor: no Python dispatch per tensor (each copy_ is
+                # still parallel inside)
+                _foreach_copy([d for d, _ in host], [s for _, s in host])
+            else:
+                for i, (dst, src) in enumerate(host):
+                    dst.copy_(src)
+                    hooks.fire("stage.tensor", index=i, count=len(host))
             failing = False
         finally:
             # Also on an error: the caller releases the slot (and may unmap it) at once, and
