@@ -114,7 +114,7 @@ def _lightning(kind: str, steps: int, where: Path) -> list[float]:
         from flashckpt.integrations.lightning import FlashCheckpoint
 
         extra = {"persist_every": 10} if kind == "flash_persist10" else {}
-        callbacks.append(FlashCheckpoint(where / "flash", every=1, memory_dir=where / "shm", **extra))
+        callbacks.append(FlashCheckpoint(where / "flash", every=1, memory_dir=_shm(where), **extra))
     trainer = pl.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, callbacks=callbacks, plugins=plugins,
         logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -150,7 +150,7 @@ def _hf(kind: str, steps: int, where: Path) -> list[float]:
         from flashckpt.integrations.transformers import FlashCheckpointCallback
 
         extra = {"persist_every": 10} if kind == "flash_persist10" else {}
-        callbacks.append(FlashCheckpointCallback(where / "flash", every=1, memory_dir=where / "shm", **extra))
+        callbacks.append(FlashCheckpointCallback(where / "flash", every=1, memory_dir=_shm(where), **extra))
     args = TrainingArguments(
         output_dir=str(where / "out"), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-4,
         save_strategy="steps" if kind == "save_steps" else "no", save_steps=1, save_total_limit=1,
@@ -161,6 +161,14 @@ def _hf(kind: str, steps: int, where: Path) -> list[float]:
     return [b - a for a, b in itertools.pairwise(times)]
 
 
+def _shm(where: Path) -> Path:
+    """The memory tier of a run: on ``/dev/shm`` (a slot on a disk-backed file system would be
+    written back to the disk the checkpoints go to), removed with ``where``."""
+    d = Path(tempfile.mkdtemp(prefix="flashckpt-bench-int-", dir="/dev/shm"))
+    (where / "shm").symlink_to(d)
+    return d
+
+
 def _one(framework: str, kind: str, steps: int) -> dict[str, Any]:
     """One configuration, in this process (the child's side)."""
     where = Path(tempfile.mkdtemp(prefix="flashckpt-bench-int-", dir=os.environ.get("BENCH_DIR")))
@@ -168,6 +176,8 @@ def _one(framework: str, kind: str, steps: int) -> dict[str, Any]:
         fn = _lightning if framework == "lightning" else _hf
         return {"framework": framework, "kind": kind, "steps": fn(kind, steps, where)}
     finally:
+        if (where / "shm").is_symlink():
+            shutil.rmtree((where / "shm").resolve(), ignore_errors=True)
         shutil.rmtree(where, ignore_errors=True)
 
 
