@@ -1,4 +1,5 @@
-"""The ``flashckpt`` command line: list and verify checkpoints on a storage tier.
+"""The ``flashckpt`` command line: list and verify checkpoints on a storage tier; plan the
+checkpoint interval.
 
 Exit codes (as DESIGN.md has them): 0 ok; 1 verification failed (``verify`` found a corrupt
 step, ``ls`` a step whose records do not validate); 2 usage or access error (bad arguments
@@ -97,6 +98,66 @@ def _verify(args: argparse.Namespace) -> int:
     return code
 
 
+def _pairs(text: str, what: str) -> dict[str, float]:
+    """``a=1,b=2`` as a dict of floats."""
+    out: dict[str, float] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        key, eq, value = part.partition("=")
+        try:
+            if not eq:
+                raise ValueError(part)
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"{what}: expected NAME=NUMBER[,NAME=NUMBER...], got {text!r}") from None
+    return out
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from flashckpt.cli.plan import Costs, plan
+
+    stats: dict[str, Any] = {}
+    if args.stats:
+        with open(args.stats) as f:
+            stats = json.load(f)
+        if not isinstance(stats, dict):
+            raise ValueError(f"{args.stats}: not a JSON object (write Checkpointer.stats with json.dump)")
+    persist_s = stats.get("persist_s") or {}
+    restored = stats.get("restored") or {}
+    restore = {str(restored["tier"]): float(restored["seconds"])} if "tier" in restored else {}
+    restore.update(_pairs(args.restore or "", "--restore"))
+    blocking = args.blocking if args.blocking is not None else stats.get("blocking_s")
+    persist = args.persist if args.persist is not None else persist_s.get("storage", 0.0)
+    if blocking is None or args.step is None or args.mtbf is None:
+        raise ValueError("plan needs --step, --mtbf and --blocking (or a --stats JSON with blocking_s)")
+    shares = _pairs(args.failures, "--failures")
+    costs = Costs(
+        step=args.step, blocking=float(blocking), mtbf=args.mtbf * 3600, persist=float(persist),
+        restore=restore, shares=shares, mirrors=args.mirrors,
+    )  # fmt: skip
+    p = plan(costs, every_now=args.every, persist_every_now=args.persist_every)
+    report = {
+        "young_s": p.tau_young, "daly_s": p.tau_daly, "interval_s": p.tau, "every": p.every,
+        "persist_every": p.persist_every, "binds": p.binds, "waste": p.waste, "goodput": p.goodput,
+        "wasted_per_day_s": p.wasted_per_day(), "waste_now": p.waste_now,
+        "wasted_per_day_now_s": None if p.waste_now is None else p.wasted_per_day(p.waste_now),
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(report))
+        return OK
+    print(f"optimum interval: Young {p.tau_young:.1f} s, Daly {p.tau_daly:.1f} s")
+    print(
+        f"recommended: every={p.every} steps ({p.tau:.1f} s of training), persist_every={p.persist_every} "
+        f"(binding: {p.binds})"
+    )
+    print(f"expected waste {p.waste:.2%} ({p.wasted_per_day() / 60:.1f} min/day), goodput {p.goodput:.2%}")
+    if p.waste_now is not None:
+        print(
+            f"current every={args.every}, persist_every={args.persist_every}: waste {p.waste_now:.2%} "
+            f"({p.wasted_per_day(p.waste_now) / 60:.1f} min/day)"
+        )
+    return OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="flashckpt",
@@ -113,6 +174,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("url")
     p.add_argument("--step", type=int)
     p.set_defaults(fn=_verify)
+    p = sub.add_parser(
+        "plan",
+        help="the checkpoint interval that maximises goodput, from measured costs",
+        description="Young's and Daly's optimum, and the every/persist_every that minimise the "
+        "expected waste (checkpoint cost, rework and restarts) over process crashes, node losses "
+        "and whole-job losses; see flashckpt/cli/plan.py for the model.",
+    )
+    p.add_argument("--stats", help="a JSON of Checkpointer.stats (blocking_s, persist_s, restored)")
+    p.add_argument("--step", type=float, help="seconds per training step")
+    p.add_argument("--blocking", type=float, help="seconds a save blocks training")
+    p.add_argument("--persist", type=float, help="seconds to persist a snapshot to storage")
+    p.add_argument("--restore", help="restart + restore seconds per tier: memory=S,mirror=S,storage=S")
+    p.add_argument("--mtbf", type=float, help="the job's mean time between failures, hours")
+    p.add_argument(
+        "--failures", default="crash=0.75,node=0.2,job=0.05",
+        help="shares of failure classes (crash: memory survives; node: a mirror or storage; job: storage)",
+    )  # fmt: skip
+    p.add_argument("--mirrors", action="store_true", help="a peer's memory holds a copy (mirror=1)")
+    p.add_argument("--every", type=int, help="the current every, to compare")
+    p.add_argument("--persist-every", type=int, default=1, help="the current persist_every")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_plan)
     args = parser.parse_args(argv)  # usage errors: a usage line and exit 2, from argparse
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
@@ -123,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of stdout went away (`flashckpt ls ... | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
         return FAILED
-    except FlashCkptError as exc:
+    except (FlashCkptError, ValueError, OSError) as exc:
         _warn(exc)
         return USAGE
     except Exception as exc:  # no traceback, whatever happened  # noqa: BLE001
