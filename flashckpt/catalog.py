@@ -15,11 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from flashckpt._config import Options
 from flashckpt.backends import LocalBackend
 from flashckpt.coordination.inventory import committed_steps, read_commit, read_committed_manifest
 from flashckpt.coordination.reshard import StepReader
-from flashckpt.errors import CheckpointNotFound
+from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError
+from flashckpt.format import Manifest
 from flashckpt.staging.stager import check_fits
 from flashckpt.storage import Backend, open_backend
 from flashckpt.transfer.reader import fetch_chunks
@@ -89,6 +92,38 @@ class Catalog:
             except Exception as exc:  # reported on the step; the others are listed  # noqa: BLE001
                 out.append(StepInfo(step, error=exc))
         return out
+
+    def manifests(self, step: int) -> list[Manifest]:
+        """Every rank's manifest of ``step``, each validated against the commit record (rank
+        order).  Reads records only.  Raises what a record that does not validate raises."""
+        rec = read_commit(self.backend, step, self.opts)
+        return [
+            read_committed_manifest(self.backend, step, r, rec.world_size, self.opts)
+            for r in range(rec.world_size)
+        ]
+
+    def read_tensor(self, m: Manifest, index: int) -> torch.Tensor:
+        """Tensor ``index`` of the shard ``m`` describes (a fresh CPU tensor), read from the
+        chunks that hold it, every one verified against its checksum; memory: those chunks."""
+        if not 0 <= index < len(m.tensors):
+            raise IndexError(f"tensor {index} of a shard of {len(m.tensors)}")
+        e = m.tensors[index]
+        if e.nbytes == 0:
+            return torch.empty(e.shape, dtype=e.dtype)
+        lo, hi = e.offset, e.offset + e.nbytes
+        chunks = [c for c in m.chunks if c.offset < hi and c.offset + c.nbytes > lo]
+        base = min(c.offset for c in chunks)
+        end = max(c.offset + c.nbytes for c in chunks)
+        if base > lo or end < hi:
+            raise CorruptCheckpointError(f"step {m.step}: no chunk holds all of tensor {index}")
+        check_fits(end - base, None, f"tensor {index} of step {m.step}")
+        buf = bytearray(end - base)
+        fetch_chunks(
+            self.backend, m.with_chunks(chunks), lambda off, n: memoryview(buf)[off - base : off - base + n],
+            self._pool, self.opts,
+        )  # fmt: skip
+        whole = torch.frombuffer(buf, dtype=torch.uint8)
+        return whole[lo - base : hi - base].view(e.dtype).view(e.shape).clone()
 
     def verify(self, step: int) -> None:
         """Re-read every chunk of every shard of ``step`` and check it against its checksum,
