@@ -215,6 +215,121 @@ def _inspect(args: argparse.Namespace) -> int:
     return OK
 
 
+def _side(spec: str) -> tuple[str, int | None]:
+    """``URL`` or ``URL@STEP``."""
+    url, at, step = spec.rpartition("@")
+    if at and step.isdigit():
+        return url, int(step)
+    return spec, None
+
+
+def _same_chunks(a: Manifest, b: Manifest, ia: int, ib: int) -> bool:
+    """Tensor ``ia`` of ``a`` and ``ib`` of ``b`` each fill whole chunks, and those chunks have
+    the same sizes and checksums (of their raw bytes): the tensors are equal, unread."""
+
+    def cover(m: Manifest, i: int) -> list[tuple[int, int, str]] | None:
+        e = m.tensors[i]
+        end = e.offset + e.nbytes
+        cs = sorted(
+            (c for c in m.chunks if c.offset < end and c.offset + c.nbytes > e.offset), key=lambda c: c.offset
+        )
+        if not cs or cs[0].offset != e.offset or cs[-1].offset + cs[-1].nbytes != e.offset + e.nbytes:
+            return None  # packed with other tensors: the checksum covers more than this one
+        return [(c.offset - e.offset, c.nbytes, c.checksum) for c in cs]
+
+    ca, cb = cover(a, ia), cover(b, ib)
+    return ca is not None and ca == cb
+
+
+def _compare(x: torch.Tensor, y: torch.Tensor, atol: float, rtol: float) -> tuple[bool, float, float]:
+    """(close, max absolute error, max relative error) of two tensors of one dtype and shape.
+    ``atol == rtol == 0``: close means bitwise equal.  Otherwise NaNs and infinities must sit
+    at the same places (infinities with the same sign), and ``|x - y| <= atol + rtol |y|``."""
+    wide = torch.complex128 if x.is_complex() else torch.float64
+    xd, yd = x.to(wide), y.to(wide)
+    finite = torch.isfinite(xd) & torch.isfinite(yd)
+    err = (xd - yd).abs()[finite]
+    scale = yd.abs()[finite]
+    rel = err / scale.clamp_min(torch.finfo(torch.float64).tiny)
+    abs_max = float(err.max()) if err.numel() else 0.0
+    rel_max = float(rel.max()) if rel.numel() else 0.0
+    if atol == 0 and rtol == 0:
+        bits = x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8)
+        return bool(torch.equal(*bits)), abs_max, rel_max
+    inf_x, inf_y = torch.isinf(xd), torch.isinf(yd)
+    special = torch.equal(torch.isnan(xd), torch.isnan(yd)) and torch.equal(inf_x, inf_y)
+    special = special and torch.equal(xd[inf_x], yd[inf_y])
+    return bool(special and bool((err <= atol + rtol * scale).all())), abs_max, rel_max
+
+
+def _diff(args: argparse.Namespace) -> int:
+    (url_a, step_a), (url_b, step_b) = _side(args.a), _side(args.b)
+    report: dict[str, Any] = {
+        "only_a": [],
+        "only_b": [],
+        "changed": [],
+        "differ": [],
+        "compared": 0,
+        "unread": 0,
+    }
+    with Catalog(url_a) as ca, Catalog(url_b) as cb:
+        sa = step_a if step_a is not None else _newest(ca)
+        sb = step_b if step_b is not None else _newest(cb)
+        for cat, step in ((ca, sa), (cb, sb)):
+            if step not in cat.step_numbers():
+                _warn(f"step {step} is not committed at {cat.url}")
+                return USAGE
+        ma, mb = ca.manifests(sa), cb.manifests(sb)
+        report.update(a=f"{ca.url}@{sa}", b=f"{cb.url}@{sb}", world_a=len(ma), world_b=len(mb))
+        if len(ma) != len(mb):
+            report["changed"].append({"key": "<world size>", "a": len(ma), "b": len(mb)})
+        for rank in range(min(len(ma), len(mb))):
+            a, b = ma[rank], mb[rank]
+            prefix = f"[rank {rank}] " if max(len(ma), len(mb)) > 1 else ""
+            ra = {r["key"]: r for r in _tree_rows(a.state_tree(), "", a)}
+            rb = {r["key"]: r for r in _tree_rows(b.state_tree(), "", b)}
+            report["only_a"] += [prefix + k for k in ra if k not in rb]
+            report["only_b"] += [prefix + k for k in rb if k not in ra]
+            for k in (k for k in ra if k in rb):
+                x, y = ra[k], rb[k]
+                if x["kind"] == "value" or y["kind"] == "value":
+                    if x.get("value") != y.get("value") or x["kind"] != y["kind"]:
+                        report["changed"].append({"key": prefix + k, "a": x.get("value", x.get("dtype")),
+                                                  "b": y.get("value", y.get("dtype"))})  # fmt: skip
+                    continue
+                if (x["dtype"], x["shape"]) != (y["dtype"], y["shape"]):
+                    report["changed"].append({"key": prefix + k, "a": f"{x['dtype']} {tuple(x['shape'])}",
+                                              "b": f"{y['dtype']} {tuple(y['shape'])}"})  # fmt: skip
+                    continue
+                report["compared"] += 1
+                if _same_chunks(a, b, x["index"], y["index"]):
+                    report["unread"] += 1
+                    continue
+                tx, ty = ca.read_tensor(a, x["index"]), cb.read_tensor(b, y["index"])
+                close, abs_max, rel_max = _compare(tx, ty, args.atol, args.rtol)
+                if not close:
+                    report["differ"].append({"key": prefix + k, "max_abs": abs_max, "max_rel": rel_max})
+    same = not any(report[k] for k in ("only_a", "only_b", "changed", "differ"))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for k in report["only_a"]:
+            print(f"only in A: {k}")
+        for k in report["only_b"]:
+            print(f"only in B: {k}")
+        for c in report["changed"]:
+            print(f"changed: {c['key']}: {c['a']} -> {c['b']}")
+        for d in report["differ"]:
+            print(f"differs: {d['key']}: max abs {d['max_abs']:.6g}, max rel {d['max_rel']:.6g}")
+        bound = "" if args.atol == args.rtol == 0 else f" beyond atol {args.atol} / rtol {args.rtol}"
+        print(
+            f"A = {report['a']}, B = {report['b']}: {report['compared']} tensors compared "
+            f"({report['unread']} equal by their chunks' checksums, not read), "
+            f"{len(report['differ'])} differ{bound}"
+        )
+    return OK if same else FAILED
+
+
 def _pairs(text: str, what: str) -> dict[str, float]:
     """``a=1,b=2`` as a dict of floats."""
     out: dict[str, float] = {}
@@ -298,6 +413,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tensor", metavar="KEY", help="min, max, mean, norm, NaN/inf counts of this tensor")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_inspect)
+    p = sub.add_parser(
+        "diff",
+        help="compare two steps (URL[@STEP] URL[@STEP]); exit 1 if they differ",
+        description="Keys only on one side, dtype and shape changes, values that changed, and for "
+        "tensors that differ the largest absolute and relative error.  Tensors whose chunks have "
+        "the same checksums on both sides are equal without being read.  Default: bitwise.",
+    )
+    p.add_argument("a", metavar="URL[@STEP]")
+    p.add_argument("b", metavar="URL[@STEP]")
+    p.add_argument("--atol", type=float, default=0.0)
+    p.add_argument("--rtol", type=float, default=0.0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_diff)
     p = sub.add_parser(
         "plan",
         help="the checkpoint interval that maximises goodput, from measured costs",
