@@ -10,7 +10,7 @@ Any thread; a Catalog holds a small pool of reader threads until :meth:`Catalog.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +22,7 @@ from flashckpt.backends import LocalBackend
 from flashckpt.coordination.inventory import committed_steps, read_commit, read_committed_manifest
 from flashckpt.coordination.reshard import StepReader
 from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError
-from flashckpt.format import Manifest
+from flashckpt.format import DTensorRef, Manifest, StatefulRecord, TensorRef, tensor_nbytes
 from flashckpt.staging.stager import check_fits
 from flashckpt.storage import Backend, open_backend
 from flashckpt.transfer.reader import fetch_chunks
@@ -125,6 +125,42 @@ class Catalog:
         whole = torch.frombuffer(buf, dtype=torch.uint8)
         return whole[lo - base : hi - base].view(e.dtype).view(e.shape).clone()
 
+    def leaf_specs(self, step: int) -> list[tuple[str, torch.dtype | None, tuple[int, ...]]]:
+        """``(key, dtype, shape)`` of every leaf of ``step``'s consolidated state, in the order
+        :meth:`leaves` yields them (a DTensor with its global shape; a plain value with dtype
+        ``None`` and shape ``()``).  Reads rank 0's records only."""
+        rec = read_commit(self.backend, step, self.opts)
+        m = read_committed_manifest(self.backend, step, 0, rec.world_size, self.opts)
+        out: list[tuple[str, torch.dtype | None, tuple[int, ...]]] = []
+        for key, node in _walk(m.state_tree(), ""):
+            if isinstance(node, TensorRef):
+                e = m.tensors[node.index]
+                out.append((key, e.dtype, tuple(e.shape)))
+            elif isinstance(node, DTensorRef):
+                out.append((key, m.tensors[node.index].dtype, tuple(node.shape)))
+            else:
+                out.append((key, None, ()))
+        return out
+
+    def leaves(self, step: int) -> Iterator[tuple[str, Any]]:
+        """``(key, value)`` of every leaf of ``step``'s consolidated state, in tree order: a
+        tensor (a fresh CPU tensor, verified; a DTensor as its whole global tensor, from every
+        rank's shard; the rest from rank 0's) or a plain value.  Keys join the path with dots,
+        as ``inspect`` prints them.  Memory: one tensor and the chunks that hold it (at most
+        twice ``Options.chunk_bytes`` of chunks are kept between tensors)."""
+        reader = StepReader(self.backend, step, self.opts, self._pool, cache_bytes=2 * self.opts.chunk_bytes)
+        for key, node in _walk(reader.trees[0], ""):
+            if isinstance(node, TensorRef):
+                yield key, reader.tensor(0, node.index)
+            elif isinstance(node, DTensorRef):
+                dtype = reader.manifests[0].tensors[node.index].dtype
+                check_fits(tensor_nbytes(dtype, node.shape), None, f"{key} of step {step}")
+                whole = torch.empty(node.shape, dtype=dtype)
+                reader.fill(key, whole, (0,) * len(node.shape), node.shape)
+                yield key, whole
+            else:
+                yield key, node
+
     def verify(self, step: int) -> None:
         """Re-read every chunk of every shard of ``step`` and check it against its checksum,
         one chunk at a time; the shards are checked against each other.  Raises
@@ -141,6 +177,23 @@ class Catalog:
         self._pool.shutdown(wait=True)
         if self._owned:
             self.backend.close()
+
+
+def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """``(key, leaf)`` of a decoded tree: tensor references and plain values, keys joined with
+    dots (``Stateful`` records stand for their state dicts)."""
+    if isinstance(node, (TensorRef, DTensorRef)):
+        yield path, node
+    elif isinstance(node, StatefulRecord):
+        yield from _walk(node.state, path)
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, (list, tuple)) and not isinstance(node, torch.Size):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{path}.{i}" if path else str(i))
+    else:
+        yield path, node
 
 
 def _scratch(buf: bytearray) -> Callable[[int, int], memoryview]:

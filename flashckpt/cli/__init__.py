@@ -330,6 +330,41 @@ def _diff(args: argparse.Namespace) -> int:
     return OK if same else FAILED
 
 
+def _restore(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flashckpt.cli.export import parse_size, select, select_specs, write_pt, write_safetensors
+
+    out = Path(args.out)
+    shard = parse_size(args.max_shard_size)
+    with Catalog(args.url) as cat:
+        step = args.step if args.step is not None else _newest(cat)
+        if step not in cat.step_numbers():
+            _warn(f"step {step} is not committed at {cat.url}")
+            return USAGE
+        try:
+            specs = select_specs(cat.leaf_specs(step), args.only, args.dtype)
+            if args.only is not None and not specs:
+                _warn(f"step {step} has nothing under {args.only!r}")
+                return USAGE
+            leaves = select(cat.leaves(step), args.only, args.dtype)
+            if out.suffix == ".pt":
+                done = write_pt(leaves, out)
+            elif out.suffix == ".safetensors":
+                done = write_safetensors(specs, leaves, out)
+            else:
+                done = write_safetensors(specs, leaves, out, shard_bytes=shard)
+        except (CorruptCheckpointError, ObjectNotFound) as exc:
+            _warn(f"step {step}: CORRUPT: {exc}")
+            return FAILED
+    if done["left_out"]:
+        shown = ", ".join(done["left_out"][:8]) + (", ..." if len(done["left_out"]) > 8 else "")
+        _warn(f"{len(done['left_out'])} value(s) that are not tensors left out: {shown}")
+    files = ", ".join(done["files"])
+    print(f"step {step} -> {out}: {files} ({done['bytes']:,} bytes of tensors)")
+    return OK
+
+
 def _pairs(text: str, what: str) -> dict[str, float]:
     """``a=1,b=2`` as a dict of floats."""
     out: dict[str, float] = {}
@@ -413,6 +448,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tensor", metavar="KEY", help="min, max, mean, norm, NaN/inf counts of this tensor")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_inspect)
+    p = sub.add_parser(
+        "restore",
+        help="export a step, consolidated: --out X.pt, X.safetensors, or a directory (Hugging Face layout)",
+        description="A committed step, every rank's DTensor shards put together, every chunk verified, "
+        "written by the suffix of --out: .pt (torch.load(weights_only=True) reads it), .safetensors, or "
+        "a directory: sharded safetensors plus model.safetensors.index.json.  Memory: one tensor.",
+    )
+    p.add_argument("url")
+    p.add_argument("--step", type=int, help="default: the newest committed step")
+    p.add_argument("--out", required=True)
+    p.add_argument("--only", metavar="KEY", help="the subtree under KEY (e.g. model), its prefix removed")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating tensors")
+    p.add_argument("--max-shard-size", default="5GB", help="directory output: the most per file (5GB)")
+    p.set_defaults(fn=_restore)
     p = sub.add_parser(
         "diff",
         help="compare two steps (URL[@STEP] URL[@STEP]); exit 1 if they differ",

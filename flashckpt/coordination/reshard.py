@@ -45,8 +45,13 @@ from flashckpt.transfer.store import retrying
 class StepReader:
     """Every rank's manifest of one committed step, and verified tensor reads from it."""
 
-    def __init__(self, be: Backend, step: int, opts: Options, pool: Executor) -> None:
+    def __init__(
+        self, be: Backend, step: int, opts: Options, pool: Executor, *, cache_bytes: int | None = None
+    ) -> None:
+        """``cache_bytes``: keep at most this many bytes of verified chunks (the oldest go
+        first; ``None``: every chunk read, for as long as this reader lives)."""
         self.be, self.step, self.opts, self.pool = be, step, opts, pool
+        self.cache_bytes = cache_bytes
         self.world = read_commit(be, step, opts).world_size
         self.manifests: list[Manifest] = run_all(
             pool, lambda r: read_committed_manifest(be, step, r, self.world, opts), range(self.world)
@@ -125,6 +130,12 @@ class StepReader:
         with self._lock:
             self._chunks[digest] = data
             self.bytes_read += stored
+            if self.cache_bytes is not None:
+                held = sum(len(v) for v in self._chunks.values())
+                for old in list(self._chunks):
+                    if held <= self.cache_bytes or old == digest:
+                        break
+                    held -= len(self._chunks.pop(old))
         return data
 
     # -- regions ------------------------------------------------------------------------------
