@@ -4,7 +4,6 @@ rank's shard) and one tensor's statistics, read from the chunks that hold it, ve
 from __future__ import annotations
 
 import json
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -166,7 +165,6 @@ def test_every_ranks_shard_is_inspected(
     tmp_path: Path, shm_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     storage = tmp_path / "storage"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_two_ranks, args=(f"file://{tmp_path / 'rdzv'}", str(storage), str(shm_dir)), nprocs=2)
     for rank in (0, 1):
         code, out = _inspect(capsys, str(storage), "--rank", str(rank), "--tensor", "mine")
