@@ -9,20 +9,23 @@ Any thread; a Catalog holds a small pool of reader threads until :meth:`Catalog.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from flashckpt._config import Options
+from flashckpt._config import Options, default_memory_root
 from flashckpt.backends import LocalBackend
 from flashckpt.coordination.inventory import committed_steps, read_commit, read_committed_manifest
 from flashckpt.coordination.reshard import StepReader
 from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError
-from flashckpt.format import DTensorRef, Manifest, StatefulRecord, TensorRef, tensor_nbytes
+from flashckpt.format import SHARD_PATTERN, DTensorRef, Manifest, StatefulRecord, TensorRef, tensor_nbytes
+from flashckpt.staging.memory_tier import memory_steps, read_memory_manifest
 from flashckpt.staging.stager import check_fits
 from flashckpt.storage import Backend, open_backend
 from flashckpt.transfer.reader import fetch_chunks
@@ -177,6 +180,71 @@ class Catalog:
         self._pool.shutdown(wait=True)
         if self._owned:
             self.backend.close()
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One rank's copy of one snapshot on one tier (records only: not verified)."""
+
+    tier: str  # "memory", "local" or "storage"
+    generation: int
+    step: int
+    rank: int
+    world_size: int
+    where: str  # the directory or URL that holds it
+    sealed: bool = True  # memory: its checksums are written (a crash mid-persist may leave one unsealed)
+
+
+def tier_copies(
+    cat: Catalog,
+    *,
+    memory_dir: str | os.PathLike[str] | None = None,
+    local_dir: str | os.PathLike[str] | None = None,
+) -> list[Copy]:
+    """Every copy the tiers of ``cat``'s storage hold: its commit records; with ``local_dir``,
+    each rank's local tier (``local_dir/rNNNNN-of-MMMMM``, or ``local_dir`` itself for one
+    process); with ``memory_dir`` (``"default"``: the default memory root of this storage),
+    each shard directory there (this node's ranks, and the peers' shards it holds as mirrors or
+    keeps for ranks that moved).  Records that do not validate are left out (``ls`` and
+    ``verify`` of each tier report them); memory snapshots of another storage tier are too."""
+    out: list[Copy] = []
+    for info in cat.steps():
+        if info.error is None and info.world_size is not None:
+            for r in range(info.world_size):
+                out.append(Copy("storage", info.generation or 0, info.step, r, info.world_size, cat.url))
+    if local_dir is not None:
+        root = Path(local_dir)
+        dirs = (
+            sorted(p for p in root.iterdir() if p.is_dir() and SHARD_PATTERN.fullmatch(p.name))
+            if root.is_dir()
+            else []
+        )
+        for d in dirs or ([root] if root.is_dir() else []):
+            with Catalog(d, options=cat.opts) as local:
+                for info in local.steps():
+                    if info.error is not None or info.world_size is None:
+                        continue
+                    rank = int(d.name[1:6]) if d is not root else 0
+                    out.append(Copy("local", info.generation or 0, info.step, rank, info.world_size, str(d)))
+    if memory_dir is not None:
+        storage_id = hashlib.sha256(cat.url.encode()).hexdigest()[:16]
+        root = Path(default_memory_root()) / storage_id if str(memory_dir) == "default" else Path(memory_dir)
+        dirs = (
+            sorted(p for p in root.iterdir() if p.is_dir() and SHARD_PATTERN.fullmatch(p.name))
+            if root.is_dir()
+            else []
+        )
+        for d in dirs:
+            be = LocalBackend(d, fsync=False, direct_io=False)
+            for step in memory_steps(be):
+                try:
+                    m = read_memory_manifest(be, step)
+                except Exception:  # left out: a torn or foreign record  # noqa: BLE001
+                    continue
+                if m.storage and m.storage != storage_id:
+                    continue
+                out.append(Copy("memory", m.generation, m.step, m.rank, m.world_size, str(d), m.sealed))
+    return out
 
 
 def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:

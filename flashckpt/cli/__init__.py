@@ -49,7 +49,64 @@ def _verdict(exc: BaseException) -> tuple[int, str]:
     return USAGE, f"ERROR ({type(exc).__name__})"
 
 
+def _ls_tiers(args: argparse.Namespace) -> int:
+    """``ls`` with ``--memory-dir`` / ``--local-dir``: one row per snapshot across the tiers."""
+    from flashckpt.catalog import tier_copies
+
+    with Catalog(args.url) as cat:
+        copies = tier_copies(cat, memory_dir=args.memory_dir, local_dir=args.local_dir)
+    snaps: dict[tuple[int, int], dict[str, Any]] = {}
+    for c in copies:
+        fresh = {
+            "step": c.step,
+            "generation": c.generation,
+            "world_size": c.world_size,
+            "tiers": {},
+            "unsealed": [],
+        }
+        row = snaps.setdefault((c.generation, c.step), fresh)
+        row["world_size"] = max(row["world_size"], c.world_size)
+        row["tiers"].setdefault(c.tier, set()).add(c.rank)
+        if not c.sealed:
+            row["unsealed"].append(c.rank)
+    pick = None
+    for order in sorted(snaps, reverse=True):
+        row = snaps[order]
+        held = set().union(*row["tiers"].values())
+        missing = sorted(set(range(row["world_size"])) - held)
+        if missing:
+            row["note"] = f"passed over: no copy of rank(s) {', '.join(map(str, missing))}"
+        elif pick is None:
+            pick = order
+            row["note"] = "restore picks this (if every byte verifies)"
+    rows = []
+    for order in sorted(snaps):
+        row = snaps[order]
+        tiers = {t: sorted(r) for t, r in row["tiers"].items()}
+        rows.append({**row, "tiers": tiers, "restore": order == pick})
+    if args.json:
+        print(json.dumps(rows))
+        return OK
+
+    def cell(row: dict[str, Any], tier: str) -> str:
+        ranks = row["tiers"].get(tier)
+        if not ranks:
+            return "-"
+        return "all" if len(ranks) == row["world_size"] else ",".join(f"r{r}" for r in ranks)
+
+    print(f"{'step':>12}  {'ranks':>5}  {'memory':<8} {'local':<8} {'storage':<8} note")
+    for row in rows:
+        mem = cell(row, "memory") + ("*" if row["unsealed"] else "")
+        print(f"{row['step']:>12}  {row['world_size']:>5}  {mem:<8} {cell(row, 'local'):<8} "
+              f"{cell(row, 'storage'):<8} {row.get('note', '')}")  # fmt: skip
+    if any(r["unsealed"] for r in rows):
+        print("(* a memory copy not yet checksummed: the process stopped while persisting it)")
+    return OK
+
+
 def _ls(args: argparse.Namespace) -> int:
+    if args.memory_dir is not None or args.local_dir is not None:
+        return _ls_tiers(args)
     rows: list[dict[str, Any]] = []
     code = OK
     with Catalog(args.url) as cat:
@@ -435,6 +492,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("ls", help="list committed steps (exit 1 if a step's records do not validate)")
     p.add_argument("url")
+    p.add_argument(
+        "--memory-dir", metavar="D",
+        help="also this node's memory tier: the memory_dir the job used, or 'default' (its default one)",
+    )  # fmt: skip
+    p.add_argument("--local-dir", metavar="D", help="also the local tier (the job's local_dir)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_ls)
     p = sub.add_parser("verify", help="check every checksum of committed steps (exit 1 if one is corrupt)")
