@@ -164,17 +164,23 @@ class Catalog:
             else:
                 yield key, node
 
-    def verify(self, step: int) -> None:
+    def verify(self, step: int, progress: Callable[[int, int], None] | None = None) -> None:
         """Re-read every chunk of every shard of ``step`` and check it against its checksum,
         one chunk at a time; the shards are checked against each other.  Raises
-        ``CorruptCheckpointError`` (or ``ObjectNotFound``) for a damaged step."""
+        ``CorruptCheckpointError`` (or ``ObjectNotFound``) for a damaged step.
+        ``progress(done, total)``: called with the bytes checked so far after each chunk."""
         reader = StepReader(self.backend, step, self.opts, self._pool)
+        total = sum(c.nbytes for m in reader.manifests for c in m.chunks)
+        done = 0
         for m in reader.manifests:
             size = max((c.nbytes for c in m.chunks), default=0)
             check_fits(size, None, f"a chunk of step {step}")  # a hostile size fails cleanly
             buf = bytearray(size)  # one chunk at a time: bounded memory
             for c in m.chunks:
                 fetch_chunks(self.backend, m.with_chunks([c]), _scratch(buf), self._pool, self.opts)
+                done += c.nbytes
+                if progress is not None:
+                    progress(done, total)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -175,3 +175,34 @@ def test_an_unexpected_error_in_one_step_exits_2_after_checking_the_others(
     _hostile(tree, next(c for c in CASES if c.name == "zstd-bg2-odd-size"), step=2)
     code, out, _err = _main(capsys, "verify", str(tree))
     assert code == 2 and out.splitlines()[2].startswith("step 2: CORRUPT: ")
+
+
+def test_verify_reports_progress_over_every_byte_and_draws_a_bar_on_a_terminal(
+    dirs: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    import torch
+
+    from flashckpt.catalog import Catalog
+
+    opts = flashckpt.Options(chunk_bytes=64 << 10)
+    with flashckpt.Checkpointer(dirs["storage"], memory_dir=dirs["memory"], options=opts) as ckpt:
+        ckpt.save(2, {"w": torch.randn(1 << 18), "b": torch.ones(3)})
+    seen: list[tuple[int, int]] = []
+    with Catalog(dirs["storage"]) as cat:
+        cat.verify(2, lambda done, total: seen.append((done, total)))
+        (m,) = cat.manifests(2)
+    total = sum(c.nbytes for c in m.chunks)
+    assert len(seen) == len(m.chunks) > 1 and seen[-1] == (total, total)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert main(["verify", str(dirs["storage"])]) == 0
+    assert "step 2" in term.getvalue()  # the bar, on the terminal only
+    assert capsys.readouterr().out.strip() == "step 2: ok"

@@ -12,11 +12,12 @@ prints a traceback, only one line on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -136,6 +137,30 @@ def _ls(args: argparse.Namespace) -> int:
     return code
 
 
+@contextlib.contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr (tqdm) while it is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield None
+        return
+    bar = tqdm(desc=label, unit="B", unit_scale=True, leave=False, file=sys.stderr)
+    try:
+
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        yield update
+    finally:
+        bar.close()
+
+
 def _verify(args: argparse.Namespace) -> int:
     code = OK
     with Catalog(args.url) as cat:
@@ -149,7 +174,8 @@ def _verify(args: argparse.Namespace) -> int:
             _warn(f"no committed step at {cat.url}: nothing to verify")
         for step in steps:
             try:
-                cat.verify(step)  # every rank's records, the shards against each other, every chunk
+                with _progress(f"step {step}") as bar:
+                    cat.verify(step, bar)  # every rank's records, the shards against each other, every chunk
                 print(f"step {step}: ok")
             except Exception as exc:  # report this step, verify the others  # noqa: BLE001
                 step_code, label = _verdict(exc)
