@@ -170,8 +170,8 @@ class Preemption:
     def at_save(self, call: int) -> bool:
         """Training thread, every ``save`` call (numbered ``call`` alike on every rank): True
         if this call takes the final snapshot.  One store round trip per call in a multi-rank
-        job (none in a one-process job)."""
-        if self._final_taken:
+        job (none in a one-process job, none without ``signals``)."""
+        if self._final_taken or not self._signals:
             return False
         if self._final_call is None:
             self._final_call = self._learn(call)
