@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -162,10 +163,10 @@ def test_an_unexpected_error_in_one_step_exits_2_after_checking_the_others(
 
     real = Catalog.verify
 
-    def flaky(self: Catalog, step: int) -> None:
+    def flaky(self: Catalog, step: int, progress: Any = None) -> None:
         if step == 1:
             raise ValueError("not a corruption")
-        real(self, step)
+        real(self, step, progress)
 
     monkeypatch.setattr(Catalog, "verify", flaky)
     code, out, _err = _main(capsys, "verify", str(tree))
