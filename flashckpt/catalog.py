@@ -24,7 +24,7 @@ from flashckpt.backends import LocalBackend
 from flashckpt.coordination.inventory import committed_steps, read_commit, read_committed_manifest
 from flashckpt.coordination.reshard import StepReader
 from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError
-from flashckpt.format import SHARD_PATTERN, DTensorRef, Manifest, StatefulRecord, TensorRef, tensor_nbytes
+from flashckpt.format import SHARD_PATTERN, DTensorRef, Manifest, TensorRef, tensor_nbytes, tree_leaves
 from flashckpt.staging.memory_tier import memory_steps, read_memory_manifest
 from flashckpt.staging.stager import check_fits
 from flashckpt.storage import Backend, open_backend
@@ -135,7 +135,7 @@ class Catalog:
         rec = read_commit(self.backend, step, self.opts)
         m = read_committed_manifest(self.backend, step, 0, rec.world_size, self.opts)
         out: list[tuple[str, torch.dtype | None, tuple[int, ...]]] = []
-        for key, node in _walk(m.state_tree(), ""):
+        for key, node in tree_leaves(m.state_tree()):
             if isinstance(node, TensorRef):
                 e = m.tensors[node.index]
                 out.append((key, e.dtype, tuple(e.shape)))
@@ -152,7 +152,7 @@ class Catalog:
         as ``inspect`` prints them.  Memory: one tensor and the chunks that hold it (at most
         twice ``Options.chunk_bytes`` of chunks are kept between tensors)."""
         reader = StepReader(self.backend, step, self.opts, self._pool, cache_bytes=2 * self.opts.chunk_bytes)
-        for key, node in _walk(reader.trees[0], ""):
+        for key, node in tree_leaves(reader.trees[0]):
             if isinstance(node, TensorRef):
                 yield key, reader.tensor(0, node.index)
             elif isinstance(node, DTensorRef):
@@ -251,23 +251,6 @@ def tier_copies(
                     continue
                 out.append(Copy("memory", m.generation, m.step, m.rank, m.world_size, str(d), m.sealed))
     return out
-
-
-def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
-    """``(key, leaf)`` of a decoded tree: tensor references and plain values, keys joined with
-    dots (``Stateful`` records stand for their state dicts)."""
-    if isinstance(node, (TensorRef, DTensorRef)):
-        yield path, node
-    elif isinstance(node, StatefulRecord):
-        yield from _walk(node.state, path)
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            yield from _walk(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(node, (list, tuple)) and not isinstance(node, torch.Size):
-        for i, v in enumerate(node):
-            yield from _walk(v, f"{path}.{i}" if path else str(i))
-    else:
-        yield path, node
 
 
 def _scratch(buf: bytearray) -> Callable[[int, int], memoryview]:

@@ -24,7 +24,7 @@ import torch
 
 from flashckpt.catalog import Catalog
 from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError, FlashCkptError, ObjectNotFound
-from flashckpt.format import DTensorRef, Manifest, StatefulRecord, TensorRef
+from flashckpt.format import DTensorRef, Manifest, TensorRef, tree_leaves
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -192,34 +192,29 @@ def _newest(cat: Catalog) -> int:
     return max(good, key=lambda i: (i.generation or 0, i.step)).step
 
 
-def _tree_rows(node: Any, path: str, m: Manifest) -> Iterator[dict[str, Any]]:
-    """One row per leaf of a saved tree (keys joined with dots, as ``UnsupportedStateError``
-    and ``StateMismatchError`` name them)."""
+def _tree_rows(m: Manifest) -> Iterator[dict[str, Any]]:
+    """One row per leaf of a shard's saved tree (keys as the state walk names them)."""
+    for key, node in tree_leaves(m.state_tree()):
+        if isinstance(node, (TensorRef, DTensorRef)):
+            e = m.tensors[node.index]
+            row = {"key": key, "kind": "tensor", "dtype": str(e.dtype).removeprefix("torch."),
+                   "shape": list(e.shape), "bytes": e.nbytes, "index": node.index}  # fmt: skip
+            if isinstance(node, DTensorRef):
+                row.update(kind="dtensor", global_shape=list(node.shape), placements=list(node.placements),
+                           mesh=list(node.mesh))  # fmt: skip
+            yield row
+        else:
+            text = repr(node)
+            yield {"key": key, "kind": "value", "value": text if len(text) <= 80 else text[:77] + "..."}
 
-    def join(k: Any) -> str:
-        return f"{path}.{k}" if path else str(k)
 
-    if isinstance(node, TensorRef):
-        e = m.tensors[node.index]
-        yield {"key": path, "kind": "tensor", "dtype": str(e.dtype).removeprefix("torch."),
-               "shape": list(e.shape), "bytes": e.nbytes, "index": node.index}  # fmt: skip
-    elif isinstance(node, DTensorRef):
-        e = m.tensors[node.index]
-        yield {"key": path, "kind": "dtensor", "dtype": str(e.dtype).removeprefix("torch."),
-               "shape": list(e.shape), "bytes": e.nbytes, "index": node.index,
-               "global_shape": list(node.shape), "placements": list(node.placements),
-               "mesh": list(node.mesh)}  # fmt: skip
-    elif isinstance(node, StatefulRecord):
-        yield from _tree_rows(node.state, path, m)
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            yield from _tree_rows(v, join(k), m)
-    elif isinstance(node, (list, tuple)) and not isinstance(node, torch.Size):
-        for i, v in enumerate(node):
-            yield from _tree_rows(v, join(i), m)
-    else:
-        text = repr(node)
-        yield {"key": path, "kind": "value", "value": text if len(text) <= 80 else text[:77] + "..."}
+def _committed_step(cat: Catalog, step: int | None) -> int | None:
+    """``step`` (default: the newest committed one) if it is committed, else ``None`` (said)."""
+    step = step if step is not None else _newest(cat)
+    if step not in cat.step_numbers():
+        _warn(f"step {step} is not committed at {cat.url}")
+        return None
+    return step
 
 
 def _tensor_stats(t: torch.Tensor) -> dict[str, Any]:
@@ -245,9 +240,8 @@ def _tensor_stats(t: torch.Tensor) -> dict[str, Any]:
 
 def _inspect(args: argparse.Namespace) -> int:
     with Catalog(args.url) as cat:
-        step = args.step if args.step is not None else _newest(cat)
-        if step not in cat.step_numbers():
-            _warn(f"step {step} is not committed at {cat.url}")
+        step = _committed_step(cat, args.step)
+        if step is None:
             return USAGE
         try:
             manifests = cat.manifests(step)
@@ -260,7 +254,7 @@ def _inspect(args: argparse.Namespace) -> int:
             _warn(f"step {step} was saved by {world} rank(s): there is no rank {args.rank}")
             return USAGE
         m = manifests[args.rank]
-        rows = list(_tree_rows(m.state_tree(), "", m))
+        rows = list(_tree_rows(m))
         if args.tensor is not None:
             hit = [r for r in rows if r["key"] == args.tensor and r["kind"] != "value"]
             if not hit:
@@ -356,12 +350,9 @@ def _diff(args: argparse.Namespace) -> int:
         "unread": 0,
     }
     with Catalog(url_a) as ca, Catalog(url_b) as cb:
-        sa = step_a if step_a is not None else _newest(ca)
-        sb = step_b if step_b is not None else _newest(cb)
-        for cat, step in ((ca, sa), (cb, sb)):
-            if step not in cat.step_numbers():
-                _warn(f"step {step} is not committed at {cat.url}")
-                return USAGE
+        sa, sb = _committed_step(ca, step_a), _committed_step(cb, step_b)
+        if sa is None or sb is None:
+            return USAGE
         ma, mb = ca.manifests(sa), cb.manifests(sb)
         report.update(a=f"{ca.url}@{sa}", b=f"{cb.url}@{sb}", world_a=len(ma), world_b=len(mb))
         if len(ma) != len(mb):
@@ -369,8 +360,8 @@ def _diff(args: argparse.Namespace) -> int:
         for rank in range(min(len(ma), len(mb))):
             a, b = ma[rank], mb[rank]
             prefix = f"[rank {rank}] " if max(len(ma), len(mb)) > 1 else ""
-            ra = {r["key"]: r for r in _tree_rows(a.state_tree(), "", a)}
-            rb = {r["key"]: r for r in _tree_rows(b.state_tree(), "", b)}
+            ra = {r["key"]: r for r in _tree_rows(a)}
+            rb = {r["key"]: r for r in _tree_rows(b)}
             report["only_a"] += [prefix + k for k in ra if k not in rb]
             report["only_b"] += [prefix + k for k in rb if k not in ra]
             for k in (k for k in ra if k in rb):
@@ -421,9 +412,8 @@ def _restore(args: argparse.Namespace) -> int:
     out = Path(args.out)
     shard = parse_size(args.max_shard_size)
     with Catalog(args.url) as cat:
-        step = args.step if args.step is not None else _newest(cat)
-        if step not in cat.step_numbers():
-            _warn(f"step {step} is not committed at {cat.url}")
+        step = _committed_step(cat, args.step)
+        if step is None:
             return USAGE
         try:
             specs = select_specs(cat.leaf_specs(step), args.only, args.dtype)
@@ -508,7 +498,7 @@ def _plan(args: argparse.Namespace) -> int:
     return OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashckpt",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
@@ -516,6 +506,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    _read_commands(sub)
+    _plan_command(sub)
+    return parser
+
+
+def _read_commands(sub: Any) -> None:
+    """ls, verify, inspect, restore, diff."""
     p = sub.add_parser("ls", help="list committed steps (exit 1 if a step's records do not validate)")
     p.add_argument("url")
     p.add_argument(
@@ -563,6 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rtol", type=float, default=0.0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_diff)
+
+
+def _plan_command(sub: Any) -> None:
     p = sub.add_parser(
         "plan",
         help="the checkpoint interval that maximises goodput, from measured costs",
@@ -585,6 +585,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--persist-every", type=int, default=1, help="the current persist_every")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_plan)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)  # usage errors: a usage line and exit 2, from argparse
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:

@@ -17,7 +17,6 @@ is verified.  Callable from any thread; the Checkpointer calls it on the trainin
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from concurrent.futures import Executor
 from typing import Any
 
@@ -30,9 +29,9 @@ from flashckpt.format import (
     CODEC_RAW,
     DTensorRef,
     Manifest,
-    StatefulRecord,
     checksum,
     tensor_nbytes,
+    tree_leaves,
 )
 from flashckpt.staging.stager import check_fits
 from flashckpt.staging.statewalk import build, load_into
@@ -59,8 +58,9 @@ class StepReader:
         self.trees = [m.state_tree() for m in self.manifests]
         self.pieces: dict[str, list[tuple[int, DTensorRef]]] = {}
         for r, tree in enumerate(self.trees):
-            for path, ref in _dtensor_refs(tree, ""):
-                self.pieces.setdefault(path, []).append((r, ref))
+            for path, ref in tree_leaves(tree):
+                if isinstance(ref, DTensorRef):
+                    self.pieces.setdefault(path, []).append((r, ref))
         for path, pieces in self.pieces.items():
             self._check_pieces(path, pieces)
         self._chunks: dict[str, bytes] = {}
@@ -213,17 +213,3 @@ class StepReader:
             return out
 
         return build(self.trees[0], materialize, dtensor=whole)
-
-
-def _dtensor_refs(node: Any, path: str) -> Iterator[tuple[str, DTensorRef]]:
-    """(path, ref) of every DTensor in a decoded tree; paths as the state walk's loader names them."""
-    if isinstance(node, DTensorRef):
-        yield path, node
-    elif isinstance(node, StatefulRecord):
-        yield from _dtensor_refs(node.state, path)
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            yield from _dtensor_refs(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(node, (list, tuple)) and not isinstance(node, torch.Size):
-        for i, v in enumerate(node):
-            yield from _dtensor_refs(v, f"{path}.{i}" if path else str(i))

@@ -93,6 +93,7 @@ from flashckpt.format.tree import (
     encode_tree,
     shape_extent,
     tensor_nbytes,
+    tree_leaves,
 )
 
 __all__ = [
@@ -146,6 +147,7 @@ __all__ = [
     "encode_tree",
     "shape_extent",
     "tensor_nbytes",
+    "tree_leaves",
     # manifest
     "MANIFEST_FORMAT",
     "UNSEALED",

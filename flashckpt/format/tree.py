@@ -12,7 +12,7 @@ import math
 import numbers
 import re
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +174,24 @@ def _join(path: str, key: Any) -> str:
 
 
 _FLOAT_WORDS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def tree_leaves(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """``(key, leaf)`` of every leaf of a decoded tree, in order: a :class:`TensorRef`, a
+    :class:`DTensorRef` or a plain value; a :class:`StatefulRecord` stands for its state dict.
+    Keys join the path with dots, as the state walk names them in its errors."""
+    if isinstance(node, (TensorRef, DTensorRef)):
+        yield path, node
+    elif isinstance(node, StatefulRecord):
+        yield from tree_leaves(node.state, path)
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from tree_leaves(v, _join(path, k))
+    elif isinstance(node, (list, tuple)) and not isinstance(node, torch.Size):
+        for i, v in enumerate(node):
+            yield from tree_leaves(v, _join(path, i))
+    else:
+        yield path, node
 
 
 def decode_tree(node: Any, n_tensors: int, depth: int = 0) -> Any:
