@@ -164,196 +164,209 @@ def load_checkpoint(
     return decode(state["lightning"])
 
 
+class _IO:
+    """Loads and writes the pointer; passes every other path to the IO it wraps."""
+
+    def __init__(self, wrapped: Any, callback: Any) -> None:
+        super().__init__()
+        self.wrapped = wrapped
+        self.callback = callback
+
+    def _ours(self, path: Any) -> bool:
+        return bool(os.path.normpath(os.fspath(path)) == os.path.normpath(self.callback.ckpt_path))
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if self._ours(path):  # rank 0 (under DDP): the snapshot itself is staged by every rank
+            self.callback._write_pointer()
+            return
+        self.wrapped.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: Any = None
+    ) -> dict[str, Any]:
+        if self._ours(path):
+            got: dict[str, Any] | None = self.callback._restore()
+            if got is None:
+                raise CheckpointNotFound(
+                    f"{path} points at {self.callback.storage}, which holds no snapshot this job can "
+                    "restore; remove the pointer file to start afresh"
+                )
+            return got
+        loaded: dict[str, Any] = self.wrapped.load_checkpoint(
+            path, map_location=map_location, weights_only=weights_only
+        )
+        if _LAST.match(os.path.basename(os.fspath(path))):
+            # Lightning chose a ModelCheckpoint's "last" file by its mtime: a flash
+            # snapshot of the same or a later step is the better resume (it has the RNG,
+            # every rank's own state, and may come from memory).
+            ours: dict[str, Any] | None = self.callback._restore()
+            if ours is not None and ours.get("global_step", -1) >= loaded.get("global_step", 0):
+                log.info(
+                    "flashckpt: resuming from the flash snapshot of step %s instead of %s",
+                    ours["global_step"],
+                    path,
+                )
+                return ours
+        return loaded
+
+    def remove_checkpoint(self, path: Any) -> None:
+        if not self._ours(path):
+            self.wrapped.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.wrapped.teardown()
+
+
+class _Callback(FlashCheckpoint):
+    """The callback's behaviour; :func:`_classes` puts it before the Lightning package's own
+    ``OnExceptionCheckpoint`` and gives it that package's names (class attributes below)."""
+
+    _base: Any = None  # the package's OnExceptionCheckpoint
+    _trainer_cls: Any = None  # its Trainer
+    _strategies: Any = ()  # its single-device and DDP strategies
+    ckpt_path: str  # OnExceptionCheckpoint's: the pointer file
+    _io_cls: Any = None  # the IO class built on its CheckpointIO
+    _ns = ""
+
+    def _init(self, dirpath: str) -> None:
+        self._base.__init__(self, dirpath, filename=POINTER_NAME)
+        self._ckpt: flashckpt.Checkpointer | None = None
+        self._trainer: Any = None
+        self._capturing = False
+        self._captured: dict[str, Any] | None = None
+        self._last_step = -1
+        self._rng_pending: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "FlashCheckpoint"
+
+    # -- setup and teardown (every rank) -------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not isinstance(trainer, self._trainer_cls):
+            other = "pytorch_lightning" if self._ns == "lightning.pytorch" else "lightning"
+            raise ConfigError(
+                f"FlashCheckpoint was built for {self._ns.split('.')[0]}, the Trainer comes from "
+                f"{type(trainer).__module__.split('.')[0]}: pass framework={other!r}"
+            )
+        strategy: Any = trainer.strategy
+        if not isinstance(strategy, self._strategies) or "DeepSpeed" in type(strategy).__name__:
+            raise ConfigError(
+                f"FlashCheckpoint supports the single-device and DDP strategies; "
+                f"{type(strategy).__name__} saves sharded state through its own distributed "
+                "checkpointing, not a CheckpointIO"
+            )
+        if not isinstance(strategy.checkpoint_io, self._io_cls):
+            strategy.checkpoint_io = self._io_cls(strategy.checkpoint_io, self)
+        if self._ckpt is None:
+            self._ckpt = flashckpt.Checkpointer(self.storage, every=self.every, **self.checkpointer_options)
+        self._trainer = trainer
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # (OnExceptionCheckpoint's teardown deletes its file: the pointer stays)
+        if stage == "fit":
+            self._close(None)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # Not a save of the live state (an exception may leave it half-updated): the
+        # newest staged snapshot is persisted, if it lived in memory only.
+        self._close(exception)
+
+    def _close(self, exc: BaseException | None) -> None:
+        ckpt, self._ckpt = self._ckpt, None
+        if ckpt is not None:
+            if exc is None:
+                ckpt.close()
+            else:
+                ckpt.__exit__(type(exc), exc, exc.__traceback__)
+
+    # -- saving (every rank) ---------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = int(trainer.global_step)
+        if step == self._last_step or self._ckpt is None:
+            return  # accumulating gradients: no optimizer step since the last call
+        self._last_step = step
+        self._ckpt.save(step, self._capture)
+        if self._ckpt.preempted:
+            log.warning("flashckpt: preempted: stopping the fit after step %d", step)
+            trainer.should_stop = True
+
+    def _capture(self) -> dict[str, Any]:
+        """Lightning's checkpoint dict of this rank, with its random generators."""
+        self._capturing = True
+        try:
+            self._trainer.save_checkpoint(self.ckpt_path, weights_only=False)
+        finally:
+            self._capturing = False
+        captured, self._captured = self._captured, None
+        if captured is None:
+            raise RuntimeError("Lightning did not call on_save_checkpoint while saving the pointer")
+        return {"lightning": encode(captured, droppable=_DROPPABLE)}
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if self._capturing:
+            # the dict is complete once save_checkpoint returns (the module's own hook
+            # runs after the callbacks'): kept by reference until then
+            checkpoint["flashckpt"] = {"rng": flashckpt.RNGState().state_dict()}
+            self._captured = checkpoint
+
+    def _write_pointer(self) -> None:
+        """Rank 0 (Lightning's IO call): the pointer, rewritten so that its mtime wins
+        Lightning's "last" comparison with other checkpoint files."""
+        path = Path(self.ckpt_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"kind": _POINTER_KIND, "storage": str(self.storage)}))
+        os.replace(tmp, path)
+
+    # -- loading (every rank) --------------------------------------------------------------
+    def _restore(self) -> dict[str, Any] | None:
+        if self._ckpt is None:
+            raise RuntimeError("FlashCheckpoint: a load before setup")
+        holder: dict[str, Any] = {}
+        if self._ckpt.restore(holder) is None:
+            return None
+        checkpoint: dict[str, Any] = decode(holder["lightning"])
+        self._last_step = int(checkpoint.get("global_step", -1))
+        return checkpoint
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get("flashckpt")
+        self._rng_pending = extra.get("rng") if isinstance(extra, dict) else None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._rng_pending is not None:
+            flashckpt.RNGState().load_state_dict(self._rng_pending)
+            self._rng_pending = None
+
+    @property
+    def checkpointer(self) -> flashckpt.Checkpointer | None:
+        """This rank's Checkpointer, between ``setup`` and the end of the fit."""
+        return self._ckpt
+
+
 def _classes(ns: str) -> tuple[type, type]:
     """The callback and IO classes built on ``ns``'s own ``OnExceptionCheckpoint`` and
     ``CheckpointIO`` (Lightning recognises only its own package's classes)."""
-    if ns in _built:
-        return _built[ns]
-    pl = importlib.import_module(ns)
-    callbacks = importlib.import_module(f"{ns}.callbacks")
-    plugins = importlib.import_module(f"{ns}.plugins")
-    strategies = importlib.import_module(f"{ns}.strategies")
-    ok_strategies = (strategies.SingleDeviceStrategy, strategies.DDPStrategy)
-
-    class FlashCheckpointIO(plugins.CheckpointIO):  # type: ignore[misc, name-defined]
-        """Loads and writes the pointer; passes every other path to the IO it wraps."""
-
-        def __init__(self, wrapped: Any, callback: Any) -> None:
-            super().__init__()
-            self.wrapped = wrapped
-            self.callback = callback
-
-        def _ours(self, path: Any) -> bool:
-            return bool(os.path.normpath(os.fspath(path)) == os.path.normpath(self.callback.ckpt_path))
-
-        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-            if self._ours(path):  # rank 0 (under DDP): the snapshot itself is staged by every rank
-                self.callback._write_pointer()
-                return
-            self.wrapped.save_checkpoint(checkpoint, path, storage_options=storage_options)
-
-        def load_checkpoint(
-            self, path: Any, map_location: Any = None, weights_only: Any = None
-        ) -> dict[str, Any]:
-            if self._ours(path):
-                got: dict[str, Any] | None = self.callback._restore()
-                if got is None:
-                    raise CheckpointNotFound(
-                        f"{path} points at {self.callback.storage}, which holds no snapshot this job can "
-                        "restore; remove the pointer file to start afresh"
-                    )
-                return got
-            loaded: dict[str, Any] = self.wrapped.load_checkpoint(
-                path, map_location=map_location, weights_only=weights_only
-            )
-            if _LAST.match(os.path.basename(os.fspath(path))):
-                # Lightning chose a ModelCheckpoint's "last" file by its mtime: a flash
-                # snapshot of the same or a later step is the better resume (it has the RNG,
-                # every rank's own state, and may come from memory).
-                ours: dict[str, Any] | None = self.callback._restore()
-                if ours is not None and ours.get("global_step", -1) >= loaded.get("global_step", 0):
-                    log.info(
-                        "flashckpt: resuming from the flash snapshot of step %s instead of %s",
-                        ours["global_step"],
-                        path,
-                    )
-                    return ours
-            return loaded
-
-        def remove_checkpoint(self, path: Any) -> None:
-            if not self._ours(path):
-                self.wrapped.remove_checkpoint(path)
-
-        def teardown(self) -> None:
-            self.wrapped.teardown()
-
-    class _FlashCheckpoint(FlashCheckpoint, callbacks.OnExceptionCheckpoint):  # type: ignore[misc, name-defined]
-        __qualname__ = "FlashCheckpoint"
-
-        def _init(self, dirpath: str) -> None:
-            callbacks.OnExceptionCheckpoint.__init__(self, dirpath, filename=POINTER_NAME)
-            self._ckpt: flashckpt.Checkpointer | None = None
-            self._trainer: Any = None
-            self._capturing = False
-            self._captured: dict[str, Any] | None = None
-            self._last_step = -1
-            self._rng_pending: dict[str, Any] | None = None
-
-        @property
-        def state_key(self) -> str:
-            return "FlashCheckpoint"
-
-        # -- setup and teardown (every rank) -------------------------------------------------
-        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-            if stage != "fit":
-                return
-            if not isinstance(trainer, pl.Trainer):
-                other = "pytorch_lightning" if ns == "lightning.pytorch" else "lightning"
-                raise ConfigError(
-                    f"FlashCheckpoint was built for {ns.split('.')[0]}, the Trainer comes from "
-                    f"{type(trainer).__module__.split('.')[0]}: pass framework={other!r}"
-                )
-            strategy = trainer.strategy
-            if not isinstance(strategy, ok_strategies) or "DeepSpeed" in type(strategy).__name__:
-                raise ConfigError(
-                    f"FlashCheckpoint supports the single-device and DDP strategies; "
-                    f"{type(strategy).__name__} saves sharded state through its own distributed "
-                    "checkpointing, not a CheckpointIO"
-                )
-            if not isinstance(strategy.checkpoint_io, FlashCheckpointIO):
-                strategy.checkpoint_io = FlashCheckpointIO(strategy.checkpoint_io, self)
-            if self._ckpt is None:
-                self._ckpt = flashckpt.Checkpointer(
-                    self.storage, every=self.every, **self.checkpointer_options
-                )
-            self._trainer = trainer
-
-        def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-            # (OnExceptionCheckpoint's teardown deletes its file: the pointer stays)
-            if stage == "fit":
-                self._close(None)
-
-        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-            # Not a save of the live state (an exception may leave it half-updated): the
-            # newest staged snapshot is persisted, if it lived in memory only.
-            self._close(exception)
-
-        def _close(self, exc: BaseException | None) -> None:
-            ckpt, self._ckpt = self._ckpt, None
-            if ckpt is not None:
-                if exc is None:
-                    ckpt.close()
-                else:
-                    ckpt.__exit__(type(exc), exc, exc.__traceback__)
-
-        # -- saving (every rank) ---------------------------------------------------------------
-        def on_train_batch_end(
-            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-        ) -> None:
-            step = int(trainer.global_step)
-            if step == self._last_step or self._ckpt is None:
-                return  # accumulating gradients: no optimizer step since the last call
-            self._last_step = step
-            self._ckpt.save(step, self._capture)
-            if self._ckpt.preempted:
-                log.warning("flashckpt: preempted: stopping the fit after step %d", step)
-                trainer.should_stop = True
-
-        def _capture(self) -> dict[str, Any]:
-            """Lightning's checkpoint dict of this rank, with its random generators."""
-            self._capturing = True
-            try:
-                self._trainer.save_checkpoint(self.ckpt_path, weights_only=False)
-            finally:
-                self._capturing = False
-            captured, self._captured = self._captured, None
-            if captured is None:
-                raise RuntimeError("Lightning did not call on_save_checkpoint while saving the pointer")
-            return {"lightning": encode(captured, droppable=_DROPPABLE)}
-
-        def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-            if self._capturing:
-                # the dict is complete once save_checkpoint returns (the module's own hook
-                # runs after the callbacks'): kept by reference until then
-                checkpoint["flashckpt"] = {"rng": flashckpt.RNGState().state_dict()}
-                self._captured = checkpoint
-
-        def _write_pointer(self) -> None:
-            """Rank 0 (Lightning's IO call): the pointer, rewritten so that its mtime wins
-            Lightning's "last" comparison with other checkpoint files."""
-            path = Path(self.ckpt_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps({"kind": _POINTER_KIND, "storage": str(self.storage)}))
-            os.replace(tmp, path)
-
-        # -- loading (every rank) --------------------------------------------------------------
-        def _restore(self) -> dict[str, Any] | None:
-            if self._ckpt is None:
-                raise RuntimeError("FlashCheckpoint: a load before setup")
-            holder: dict[str, Any] = {}
-            if self._ckpt.restore(holder) is None:
-                return None
-            checkpoint: dict[str, Any] = decode(holder["lightning"])
-            self._last_step = int(checkpoint.get("global_step", -1))
-            return checkpoint
-
-        def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-            extra = checkpoint.get("flashckpt")
-            self._rng_pending = extra.get("rng") if isinstance(extra, dict) else None
-
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            if self._rng_pending is not None:
-                flashckpt.RNGState().load_state_dict(self._rng_pending)
-                self._rng_pending = None
-
-        @property
-        def checkpointer(self) -> flashckpt.Checkpointer | None:
-            """This rank's Checkpointer, between ``setup`` and the end of the fit."""
-            return self._ckpt
-
-    _FlashCheckpoint.__name__ = "FlashCheckpoint"
-    _built[ns] = (_FlashCheckpoint, FlashCheckpointIO)
+    if ns not in _built:
+        pl = importlib.import_module(ns)
+        callbacks = importlib.import_module(f"{ns}.callbacks")
+        plugins = importlib.import_module(f"{ns}.plugins")
+        strategies = importlib.import_module(f"{ns}.strategies")
+        io = type("FlashCheckpointIO", (_IO, plugins.CheckpointIO), {})
+        names = {
+            "_base": callbacks.OnExceptionCheckpoint,
+            "_trainer_cls": pl.Trainer,
+            "_strategies": (strategies.SingleDeviceStrategy, strategies.DDPStrategy),
+            "_io_cls": io,
+            "_ns": ns,
+        }
+        cb = type("FlashCheckpoint", (_Callback, callbacks.OnExceptionCheckpoint), names)
+        _built[ns] = (cb, io)
     return _built[ns]
 
 
