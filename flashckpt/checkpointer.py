@@ -38,7 +38,7 @@ from flashckpt._config import Options, default_memory_root, node_id, options_fro
 from flashckpt._dist import Control
 from flashckpt._secure import private_dir
 from flashckpt.backends import LocalBackend
-from flashckpt.coordination.handle import SaveHandle
+from flashckpt.coordination.handle import SaveHandle, wait_quietly
 from flashckpt.coordination.inventory import read_run
 from flashckpt.coordination.membership import close_mirrors, setup_mirrors
 from flashckpt.coordination.parts import RankParts
@@ -55,7 +55,6 @@ from flashckpt.errors import (
     ClosedError,
     ConfigError,
     CorruptCheckpointError,
-    FlashCkptError,
     StorageError,
 )
 from flashckpt.format import MAX_STEP, shard_name
@@ -281,7 +280,6 @@ class Checkpointer:
         self._opts = options_from_env(options)
         self._every, self._persist_every, self._keep = every, persist_every, keep
         self._seq = 0  # saves made so far (after `every`): the same on every rank, names a save
-        self._calls = 0  # save calls so far (before `every`): the same on every rank
         # held by the training thread in save and close, and by the preemption watcher when it
         # persists the newest snapshot itself
         self._busy = threading.RLock()
@@ -372,20 +370,10 @@ class Checkpointer:
 
     @property
     def preempted(self) -> bool:
-        """The job is being preempted and this rank has taken its final snapshot: the loop
-        should stop (leave the ``with`` block or call ``close``, which waits until the final
-        snapshot is durable).  Any thread.
-
-        After a preemption signal (``preempt_signals``), the next ``save`` call takes a forced
-        snapshot, persisted whatever ``every`` and ``persist_every`` say.  In a one-process job
-        this is True from the signal on; in a multi-rank job it turns True on every rank after
-        the same ``save`` call, the final one (at most one call after the first rank saw the
-        signal: see ``flashckpt/coordination/preemption.py``), so a loop that stops on it stops
-        at the same step on every rank.  If the loop has not closed ``Options.preempt_grace_s``
-        after the signal, the newest staged snapshot is persisted from a background thread; and
-        if the signal's handler before flashckpt's was the default (terminate), the process
-        then ends as the signal would have ended it.
-        """
+        """The job is being preempted: stop the loop (``close`` waits until the final snapshot
+        is durable).  Any thread.  After a signal in ``preempt_signals`` the next ``save`` call
+        takes a forced, persisted snapshot; one process: True from the signal on; several ranks:
+        True on every rank after the same, final ``save`` call.  README, "Preemption"."""
         p = self._preemption
         return p.final_taken or (self._world == 1 and p.signalled)
 
@@ -415,32 +403,25 @@ class Checkpointer:
         """
         self._check_open()
         _check_step(step)
-        with self._busy:
-            return self._save(step, state, force)
-
-    def _save(self, step: int, state: Any, force: bool) -> SaveHandle | None:
-        self._calls += 1
-        final = self._preemption.at_save(self._calls)
-        if final:
-            log.warning("flashckpt: preempted: step %d is the final snapshot; persisting it", step)
-            force = True
-        if not force and step % self._every:
-            return None
-        self._persister.check_alive()
-        t0 = time.perf_counter()
-        if callable(state) and not hasattr(state, "state_dict"):
-            state = state()
-        flat = flatten(state)  # refuses what the format cannot hold, before a slot is taken
-        layout = self._stager.layout(flat.tensors)
-        # Every rank makes the same saves: these change alike on every rank, whatever fails.
-        self._seq += 1
-        self._timeline.next_save(step)
-        persist = force or (step // self._every) % self._persist_every == 0
-        staged = self._saver.stage(step, flat, layout, persist=persist, seq=f"save{self._seq}")
-        self._stats.saved(step, staged, time.perf_counter() - t0)
-        if final:
-            self._preemption.took_final()
-        return staged.handle
+        with self._busy:  # the preemption watcher may persist the newest snapshot meanwhile
+            final = self._preemption.at_save()
+            if not (force or final) and step % self._every:
+                return None
+            self._persister.check_alive()
+            t0 = time.perf_counter()
+            if callable(state) and not hasattr(state, "state_dict"):
+                state = state()
+            flat = flatten(state)  # refuses what the format cannot hold, before a slot is taken
+            layout = self._stager.layout(flat.tensors)
+            # Every rank makes the same saves: these change alike on every rank, whatever fails.
+            self._seq += 1
+            self._timeline.next_save(step)
+            persist = force or final or (step // self._every) % self._persist_every == 0
+            staged = self._saver.stage(step, flat, layout, persist=persist, seq=f"save{self._seq}")
+            self._stats.saved(step, staged, time.perf_counter() - t0)
+            if final:
+                self._preemption.took_final()
+            return staged.handle
 
     def restore(self, state: Any, *, step: int | Literal["latest"] = "latest") -> int | None:
         """Load the newest complete step (or ``step``) into ``state`` in place.
@@ -570,16 +551,7 @@ class Checkpointer:
                 return lambda: None
             self._salvage.at_close({h.step for h in self._handles if h.failures})
             handles = list(self._handles)
-
-        def wait_durable() -> None:
-            deadline = time.monotonic() + self._opts.coord_timeout_s
-            for h in handles:
-                try:
-                    h.wait(max(0.0, deadline - time.monotonic()))
-                except FlashCkptError as exc:
-                    log.error("flashckpt: the newest snapshot did not become durable: %s", exc)
-
-        return wait_durable
+        return lambda: wait_quietly(handles, self._opts.coord_timeout_s)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -5,11 +5,15 @@ The persist thread reports each tier on it as that tier finishes; any thread may
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
-from flashckpt.errors import WaitTimeout
+from flashckpt.errors import FlashCkptError, WaitTimeout
+
+log = logging.getLogger(__name__)
 
 
 class _Failure:
@@ -119,3 +123,14 @@ class SaveHandle:
         """A failure after the fact that does not change durability (retention)."""
         with self._lock:
             self.warnings.append(_Failure(tier, error))
+
+
+def wait_quietly(handles: list[SaveHandle], timeout_s: float) -> None:
+    """Wait (``timeout_s`` in all) until ``handles`` are durable, logging what failed instead
+    of raising it (it stays on the handles for ``wait`` and ``close``).  Any thread."""
+    deadline = time.monotonic() + timeout_s
+    for h in handles:
+        try:
+            h.wait(max(0.0, deadline - time.monotonic()))
+        except FlashCkptError as exc:
+            log.error("flashckpt: step %d did not become durable: %s", h.step, exc)

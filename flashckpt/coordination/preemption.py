@@ -102,6 +102,7 @@ class Preemption:
         self._on_grace = on_grace
         self._previous: dict[signal.Signals, Handler] = {}
         self._received: signal.Signals | None = None  # set by the handler
+        self._calls = 0  # save calls so far
         self._final_call: int | None = None  # the save call that takes the final snapshot
         self._final_taken = False
         self._terminate = False  # the watcher asks the handler to end the process
@@ -167,17 +168,17 @@ class Preemption:
         """This rank has taken the job's final snapshot.  Any thread."""
         return self._final_taken
 
-    def at_save(self, call: int) -> bool:
-        """Training thread, every ``save`` call (numbered ``call`` alike on every rank): True
-        if this call takes the final snapshot.  One store round trip per call in a multi-rank
-        job (none in a one-process job, none without ``signals``)."""
+    def at_save(self) -> bool:
+        """Training thread, every ``save`` call (counted here: every rank makes them alike):
+        True if this call takes the final snapshot.  One store round trip per call in a
+        multi-rank job (none in a one-process job, none without ``signals``)."""
+        self._calls += 1
+        call = self._calls
         if self._final_taken or not self._signals:
             return False
         if self._final_call is None:
             self._final_call = self._learn(call)
-        if self._final_call is None:
-            return False
-        if call < self._final_call:
+        if self._final_call is None or call < self._final_call:
             return False
         if call > self._final_call:
             log.error(
@@ -187,6 +188,7 @@ class Preemption:
                 call,
                 self._final_call,
             )
+        log.warning("flashckpt: preempted: this save call takes the final snapshot and persists it")
         return True
 
     def took_final(self) -> None:
