@@ -20,9 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-from tests.integrations.launch import ROOT, command, env
+from tests.integrations.launch import ROOT, command, env, max_difference
 
 CASES = [
     # (label, worker, world, extra args of both runs)
@@ -58,12 +56,7 @@ def _run(worker: str, world: int, out: Path, shm: Path, args: list[str], expect:
 
 
 def max_diff(a: Path, b: Path, world: int) -> float:
-    worst = 0.0
-    for r in range(world):
-        x = torch.load(a / f"weights-rank{r}.pt")
-        y = torch.load(b / f"weights-rank{r}.pt")
-        worst = max(worst, *((x[k].float() - y[k].float()).abs().max().item() for k in x))
-    return worst
+    return max(max_difference(a, b, r) for r in range(world))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ import argparse
 import collections
 import dataclasses
 import enum
-import json
 import logging
 import math
 import os
@@ -29,35 +28,15 @@ import torch
 import flashckpt
 from flashckpt.errors import ConfigError, UnsupportedStateError
 from flashckpt.integrations._codec import MARK, decode, encode
-from tests.integrations.launch import ROOT, command, env
+from tests.integrations.launch import ROOT, ended, max_difference, run_worker
 
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("torchdata")
 
 
 def _run(out: Path, *args: str, world: int = 1, pkg: str = "lightning", expect: int | None = 0) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = command("tests.integrations.lightning_worker", ["--out", str(out), *args], world)
-    p = subprocess.run(
-        cmd, cwd=ROOT, env=env(out, LIGHTNING_PKG=pkg), capture_output=True, text=True, timeout=300
-    )
-    if expect is not None:
-        assert p.returncode == expect, p.stdout + p.stderr
-    return p.stdout + p.stderr
-
-
-def _weights(out: Path, rank: int = 0) -> dict[str, torch.Tensor]:
-    return dict(torch.load(out / f"weights-rank{rank}.pt"))
-
-
-def _end(out: Path, rank: int = 0) -> dict[str, Any]:
-    return dict(json.loads((out / f"end-rank{rank}.json").read_text()))
-
-
-def _assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    diff = {k: (a[k] - b[k]).abs().max().item() for k in a}
-    assert all(torch.equal(a[k], b[k]) for k in a), f"max |difference| per tensor: {diff}"
+    worker = "tests.integrations.lightning_worker"
+    return run_worker(worker, out, list(args), world=world, expect=expect, LIGHTNING_PKG=pkg)
 
 
 @pytest.mark.subprocess
@@ -75,9 +54,9 @@ def test_beside_a_model_checkpoint_saving_at_the_same_steps_the_flash_snapshot_i
     ).stat().st_mtime_ns
     assert sorted(p.name for p in (run / "mc").iterdir()) == ["epoch=0-step=6.ckpt", "last.ckpt"]
     _run(run, *common)
-    end = _end(run)
+    end = ended(run)
     assert end["restored"]["step"] == 6 and end["restored"]["tier"] == "memory"
-    _assert_bitwise(_weights(ref), _weights(run))
+    assert max_difference(ref, run) == 0
 
 
 @pytest.mark.subprocess
@@ -89,10 +68,10 @@ def test_a_run_killed_between_snapshots_resumes_bitwise_from_the_memory_tier(
     common = ["--storage", str(run / "st"), "--memory", str(shm_dir / "run")]
     _run(run, *common, "--die-at", "8", expect=-9)  # snapshots at steps 3 and 6 (every=3)
     _run(run, *common)
-    end = _end(run)
+    end = ended(run)
     assert end["global_step"] == 25
     assert end["restored"]["step"] == 6 and end["restored"]["tier"] == "memory"
-    _assert_bitwise(_weights(ref), _weights(run))
+    assert max_difference(ref, run) == 0
 
 
 @pytest.mark.subprocess
@@ -107,10 +86,10 @@ def test_two_ddp_ranks_killed_between_snapshots_resume_bitwise_each_from_its_own
     assert not (run / "end-rank0.json").exists()
     _run(run, *common, world=2)
     for r in range(2):
-        end = _end(run, r)
+        end = ended(run, r)
         assert end["global_step"] == 25
         assert end["restored"]["step"] == 6 and end["restored"]["tier"] == "memory"
-        _assert_bitwise(_weights(ref, r), _weights(run, r))
+        assert max_difference(ref, run, r) == 0
 
 
 @pytest.mark.subprocess
@@ -124,7 +103,7 @@ def test_sigterm_ends_the_fit_at_a_committed_final_step_with_status_0_and_the_ne
     _run(ref, "--storage", str(ref / "st"), "--memory", str(shm_dir / "ref"), pkg=pkg)
     common = ["--storage", str(run / "st"), "--memory", str(shm_dir / "run")]
     _run(run, *common, "--sigterm-at", "7", pkg=pkg)  # status 0
-    first = _end(run)
+    first = ended(run)
     # the signal came before step 8 trained: step 8 is the final snapshot although every=3
     assert first["global_step"] == 8 and first["fit"] in ("returned", "SystemExit(None)")
     from flashckpt.catalog import Catalog
@@ -132,9 +111,9 @@ def test_sigterm_ends_the_fit_at_a_committed_final_step_with_status_0_and_the_ne
     with Catalog(run / "st") as cat:
         assert max(cat.step_numbers()) == 8
     _run(run, *common, pkg=pkg)
-    end = _end(run)
+    end = ended(run)
     assert end["restored"]["step"] == 8 and end["global_step"] == 25
-    _assert_bitwise(_weights(ref), _weights(run))
+    assert max_difference(ref, run) == 0
 
 
 # -- the checkpoint dict's types --------------------------------------------------------------------

@@ -10,40 +10,19 @@ with exit status 0.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
 from flashckpt.errors import ConfigError
-from tests.integrations.launch import ROOT, command, env
+from tests.integrations.launch import ended, max_difference, run_worker
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 
 def _run(out: Path, *args: str, world: int = 1, expect: int | None = 0) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = command("tests.integrations.hf_worker", ["--out", str(out), *args], world)
-    p = subprocess.run(cmd, cwd=ROOT, env=env(out), capture_output=True, text=True, timeout=300)
-    if expect is not None:
-        assert p.returncode == expect, p.stdout + p.stderr
-    return p.stdout + p.stderr
-
-
-def _end(out: Path, rank: int = 0) -> dict[str, Any]:
-    return dict(json.loads((out / f"end-rank{rank}.json").read_text()))
-
-
-def _assert_bitwise(ref: Path, run: Path, rank: int = 0) -> None:
-    a = torch.load(ref / f"weights-rank{rank}.pt")
-    b = torch.load(run / f"weights-rank{rank}.pt")
-    assert a.keys() == b.keys()
-    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a), f"max |difference| {diff}"
+    return run_worker("tests.integrations.hf_worker", out, list(args), world=world, expect=expect)
 
 
 @pytest.mark.subprocess
@@ -52,15 +31,15 @@ def test_a_run_killed_between_snapshots_resumes_bitwise_from_the_memory_tier(
 ) -> None:
     ref, run = tmp_path / "ref", tmp_path / "run"
     _run(ref, "--storage", str(ref / "st"), "--memory", str(shm_dir / "ref"))
-    assert _end(ref)["path"] is None  # nothing to resume the first time
+    assert ended(ref)["path"] is None  # nothing to resume the first time
     common = ["--storage", str(run / "st"), "--memory", str(shm_dir / "run")]
     _run(run, *common, "--die-at", "8", expect=-9)  # snapshots at steps 3 and 6 (every=3)
     _run(run, *common)
-    end = _end(run)
+    end = ended(run)
     assert end["global_step"] == 25
     assert end["restored"]["step"] == 6 and end["restored"]["tier"] == "memory"
     assert end["path"].endswith("checkpoint-6") and end["resume_left"] == []  # removed once read
-    _assert_bitwise(ref, run)
+    assert max_difference(ref, run) == 0
 
 
 @pytest.mark.subprocess
@@ -75,10 +54,10 @@ def test_two_ddp_ranks_killed_between_snapshots_resume_bitwise_each_from_its_own
     assert not (run / "end-rank0.json").exists()
     _run(run, *common, world=2)
     for r in range(2):
-        end = _end(run, r)
+        end = ended(run, r)
         assert end["global_step"] == 25 and end["path"].endswith(f"rank{r}/checkpoint-6")
         assert end["restored"]["step"] == 6 and end["restored"]["tier"] == "memory"
-        _assert_bitwise(ref, run, r)
+        assert max_difference(ref, run, r) == 0
 
 
 @pytest.mark.subprocess
@@ -89,15 +68,15 @@ def test_sigterm_stops_training_at_a_committed_final_step_with_status_0_and_the_
     _run(ref, "--storage", str(ref / "st"), "--memory", str(shm_dir / "ref"))
     common = ["--storage", str(run / "st"), "--memory", str(shm_dir / "run")]
     _run(run, *common, "--sigterm-at", "7")  # status 0
-    assert _end(run)["global_step"] == 8  # the signal came before step 8: its end is the final snapshot
+    assert ended(run)["global_step"] == 8  # the signal came before step 8: its end is the final snapshot
     from flashckpt.catalog import Catalog
 
     with Catalog(run / "st") as cat:
         assert max(cat.step_numbers()) == 8
     _run(run, *common)
-    end = _end(run)
+    end = ended(run)
     assert end["restored"]["step"] == 8 and end["global_step"] == 25
-    _assert_bitwise(ref, run)
+    assert max_difference(ref, run) == 0
 
 
 def test_resume_dir_inside_output_dir_and_sharded_strategies_are_refused(tmp_path: Path) -> None:
