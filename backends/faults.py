@@ -116,6 +116,10 @@ class FaultyBackend:
         self._apply("head", key)
         return self.inner.head(key)
 
+    def modified(self, key: str) -> float:
+        self._apply("head", key)
+        return self.inner.modified(key)
+
     def list(self, prefix: str = "") -> builtins.list[str]:
         self._apply("list", prefix)
         return self.inner.list(prefix)

@@ -33,6 +33,7 @@ Errors are translated at this edge: throttling, 5xx, timeouts and dropped connec
 from __future__ import annotations
 
 import builtins
+import datetime
 import errno
 import posixpath
 from collections.abc import Mapping, Sequence
@@ -212,6 +213,24 @@ class FsspecBackend:
         if info.get("type") == "directory":
             raise ObjectNotFound(errno.ENOENT, f"head {key} on {self.url}: not an object")
         return int(info["size"])
+
+    def modified(self, key: str) -> float:
+        what = f"modified time of {key} on {self.url}"
+        try:
+            info = self.fs.info(self._path(key))
+        except Exception as exc:
+            raise translate(exc, what) from exc
+        if info.get("type") == "directory":
+            raise ObjectNotFound(errno.ENOENT, f"{what}: not an object")
+        for name in ("mtime", "LastModified", "last_modified", "modified", "created"):
+            value = info.get(name)
+            if isinstance(value, datetime.datetime):
+                if value.tzinfo is None:  # fsspec's convention: naive times are UTC
+                    value = value.replace(tzinfo=datetime.UTC)
+                return value.timestamp()
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        raise StorageError(f"{what}: the file system reports none (fields: {sorted(info)})")
 
     def list(self, prefix: str = "") -> builtins.list[str]:
         base = self.root if "/" not in prefix else f"{self.root}/{prefix.rsplit('/', 1)[0]}"

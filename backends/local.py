@@ -176,6 +176,21 @@ class LocalBackend:
         except OSError as exc:
             raise translate_os_error(exc, what) from exc
 
+    def modified(self, key: str) -> float:
+        what = f"modified time of {key} on {self.url}"
+        try:
+            if not self._private:
+                return os.stat(self.path_of(key)).st_mtime
+            fd = self._open_read(key)
+            try:
+                return os.fstat(fd).st_mtime
+            finally:
+                os.close(fd)
+        except ConfigError as exc:
+            raise _refused(exc, what) from exc
+        except OSError as exc:
+            raise translate_os_error(exc, what) from exc
+
     def list(self, prefix: str = "") -> builtins.list[str]:
         base = self.root
         if "/" in prefix:

@@ -5,11 +5,13 @@ Explicit arguments win over ``FLASHCKPT_*`` environment variables, which win ove
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import socket
 import tempfile
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from flashckpt.errors import ConfigError
@@ -185,3 +187,17 @@ def default_memory_root() -> str:
         return env
     base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     return os.path.join(base, f"flashckpt-{os.geteuid()}")
+
+
+def storage_id(url: str) -> str:
+    """The id every memory snapshot names its storage tier by (16 hex digits of the SHA-256
+    of the tier's URL, credentials removed): a memory tier of another job is told apart."""
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def memory_root(url: str, memory_dir: str | os.PathLike[str] | None) -> Path:
+    """The directory holding the shard directories of the storage tier at ``url``: the
+    ``memory_dir`` a job was given, else its own directory below :func:`default_memory_root`."""
+    if memory_dir is not None:
+        return Path(memory_dir)
+    return Path(default_memory_root()) / storage_id(url)

@@ -9,7 +9,6 @@ Any thread; a Catalog holds a small pool of reader threads until :meth:`Catalog.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from flashckpt._config import Options, default_memory_root
+from flashckpt._config import Options, memory_root, storage_id
 from flashckpt.backends import LocalBackend
 from flashckpt.coordination.inventory import committed_steps, read_commit, read_committed_manifest
 from flashckpt.coordination.reshard import StepReader
@@ -192,7 +191,7 @@ class Catalog:
 class Copy:
     """One rank's copy of one snapshot on one tier (records only: not verified)."""
 
-    tier: str  # "memory", "local" or "storage"
+    tier: str  # "memory", "mirror" (a peer's shard this node holds), "local" or "storage"
     generation: int
     step: int
     rank: int
@@ -210,9 +209,10 @@ def tier_copies(
     """Every copy the tiers of ``cat``'s storage hold: its commit records; with ``local_dir``,
     each rank's local tier (``local_dir/rNNNNN-of-MMMMM``, or ``local_dir`` itself for one
     process); with ``memory_dir`` (``"default"``: the default memory root of this storage),
-    each shard directory there (this node's ranks, and the peers' shards it holds as mirrors or
-    keeps for ranks that moved).  Records that do not validate are left out (``ls`` and
-    ``verify`` of each tier report them); memory snapshots of another storage tier are too."""
+    each shard directory there (this node's ranks' own snapshots, or those of ranks that moved
+    since, as ``memory``) and the peers' shards its ranks hold as mirrors (``mirror``).
+    Records that do not validate are left out (``ls`` and ``verify`` of each tier report
+    them); memory snapshots of another storage tier are too."""
     out: list[Copy] = []
     for info in cat.steps():
         if info.error is None and info.world_size is not None:
@@ -233,23 +233,30 @@ def tier_copies(
                     rank = int(d.name[1:6]) if d is not root else 0
                     out.append(Copy("local", info.generation or 0, info.step, rank, info.world_size, str(d)))
     if memory_dir is not None:
-        storage_id = hashlib.sha256(cat.url.encode()).hexdigest()[:16]
-        root = Path(default_memory_root()) / storage_id if str(memory_dir) == "default" else Path(memory_dir)
+        sid = storage_id(cat.url)
+        root = memory_root(cat.url, None if str(memory_dir) == "default" else memory_dir)
         dirs = (
             sorted(p for p in root.iterdir() if p.is_dir() and SHARD_PATTERN.fullmatch(p.name))
             if root.is_dir()
             else []
         )
         for d in dirs:
-            be = LocalBackend(d, fsync=False, direct_io=False)
-            for step in memory_steps(be):
-                try:
-                    m = read_memory_manifest(be, step)
-                except Exception:  # left out: a torn or foreign record  # noqa: BLE001
-                    continue
-                if m.storage and m.storage != storage_id:
-                    continue
-                out.append(Copy("memory", m.generation, m.step, m.rank, m.world_size, str(d), m.sealed))
+            mirrors = d / "mirrors"
+            held = (
+                sorted(p for p in mirrors.iterdir() if p.is_dir() and SHARD_PATTERN.fullmatch(p.name))
+                if mirrors.is_dir()
+                else []
+            )
+            for where, tier in [(d, "memory"), *((p, "mirror") for p in held)]:
+                be = LocalBackend(where, fsync=False, direct_io=False)
+                for step in memory_steps(be):
+                    try:
+                        m = read_memory_manifest(be, step)
+                    except Exception:  # left out: a torn or foreign record  # noqa: BLE001
+                        continue
+                    if m.storage and m.storage != sid:
+                        continue
+                    out.append(Copy(tier, m.generation, m.step, m.rank, m.world_size, str(where), m.sealed))
     return out
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import logging
 import os
 import secrets
@@ -34,7 +33,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from flashckpt._config import Options, default_memory_root, node_id, options_from_env
+from flashckpt._config import Options, default_memory_root, memory_root, node_id, options_from_env, storage_id
 from flashckpt._dist import Control
 from flashckpt._secure import private_dir
 from flashckpt.backends import LocalBackend
@@ -325,11 +324,12 @@ class Checkpointer:
             storage, local_dir, compression, storage_options, self._opts, ctl, self._owned
         )
         #: which storage tier this Checkpointer's snapshots belong to (in every manifest)
-        storage_id = hashlib.sha256(self._tiers[-1].backend.url.encode()).hexdigest()[:16]
+        url = self._tiers[-1].backend.url
+        sid = storage_id(url)
         # Every directory from the per-user root (or the memory_dir given) down is created 0700
         # and checked (ours, not a link, no access for others): see flashckpt/_secure.py.
         base = Path(memory_dir) if memory_dir is not None else Path(default_memory_root())
-        root = base if memory_dir is not None else base / storage_id
+        root = memory_root(url, memory_dir)
         self._rank_dir = private_dir(root / shard_name(self._rank, self._world), trusted_above=base.parent)
         # what a clean close removes once empty, above the rank's directory (never above a
         # memory_dir given)
@@ -340,11 +340,11 @@ class Checkpointer:
         undo.callback(self._stager.close, unlink=False)
         self._mem = MemoryTier(self._rank_dir, self._stager.slots)
         self._mem.adopt()
-        self._mem.refuse_foreign(storage_id, self._tiers[-1].backend.url)
+        self._mem.refuse_foreign(sid, url)
         self._memory = Tier("memory", self._mem.backend)
         self._persister = Persister(self._opts, self._mem, self._stager, self._keep, ctl)
         undo.callback(self._persister.close)
-        self._timeline, self._nodes = _timeline(ctl, self._tiers[-1], storage_id, self._opts)
+        self._timeline, self._nodes = _timeline(ctl, self._tiers[-1], sid, self._opts)
         # A copy of this rank's shard in a peer's memory (a mirror, or the shard's own memory
         # left on a node its rank moved away from) is fetched into this rank's memory tier.
         mirror_tier = Tier("mirror", self._mem.backend)

@@ -854,6 +854,83 @@ def test_ranks_renumbered_across_nodes_restore_from_the_memory_their_shards_left
     assert not any(p.is_file() for p in shm_dir.rglob("*")), sorted(shm_dir.rglob("*"))
 
 
+# -- salvage: the steps only memory held, made durable by the operator -----------------------------
+
+
+def _cli(cmd: str, storage: Path, memory: Path) -> Any:
+    """``flashckpt CMD STORAGE --memory-dir MEMORY --json`` in its own process, as an operator
+    runs it on a node."""
+    argv = [sys.executable, "-m", "flashckpt.cli", cmd, str(storage), "--memory-dir", str(memory)]
+    proc = subprocess.run(
+        [*argv, "--json"], cwd=ROOT, env=_job_env(memory.parent), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _salvage(storage: Path, memory: Path) -> dict[str, Any]:
+    return dict(_cli("salvage", storage, memory))
+
+
+def test_salvage_on_the_surviving_node_commits_the_memory_only_step_of_a_lost_node(
+    reference: Reference, tmp_path: Path, shm_dir: Path
+) -> None:
+    """A 2-node job persists every 4th step and dies (SIGKILL, every process) after step 5;
+    node1 is lost with its memory.  Node0's memory holds its ranks' shards of step 5 and the
+    mirrors of node1's: ``salvage`` there alone writes and commits step 5.  A restart on
+    fresh nodes (every memory wiped) resumes from storage at step 5, bitwise."""
+    out, storage = tmp_path / "out", tmp_path / "storage"
+    _two_nodes(out, storage, shm_dir, "--persist-every", "4", "--die-at-end", steps=6, expect_ok=False)
+    assert _commits(storage) == [0, 4]
+    shutil.rmtree(shm_dir / "node1")
+    # what the operator sees on node0: step 5 only in memory, node1's shards as mirrors
+    rows = {r["step"]: r for r in _cli("ls", storage, shm_dir / "node0")}
+    assert rows[5]["tiers"] == {"memory": [0, 1], "mirror": [2, 3]} and rows[5]["restore"]
+    report = _salvage(storage, shm_dir / "node0")
+    assert [(s["step"], s["committed"], s["missing"]) for s in report["steps"]] == [(5, True, [])]
+    assert sorted(report["steps"][0]["written"]) == [0, 1, 2, 3]
+    assert _commits(storage) == [0, 4, 5]
+    _verify_all(storage, 4)
+    assert _salvage(storage, shm_dir / "node0")["steps"] == []  # again: nothing left to do
+    shutil.rmtree(shm_dir)
+    _two_nodes(out, storage, shm_dir, steps=STEPS)
+    restored = _restored(out, 0, 4)
+    assert [r["start"] for r in restored] == [5] * 4
+    assert [r["restored"]["tier"] for r in restored] == ["storage"] * 4
+    _assert_same(reference.finals[4], _finals(out, 4))
+
+
+def test_salvage_without_mirrors_is_run_on_each_node_and_the_last_one_commits(
+    reference: Reference, tmp_path: Path, shm_dir: Path
+) -> None:
+    out, storage = tmp_path / "out", tmp_path / "storage"
+    _two_nodes(
+        out,
+        storage,
+        shm_dir,
+        "--persist-every",
+        "4",
+        "--mirror",
+        "0",
+        "--die-at-end",
+        steps=6,
+        expect_ok=False,
+    )
+    first = _salvage(storage, shm_dir / "node1")["steps"]
+    assert [(s["step"], sorted(s["written"]), s["missing"], s["committed"]) for s in first] == [
+        (5, [2, 3], [0, 1], False)
+    ]
+    assert _commits(storage) == [0, 4]  # never committed without every shard
+    last = _salvage(storage, shm_dir / "node0")["steps"]
+    assert [(s["step"], sorted(s["written"]), s["present"], s["committed"]) for s in last] == [
+        (5, [0, 1], [2, 3], True)
+    ]
+    shutil.rmtree(shm_dir)
+    _two_nodes(out, storage, shm_dir, steps=STEPS)
+    assert [r["start"] for r in _restored(out, 0, 4)] == [5] * 4
+    _assert_same(reference.finals[4], _finals(out, 4))
+
+
 # -- one rank's newest step is corrupt everywhere: every rank takes the older one -----------------
 
 

@@ -23,6 +23,7 @@ PARTS: dict[str, str] = {
     "flashckpt.checkpointer": "Face",
     "flashckpt._load": "Face",
     "flashckpt.catalog": "Face",
+    "flashckpt.maintenance": "Face",
     "flashckpt.rng": "Face",
     "flashckpt.cli": "CLI",
     "flashckpt.cli.": "CLI",

@@ -12,31 +12,20 @@ prints a traceback, only one line on stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from flashckpt.catalog import Catalog
+from flashckpt.cli import maintain
+from flashckpt.cli._common import FAILED, OK, USAGE, add_url, line, progress, storage_options, warn
 from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError, FlashCkptError, ObjectNotFound
 from flashckpt.format import DTensorRef, Manifest, TensorRef, tree_leaves
-
-OK, FAILED, USAGE = 0, 1, 2
-
-
-def _line(text: object) -> str:
-    """One printable line: newlines and control characters (which a hostile record can put
-    in an error message) are shown escaped, never passed to the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-
-def _warn(text: object) -> None:
-    print(f"flashckpt: {_line(text)}", file=sys.stderr)
 
 
 def _verdict(exc: BaseException) -> tuple[int, str]:
@@ -54,7 +43,7 @@ def _ls_tiers(args: argparse.Namespace) -> int:
     """``ls`` with ``--memory-dir`` / ``--local-dir``: one row per snapshot across the tiers."""
     from flashckpt.catalog import tier_copies
 
-    with Catalog(args.url) as cat:
+    with Catalog(args.url, storage_options=storage_options(args)) as cat:
         copies = tier_copies(cat, memory_dir=args.memory_dir, local_dir=args.local_dir)
     snaps: dict[tuple[int, int], dict[str, Any]] = {}
     for c in copies:
@@ -95,11 +84,11 @@ def _ls_tiers(args: argparse.Namespace) -> int:
             return "-"
         return "all" if len(ranks) == row["world_size"] else ",".join(f"r{r}" for r in ranks)
 
-    print(f"{'step':>12}  {'ranks':>5}  {'memory':<8} {'local':<8} {'storage':<8} note")
+    print(f"{'step':>12}  {'ranks':>5}  {'memory':<8} {'mirror':<8} {'local':<8} {'storage':<8} note")
     for row in rows:
         mem = cell(row, "memory") + ("*" if row["unsealed"] else "")
-        print(f"{row['step']:>12}  {row['world_size']:>5}  {mem:<8} {cell(row, 'local'):<8} "
-              f"{cell(row, 'storage'):<8} {row.get('note', '')}")  # fmt: skip
+        print(f"{row['step']:>12}  {row['world_size']:>5}  {mem:<8} {cell(row, 'mirror'):<8} "
+              f"{cell(row, 'local'):<8} {cell(row, 'storage'):<8} {row.get('note', '')}")  # fmt: skip
     if any(r["unsealed"] for r in rows):
         print("(* a memory copy not yet checksummed: the process stopped while persisting it)")
     return OK
@@ -110,7 +99,7 @@ def _ls(args: argparse.Namespace) -> int:
         return _ls_tiers(args)
     rows: list[dict[str, Any]] = []
     code = OK
-    with Catalog(args.url) as cat:
+    with Catalog(args.url, storage_options=storage_options(args)) as cat:
         for info in cat.steps():
             row: dict[str, Any] = {
                 "step": info.step,
@@ -122,8 +111,8 @@ def _ls(args: argparse.Namespace) -> int:
             if info.error is not None:
                 step_code, label = _verdict(info.error)
                 code = max(code, step_code)
-                row["error"] = f"{label}: {_line(info.error)}"
-                _warn(f"step {info.step}: {row['error']}")
+                row["error"] = f"{label}: {line(info.error)}"
+                warn(f"step {info.step}: {row['error']}")
             rows.append(row)
     if args.json:
         print(json.dumps(rows))
@@ -137,50 +126,26 @@ def _ls(args: argparse.Namespace) -> int:
     return code
 
 
-@contextlib.contextmanager
-def _progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar on stderr (tqdm) while it is a terminal; nothing otherwise."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        yield None
-        return
-    bar = tqdm(desc=label, unit="B", unit_scale=True, leave=False, file=sys.stderr)
-    try:
-
-        def update(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        yield update
-    finally:
-        bar.close()
-
-
 def _verify(args: argparse.Namespace) -> int:
     code = OK
-    with Catalog(args.url) as cat:
+    with Catalog(args.url, storage_options=storage_options(args)) as cat:
         steps = cat.step_numbers()
         if args.step is not None:
             steps = [s for s in steps if s == args.step]
             if not steps:
-                _warn(f"step {args.step} is not committed at {cat.url}")
+                warn(f"step {args.step} is not committed at {cat.url}")
                 return USAGE
         if not steps:
-            _warn(f"no committed step at {cat.url}: nothing to verify")
+            warn(f"no committed step at {cat.url}: nothing to verify")
         for step in steps:
             try:
-                with _progress(f"step {step}") as bar:
+                with progress(f"step {step}") as bar:
                     cat.verify(step, bar)  # every rank's records, the shards against each other, every chunk
                 print(f"step {step}: ok")
             except Exception as exc:  # report this step, verify the others  # noqa: BLE001
                 step_code, label = _verdict(exc)
                 code = max(code, step_code)
-                print(f"step {step}: {label}: {_line(exc)}")
+                print(f"step {step}: {label}: {line(exc)}")
     return code
 
 
@@ -212,7 +177,7 @@ def _committed_step(cat: Catalog, step: int | None) -> int | None:
     """``step`` (default: the newest committed one) if it is committed, else ``None`` (said)."""
     step = step if step is not None else _newest(cat)
     if step not in cat.step_numbers():
-        _warn(f"step {step} is not committed at {cat.url}")
+        warn(f"step {step} is not committed at {cat.url}")
         return None
     return step
 
@@ -239,7 +204,7 @@ def _tensor_stats(t: torch.Tensor) -> dict[str, Any]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    with Catalog(args.url) as cat:
+    with Catalog(args.url, storage_options=storage_options(args)) as cat:
         step = _committed_step(cat, args.step)
         if step is None:
             return USAGE
@@ -247,18 +212,18 @@ def _inspect(args: argparse.Namespace) -> int:
             manifests = cat.manifests(step)
         except Exception as exc:  # a damaged record: one line, its verdict  # noqa: BLE001
             code, label = _verdict(exc)
-            _warn(f"step {step}: {label}: {exc}")
+            warn(f"step {step}: {label}: {exc}")
             return code
         world = len(manifests)
         if not 0 <= args.rank < world:
-            _warn(f"step {step} was saved by {world} rank(s): there is no rank {args.rank}")
+            warn(f"step {step} was saved by {world} rank(s): there is no rank {args.rank}")
             return USAGE
         m = manifests[args.rank]
         rows = list(_tree_rows(m))
         if args.tensor is not None:
             hit = [r for r in rows if r["key"] == args.tensor and r["kind"] != "value"]
             if not hit:
-                _warn(
+                warn(
                     f"step {step}, rank {args.rank}: no tensor {args.tensor!r} "
                     "(`flashckpt inspect URL` lists the keys)"
                 )
@@ -267,7 +232,7 @@ def _inspect(args: argparse.Namespace) -> int:
                 t = cat.read_tensor(m, hit[0]["index"])
             except Exception as exc:  # noqa: BLE001 - its verdict, one line
                 code, label = _verdict(exc)
-                _warn(f"step {step}, {args.tensor}: {label}: {exc}")
+                warn(f"step {step}, {args.tensor}: {label}: {exc}")
                 return code
             stats = {"step": step, "rank": args.rank, **{k: v for k, v in hit[0].items() if k != "index"}}
             stats.update(_tensor_stats(t))
@@ -349,7 +314,10 @@ def _diff(args: argparse.Namespace) -> int:
         "compared": 0,
         "unread": 0,
     }
-    with Catalog(url_a) as ca, Catalog(url_b) as cb:
+    with (
+        Catalog(url_a, storage_options=storage_options(args)) as ca,
+        Catalog(url_b, storage_options=storage_options(args)) as cb,
+    ):
         sa, sb = _committed_step(ca, step_a), _committed_step(cb, step_b)
         if sa is None or sb is None:
             return USAGE
@@ -411,14 +379,14 @@ def _restore(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     shard = parse_size(args.max_shard_size)
-    with Catalog(args.url) as cat:
+    with Catalog(args.url, storage_options=storage_options(args)) as cat:
         step = _committed_step(cat, args.step)
         if step is None:
             return USAGE
         try:
             specs = select_specs(cat.leaf_specs(step), args.only, args.dtype)
             if args.only is not None and not specs:
-                _warn(f"step {step} has nothing under {args.only!r}")
+                warn(f"step {step} has nothing under {args.only!r}")
                 return USAGE
             leaves = select(cat.leaves(step), args.only, args.dtype)
             if out.suffix == ".pt":
@@ -428,11 +396,11 @@ def _restore(args: argparse.Namespace) -> int:
             else:
                 done = write_safetensors(specs, leaves, out, shard_bytes=shard)
         except (CorruptCheckpointError, ObjectNotFound) as exc:
-            _warn(f"step {step}: CORRUPT: {exc}")
+            warn(f"step {step}: CORRUPT: {exc}")
             return FAILED
     if done["left_out"]:
         shown = ", ".join(done["left_out"][:8]) + (", ..." if len(done["left_out"]) > 8 else "")
-        _warn(f"{len(done['left_out'])} value(s) that are not tensors left out: {shown}")
+        warn(f"{len(done['left_out'])} value(s) that are not tensors left out: {shown}")
     files = ", ".join(done["files"])
     print(f"step {step} -> {out}: {files} ({done['bytes']:,} bytes of tensors)")
     return OK
@@ -507,6 +475,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _read_commands(sub)
+    maintain.add_commands(sub)
     _plan_command(sub)
     return parser
 
@@ -514,7 +483,7 @@ def _parser() -> argparse.ArgumentParser:
 def _read_commands(sub: Any) -> None:
     """ls, verify, inspect, restore, diff."""
     p = sub.add_parser("ls", help="list committed steps (exit 1 if a step's records do not validate)")
-    p.add_argument("url")
+    add_url(p)
     p.add_argument(
         "--memory-dir", metavar="D",
         help="also this node's memory tier: the memory_dir the job used, or 'default' (its default one)",
@@ -523,11 +492,11 @@ def _read_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_ls)
     p = sub.add_parser("verify", help="check every checksum of committed steps (exit 1 if one is corrupt)")
-    p.add_argument("url")
+    add_url(p)
     p.add_argument("--step", type=int)
     p.set_defaults(fn=_verify)
     p = sub.add_parser("inspect", help="the saved tree of a step; with --tensor, one tensor's statistics")
-    p.add_argument("url")
+    add_url(p)
     p.add_argument("--step", type=int, help="default: the newest committed step")
     p.add_argument("--rank", type=int, default=0, help="whose shard (default 0)")
     p.add_argument("--tensor", metavar="KEY", help="min, max, mean, norm, NaN/inf counts of this tensor")
@@ -540,7 +509,7 @@ def _read_commands(sub: Any) -> None:
         "written by the suffix of --out: .pt (torch.load(weights_only=True) reads it), .safetensors, or "
         "a directory: sharded safetensors plus model.safetensors.index.json.  Memory: one tensor.",
     )
-    p.add_argument("url")
+    add_url(p)
     p.add_argument("--step", type=int, help="default: the newest committed step")
     p.add_argument("--out", required=True)
     p.add_argument("--only", metavar="KEY", help="the subtree under KEY (e.g. model), its prefix removed")
@@ -554,8 +523,7 @@ def _read_commands(sub: Any) -> None:
         "tensors that differ the largest absolute and relative error.  Tensors whose chunks have "
         "the same checksums on both sides are equal without being read.  Default: bitwise.",
     )
-    p.add_argument("a", metavar="URL[@STEP]")
-    p.add_argument("b", metavar="URL[@STEP]")
+    add_url(p, "a", "b")
     p.add_argument("--atol", type=float, default=0.0)
     p.add_argument("--rtol", type=float, default=0.0)
     p.add_argument("--json", action="store_true")
@@ -594,16 +562,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except KeyboardInterrupt:
-        _warn("interrupted")
+        warn("interrupted")
         return 130
     except BrokenPipeError:  # the reader of stdout went away (`flashckpt ls ... | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
         return FAILED
     except (FlashCkptError, ValueError, OSError) as exc:
-        _warn(exc)
+        warn(exc)
         return USAGE
     except Exception as exc:  # no traceback, whatever happened  # noqa: BLE001
-        _warn(f"{type(exc).__name__}: {exc}")
+        warn(f"{type(exc).__name__}: {exc}")
         return USAGE
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 from flashckpt import _hooks as hooks
 from flashckpt._config import Options
@@ -73,6 +74,45 @@ def abandoned(snapshots: Sequence[tuple[Order, Ancestors]]) -> set[Order]:
     return out
 
 
+@dataclass(frozen=True)
+class RetentionPlan:
+    """What a retention pass deletes, decided before anything is: the commit records it
+    retires (those of ``left``: on a timeline the run has left), the step directories it
+    deletes, and the records it keeps."""
+
+    retire: list[CommitRecord]
+    left: list[CommitRecord]
+    dirs: list[int]
+    kept: list[CommitRecord]
+
+
+def plan_retention(be: Backend, keep: int, opts: Options, *, protect: Sequence[int] = ()) -> RetentionPlan:
+    """The rules of :func:`apply_retention`, applied to what ``be`` holds now; nothing is
+    deleted (``flashckpt gc --dry-run`` reports this plan, :func:`apply_retention` carries
+    it out)."""
+    records = read_commits(be, opts)
+    if not records:
+        return RetentionPlan([], [], [], [])
+    newest = records[-1].order
+    # A protected step is kept whichever timeline its record is on: a step just restored from
+    # a timeline the run had left is the run's again, but only its next save records that.
+    # Kept besides the newest ``keep`` of the timeline, never in place of one of them.
+    off = abandoned([(r.order, r.ancestors) for r in records])
+    left = {o for o in off if o[1] not in protect}
+    current = [r for r in records if r.order not in off]
+    kept_records = current[-keep:] + [r for r in current[:-keep] if r.step in protect]
+    kept_records += [r for r in records if r.order in off and r.order not in left]
+    kept = {r.step for r in kept_records}
+    dirs = []
+    for name in retrying(be, opts).children("steps/"):
+        s = parse_step_prefix(f"steps/{name}")
+        if s is None or s in kept or s in protect or not _older_than(be, s, newest, opts):
+            continue
+        dirs.append(s)
+    retire = [r for r in records if r.step not in kept]
+    return RetentionPlan(retire, [r for r in retire if r.order in left], dirs, kept_records)
+
+
 @hooks.timed("time.persist.retention")
 def apply_retention(
     be: Backend,
@@ -98,49 +138,27 @@ def apply_retention(
     every rank of a job writes to is collected in its commit window instead, see
     :func:`collect_chunks`).
     """
-    records = read_commits(be, opts)
-    if not records:
-        return []
-    newest = records[-1].order
-    # A protected step is kept whichever timeline its record is on: a step just restored from
-    # a timeline the run had left is the run's again, but only its next save records that.
-    # Kept besides the newest ``keep`` of the timeline, never in place of one of them.
-    off = abandoned([(r.order, r.ancestors) for r in records])
-    left = {o for o in off if o[1] not in protect}
-    for r in records:
-        if r.order in left:
-            log.warning(
-                "flashckpt: retiring step %d on %s: the run continued from an older step (timeline "
-                "generation %d), so this step is no longer part of it",
-                r.step,
-                be.url,
-                r.generation,
-            )
-    current = [r for r in records if r.order not in off]
-    kept_records = current[-keep:] + [r for r in current[:-keep] if r.step in protect]
-    kept_records += [r for r in records if r.order in off and r.order not in left]
-    kept = {r.step for r in kept_records}
+    plan = plan_retention(be, keep, opts, protect=protect)
+    for r in plan.left:
+        log.warning(
+            "flashckpt: retiring step %d on %s: the run continued from an older step (timeline "
+            "generation %d), so this step is no longer part of it",
+            r.step,
+            be.url,
+            r.generation,
+        )
     store = retrying(be, opts)
-    for r in records:
-        if r.step not in kept:
-            hooks.fire("retention.delete", step=r.step, tier=be.url)
-            store.delete(commit_key(r.step))
-    names = store.children("steps/")
-    removed = []
-    for name in names:
-        s = parse_step_prefix(f"steps/{name}")
-        if s is None:
-            continue
-        if s in kept or s in protect or not _older_than(be, s, newest, opts):
-            continue
-        _delete_manifests(be, s, opts)
-        removed.append(s)
-    if collect and (removed or len(kept_records) < len(records)):
-        collect_chunks(be, kept_records, opts)
-    return removed
+    for r in plan.retire:
+        hooks.fire("retention.delete", step=r.step, tier=be.url)
+        store.delete(commit_key(r.step))
+    for s in plan.dirs:
+        delete_manifests(be, s, opts)
+    if collect and (plan.dirs or plan.retire):
+        collect_chunks(be, plan.kept, opts)
+    return plan.dirs
 
 
-def _delete_manifests(be: Backend, step: int, opts: Options) -> None:
+def delete_manifests(be: Backend, step: int, opts: Options) -> None:
     """Delete the manifests of ``step`` (its directory goes once empty); a name that is not
     a manifest key is not flashckpt's and stays."""
     store = retrying(be, opts)
@@ -191,6 +209,27 @@ def collect_chunks(
     about passes: a restarted run that replays its steps writes again, under the same
     content address, chunks a killed attempt left unreferenced, just as a pass deletes them.
     """
+    store = retrying(be, opts)
+    doomed = unreferenced_chunks(be, kept, opts, every_manifest=every_manifest)
+    for key in doomed:
+        store.delete(key)
+    return len(doomed)
+
+
+def unreferenced_chunks(
+    be: Backend,
+    kept: Sequence[CommitRecord],
+    opts: Options,
+    *,
+    every_manifest: bool = False,
+    without: Collection[int] = (),
+    strict: bool = False,
+) -> list[str]:
+    """The chunk keys on ``be`` that no manifest references, as :func:`collect_chunks` counts
+    them (``kept``, ``every_manifest``: see there); ``without``: with ``every_manifest``, the
+    manifests of these steps do not count (their directories are about to go).  Names under
+    ``chunks/`` that are not chunk keys are never listed.  ``strict``: a manifest that fails
+    validation raises (its chunks might be a step's only copy) instead of being skipped."""
     referenced: set[str] = set()
     keys: list[str] = []
     if not every_manifest:
@@ -198,24 +237,22 @@ def collect_chunks(
             keys.extend(key for key, _size, _digest in record.manifests)
     else:
         listed = retrying(be, opts).list("steps/")
-        keys = [k for k in listed if parse_manifest_key(k) is not None]
+        keys = [k for k in listed if (p := parse_manifest_key(k)) is not None and p[0] not in without]
     for key in keys:
         try:
             m = decode_manifest(read_record(be, key, key, opts), key)
         except (ObjectNotFound, CorruptCheckpointError) as exc:
-            if not every_manifest:
+            if not every_manifest or (strict and not isinstance(exc, ObjectNotFound)):
                 raise
             log.debug("collect_chunks: skipping %s: %s", key, exc)  # torn or not flashckpt's
             continue
         referenced.update(c.key for c in m.chunks)
-    deleted = 0
-    store = retrying(be, opts)
-    for key in store.list(CHUNKS_PREFIX):
-        if parse_chunk_key(key) is None or key in referenced:  # a foreign file is no chunk
-            continue
-        store.delete(key)
-        deleted += 1
-    return deleted
+    # a foreign file is no chunk
+    return [
+        k
+        for k in retrying(be, opts).list(CHUNKS_PREFIX)
+        if parse_chunk_key(k) is not None and k not in referenced
+    ]
 
 
 def start_sweep(tiers: Sequence[Tier], rank: int, opts: Options) -> threading.Thread:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from flashckpt._secure import check_private_dir, open_private, private_dir
-from flashckpt.errors import ConfigError
 from flashckpt.format import SHARD_PATTERN, SLOT_NAMES
 from flashckpt.staging.memory_tier import MemoryTier
 from flashckpt.staging.stager import Slot
@@ -69,7 +68,7 @@ class Held:
             s.release_mapping()
 
 
-class _Orphan:
+class Orphan:
     """A shard directory of this node that no rank of this attempt uses, claimed (locked) by
     this rank's server: the snapshots its rank left, and the mirrors it held for others."""
 
@@ -108,6 +107,29 @@ class _Orphan:
         os.close(self.fd)
 
 
+def claim_directory(directory: Path) -> Orphan | None:
+    """Lock the shard directory ``directory`` (its ``flock``, which a live rank holds on its
+    own) and open its snapshots and the mirrors it holds; None if a live process holds it.
+    Raises :class:`ConfigError` if it is not private (ours, not a link, no access for
+    others) and ``OSError``/``ConfigError`` for what cannot be read.  The caller closes the
+    result (which unlocks it).  Any thread."""
+    check_private_dir(directory)
+    fd = open_private(directory / "lock", write=True, create=True)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        return Orphan(directory, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class Holdings:
     """Everything one rank's mirror server holds (see the module docstring)."""
 
@@ -115,7 +137,7 @@ class Holdings:
         self.rank_dir = rank_dir
         self.root = rank_dir / "mirrors"
         self._owners: dict[str, Held] = {}
-        self._orphans: dict[str, _Orphan] = {}
+        self._orphans: dict[str, Orphan] = {}
         self._lock = threading.Lock()
 
     def holdings(self) -> dict[str, list[int]]:
@@ -165,25 +187,11 @@ class Holdings:
                 if name in self._orphans:
                     continue
             try:
-                check_private_dir(d)
-                fd = open_private(d / "lock", write=True, create=True)
-            except (OSError, ConfigError) as exc:
+                orphan = claim_directory(d)
+            except Exception as exc:  # one unreadable leftover must not fail the restore  # noqa: BLE001
                 log.warning("flashckpt: not serving %s: %s", d, exc)
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # a live rank's own directory, or another rank claimed it
-                os.close(fd)
-                continue
-            except OSError as exc:
-                os.close(fd)
-                log.warning("flashckpt: cannot lock %s: %s", d, exc)
-                continue
-            try:  # one unreadable leftover must not fail the restore (every rank waits on it)
-                orphan = _Orphan(d, fd)
-            except Exception as exc:  # logged: the other directories are served  # noqa: BLE001
-                os.close(fd)
-                log.warning("flashckpt: not serving %s: %s", d, exc)
+            if orphan is None:  # a live rank's own directory, or another rank claimed it
                 continue
             foreign = orphan.storages() - {storage} if storage else set()
             if foreign:

@@ -87,6 +87,13 @@ class Backend(Protocol):
         """Return the size of ``key`` in bytes; raise ``ObjectNotFound`` if absent."""
         ...
 
+    def modified(self, key: str) -> float:
+        """When ``key`` was last written, in seconds since the epoch (the server's clock on
+        object storage); raise ``ObjectNotFound`` if absent.  Retention by hand
+        (``flashckpt gc``) leaves chunks younger than its grace period alone: a live job may
+        have written them for a manifest it has not written yet."""
+        ...
+
     def list(self, prefix: str = "") -> builtins.list[str]:
         """Return every key that starts with ``prefix`` (sorted)."""
         ...

@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 import tracemalloc
 
 import pytest
@@ -83,10 +84,22 @@ class BackendConformance:
             backend.head("nope/x")
         with pytest.raises(ObjectNotFound):
             backend.get_into("nope", memoryview(bytearray(1)))
+        with pytest.raises(ObjectNotFound):
+            backend.modified("nope")
         backend.delete("nope")  # idempotent
         backend.delete_prefix("nope/")
         assert backend.list("nope") == []
         assert backend.children("nope/") == []
+
+    def test_modified_is_the_time_of_the_last_write(self, backend: Backend) -> None:
+        # object stores keep whole seconds and their clock is not ours: a generous window
+        before = time.time()
+        backend.put("m/a", b"x")
+        first = backend.modified("m/a")
+        assert before - 120 <= first <= time.time() + 120
+        time.sleep(1.1)
+        backend.put("m/a", b"y")  # a write again is newer: gc's grace period starts over
+        assert backend.modified("m/a") > first
 
     def test_list_children_delete(self, backend: Backend) -> None:
         for k in ["s/1/a", "s/1/b", "s/2/a", "t", "s10"]:

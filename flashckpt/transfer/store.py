@@ -79,6 +79,9 @@ class RetryingStore:
     def head(self, key: str) -> int:
         return self._call(lambda: self.backend.head(key), f"head {key}")
 
+    def modified(self, key: str) -> float:
+        return self._call(lambda: self.backend.modified(key), f"modified time of {key}")
+
     def list(self, prefix: str = "") -> builtins.list[str]:
         return self._call(lambda: self.backend.list(prefix), f"list {prefix or '/'}")
 
