@@ -57,14 +57,14 @@ def train_step(state: dict[str, object], step: int) -> float:
     return loss.item()
 
 
-def attempt(workdir: str, crash: bool) -> None:
+def attempt(workdir: str, memory: str, crash: bool) -> None:
     """One attempt of the job (its own process)."""
     logging.basicConfig(level=logging.INFO, format="    %(message)s")
     state = build()
     with flashckpt.Checkpointer(
         os.path.join(workdir, "storage"),
         local_dir=os.path.join(workdir, "nvme"),
-        memory_dir=os.path.join(workdir, "shm"),
+        memory_dir=memory,
         persist_every=5,
         keep=2,
     ) as ckpt:
@@ -88,19 +88,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attempt", choices=["crash", "resume"])
     ap.add_argument("--workdir")
+    ap.add_argument("--memory")
     args = ap.parse_args()
     if args.attempt:
-        attempt(args.workdir, crash=args.attempt == "crash")
+        attempt(args.workdir, args.memory, crash=args.attempt == "crash")
         return
 
     workdir = tempfile.mkdtemp(prefix="flashckpt-demo-")
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else workdir
-    os.symlink(tempfile.mkdtemp(prefix="flashckpt-demo-", dir=shm), os.path.join(workdir, "shm"))
-    shm_real = os.path.realpath(os.path.join(workdir, "shm"))
+    shm_real = tempfile.mkdtemp(prefix="flashckpt-demo-", dir=shm)  # the memory tier: shared memory
     try:
-        me = [sys.executable, os.path.abspath(__file__), "--workdir", workdir]
+        me = [sys.executable, os.path.abspath(__file__), "--workdir", workdir, "--memory", shm_real]
         print("attempt 1: train and checkpoint every step, then crash")
         r = subprocess.run([*me, "--attempt", "crash"])
+        if r.returncode != -signal.SIGKILL:
+            sys.exit(f"attempt 1 ended with status {r.returncode}, not SIGKILL")
         print(f"  -> process died with signal {-r.returncode} ({signal.Signals(-r.returncode).name})")
         left = sorted(os.listdir(os.path.join(shm_real, "r00000-of-00001")))
         print("  memory tier left by the crash:", left)

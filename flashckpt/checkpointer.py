@@ -361,7 +361,7 @@ class Checkpointer:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.close(_raise=exc is None)
+        self.close(_raise=exc is None, _aborted=exc is not None)
 
     @property
     def memory_path(self) -> Path:
@@ -498,9 +498,14 @@ class Checkpointer:
         held = [o for _, orders in inventory for o in orders]
         return max(held)[1] if held else None
 
-    def close(self, *, _raise: bool = True) -> None:
+    def close(self, *, _raise: bool = True, _aborted: bool = False) -> None:
         """Wait for background work, persist the newest snapshot if it was memory-only, stop the
-        threads, and free the memory tier if everything is durable.  Idempotent."""
+        threads, and free the memory tier if everything is durable.  Idempotent.
+
+        Leaving a ``with`` block on an exception (``_aborted``) in a multi-rank job persists
+        the newest snapshot to this rank's own tiers only: a peer may be dead (the exception
+        is often a collective's), and the shared tier's commit would wait ``coord_timeout_s``
+        for it, holding the restart back.  The memory tier keeps it; the restart salvages it."""
         if self._closed:
             return
         self._closed = True
@@ -510,9 +515,10 @@ class Checkpointer:
         try:
             self._drain()
             with self._busy:
-                self._salvage.at_close({h.step for h in self._handles if h.failures})
+                self._salvage.at_close({h.step for h in self._handles if h.failures}, shared=not _aborted)
             self._drain()
-            self._salvage.await_shared_commits()
+            if not _aborted:
+                self._salvage.await_shared_commits()
             clean = self._salvage.memory_durable()
             close_mirrors(self._parts, clean)
         finally:

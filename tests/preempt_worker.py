@@ -6,7 +6,8 @@ Each step trains ``tests.conftest``'s small model (with ``--world`` > 1 the rank
 by one ``all_reduce`` per step, as data-parallel ranks are), calls ``ckpt.save`` and appends
 the step to ``DIR/steps-rank{R}``.  The loop stops when ``ckpt.preempted`` turns True
 (``--ignore-preemption``: it never looks), or hangs in ``time.sleep`` after ``--hang-after``
-steps (a loop that never reaches its next ``save``).  At the end it writes
+steps (a loop that never reaches its next ``save``); ``--die-after N`` SIGKILLs the rank after step
+``N``'s save (its peer then blocks in the next ``all_reduce``).  At the end it writes
 ``DIR/end-rank{R}.json`` (the step it restored and from which tier, the last step it trained
 and whether it stopped preempted) and its final state to ``DIR/state-rank{R}.pt``.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -41,6 +43,7 @@ def main() -> None:
     ap.add_argument("--step-sleep", type=float, default=0.05)
     ap.add_argument("--hang-after", type=int, default=-1)
     ap.add_argument("--ignore-preemption", action="store_true")
+    ap.add_argument("--die-after", type=int, default=-1, help="SIGKILL this rank after this step's save")
     a = ap.parse_args()
     if a.world > 1:
         os.environ["FLASHCKPT_NODE_ID"] = f"node{a.rank}"
@@ -74,6 +77,8 @@ def main() -> None:
                 f.write(f"{step}\n")
             if step == a.hang_after:
                 time.sleep(3600)
+            if step == a.die_after:
+                os.kill(os.getpid(), signal.SIGKILL)
             if not a.ignore_preemption and ckpt.preempted:
                 break
             time.sleep(a.step_sleep)

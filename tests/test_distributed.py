@@ -555,6 +555,28 @@ def test_fsdp2_state_saved_as_local_shards_restored_in_place_resharded_and_conso
         for k, v in st.items():
             assert torch.equal(torch.as_tensor(whole["optim"]["state"][fqn][k]), torch.as_tensor(v)), (fqn, k)
     torch.save(whole, tmp_path / "whole.pt")
+    # and by the command line: one safetensors file, and a Hugging Face directory of shards
+    from safetensors.torch import load_file
+
+    from flashckpt.cli import main
+
+    assert (
+        main(["restore", str(storage), "--only", "app.model", "--out", str(tmp_path / "m.safetensors")]) == 0
+    )
+    exported = load_file(tmp_path / "m.safetensors")
+    assert exported.keys() == full["model"].keys()
+    assert all(torch.equal(exported[k], v) for k, v in full["model"].items())
+    hf = tmp_path / "hf"
+    assert (
+        main(["restore", str(storage), "--only", "app.model", "--out", str(hf), "--max-shard-size", "1KB"])
+        == 0
+    )
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 1
+    merged = {k: v for f in files for k, v in load_file(hf / f).items()}
+    assert merged.keys() == full["model"].keys()
+    assert all(torch.equal(merged[k], v) for k, v in full["model"].items())
 
     # the same step restored by a job of 2 ranks: resharded from storage
     mp.start_processes(

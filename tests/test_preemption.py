@@ -257,3 +257,69 @@ def test_sigterm_to_one_rank_of_two_ends_both_at_the_same_committed_step(
     assert ends[0]["last"] == ends[1]["last"] and ends[0]["preempted"] and ends[1]["preempted"]
     assert _steps(out, 0) == _steps(out, 1)
     assert _newest(storage) == ends[0]["last"]
+
+
+def _pair(tmp_path: Path, shm_dir: Path, peer: str) -> tuple[Path, list[subprocess.Popen[str]]]:
+    """Two coupled ranks (grace 1 s); rank 1 does ``peer`` (``--hang-after 5``: stops in
+    Python, alive; ``--die-after 5``: SIGKILLed) after step 5.  Returns once rank 0 has
+    saved step 5: it is then in, or about to enter, step 6's all_reduce."""
+    storage, out = tmp_path / "storage", tmp_path / "run"
+    out.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--persist-every", "100", "--grace", "1"]
+    procs = [
+        _spawn(out, storage, shm_dir, *common, rank=0, world=2, port=port),
+        _spawn(out, storage, shm_dir, *common, peer, "5", rank=1, world=2, port=port),
+    ]
+    _wait_for_step(out, 5, procs[:1], rank=0)
+    return storage, procs
+
+
+@pytest.mark.subprocess
+@pytest.mark.distributed
+def test_sigterm_to_a_rank_blocked_in_native_code_ends_it_after_the_grace_period(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    """A rank blocked in a collective whose peer hangs never runs a Python signal handler; the
+    watcher learns of the signal through the wakeup fd and ends the process after the grace
+    period, instead of holding a restart back until torchrun's SIGKILL (30 s later) or the
+    collective's timeout (30 min here).  Its snapshots stay in memory for the restart."""
+    storage, procs = _pair(tmp_path, shm_dir, "--hang-after")
+    try:
+        time.sleep(0.5)  # rank 0 waits in step 6's all_reduce for rank 1, which sleeps
+        procs[0].send_signal(signal.SIGTERM)
+        rc, log = _finish(procs[0], timeout=60)
+        assert rc == 128 + signal.SIGTERM, log
+        assert "blocked in native code since SIGTERM" in log
+        rows = {r["step"]: r for r in _ls_memory(storage, shm_dir / "node0")}
+        assert rows[5]["tiers"] == {"memory": [0]}  # rank 0's newest snapshot waits in memory
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+
+
+@pytest.mark.subprocess
+@pytest.mark.distributed
+def test_a_rank_whose_collective_fails_on_a_dead_peer_leaves_at_once_keeping_its_memory(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    """Leaving the ``with`` block on that exception does not wait ``coord_timeout_s`` (60 s
+    here) for a shared commit the dead rank can never join: own tiers only, memory kept."""
+    storage, procs = _pair(tmp_path, shm_dir, "--die-after")
+    assert procs[1].wait(timeout=60) == -signal.SIGKILL
+    rc, log = _finish(procs[0], timeout=40)
+    assert rc == 1 and "Connection closed by peer" in log, log
+    assert "within 60 s" not in log
+    rows = {r["step"]: r for r in _ls_memory(storage, shm_dir / "node0")}
+    assert rows[5]["tiers"] == {"memory": [0]}
+
+
+def _ls_memory(storage: Path, memory: Path) -> list[dict[str, Any]]:
+    cmd = [sys.executable, "-m", "flashckpt.cli", "ls", str(storage), "--memory-dir", str(memory), "--json"]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return list(json.loads(proc.stdout))

@@ -4,14 +4,20 @@ Who calls what:
 
 * **The signal handler** (Python runs it on the main thread, between two bytecodes) only
   records the signal, wakes the watcher through a pipe (``os.write``: no lock that the
-  interrupted code could hold) and calls the handler it replaced (chained).
+  interrupted code could hold) and calls the handler it replaced (chained).  The same pipe is
+  the process's wakeup fd (``signal.set_wakeup_fd``, unless another owner, e.g. asyncio, has
+  it), which the interpreter writes the signal number to at once, from C: the watcher learns
+  of the signal even while the main thread is blocked in native code, where Python handlers
+  do not run (a collective waiting for a rank that died: torchrun then SIGTERMs the survivors).
 * **The training thread** calls :meth:`Preemption.at_save` on every ``save`` call; it says
   whether this call takes the final snapshot.
 * **The ``flashckpt-preempt`` thread** (the watcher) waits for the signal, then for the grace
   period; if the process is still running then, it persists the newest staged snapshot
   (``on_grace``) and, when the replaced disposition was the default one (terminate), asks the
   main thread to terminate the process the way the signal would have, now that the snapshot
-  is durable.
+  is durable.  If the main thread never ran the handler in the whole grace period it is stuck
+  in native code and will make no save: the process ends at once (exit status 128 + signal);
+  its snapshots stay in the memory tier, where the restart finds and persists them.
 
 The final step in a multi-rank job.  A signal may reach one rank only, or the ranks at
 different steps.  The first rank to see it announces, under a store key, that the final
@@ -46,7 +52,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
 _KEY = "preempt/final"
 #: How long the watcher lets the main thread act on its request to end the process.
-_EXIT_WAIT_S = 10.0
+_EXIT_WAIT_S = 2.0
 
 Handler = Callable[[int, Any], Any] | int | signal.Handlers | None
 
@@ -109,6 +115,7 @@ class Preemption:
         self._uninstalled = False  # closed: a handler of ours still installed only chains
         self._closing = threading.Event()
         self._pipe: tuple[int, int] | None = None
+        self._wakeup = False  # the pipe is the process's signal wakeup fd
         self._watcher: threading.Thread | None = None
 
     # -- main thread -----------------------------------------------------------------------------
@@ -125,6 +132,10 @@ class Preemption:
         os.set_blocking(w, False)
         self._pipe = (r, w)
         try:
+            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            if old != -1:  # another owner's (asyncio's): left to it; the handler still wakes us
+                signal.set_wakeup_fd(old)
+            self._wakeup = old == -1
             for sig in self._signals:
                 self._previous[sig] = signal.getsignal(sig)
                 signal.signal(sig, self._handle)
@@ -149,6 +160,11 @@ class Preemption:
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join(timeout=self._grace_s + 60.0)
         if threading.current_thread() is threading.main_thread():
+            if self._wakeup and self._pipe is not None:
+                now = signal.set_wakeup_fd(-1)
+                if now != self._pipe[1]:  # another owner took it after us: theirs stays
+                    signal.set_wakeup_fd(now)
+                self._wakeup = False
             for sig, prev in list(self._previous.items()):
                 if signal.getsignal(sig) == self._handle:
                     signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
@@ -237,10 +253,9 @@ class Preemption:
     def _watch(self) -> None:
         assert self._pipe is not None
         try:
-            select.select([self._pipe[0]], [], [])  # the signal, or close
-            if self._closing.is_set() or self._received is None:
+            sig = self._await_signal()
+            if sig is None:
                 return
-            sig = self._received
             log.warning(
                 "flashckpt: %s received: the next save is the final one; the loop has %.0f s to close",
                 sig.name,
@@ -248,13 +263,28 @@ class Preemption:
             )
             if self._closing.wait(self._grace_s):
                 return
+            default = self._previous.get(sig) in (signal.SIG_DFL, None)
+            if self._received is None:
+                # the handler never ran: the main thread is blocked in native code (a collective
+                # waiting for a dead rank) and makes no save; its snapshots stay in the memory tier
+                log.error(
+                    "flashckpt: the training thread has been blocked in native code since %s (%.0f s): "
+                    "no save can come; the snapshots stay in the memory tier for the restart%s",
+                    sig.name,
+                    self._grace_s,
+                    "; ending the process" if default else "",
+                )
+                if default:
+                    logging.shutdown()
+                    os._exit(128 + sig)
+                return
             log.warning(
                 "flashckpt: %.0f s after %s the loop has not closed: persisting the newest snapshot",
                 self._grace_s,
                 sig.name,
             )
             wait_durable = self._on_grace()
-            if self._previous.get(sig) in (signal.SIG_DFL, None) and not self._closing.is_set():
+            if default and not self._closing.is_set():
                 wait_durable()
                 if not self._closing.is_set():
                     log.warning("flashckpt: ending the process as %s would have", sig.name)
@@ -266,6 +296,23 @@ class Preemption:
                     os._exit(128 + sig)
         except Exception:  # a watcher never dies silently: logged; training goes on
             log.exception("flashckpt: the preemption watcher failed")
+
+    def _await_signal(self) -> signal.Signals | None:
+        """Watcher: block until one of our signals arrives (None: closed first).  The pipe
+        carries the handler's wake-up (``\\0``) and, as the process's wakeup fd, the number of
+        every signal that has a Python handler (others are skipped)."""
+        assert self._pipe is not None
+        ours = {int(s) for s in self._signals}
+        while True:
+            select.select([self._pipe[0]], [], [])
+            data = os.read(self._pipe[0], 512)
+            if self._closing.is_set() or not data:
+                return None
+            if self._received is not None:
+                return self._received
+            got = [b for b in data if b in ours]
+            if got:
+                return signal.Signals(got[0])
 
 
 def _wake(fd: int) -> None:

@@ -198,14 +198,19 @@ class Salvage:
         self.track(handle)
 
     # -- close ---------------------------------------------------------------------------------
-    def at_close(self, failed: set[int]) -> None:
+    def at_close(self, failed: set[int], *, shared: bool = True) -> None:
         """On close: persist the snapshots that live in memory only (``failed``: steps whose
         save failed already: reported, not retried here).
 
         A multi-rank job persists the last one saved (every rank makes the same saves, so
         every rank submits the same job: close runs no collective); one process persists
         every snapshot of its memory tier that a tier lacks (a look at an older step with
-        ``restore(step=...)`` after memory-only saves leaves the newer one there)."""
+        ``restore(step=...)`` after memory-only saves leaves the newer one there).
+
+        ``shared=False`` (a multi-rank job leaving on an exception: its peers may be dead, and
+        a commit on the shared tier would wait ``coord_timeout_s`` for them, holding back the
+        restart): only this rank's own tiers; the memory tier keeps the snapshot for the
+        restart, which salvages it to the shared tier."""
         p = self.parts
         if not p.tiers:
             return
@@ -217,8 +222,9 @@ class Salvage:
                 return
             except FlashCkptError as exc:  # a tier cannot be listed: persist the last one, at least
                 log.warning("flashckpt: cannot tell which snapshots only live in memory: %s", exc)
-        if self.last is not None and not self.last[2]:
-            self._persist(self.last[0], self.last[1], list(p.tiers))
+        tiers = [t for t in p.tiers if shared or not (t.shared and p.ctl.distributed)]
+        if self.last is not None and not self.last[2] and tiers:
+            self._persist(self.last[0], self.last[1], tiers)
 
     def not_durable(self) -> list[tuple[Order, list[Tier]]]:
         """The memory tier's snapshots of this run (not of an abandoned timeline) that are
