@@ -22,7 +22,7 @@ from flashckpt._config import Options, memory_root, storage_id
 from flashckpt.backends import LocalBackend
 from flashckpt.coordination.inventory import committed_steps, read_commit, read_committed_manifest
 from flashckpt.coordination.reshard import StepReader
-from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError
+from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError, ObjectNotFound
 from flashckpt.format import SHARD_PATTERN, DTensorRef, Manifest, TensorRef, tensor_nbytes, tree_leaves
 from flashckpt.staging.memory_tier import memory_steps, read_memory_manifest
 from flashckpt.staging.stager import check_fits
@@ -176,7 +176,12 @@ class Catalog:
             check_fits(size, None, f"a chunk of step {step}")  # a hostile size fails cleanly
             buf = bytearray(size)  # one chunk at a time: bounded memory
             for c in m.chunks:
-                fetch_chunks(self.backend, m.with_chunks([c]), _scratch(buf), self._pool, self.opts)
+                try:
+                    fetch_chunks(self.backend, m.with_chunks([c]), _scratch(buf), self._pool, self.opts)
+                except (CorruptCheckpointError, ObjectNotFound) as exc:
+                    raise CorruptCheckpointError(
+                        f"rank {m.rank}, {_held_by(m, c.offset, c.nbytes)}: {exc}"
+                    ) from exc
                 done += c.nbytes
                 if progress is not None:
                     progress(done, total)
@@ -198,6 +203,8 @@ class Copy:
     world_size: int
     where: str  # the directory or URL that holds it
     sealed: bool = True  # memory: its checksums are written (a crash mid-persist may leave one unsealed)
+    nbytes: int | None = None  # this rank's shard
+    created_unix: float | None = None  # when the snapshot was taken
 
 
 def tier_copies(
@@ -216,8 +223,13 @@ def tier_copies(
     out: list[Copy] = []
     for info in cat.steps():
         if info.error is None and info.world_size is not None:
-            for r in range(info.world_size):
-                out.append(Copy("storage", info.generation or 0, info.step, r, info.world_size, cat.url))
+            try:
+                shards = cat.manifests(info.step)
+            except Exception:  # left out: it went meanwhile, or does not validate  # noqa: BLE001
+                continue
+            for m in shards:
+                out.append(Copy("storage", m.generation, m.step, m.rank, m.world_size, cat.url,
+                                nbytes=m.total_bytes, created_unix=m.created_unix))  # fmt: skip
     if local_dir is not None:
         root = Path(local_dir)
         dirs = (
@@ -231,7 +243,8 @@ def tier_copies(
                     if info.error is not None or info.world_size is None:
                         continue
                     rank = int(d.name[1:6]) if d is not root else 0
-                    out.append(Copy("local", info.generation or 0, info.step, rank, info.world_size, str(d)))
+                    out.append(Copy("local", info.generation or 0, info.step, rank, info.world_size, str(d),
+                                    nbytes=info.bytes, created_unix=info.created_unix))  # fmt: skip
     if memory_dir is not None:
         sid = storage_id(cat.url)
         root = memory_root(cat.url, None if str(memory_dir) == "default" else memory_dir)
@@ -256,8 +269,26 @@ def tier_copies(
                         continue
                     if m.storage and m.storage != sid:
                         continue
-                    out.append(Copy(tier, m.generation, m.step, m.rank, m.world_size, str(where), m.sealed))
+                    out.append(Copy(tier, m.generation, m.step, m.rank, m.world_size, str(where), m.sealed,
+                                    m.total_bytes, m.created_unix))  # fmt: skip
     return out
+
+
+def _held_by(m: Manifest, offset: int, nbytes: int) -> str:
+    """The keys of the tensors of shard ``m`` whose bytes overlap ``[offset, offset + nbytes)``,
+    as ``inspect`` names them (a few, then how many more)."""
+    keys = {
+        node.index: key
+        for key, node in tree_leaves(m.state_tree())
+        if isinstance(node, (TensorRef, DTensorRef))
+    }
+    hit = [
+        keys.get(i, f"tensor {i}")
+        for i, e in enumerate(m.tensors)
+        if e.nbytes and e.offset < offset + nbytes and e.offset + e.nbytes > offset
+    ]
+    more = f" and {len(hit) - 4} more" if len(hit) > 4 else ""
+    return ("tensor " if len(hit) == 1 else "tensors ") + ", ".join(hit[:4]) + more
 
 
 def _scratch(buf: bytearray) -> Callable[[int, int], memoryview]:

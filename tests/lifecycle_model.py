@@ -188,6 +188,12 @@ class Node:
     m_seed: int
     parent: Node | None
     origin: str  # "save" or "child"
+    #: the link to ``parent`` is a branch: the run continued from a restore of it, or from it
+    #: as the newest save below a lower step (the engine records ``(generation, parent.step)``
+    #: as an ancestor then)
+    branch: bool = False
+    #: a fresh start: the save after a restore that found nothing (no parent, no ancestry)
+    fresh: bool = False
 
     def content(self) -> dict[str, Any]:
         return content(self.uid, self.step, self.m_seed)
@@ -212,16 +218,21 @@ class Model:
         self._uid += 1
         return self._uid
 
-    def add(self, uid: int, step: int, m_seed: int, base: Node | None, origin: str) -> Node:
-        """Save ``uid`` of ``step``, continuing from ``base`` (the last save or restore): its
-        parent is ``base`` if that has the same step (saved again: the earlier save stays on
-        the timeline, just older), else the newest snapshot of ``base``'s timeline below
-        ``step`` (a lower step leaves the ones above behind)."""
+    def add(
+        self, uid: int, step: int, m_seed: int, base: Node | None, origin: str, *, restored: bool = False
+    ) -> Node:
+        """Save ``uid`` of ``step``, continuing from ``base`` (the last save, or what a restore
+        returned: ``restored``, with ``base`` None for a fresh start): its parent is ``base``
+        if that has the same step (saved again: the earlier save stays on the timeline, just
+        older), else the newest snapshot of ``base``'s timeline below ``step`` (a lower step
+        leaves the ones above behind)."""
         p = base
         if p is None or p.step != step:
             while p is not None and p.step >= step:
                 p = p.parent
         n = Node(uid, step, m_seed, p, origin)
+        n.branch = p is not None and (restored or p is not base)
+        n.fresh = restored and base is None
         self.nodes[uid] = n
         self.head = n
         return n
@@ -597,6 +608,18 @@ def model_pick(
         if not seen:
             return None
         candidates = model.chain(model.nodes[max(seen)])
+        root = candidates[-1]
+        if root.fresh:
+            # A fresh start records no ancestry, so it abandons nothing older (the engine keeps
+            # every older generation on the timeline, newest first, up to the lowest step the
+            # run branched at since): a good older step is never hidden (docs/reliability.md)
+            bound = min(
+                (n.parent.step for n in candidates if n.branch and n.parent is not None), default=None
+            )
+            older = [
+                n for n in model.nodes.values() if n.uid < root.uid and (bound is None or n.step <= bound)
+            ]
+            candidates += sorted(older, key=lambda n: -n.uid)
     else:
         candidates = sorted((n for n in model.nodes.values() if n.step == want), key=lambda n: -n.uid)
     for n in candidates:

@@ -447,3 +447,32 @@ def test_a_state_given_as_a_function_is_built_only_when_the_save_stages(dirs: di
         ckpt.save(5, state_of(5), force=True)
     assert built == [0, 2, 4, 5]
     assert torch.equal(flashckpt.load(dirs["storage"])["w"], torch.full((16,), 5.0))
+
+
+def test_a_fresh_start_never_hides_an_older_runs_intact_step(tmp_path: Path, shm_dir: Path) -> None:
+    """A run that found nothing to restore (here: storage wiped, its local tier not given)
+    starts afresh with no ancestry, so it abandons nothing: once every copy of the fresh run
+    is gone too, "latest" resumes the older run's newest intact step (on the local tier it
+    left) instead of starting from scratch (docs/reliability.md, "a fresh start")."""
+    import shutil
+
+    storage, local = tmp_path / "storage", tmp_path / "local"
+
+    def state(v: float) -> dict[str, torch.Tensor]:
+        return {"w": torch.full((16,), v)}
+
+    with flashckpt.Checkpointer(storage, local_dir=local, memory_dir=shm_dir / "a", keep=None) as ckpt:
+        for step in range(3):
+            ckpt.save(step, state(float(step)))
+    shutil.rmtree(storage)
+    with flashckpt.Checkpointer(storage, memory_dir=shm_dir / "b", keep=1) as ckpt:
+        assert ckpt.restore(state(-1.0)) is None  # nothing visible: a fresh start
+        for step in range(2):
+            ckpt.save(step, state(100.0 + step))
+    assert sorted(p.name for p in (local / "commits").iterdir())[-1].endswith("2")  # never retired
+    shutil.rmtree(storage)  # the fresh run's copies are gone as well
+    got = state(-1.0)
+    with flashckpt.Checkpointer(storage, local_dir=local, memory_dir=shm_dir / "c") as ckpt:
+        assert ckpt.restore(got) == 2
+        assert ckpt.stats["restored"]["tier"] == "local"
+    assert torch.equal(got["w"], state(2.0)["w"])

@@ -207,3 +207,33 @@ def test_verify_reports_progress_over_every_byte_and_draws_a_bar_on_a_terminal(
     assert main(["verify", str(dirs["storage"])]) == 0
     assert "step 2" in term.getvalue()  # the bar, on the terminal only
     assert capsys.readouterr().out.strip() == "step 2: ok"
+
+
+def test_restore_out_draws_a_bar_over_the_tensor_bytes_on_a_terminal_only(
+    dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    import torch
+
+    from flashckpt.cli.export import tally
+
+    with flashckpt.Checkpointer(dirs["storage"], memory_dir=dirs["memory"]) as ckpt:
+        ckpt.save(2, {"w": torch.randn(1000), "b": torch.ones(3), "note": "x"})
+    seen: list[tuple[int, int]] = []
+    leaves = [("w", torch.zeros(1000)), ("b", torch.zeros(3)), ("note", "x")]
+    specs = [("w", torch.float32, (1000,)), ("b", torch.float32, (3,)), ("note", None, ())]
+    assert list(tally(iter(leaves), specs, lambda d, t: seen.append((d, t)))) == leaves
+    assert seen == [(4000, 4012), (4012, 4012)]
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert main(["restore", str(dirs["storage"]), "--out", str(tmp_path / "x.safetensors")]) == 0
+    assert "step 2" in term.getvalue()
+    monkeypatch.undo()
+    assert main(["restore", str(dirs["storage"]), "--out", str(tmp_path / "y.safetensors")]) == 0
+    assert "step 2 ->" in capsys.readouterr().out

@@ -56,6 +56,7 @@ def test_after_a_crash_every_tier_is_listed_and_the_memory_only_step_is_the_one_
     assert rows[3]["tiers"] == {"memory": [0], "local": [0], "storage": [0]}
     assert rows[4]["tiers"] == {"memory": [0]} and rows[4]["restore"]
     assert not rows[3]["restore"] and not rows[0]["restore"]
+    assert all(r["bytes"] == 64 * 4 and r["created_unix"] is not None for r in rows.values())
     # ... and it is what a restore does pick
     with flashckpt.Checkpointer(storage, local_dir=local, memory_dir=shm_dir, persist_every=3) as ckpt:
         assert ckpt.restore({"w": torch.zeros(64)}) == 4

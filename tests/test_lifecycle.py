@@ -364,7 +364,8 @@ class Lifecycle(RuleBasedStateMachine):
             m_seed = base.m_seed if unchanged and base is not None else uid
             h = self.ckpt.save(step, content(uid, step, m_seed), force=force)
             assert h is not None
-            node = self.model.add(uid, step, m_seed, base, "save")
+            restored = self.pending is not None
+            node = self.model.add(uid, step, m_seed, base, "save", restored=restored)
             self.created.append(node)
             self.pending, self.prev_step, self.last = None, step, node
             handles.append((node, h))
@@ -480,6 +481,7 @@ class Lifecycle(RuleBasedStateMachine):
             assert problem is None, f"the child's restore is not bitwise: {problem}"
             base = self._judge(before, cfg.tiers, run_known, None, r, meta)
         prev = base
+        restored = rep.restored is not None
         for i, (uid, step, m_seed) in enumerate(rep.saving):
             # the save in flight when the kill came happened if a copy of it exists
             if uid not in rep.staged:
@@ -488,7 +490,9 @@ class Lifecycle(RuleBasedStateMachine):
                     FIG.events["in-flight save lost"] += 1
                     break
                 FIG.events["in-flight save kept"] += 1
-            prev = self.model.add(uid, step, m_seed, None if prev in (None, ROOT) else prev, "child")  # type: ignore[arg-type]
+            parent = None if prev in (None, ROOT) else prev
+            prev = self.model.add(uid, step, m_seed, parent, "child", restored=restored)  # type: ignore[arg-type]
+            restored = False
             self.created.append(prev)
         self.retired += rep.retired
         for uid, tiers in rep.durable.items():

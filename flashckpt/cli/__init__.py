@@ -1,5 +1,5 @@
-"""The ``flashckpt`` command line: list and verify checkpoints on a storage tier; plan the
-checkpoint interval.
+"""The ``flashckpt`` command line: list, inspect, verify, export and compare checkpoints on
+every tier; salvage a dead job's memory-only steps; retention by hand; plan the interval.
 
 Exit codes (as DESIGN.md has them): 0 ok; 1 verification failed (``verify`` found a corrupt
 step, ``ls`` a step whose records do not validate); 2 usage or access error (bad arguments
@@ -16,8 +16,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -26,6 +27,8 @@ from flashckpt.cli import maintain
 from flashckpt.cli._common import FAILED, OK, USAGE, add_url, line, progress, storage_options, warn
 from flashckpt.errors import CheckpointNotFound, CorruptCheckpointError, FlashCkptError, ObjectNotFound
 from flashckpt.format import DTensorRef, Manifest, TensorRef, tree_leaves
+
+T = TypeVar("T")
 
 
 def _verdict(exc: BaseException) -> tuple[int, str]:
@@ -53,10 +56,16 @@ def _ls_tiers(args: argparse.Namespace) -> int:
             "world_size": c.world_size,
             "tiers": {},
             "unsealed": [],
+            "shard_bytes": {},
+            "created_unix": None,
         }
         row = snaps.setdefault((c.generation, c.step), fresh)
         row["world_size"] = max(row["world_size"], c.world_size)
         row["tiers"].setdefault(c.tier, set()).add(c.rank)
+        if c.nbytes is not None:
+            row["shard_bytes"][c.rank] = c.nbytes
+        if c.created_unix is not None:
+            row["created_unix"] = min(row["created_unix"] or c.created_unix, c.created_unix)
         if not c.sealed:
             row["unsealed"].append(c.rank)
     pick = None
@@ -73,7 +82,9 @@ def _ls_tiers(args: argparse.Namespace) -> int:
     for order in sorted(snaps):
         row = snaps[order]
         tiers = {t: sorted(r) for t, r in row["tiers"].items()}
-        rows.append({**row, "tiers": tiers, "restore": order == pick})
+        shards = row.pop("shard_bytes")
+        size = sum(shards.values()) if len(shards) == row["world_size"] else None
+        rows.append({**row, "tiers": tiers, "bytes": size, "restore": order == pick})
     if args.json:
         print(json.dumps(rows))
         return OK
@@ -84,14 +95,28 @@ def _ls_tiers(args: argparse.Namespace) -> int:
             return "-"
         return "all" if len(ranks) == row["world_size"] else ",".join(f"r{r}" for r in ranks)
 
-    print(f"{'step':>12}  {'ranks':>5}  {'memory':<8} {'mirror':<8} {'local':<8} {'storage':<8} note")
+    now = time.time()
+    print(f"{'step':>12}  {'ranks':>5}  {'bytes':>13}  {'age':>7}  {'memory':<8} {'mirror':<8} {'local':<8} "
+          f"{'storage':<8} note")  # fmt: skip
     for row in rows:
         mem = cell(row, "memory") + ("*" if row["unsealed"] else "")
-        print(f"{row['step']:>12}  {row['world_size']:>5}  {mem:<8} {cell(row, 'mirror'):<8} "
-              f"{cell(row, 'local'):<8} {cell(row, 'storage'):<8} {row.get('note', '')}")  # fmt: skip
+        size = "?" if row["bytes"] is None else f"{row['bytes']:,}"
+        age = "?" if row["created_unix"] is None else _age(now - row["created_unix"])
+        where = f"{mem:<8} {cell(row, 'mirror'):<8} {cell(row, 'local'):<8} {cell(row, 'storage'):<8}"
+        head = f"{row['step']:>12}  {row['world_size']:>5}  {size:>13}  {age:>7}"
+        print(f"{head}  {where} {row.get('note', '')}".rstrip())
     if any(r["unsealed"] for r in rows):
         print("(* a memory copy not yet checksummed: the process stopped while persisting it)")
     return OK
+
+
+def _age(seconds: float) -> str:
+    """``42s``, ``17m``, ``5h``, ``3d``."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -304,6 +329,18 @@ def _compare(x: torch.Tensor, y: torch.Tensor, atol: float, rtol: float) -> tupl
     return bool(special and bool((err <= atol + rtol * scale).all())), abs_max, rel_max
 
 
+class _Damaged(Exception):
+    """A step ``diff`` reads is damaged (its verdict: exit 1)."""
+
+
+def _damaged(cat: Catalog, step: int, read: Callable[[], T]) -> T:
+    """``read()``; a damaged record or chunk raised as :class:`_Damaged`, naming the step."""
+    try:
+        return read()
+    except (CorruptCheckpointError, ObjectNotFound) as exc:
+        raise _Damaged(f"{cat.url} step {step}: CORRUPT: {exc}") from exc
+
+
 def _diff(args: argparse.Namespace) -> int:
     (url_a, step_a), (url_b, step_b) = _side(args.a), _side(args.b)
     report: dict[str, Any] = {
@@ -321,7 +358,11 @@ def _diff(args: argparse.Namespace) -> int:
         sa, sb = _committed_step(ca, step_a), _committed_step(cb, step_b)
         if sa is None or sb is None:
             return USAGE
-        ma, mb = ca.manifests(sa), cb.manifests(sb)
+        try:
+            ma, mb = _damaged(ca, sa, lambda: ca.manifests(sa)), _damaged(cb, sb, lambda: cb.manifests(sb))
+        except _Damaged as damage:
+            warn(damage)
+            return FAILED
         report.update(a=f"{ca.url}@{sa}", b=f"{cb.url}@{sb}", world_a=len(ma), world_b=len(mb))
         if len(ma) != len(mb):
             report["changed"].append({"key": "<world size>", "a": len(ma), "b": len(mb)})
@@ -347,7 +388,12 @@ def _diff(args: argparse.Namespace) -> int:
                 if _same_chunks(a, b, x["index"], y["index"]):
                     report["unread"] += 1
                     continue
-                tx, ty = ca.read_tensor(a, x["index"]), cb.read_tensor(b, y["index"])
+                try:
+                    tx = _damaged(ca, sa, lambda: ca.read_tensor(a, x["index"]))  # noqa: B023 - called now
+                    ty = _damaged(cb, sb, lambda: cb.read_tensor(b, y["index"]))  # noqa: B023
+                except _Damaged as damage:
+                    warn(damage)
+                    return FAILED
                 close, abs_max, rel_max = _compare(tx, ty, args.atol, args.rtol)
                 if not close:
                     report["differ"].append({"key": prefix + k, "max_abs": abs_max, "max_rel": rel_max})
@@ -375,7 +421,7 @@ def _diff(args: argparse.Namespace) -> int:
 def _restore(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flashckpt.cli.export import parse_size, select, select_specs, write_pt, write_safetensors
+    from flashckpt.cli.export import parse_size, select, select_specs, tally, write_pt, write_safetensors
 
     out = Path(args.out)
     shard = parse_size(args.max_shard_size)
@@ -388,13 +434,14 @@ def _restore(args: argparse.Namespace) -> int:
             if args.only is not None and not specs:
                 warn(f"step {step} has nothing under {args.only!r}")
                 return USAGE
-            leaves = select(cat.leaves(step), args.only, args.dtype)
-            if out.suffix == ".pt":
-                done = write_pt(leaves, out)
-            elif out.suffix == ".safetensors":
-                done = write_safetensors(specs, leaves, out)
-            else:
-                done = write_safetensors(specs, leaves, out, shard_bytes=shard)
+            with progress(f"step {step}") as bar:
+                leaves = tally(select(cat.leaves(step), args.only, args.dtype), specs, bar)
+                if out.suffix == ".pt":
+                    done = write_pt(leaves, out)
+                elif out.suffix == ".safetensors":
+                    done = write_safetensors(specs, leaves, out)
+                else:
+                    done = write_safetensors(specs, leaves, out, shard_bytes=shard)
         except (CorruptCheckpointError, ObjectNotFound) as exc:
             warn(f"step {step}: CORRUPT: {exc}")
             return FAILED

@@ -24,7 +24,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,20 @@ def select(
         if isinstance(value, torch.Tensor) and value.is_floating_point() and cast is not None:
             value = value.to(_CASTS[cast])
         yield k, value
+
+
+def tally(
+    leaves: Iterator[tuple[str, Any]], specs: list[Spec], progress: Callable[[int, int], None] | None
+) -> Iterator[tuple[str, Any]]:
+    """``leaves`` as they are, calling ``progress(done, total)`` with the tensor bytes passed on
+    so far (``total`` from ``specs``)."""
+    total = sum(_nbytes(dtype, shape) for _, dtype, shape in specs if dtype is not None)
+    done = 0
+    for key, value in leaves:
+        yield key, value
+        if isinstance(value, torch.Tensor) and progress is not None:
+            done += value.numel() * value.element_size()
+            progress(done, total)
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
