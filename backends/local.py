@@ -162,28 +162,19 @@ class LocalBackend:
             raise translate_os_error(exc, what) from exc
 
     def head(self, key: str) -> int:
-        what = f"head {key} on {self.url}"
-        try:
-            if not self._private:
-                return os.stat(self.path_of(key)).st_size
-            fd = self._open_read(key)
-            try:
-                return os.fstat(fd).st_size
-            finally:
-                os.close(fd)
-        except ConfigError as exc:
-            raise _refused(exc, what) from exc
-        except OSError as exc:
-            raise translate_os_error(exc, what) from exc
+        return self._stat(key, f"head {key} on {self.url}").st_size
 
     def modified(self, key: str) -> float:
-        what = f"modified time of {key} on {self.url}"
+        return self._stat(key, f"modified time of {key} on {self.url}").st_mtime
+
+    def _stat(self, key: str, what: str) -> os.stat_result:
+        """``key``'s metadata (a private tier: of the file opened as a read would open it)."""
         try:
             if not self._private:
-                return os.stat(self.path_of(key)).st_mtime
+                return os.stat(self.path_of(key))
             fd = self._open_read(key)
             try:
-                return os.fstat(fd).st_mtime
+                return os.fstat(fd)
             finally:
                 os.close(fd)
         except ConfigError as exc:

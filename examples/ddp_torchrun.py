@@ -16,19 +16,17 @@ finishes.  The final weights are compared bit for bit with an uninterrupted run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _story import verdict, workspace  # examples/_story.py: scratch dirs, the closing check
 
 import flashckpt
 
@@ -105,11 +103,7 @@ def main() -> None:
     if args.workdir is not None and "RANK" in os.environ:
         train(args.workdir, args.memory or args.workdir / "shm", args.crash)
         return
-    base = Path(tempfile.mkdtemp(prefix="flashckpt-ddp-"))
-    shm = Path(
-        tempfile.mkdtemp(prefix="flashckpt-ddp-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    )
-    try:
+    with workspace("ddp") as (base, shm):
         runs = {}
         for name, crash in (("crash and resume", True), ("uninterrupted", False)):
             w = base / name.replace(" ", "-")
@@ -117,14 +111,7 @@ def main() -> None:
             print(f"{name}: torchrun, 2 ranks")
             torchrun(w, shm / w.name, crash)
             runs[name] = torch.load(w / "final.pt", weights_only=True)
-        a, b = runs.values()
-        same = all(torch.equal(v, b[k]) for k, v in a.items())
-        print(f"resumed run == uninterrupted run, bit for bit: {same}")
-        print(json.dumps({"bitwise_equal": same}))
-        sys.exit(0 if same else 1)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(shm, ignore_errors=True)
+        verdict(*runs.values())
 
 
 if __name__ == "__main__":

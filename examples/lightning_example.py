@@ -14,19 +14,16 @@ uninterrupted run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _story import attempts, verdict, workspace  # examples/_story.py: scratch dirs, the closing check
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from flashckpt.integrations.lightning import FlashCheckpoint
@@ -108,36 +105,13 @@ def main() -> None:
     if args.attempt:
         fit(args.workdir, args.memory, crash=args.attempt == "crash")
         return
-    base = Path(tempfile.mkdtemp(prefix="flashckpt-lightning-"))
-    shm = Path(
-        tempfile.mkdtemp(prefix="flashckpt-lightning-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    )
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    try:
-        me = [sys.executable, os.path.abspath(__file__)]
+    with workspace("lightning") as (base, shm):
         plan = [("run", "crash", "attempt 1: train, checkpoint every step, crash"),
                 ("run", "resume", "attempt 2: trainer.fit(ckpt_path='last')"),
                 ("ref", "reference", "reference: the same run without a crash")]  # fmt: skip
-        for run, attempt, what in plan:
-            print(what, flush=True)
-            w = base / run
-            w.mkdir(exist_ok=True)
-            r = subprocess.run(
-                [*me, "--attempt", attempt, "--workdir", str(w), "--memory", str(shm / run)], env=env
-            )
-            if attempt == "crash":
-                print(f"  -> died with {signal.Signals(-r.returncode).name}")
-            elif r.returncode:
-                sys.exit(r.returncode)
+        attempts(os.path.abspath(__file__), plan, base, shm, PYTHONWARNINGS="ignore")
         a = torch.load(base / "run" / "final.pt", weights_only=True)
-        b = torch.load(base / "ref" / "final.pt", weights_only=True)
-        same = all(torch.equal(v, b[k]) for k, v in a.items())
-        print(f"resumed run == uninterrupted run, bit for bit: {same}")
-        print(json.dumps({"bitwise_equal": same}))
-        sys.exit(0 if same else 1)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(shm, ignore_errors=True)
+        verdict(a, torch.load(base / "ref" / "final.pt", weights_only=True))
 
 
 if __name__ == "__main__":

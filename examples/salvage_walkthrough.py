@@ -17,17 +17,16 @@ step 17 instead of 10.  The final weights are compared bit for bit with an unint
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from _story import verdict, workspace  # examples/_story.py: scratch dirs, the closing check
 
 import flashckpt
 
@@ -75,13 +74,9 @@ def main() -> None:
     if args.attempt:
         train(args.storage, args.memory, crash=args.attempt == "crash")
         return
-    base = Path(tempfile.mkdtemp(prefix="flashckpt-salvage-"))
-    shm = Path(
-        tempfile.mkdtemp(prefix="flashckpt-salvage-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    )
-    storage, memory = base / "storage", shm / "node"
-    me = [sys.executable, os.path.abspath(__file__), "--storage", str(storage)]
-    try:
+    with workspace("salvage") as (base, shm):
+        storage, memory = base / "storage", shm / "node"
+        me = [sys.executable, os.path.abspath(__file__), "--storage", str(storage)]
         print("the job: every step into memory, every 10th to storage")
         subprocess.run([*me, "--attempt", "crash", "--memory", str(memory)])
         print("the operator, on the dead job's node:")
@@ -98,13 +93,7 @@ def main() -> None:
             loss.backward()
             ref["optim"].step()
         final = torch.load(base / "final.pt", weights_only=True)
-        same = all(torch.equal(v, final[k]) for k, v in ref["model"].state_dict().items())
-        print(f"resumed run == uninterrupted run, bit for bit: {same}")
-        print(json.dumps({"bitwise_equal": same}))
-        sys.exit(0 if same else 1)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(shm, ignore_errors=True)
+        verdict(final, ref["model"].state_dict())
 
 
 if __name__ == "__main__":

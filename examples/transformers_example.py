@@ -14,18 +14,14 @@ are compared bit for bit with an uninterrupted run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from _story import attempts, verdict, workspace  # examples/_story.py: scratch dirs, the closing check
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 from flashckpt.integrations.transformers import FlashCheckpointCallback
@@ -97,33 +93,13 @@ def main() -> None:
     if args.attempt:
         train(args.workdir, args.memory, crash=args.attempt == "crash")
         return
-    base = Path(tempfile.mkdtemp(prefix="flashckpt-hf-"))
-    shm = Path(
-        tempfile.mkdtemp(prefix="flashckpt-hf-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    )
-    try:
-        me = [sys.executable, os.path.abspath(__file__)]
+    with workspace("hf") as (base, shm):
         plan = [("run", "crash", "attempt 1: train, checkpoint every step, crash"),
                 ("run", "resume", "attempt 2: trainer.train(resume_from_checkpoint=resume_path)"),
                 ("ref", "reference", "reference: the same run without a crash")]  # fmt: skip
-        for run, attempt, what in plan:
-            print(what, flush=True)
-            w = base / run
-            w.mkdir(exist_ok=True)
-            r = subprocess.run([*me, "--attempt", attempt, "--workdir", str(w), "--memory", str(shm / run)])
-            if attempt == "crash":
-                print(f"  -> died with {signal.Signals(-r.returncode).name}")
-            elif r.returncode:
-                sys.exit(r.returncode)
+        attempts(os.path.abspath(__file__), plan, base, shm)
         a = torch.load(base / "run" / "final.pt", weights_only=True)
-        b = torch.load(base / "ref" / "final.pt", weights_only=True)
-        same = all(torch.equal(v, b[k]) for k, v in a.items())
-        print(f"resumed run == uninterrupted run, bit for bit: {same}")
-        print(json.dumps({"bitwise_equal": same}))
-        sys.exit(0 if same else 1)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(shm, ignore_errors=True)
+        verdict(a, torch.load(base / "ref" / "final.pt", weights_only=True))
 
 
 if __name__ == "__main__":
