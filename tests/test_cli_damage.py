@@ -5,6 +5,7 @@ it still reads."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,7 @@ def test_damage_exits_1_with_one_line_and_writes_nothing(
     if argv[0] == "verify" and request.node.callspec.params["damaged"] != "missing manifest":
         assert "rank 0, tensors w, b:" in got.out  # where the damage is (one chunk holds both)
     assert main(["verify", str(damaged), "--step", "1"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(damaged), "--json"]) == 1
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["step"], r["ok"]) for r in rows] == [(1, True), (2, False)] and "CORRUPT" in rows[1]["error"]

@@ -162,15 +162,21 @@ def _verify(args: argparse.Namespace) -> int:
                 return USAGE
         if not steps:
             warn(f"no committed step at {cat.url}: nothing to verify")
+        rows: list[dict[str, Any]] = []
         for step in steps:
             try:
                 with progress(f"step {step}") as bar:
                     cat.verify(step, bar)  # every rank's records, the shards against each other, every chunk
-                print(f"step {step}: ok")
+                rows.append({"step": step, "ok": True, "error": None})
             except Exception as exc:  # report this step, verify the others  # noqa: BLE001
                 step_code, label = _verdict(exc)
                 code = max(code, step_code)
-                print(f"step {step}: {label}: {line(exc)}")
+                rows.append({"step": step, "ok": False, "error": f"{label}: {line(exc)}"})
+            if not args.json:
+                r = rows[-1]
+                print(f"step {step}: ok" if r["ok"] else f"step {step}: {r['error']}")
+    if args.json:
+        print(json.dumps(rows))
     return code
 
 
@@ -541,6 +547,7 @@ def _read_commands(sub: Any) -> None:
     p = sub.add_parser("verify", help="check every checksum of committed steps (exit 1 if one is corrupt)")
     add_url(p)
     p.add_argument("--step", type=int)
+    p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_verify)
     p = sub.add_parser("inspect", help="the saved tree of a step; with --tensor, one tensor's statistics")
     add_url(p)
