@@ -55,6 +55,7 @@ from flashckpt.errors import (
     ConfigError,
     CorruptCheckpointError,
     StorageError,
+    WaitTimeout,
 )
 from flashckpt.format import MAX_STEP, shard_name
 from flashckpt.staging.memory_tier import MemoryTier, lock
@@ -384,7 +385,7 @@ class Checkpointer:
         failure of the last save, tier by tier, mirror and retention failures included); after
         a successful ``restore``, ``restored``: its ``step``, ``tier``, ``bytes`` and ``seconds``.
         Any thread."""
-        return self._stats.report()
+        return {**self._stats.report(), "prefaulting": self._stager.prefaulting}
 
     def save(self, step: int, state: Any, *, force: bool = False) -> SaveHandle | None:
         """Stage ``state`` as ``step`` and return at once; persistence runs in the background.
@@ -473,11 +474,16 @@ class Checkpointer:
             raise
         return None
 
-    def prepare(self, state: Any) -> None:
+    def prepare(self, state: Any, *, wait: bool = False, timeout: float | None = None) -> None:
         """Fault the staging slots in for ``state``'s size on a background thread, so that the
-        first ``save`` costs a warm copy.  ``restore`` does this already."""
+        first ``save`` costs a warm copy.  ``restore`` does this already (a restarted job maps
+        only the slot it restores from; the rest is faulted in behind it).  ``wait``: return
+        once the slots are warm (``WaitTimeout`` after ``timeout`` seconds); without it,
+        ``stats["prefaulting"]`` says whether that is still going on.  Training thread."""
         self._check_open()
         self._stager.prefault(self._stager.layout(flatten(state).tensors).total_bytes)
+        if wait and not self._stager.join_prefault(timeout):
+            raise WaitTimeout(f"the staging slots were not faulted in within {timeout} s")
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every save so far is durable; raise the first unreported failure of a

@@ -476,3 +476,68 @@ def test_a_fresh_start_never_hides_an_older_runs_intact_step(tmp_path: Path, shm
         assert ckpt.restore(got) == 2
         assert ckpt.stats["restored"]["tier"] == "local"
     assert torch.equal(got["w"], state(2.0)["w"])
+
+
+RESTART_JOB = """
+import os, sys, torch, flashckpt
+storage, memory = sys.argv[1:3]
+g = torch.Generator().manual_seed(3)
+state = {"w": torch.randn(1 << 20, generator=g), "b": torch.randn(7, generator=g)}
+ckpt = flashckpt.Checkpointer(storage, memory_dir=memory, persist_every=100, preempt_signals=None)
+for step in range(3):
+    state["w"] += 1
+    ckpt.save(step, state)
+ckpt.wait()
+os._exit(0)  # dies: step 2 lives in memory only
+"""
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("damage", [False, True])
+def test_a_restarted_job_maps_only_what_it_restores_and_verifies_every_byte(
+    tmp_path: Path, shm_dir: Path, damage: bool
+) -> None:
+    """The constructor maps the slots an earlier process left without faulting them in (no
+    work in proportion to the state); restore reads the slot holding the snapshot straight
+    into the state (no page faults) and checks every byte; the slots are faulted in behind
+    it, and ``prepare(wait=True)`` waits for that.  A flipped bit in the slot is caught."""
+    import subprocess
+    import sys
+
+    from flashckpt.format import decode_manifest
+
+    storage = tmp_path / "storage"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, "-c", RESTART_JOB, str(storage), str(shm_dir)], env=env, check=True)
+    if damage:
+        (shard,) = list(shm_dir.iterdir())
+        m = decode_manifest((shard / "step-000000000002.manifest").read_bytes(), allow_unsealed=True)
+        c = m.chunks[0]
+        with open(shard / c.key, "r+b") as f:
+            f.seek(c.at + 1000)
+            b = f.read(1)
+            f.seek(c.at + 1000)
+            f.write(bytes([b[0] ^ 0x20]))
+    g = torch.Generator().manual_seed(3)
+    want = {"w": torch.randn(1 << 20, generator=g), "b": torch.randn(7, generator=g)}
+    for _ in range(2 if damage else 3):  # the job's steps, as it made them
+        want["w"] += 1
+    state = {"w": torch.zeros(1 << 20), "b": torch.zeros(7)}
+    with flashckpt.Checkpointer(storage, memory_dir=shm_dir, persist_every=100) as ckpt:
+        slots = parts(ckpt).stager.slots
+        assert all(s.lazy and not s.warm(1) for s in slots if s.mapped)  # mapped, not faulted in
+        got = ckpt.restore(state)
+        if damage:  # the damaged copy of step 2 is skipped: step 1, in the other slot, comes back
+            assert got == 1 and ckpt.stats["restored"]["tier"] == "memory"
+            assert all(torch.equal(state[k], want[k]) for k in want)
+            ckpt.save(2, state)  # the run goes on from step 1: its step 2 replaces the damaged one
+            return
+        assert got == 2 and ckpt.stats["restored"]["tier"] == "memory"
+        assert all(torch.equal(state[k], want[k]) for k in want)
+        ckpt.prepare(state, wait=True, timeout=60)
+        assert not ckpt.stats["prefaulting"]
+        assert all(s.warm(4 << 20) for s in slots)  # both slots faulted in, behind the restore
+        state["w"] += 1
+        ckpt.save(3, state)  # into the other slot: the restored snapshot stays intact
+    assert torch.equal(flashckpt.load(storage, step=3)["w"], want["w"] + 1)

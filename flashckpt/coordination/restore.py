@@ -219,9 +219,11 @@ class Restorer:
                 raise CorruptCheckpointError(f"slot of step {step} is busy")
             try:
                 fills = fill_targets(m, state, filled)
-                sealed = verify_chunks(
-                    m, slot.view, p.persister.pool, str(p.rank_dir), base=slot.address, fills=fills
-                )
+                with slot.file_reader() as readv:
+                    sealed = verify_chunks(
+                        m, slot.view, p.persister.pool, str(p.rank_dir), base=slot.address, fills=fills,
+                        readv=readv,
+                    )  # fmt: skip
                 if not m.sealed:  # the crash came before the persist thread checksummed it
                     p.mem.seal(slot, sealed)
             except BaseException:

@@ -467,6 +467,10 @@ class Slot:
         self.busy = False
         self.prefaulting = False  # busy because the prefault thread is mapping it
         self.faulting: _Faulting | None = None  # set while ``ensure`` faults pages in
+        #: mapped as an earlier process left it (``adopt``), not yet allocated and faulted in
+        #: for writing: read faults map its pages as a restore reads them; ``ensure`` (the
+        #: prefault thread, or a save) faults it in before anything is copied into it
+        self.lazy = False
         self._mm: mmap.mmap | None = None
         self._buf: torch.Tensor | None = None
         # the destination views of the last layout copied into this mapping (a save of the
@@ -483,7 +487,7 @@ class Slot:
 
     def warm(self, nbytes: int) -> bool:
         """Mapped for at least ``nbytes``: a copy into it faults no fresh memory."""
-        return self._buf is not None and self.capacity >= nbytes
+        return self._buf is not None and self.capacity >= nbytes and not self.lazy
 
     @hooks.timed("time.slot.ensure")
     def ensure(self, nbytes: int, *, pause: Callable[[], None] | None = None) -> bool:
@@ -501,7 +505,16 @@ class Slot:
         """
         with self.lock:
             if self._buf is not None and self.capacity >= nbytes:
-                return False
+                if not self.lazy:
+                    return False
+                if _CAN_POPULATE_WRITE:  # adopted: fault it in where it is mapped (bytes kept)
+                    fd = open_private(self.path)
+                    try:
+                        self._fault_in(fd, self.address, self.capacity, pause)
+                    finally:
+                        os.close(fd)
+                    self.lazy = False
+                    return True
             capacity = max(_round_up(max(nbytes, 1), _GROW), self.capacity)
             self._unmap()
             fd = open_private(self.path)
@@ -518,15 +531,7 @@ class Slot:
                     os.ftruncate(fd, max(capacity, os.fstat(fd).st_size))
                     self._mm = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED)
                     base = torch.frombuffer(self._mm, dtype=torch.uint8).data_ptr()
-                    job = _Faulting(fd, base, capacity)
-                    self.faulting = job
-                    try:
-                        job.work(pause)
-                    finally:
-                        self.faulting = None
-                        job.drain()  # a helper's piece may still be running: fd stays open
-                    if job.error is not None:  # a helper's piece failed: the slot has holes
-                        raise job.error
+                    self._fault_in(fd, base, capacity, pause)
             except BaseException:
                 if self._mm is not None:
                     try:
@@ -543,7 +548,21 @@ class Slot:
                 os.close(fd)
             self._buf = torch.frombuffer(self._mm, dtype=torch.uint8)
             self.capacity = capacity
+            self.lazy = False
             return True
+
+    def _fault_in(self, fd: int, base: int, capacity: int, pause: Callable[[], None] | None) -> None:
+        """Under ``lock``: allocate and fault in ``[base, base + capacity)`` (the mapping of
+        ``fd``), helped by a save that waits for it (:meth:`help_fault`)."""
+        job = _Faulting(fd, base, capacity)
+        self.faulting = job
+        try:
+            job.work(pause)
+        finally:
+            self.faulting = None
+            job.drain()  # a helper's piece may still be running: fd stays open
+        if job.error is not None:  # a helper's piece failed: the slot has holes
+            raise job.error
 
     def help_fault(self) -> int:
         """Training thread, waiting for this slot's prefault: fault pieces of it in too.
@@ -559,17 +578,48 @@ class Slot:
         return job.helped - before
 
     def adopt(self) -> bool:
-        """Map a slot file left by an earlier process; False if there is none.  Raises
-        ``ConfigError`` if what is there is not a private regular file of this user (see
-        ``open_private``).  Never pins: no CUDA call happens here."""
+        """Map a slot file left by an earlier process, lazily (:attr:`lazy`: no work in
+        proportion to its size, so a restarted job's constructor is quick and a restore
+        faults in only the slot it reads); False if there is none.  Raises ``ConfigError``
+        if what is there is not a private regular file of this user (see ``open_private``).
+        Never pins: no CUDA call happens here."""
         try:
-            st = os.lstat(self.path)  # never follows a link: ``ensure`` refuses one
+            st = os.lstat(self.path)  # never follows a link: ``open_private`` refuses one
         except FileNotFoundError:
             return False
         if stat.S_ISREG(st.st_mode) and st.st_size == 0:
             return False
-        self.ensure(st.st_size)
+        if not _CAN_POPULATE_WRITE:  # no way to fault in a mapping later: at once, as before
+            self.ensure(st.st_size)
+            return True
+        with self.lock:
+            fd = open_private(self.path)
+            try:
+                size = os.fstat(fd).st_size
+                if size == 0:
+                    return False
+                self._unmap()
+                self._mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+            self._buf = torch.frombuffer(self._mm, dtype=torch.uint8)
+            self.capacity = size
+            self.lazy = True
         return True
+
+    @contextlib.contextmanager
+    def file_reader(self) -> Iterator[Callable[[int, list[memoryview]], int] | None]:
+        """While the slot is held busy: ``readv(offset, buffers)``, a ``preadv`` of the slot's
+        file (bytes read), when the slot is :attr:`lazy` (reading the file copies from the
+        page cache without mapping pages in); None otherwise (read the mapping)."""
+        if not self.lazy:
+            yield None
+            return
+        fd = open_private(self.path)
+        try:
+            yield lambda offset, bufs: os.preadv(fd, bufs, offset)
+        finally:
+            os.close(fd)
 
     def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
         assert self._buf is not None
@@ -664,6 +714,7 @@ class Stager:
         self._prefault_thread: threading.Thread | None = None
         self._prefault_bytes = 0
         self._prefault_running = False
+        self._closing = False  # close: the prefault thread stops waiting for busy slots
         self._copying = False
         #: bytes of slots the training thread faulted in while a save waited for the prefault
         self.helped_bytes = 0
@@ -807,7 +858,7 @@ class Stager:
         Slots that are busy (being persisted) are skipped; a save that finds its slot too
         small grows it itself.
         """
-        if not self.opts.prefault or all(s.mapped and s.capacity >= nbytes for s in self.slots):
+        if not self.opts.prefault or all(s.warm(nbytes) for s in self.slots):
             return
         with self._cond:
             self._prefault_bytes = max(self._prefault_bytes, nbytes)
@@ -828,8 +879,15 @@ class Stager:
                     self._prefault_running = False
                     return
             t0 = time.perf_counter()
-            for slot in self.slots:
-                if self.try_acquire(slot):
+            left = list(self.slots)
+            while left:
+                busy = []
+                for slot in left:
+                    if slot.warm(want):
+                        continue
+                    if not self.try_acquire(slot):
+                        busy.append(slot)  # being persisted, or restored into: once it is free
+                        continue
                     slot.prefaulting = True
                     try:
                         slot.ensure(want, pause=self._wait_for_copies)
@@ -840,6 +898,13 @@ class Stager:
                     finally:
                         slot.prefaulting = False
                         self.release(slot)
+                left = busy
+                if left:
+                    with self._cond:  # a release notifies; the training thread may also stage into it
+                        if all(s.busy for s in left) and not self._closing:
+                            self._cond.wait(0.5)
+                        if self._closing:
+                            left = []
             log.debug("prefaulted slots to %d bytes in %.3f s", want, time.perf_counter() - t0)
             done = want
 
@@ -855,12 +920,16 @@ class Stager:
         t = self._prefault_thread
         return t is not None and t.is_alive()
 
-    def join_prefault(self) -> None:
-        """Training thread: wait for the prefault thread to finish faulting slots in."""
+    def join_prefault(self, timeout: float | None = None) -> bool:
+        """Training thread: wait (at most ``timeout`` seconds) for the prefault thread to
+        finish faulting slots in; True if it has."""
         t = self._prefault_thread
         if t is not None:
-            t.join()
+            t.join(timeout)
+            if t.is_alive():
+                return False
             self._prefault_thread = None
+        return True
 
     # -- the copy ----------------------------------------------------------------------------
     @hooks.timed("time.stager.stage")
@@ -960,6 +1029,9 @@ class Stager:
         return self._streams[idx]
 
     def close(self, *, unlink: bool) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
         self.join_prefault()
         for slot in self.slots:
             slot.release_mapping()

@@ -79,21 +79,59 @@ def verify_chunks(
     *,
     base: int = 0,
     fills: Sequence[tuple[int, int, int]] = (),
+    readv: Callable[[int, list[memoryview]], int] | None = None,
 ) -> Manifest:
     """Verify chunks that are already in memory (the memory tier); return the manifest with
     every checksum filled in (unsealed chunks are checksummed, not verified).
 
     ``fills`` (sorted ``(start, end, dst_address)`` byte ranges of the shard, memory at
     ``base``) are copied out while each chunk is checksummed, piece by cache-sized piece, so
-    the bytes are read from memory once instead of twice.  If a chunk then fails, those
+    the bytes are read from memory once instead of twice.  With ``readv(offset, buffers)``
+    (a ``preadv`` of the slot file), each piece is read straight into its destinations (and
+    a scratch buffer for the bytes between them) and checksummed there: a slot an earlier
+    process left, not yet mapped in, then costs no page faults.  If a chunk then fails, those
     destinations hold a mix of bytes: the caller must treat them as overwritten (no copy is
     still running by the time this raises).
     """
     starts = [f[0] for f in fills]
 
+    def piece_from_file(p: int, q: int, j: int, scratch: memoryview) -> list[memoryview]:
+        """``[p, q)`` read by ``readv`` into the fills it covers (from ``fills[j]`` on) and
+        ``scratch`` for the rest; the buffers in order."""
+        assert readv is not None
+        bufs: list[memoryview] = []
+        cur, k = p, j
+        while k < len(fills) and fills[k][0] < q:
+            lo, hi = max(p, fills[k][0]), min(q, fills[k][1])
+            if lo < hi:
+                if lo > cur:
+                    bufs.append(scratch[cur - p : lo - p])
+                dst = fills[k][2] + (lo - fills[k][0])
+                bufs.append(memoryview((ctypes.c_char * (hi - lo)).from_address(dst)).cast("B"))
+                cur = hi
+            k += 1
+        if cur < q:
+            bufs.append(scratch[cur - p : q - p])
+        n = readv(p, bufs)
+        if n != q - p:
+            raise CorruptCheckpointError(f"slot of {where} is truncated at byte {p + n}")
+        return bufs
+
     def one(c: ChunkEntry) -> ChunkEntry:
         if not fills:
             digest = checksum(view(c.at, c.stored_nbytes))
+        elif readv is not None:
+            h = xxhash.xxh3_128()
+            scratch = memoryview(bytearray(min(_PIECE, c.stored_nbytes)))
+            end = c.at + c.stored_nbytes
+            j = max(0, bisect.bisect_right(starts, c.at) - 1)
+            for p in range(c.at, end, _PIECE):
+                q = min(p + _PIECE, end)
+                while j < len(fills) and fills[j][1] <= p:
+                    j += 1
+                for b in piece_from_file(p, q, j, scratch):
+                    h.update(b)
+            digest = h.hexdigest()
         else:
             h = xxhash.xxh3_128()
             end = c.at + c.stored_nbytes
