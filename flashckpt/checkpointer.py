@@ -517,6 +517,7 @@ class Checkpointer:
         self._closed = True
         atexit.unregister(self._atexit)
         self._preemption.closing()
+        self._stager.stop_prefault()  # faulting slots in for saves that will not come
         clean = False
         try:
             self._drain()

@@ -883,7 +883,7 @@ class Stager:
             while left:
                 busy = []
                 for slot in left:
-                    if slot.warm(want):
+                    if slot.warm(want) or self._closing:
                         continue
                     if not self.try_acquire(slot):
                         busy.append(slot)  # being persisted, or restored into: once it is free
@@ -1028,10 +1028,15 @@ class Stager:
             self._streams[idx] = torch.cuda.Stream(device=idx)  # type: ignore[no-untyped-call]
         return self._streams[idx]
 
-    def close(self, *, unlink: bool) -> None:
+    def stop_prefault(self) -> None:
+        """Any thread, at close: the prefault thread starts faulting no more slots in (the
+        one it is on is finished) and stops waiting for busy ones."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+
+    def close(self, *, unlink: bool) -> None:
+        self.stop_prefault()
         self.join_prefault()
         for slot in self.slots:
             slot.release_mapping()
