@@ -323,3 +323,27 @@ def _ls_memory(storage: Path, memory: Path) -> list[dict[str, Any]]:
     )
     assert proc.returncode == 0, proc.stderr
     return list(json.loads(proc.stdout))
+
+
+def test_closed_from_another_thread_the_wakeup_fd_is_never_left_pointing_at_a_closed_file(
+    dirs: dict[str, Path],
+) -> None:
+    """The interpreter writes signal numbers to the wakeup fd; only the main thread can put
+    it back, so a Checkpointer closed from another thread keeps its pipe open (a closed fd
+    number may be reused by another file, which would then receive those bytes)."""
+    import threading
+
+    ckpt = flashckpt.Checkpointer(dirs["storage"], memory_dir=dirs["memory"])
+    closer = threading.Thread(target=ckpt.close)
+    closer.start()
+    closer.join()
+    fd = signal.set_wakeup_fd(-1)
+    try:
+        if fd != -1:
+            os.fstat(fd)  # still open: not a number another file may have taken
+    finally:
+        if fd != -1:
+            signal.set_wakeup_fd(fd)
+    ckpt2 = flashckpt.Checkpointer(dirs["storage"], memory_dir=dirs["memory"])
+    ckpt2.close()  # on the main thread: put back (ours was not the process's any more? then left)
+    assert signal.set_wakeup_fd(-1) in (-1, fd)

@@ -169,7 +169,14 @@ class Preemption:
                 if signal.getsignal(sig) == self._handle:
                     signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
                     del self._previous[sig]
-        if self._pipe is not None and (self._watcher is None or not self._watcher.is_alive()):
+        # Closed only once it is not the wakeup fd any more: the interpreter writes signal
+        # numbers to that fd, and a closed number may be reused by another file or socket.
+        # (Put back only from the main thread: closed from another one, the pipe stays open.)
+        if (
+            self._pipe is not None
+            and not self._wakeup
+            and (self._watcher is None or not self._watcher.is_alive())
+        ):
             for fd in self._pipe:
                 os.close(fd)
             self._pipe = None
