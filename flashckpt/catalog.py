@@ -221,15 +221,14 @@ def tier_copies(
     Records that do not validate are left out (``ls`` and ``verify`` of each tier report
     them); memory snapshots of another storage tier are too."""
     out: list[Copy] = []
-    for info in cat.steps():
-        if info.error is None and info.world_size is not None:
-            try:
-                shards = cat.manifests(info.step)
-            except Exception:  # left out: it went meanwhile, or does not validate  # noqa: BLE001
-                continue
-            for m in shards:
-                out.append(Copy("storage", m.generation, m.step, m.rank, m.world_size, cat.url,
-                                nbytes=m.total_bytes, created_unix=m.created_unix))  # fmt: skip
+    for step in cat.step_numbers():
+        try:
+            shards = cat.manifests(step)  # every rank's, validated against the commit record
+        except Exception:  # left out: it went meanwhile, or does not validate  # noqa: BLE001
+            continue
+        for m in shards:
+            out.append(Copy("storage", m.generation, m.step, m.rank, m.world_size, cat.url,
+                            nbytes=m.total_bytes, created_unix=m.created_unix))  # fmt: skip
     if local_dir is not None:
         root = Path(local_dir)
         dirs = (

@@ -139,6 +139,26 @@ def _open_tiers(
     return tiers
 
 
+def _rank_directory(
+    url: str, memory_dir: str | os.PathLike[str] | None, rank: int, world: int
+) -> tuple[Path, list[Path], Path]:
+    """This rank's memory-tier directory, the directories above it that a clean close removes
+    once empty (never above a ``memory_dir`` given), and the highest one that need not be
+    private.  Every directory from the per-user root (or the ``memory_dir`` given) down is
+    created 0700 and checked (ours, not a link, no access for others): flashckpt/_secure.py."""
+    base = Path(memory_dir) if memory_dir is not None else Path(default_memory_root())
+    rank_dir = private_dir(memory_root(url, memory_dir) / shard_name(rank, world), trusted_above=base.parent)
+    return rank_dir, [rank_dir.parent, *([base] if memory_dir is None else [])], base.parent
+
+
+def _close_all(backends: list[Backend]) -> None:
+    for be in backends:
+        try:
+            be.close()
+        except Exception as exc:  # logged: the other backends are closed too  # noqa: BLE001
+            log.debug("flashckpt: closing %s: %s", be.url, exc)
+
+
 def _timeline(ctl: Control, storage: Tier, storage_id: str, opts: Options) -> tuple[Timeline, list[str]]:
     """Every rank, at construction (one gather): this Checkpointer's timeline (its generation:
     rank 0's clock in microseconds, so later Checkpointers save newer snapshots and
@@ -320,22 +340,14 @@ class Checkpointer:
         self._ctl = ctl = Control(process_group, self._opts.coord_timeout_s)
         undo.callback(ctl.release)
         self._rank, self._world, self._node = ctl.rank, ctl.world, node_id()
-        undo.callback(self._close_backends)
+        undo.callback(_close_all, self._owned)
         self._tiers = _open_tiers(
             storage, local_dir, compression, storage_options, self._opts, ctl, self._owned
         )
-        #: which storage tier this Checkpointer's snapshots belong to (in every manifest)
         url = self._tiers[-1].backend.url
-        sid = storage_id(url)
-        # Every directory from the per-user root (or the memory_dir given) down is created 0700
-        # and checked (ours, not a link, no access for others): see flashckpt/_secure.py.
-        base = Path(memory_dir) if memory_dir is not None else Path(default_memory_root())
-        root = memory_root(url, memory_dir)
-        self._rank_dir = private_dir(root / shard_name(self._rank, self._world), trusted_above=base.parent)
-        # what a clean close removes once empty, above the rank's directory (never above a
-        # memory_dir given)
-        self._parents = [self._rank_dir.parent, *([base] if memory_dir is None else [])]
-        self._lock_fd = lock(self._rank_dir, base.parent)
+        sid = storage_id(url)  # which storage tier the snapshots belong to (in every manifest)
+        self._rank_dir, self._parents, trusted = _rank_directory(url, memory_dir, self._rank, self._world)
+        self._lock_fd = lock(self._rank_dir, trusted)
         undo.callback(os.close, self._lock_fd)
         self._stager = Stager(self._rank_dir, self._opts)
         undo.callback(self._stager.close, unlink=False)
@@ -554,7 +566,7 @@ class Checkpointer:
             )
             os.close(self._lock_fd)
         self._ctl.release()
-        self._close_backends()
+        _close_all(self._owned)
 
     def _at_grace(self) -> Callable[[], None]:
         """The preemption watcher, when the grace period ended before ``close``: persist the
@@ -579,13 +591,6 @@ class Checkpointer:
         at once if the persist thread is gone)."""
         self._stager.join_prefault()
         self._persister.join()
-
-    def _close_backends(self) -> None:
-        for be in self._owned:
-            try:
-                be.close()
-            except Exception as exc:  # logged: the other backends are closed too  # noqa: BLE001
-                log.debug("flashckpt: closing %s: %s", be.url, exc)
 
     def _atexit(self) -> None:
         try:

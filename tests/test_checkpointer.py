@@ -482,7 +482,8 @@ RESTART_JOB = """
 import os, sys, torch, flashckpt
 storage, memory = sys.argv[1:3]
 g = torch.Generator().manual_seed(3)
-state = {"w": torch.randn(1 << 20, generator=g), "b": torch.randn(7, generator=g)}
+state = {"w": torch.randn(1 << 20, generator=g), "t": torch.randn(64, 32, generator=g).t(),
+         "b": torch.randn(7, generator=g)}  # t: not contiguous, loaded apart (a gap for the fills)
 ckpt = flashckpt.Checkpointer(storage, memory_dir=memory, persist_every=100, preempt_signals=None)
 for step in range(3):
     state["w"] += 1
@@ -520,13 +521,18 @@ def test_a_restarted_job_maps_only_what_it_restores_and_verifies_every_byte(
             f.seek(c.at + 1000)
             f.write(bytes([b[0] ^ 0x20]))
     g = torch.Generator().manual_seed(3)
-    want = {"w": torch.randn(1 << 20, generator=g), "b": torch.randn(7, generator=g)}
+    want = {
+        "w": torch.randn(1 << 20, generator=g),
+        "t": torch.randn(64, 32, generator=g).t(),
+        "b": torch.randn(7, generator=g),
+    }
     for _ in range(2 if damage else 3):  # the job's steps, as it made them
         want["w"] += 1
-    state = {"w": torch.zeros(1 << 20), "b": torch.zeros(7)}
+    state = {"w": torch.zeros(1 << 20), "t": torch.zeros(64, 32).t(), "b": torch.zeros(7)}
     with flashckpt.Checkpointer(storage, memory_dir=shm_dir, persist_every=100) as ckpt:
         slots = parts(ckpt).stager.slots
-        assert all(s.lazy and not s.warm(1) for s in slots if s.mapped)  # mapped, not faulted in
+        adopted = [s for s in slots if s.mapped]
+        assert len(adopted) == 2 and all(s.lazy and not s.warm(1) for s in adopted)  # mapped, not faulted in
         got = ckpt.restore(state)
         if damage:  # the damaged copy of step 2 is skipped: step 1, in the other slot, comes back
             assert got == 1 and ckpt.stats["restored"]["tier"] == "memory"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 
 import xxhash
@@ -95,59 +95,13 @@ def verify_chunks(
     """
     starts = [f[0] for f in fills]
 
-    def piece_from_file(p: int, q: int, j: int, scratch: memoryview) -> list[memoryview]:
-        """``[p, q)`` read by ``readv`` into the fills it covers (from ``fills[j]`` on) and
-        ``scratch`` for the rest; the buffers in order."""
-        assert readv is not None
-        bufs: list[memoryview] = []
-        cur, k = p, j
-        while k < len(fills) and fills[k][0] < q:
-            lo, hi = max(p, fills[k][0]), min(q, fills[k][1])
-            if lo < hi:
-                if lo > cur:
-                    bufs.append(scratch[cur - p : lo - p])
-                dst = fills[k][2] + (lo - fills[k][0])
-                bufs.append(memoryview((ctypes.c_char * (hi - lo)).from_address(dst)).cast("B"))
-                cur = hi
-            k += 1
-        if cur < q:
-            bufs.append(scratch[cur - p : q - p])
-        n = readv(p, bufs)
-        if n != q - p:
-            raise CorruptCheckpointError(f"slot of {where} is truncated at byte {p + n}")
-        return bufs
-
     def one(c: ChunkEntry) -> ChunkEntry:
         if not fills:
             digest = checksum(view(c.at, c.stored_nbytes))
         elif readv is not None:
-            h = xxhash.xxh3_128()
-            scratch = memoryview(bytearray(min(_PIECE, c.stored_nbytes)))
-            end = c.at + c.stored_nbytes
-            j = max(0, bisect.bisect_right(starts, c.at) - 1)
-            for p in range(c.at, end, _PIECE):
-                q = min(p + _PIECE, end)
-                while j < len(fills) and fills[j][1] <= p:
-                    j += 1
-                for b in piece_from_file(p, q, j, scratch):
-                    h.update(b)
-            digest = h.hexdigest()
+            digest = _digest_read(c, readv, _pieces(c, fills, starts), where)
         else:
-            h = xxhash.xxh3_128()
-            end = c.at + c.stored_nbytes
-            j = max(0, bisect.bisect_right(starts, c.at) - 1)
-            for p in range(c.at, end, _PIECE):
-                q = min(p + _PIECE, end)
-                h.update(view(p, q - p))
-                while j < len(fills) and fills[j][1] <= p:
-                    j += 1
-                k = j
-                while k < len(fills) and fills[k][0] < q:
-                    lo, hi = max(p, fills[k][0]), min(q, fills[k][1])
-                    if lo < hi:
-                        ctypes.memmove(fills[k][2] + (lo - fills[k][0]), base + lo, hi - lo)
-                    k += 1
-            digest = h.hexdigest()
+            digest = _digest_copied(view, base, _pieces(c, fills, starts))
         if c.checksum == UNSEALED:
             return dataclasses.replace(c, checksum=digest)
         if digest != c.checksum:
@@ -155,3 +109,59 @@ def verify_chunks(
         return c
 
     return m.with_chunks(run_all(pool, one, m.chunks))  # no copy still running once it raises
+
+
+Pieces = Iterator[tuple[int, int, list[tuple[int, int, int]]]]
+
+
+def _pieces(c: ChunkEntry, fills: Sequence[tuple[int, int, int]], starts: list[int]) -> Pieces:
+    """Chunk ``c``'s bytes in cache-sized pieces ``[p, q)``, each with the parts of ``fills``
+    it covers: ``(lo, hi, destination address of lo)``, in order."""
+    end = c.at + c.stored_nbytes
+    j = max(0, bisect.bisect_right(starts, c.at) - 1)
+    for p in range(c.at, end, _PIECE):
+        q = min(p + _PIECE, end)
+        while j < len(fills) and fills[j][1] <= p:
+            j += 1
+        parts, k = [], j
+        while k < len(fills) and fills[k][0] < q:
+            lo, hi = max(p, fills[k][0]), min(q, fills[k][1])
+            if lo < hi:
+                parts.append((lo, hi, fills[k][2] + (lo - fills[k][0])))
+            k += 1
+        yield p, q, parts
+
+
+def _digest_copied(view: Callable[[int, int], memoryview], base: int, pieces: Pieces) -> str:
+    """Checksum each piece where it is mapped (at ``base``) and copy the fills it covers."""
+    h = xxhash.xxh3_128()
+    for p, q, parts in pieces:
+        h.update(view(p, q - p))
+        for lo, hi, dst in parts:
+            ctypes.memmove(dst, base + lo, hi - lo)
+    return h.hexdigest()
+
+
+def _digest_read(
+    c: ChunkEntry, readv: Callable[[int, list[memoryview]], int], pieces: Pieces, where: str
+) -> str:
+    """Read each piece with ``readv`` straight into the fills it covers (a scratch buffer for
+    the bytes between them) and checksum it there."""
+    h = xxhash.xxh3_128()
+    scratch = memoryview(bytearray(min(_PIECE, c.stored_nbytes)))
+    for p, q, parts in pieces:
+        bufs: list[memoryview] = []
+        cur = p
+        for lo, hi, dst in parts:
+            if lo > cur:
+                bufs.append(scratch[cur - p : lo - p])
+            bufs.append(memoryview((ctypes.c_char * (hi - lo)).from_address(dst)).cast("B"))
+            cur = hi
+        if cur < q:
+            bufs.append(scratch[cur - p : q - p])
+        n = readv(p, bufs)
+        if n != q - p:
+            raise CorruptCheckpointError(f"slot of {where} is truncated at byte {p + n}")
+        for b in bufs:
+            h.update(b)
+    return h.hexdigest()
