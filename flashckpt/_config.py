@@ -59,9 +59,18 @@ class Options:
     #: Multi-rank jobs whose ranks hold the same state (data parallel, e.g. DDP): each chunk
     #: whose bytes are the same on its owner rank goes to the shared tier from that rank only,
     #: so N ranks write 1/N each.  Chunks that differ (per-rank RNG state) are written by
-    #: every rank as usual.  Costs one store key per rank per step; memory and local tiers
-    #: still hold every rank's full state.
+    #: every rank as usual.  Costs one store key per rank per step.  With
+    #: ``stage_once_per_node``, the ranks of a node also stage replicated chunks once between
+    #: them (see there); the local tier still holds every rank's full shard.
     dedup_replicated: bool = False
+    #: With ``dedup_replicated``, ranks sharing a node and a memory directory: a chunk of a
+    #: tensor of its own (``small_tensor_bytes`` or more) that two snapshots showed changing
+    #: the same way on every rank of the node is from then on copied by one of them only
+    #: (each rank copies about 1/k of it on k ranks) and read from that rank's memory by
+    #: the others (persist, restore, mirrors): a save blocks for a fraction of the copy and
+    #: the node holds one copy per slot.  Such a chunk is assumed to stay the same on every
+    #: rank (a rank restores its owner's bytes).  False: every rank stages its whole state.
+    stage_once_per_node: bool = True
     #: Peer mirrors: the cap on bytes per second one rank sends to its peers (0: no cap), so
     #: that mirroring leaves the network and cores to training.
     mirror_bytes_per_s: float = 0.0

@@ -17,6 +17,11 @@ from collections.abc import Callable
 MADV_POPULATE_WRITE = 23
 
 
+#: Linux: free the pages of a range of a shared mapping and their tmpfs backing (a hole: reads
+#: give zeros, a write allocates afresh).
+MADV_REMOVE = 9
+
+
 def _libc_madvise() -> Callable[[int, int, int], int] | None:
     if os.uname().sysname != "Linux":
         return None
@@ -46,6 +51,16 @@ def populate_write(addr: int, length: int) -> None:
     if madvise(addr, length, MADV_POPULATE_WRITE) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"MADV_POPULATE_WRITE failed: {os.strerror(err)}")
+
+
+def remove_pages(addr: int, length: int) -> None:
+    """Punch ``[addr, addr + length)`` (page-aligned) out of a shared mapping and its file:
+    the memory goes back to the system.  ``OSError`` if the kernel refuses."""
+    if madvise is None:
+        raise OSError(0, "madvise is not available on this platform")
+    if madvise(addr, length, MADV_REMOVE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"MADV_REMOVE failed: {os.strerror(err)}")
 
 
 def _probe_populate_write() -> bool:

@@ -441,11 +441,14 @@ def memory_holdings(directory: Path, shard: str, source: str, *, mirror: bool) -
             out.append(Holding((-1, int(path.name[5:17])), source, False, f"bad manifest: {exc}"))
             continue
         why = ""
-        keys = {c.key for c in m.chunks}
+        keys = {c.key for c in m.chunks if c.key in SLOT_NAMES}
+        held = {c.key for c in m.chunks} - keys  # other ranks of the node hold these chunks
         if (m.rank, m.world_size) != (rank, world) or path.name != f"step-{m.step:012d}.manifest":
             why = "describes another shard or step"
-        elif len(keys) > 1 or not keys <= set(SLOT_NAMES):
-            why = f"names slots {sorted(keys)}"
+        elif len(keys) > 1 or (held and mirror):
+            why = f"names slots {sorted(keys | held)}"
+        elif any(not re.fullmatch(rf"r\d{{5}}-of-{world:05d}", k) or k == shard for k in held):
+            why = f"names other holders {sorted(held)}"
         elif any(c.codec != "raw/1" or c.at != c.offset or c.stored_nbytes != c.nbytes for c in m.chunks):
             why = "a chunk is not raw at its own offset"
         if why:
@@ -466,17 +469,41 @@ def memory_holdings(directory: Path, shard: str, source: str, *, mirror: bool) -
             out.append(Holding(m.order, source, False, f"{slot}: {size} bytes, needs {m.total_bytes}"))
             continue
         bad = ""
-        if m.sealed:
-            with open(path, "rb") as f:
-                data = f.read(m.total_bytes)
-            for c in m.chunks:
-                if _digest(memoryview(data)[c.at : c.at + c.nbytes]) != c.checksum:
-                    bad = f"chunk at {c.offset} fails its checksum"
-                    break
+        with open(path, "rb") as f:
+            data = f.read(m.total_bytes)
+        parts = {k: _part_bytes(directory.parent / k, m) for k in {c.key for c in m.chunks} - {slot}}
+        for c in m.chunks:
+            got, own = (data, None) if c.key == slot else parts[c.key]
+            if got is None or (own is not None and (c.offset, c.nbytes) not in own):
+                bad = f"rank {c.key} holds no copy of its part"
+                break
+            if m.sealed and _digest(memoryview(got)[c.at : c.at + c.nbytes]) != c.checksum:
+                bad = f"chunk at {c.offset} fails its checksum"
+                break
         out.append(
             Holding(m.order, source, not bad, bad or ("" if m.sealed else "unsealed"), (m.storage, m.run))
         )
     return out
+
+
+def _part_bytes(directory: Path, m: Any) -> tuple[bytes | None, set[tuple[int, int]] | None]:
+    """The slot bytes of the same snapshot as ``m`` in another rank's memory-tier directory of
+    the node (chunks replicated on the node are staged by one rank), and the chunks
+    ``(offset, size)`` that rank staged itself; (None, None) if it has none."""
+    from flashckpt.format import SLOT_NAMES, decode_manifest
+
+    path = directory / f"step-{m.step:012d}.manifest"
+    try:
+        other = decode_manifest(path.read_bytes(), str(path), check_key=_check_key, allow_unsealed=True)
+    except Exception:  # gone, torn: no copy
+        return None, None
+    slots = {c.key for c in other.chunks if c.key in SLOT_NAMES}
+    if other.order != m.order or other.run != m.run or len(slots) != 1:
+        return None, None
+    name = slots.pop()
+    slot = directory / name
+    own = {(c.offset, c.nbytes) for c in other.chunks if c.key == name}
+    return (slot.read_bytes(), own) if slot.is_file() else (None, None)
 
 
 def committed_holdings(root: Path, rank: int, world: int, source: str, scope: str) -> list[Holding]:

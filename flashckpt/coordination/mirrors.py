@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from flashckpt._config import Options
 from flashckpt._dist import Control
 from flashckpt.coordination.handle import SaveHandle
-from flashckpt.format import Manifest
+from flashckpt.format import Manifest, memory_manifest
 from flashckpt.replication.client import MirrorAbort, push
+from flashckpt.staging.memory_tier import PartsReader
 from flashckpt.staging.stager import Slot
 
 log = logging.getLogger(__name__)
@@ -47,16 +48,18 @@ class MirrorPushes:
         #: peers whose mirror is failing now: a failure is logged once per peer and episode
         self._failing: set[int] = set()
 
-    def start(self, m: Manifest, slot: Slot) -> Pushes | None:
-        """Start pushing sealed ``m`` (in ``slot``) to each peer, alongside the tier writes;
-        the slot stays held until :meth:`finish`.  None if there are no peers."""
+    def start(self, m: Manifest, slot: Slot | PartsReader) -> Pushes | None:
+        """Start pushing sealed ``m`` (its bytes read from ``slot``: a slot, or the parts the
+        node's ranks hold) to each peer, alongside the tier writes; the slot stays held until
+        :meth:`finish`.  A peer is sent the whole shard.  None if there are no peers."""
         if not self.peers:
             return None
         # A fresh abort per snapshot: setting it (``finish``) shuts the pushes' sockets down,
         # so even a send blocked on a peer that stopped reading ends at once.
         self._abort = MirrorAbort()
         t0 = time.perf_counter()
-        args = (self.control.secret, self.owner, m, slot.view, self.opts, self._abort)
+        whole = memory_manifest(m, slot.name)
+        args = (self.control.secret, self.owner, whole, slot.view, self.opts, self._abort)
         return Pushes(t0, [(peer, self._pool.submit(push, addr, *args)) for peer, addr in self.peers])
 
     def finish(self, pushes: Pushes, handle: SaveHandle, step: int, slot_wanted: Callable[[], bool]) -> None:

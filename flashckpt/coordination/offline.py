@@ -30,6 +30,7 @@ Any one thread; the writes run on pools of their own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -50,8 +51,9 @@ from flashckpt.errors import (
     FlashCkptError,
     ObjectNotFound,
 )
-from flashckpt.format import SHARD_PATTERN, Manifest, commit_key, decode_manifest, manifest_key
+from flashckpt.format import SHARD_PATTERN, Manifest, commit_key, decode_manifest, manifest_key, part_holders
 from flashckpt.replication.holdings import Orphan, claim_directory
+from flashckpt.staging.memory_tier import PartsReader
 from flashckpt.staging.stager import Slot
 from flashckpt.storage import Backend
 from flashckpt.transfer.reader import read_record
@@ -252,9 +254,14 @@ class _Salvage:
         """One shard: the chunks storage lacks (each checked against its checksum first, or
         checksummed now if the process died before it sealed the snapshot), then its manifest."""
         verify = m.sealed
-        if not m.sealed:
-            m = self.writer.hash(m, slot)
-        out, written = self.writer.write(self.tier, m, slot, self.reuse.known(self.tier, m), verify=verify)
+        # chunks the other ranks of the node held are read from their (claimed) directories
+        with contextlib.ExitStack() as stack:
+            src: Slot | PartsReader = slot
+            if part_holders(m):
+                src = stack.enter_context(PartsReader(m, slot, slot.path.parent.parent).open())
+            if not m.sealed:
+                m = self.writer.hash(m, src)
+            out, written = self.writer.write(self.tier, m, src, self.reuse.known(self.tier, m), verify=verify)
         self.commits.write_manifest(self.tier, out)
         self.reuse.remember(self.tier, out)
         log.info("flashckpt: wrote rank %d's shard of step %d (%d bytes)", m.rank, m.step, written)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from flashckpt._config import Options
 from flashckpt._dist import Control
+from flashckpt.coordination.nodesplit import NodeSplit
 from flashckpt.coordination.timeline import Timeline
 from flashckpt.coordination.worker import Persister
 from flashckpt.replication.server import MirrorServer
@@ -30,6 +31,7 @@ class RankParts:
     persister: Persister
     timeline: Timeline
     node: str  # this rank's node name
+    split: NodeSplit  # which chunks of a save the node's other ranks stage
     mirror_server: MirrorServer | None = None
     addrs: list[tuple[str, int]] = field(default_factory=list)  # every rank's mirror server
 

@@ -30,9 +30,10 @@ from flashckpt.errors import (
     StateMismatchError,
     StorageError,
 )
-from flashckpt.format import Manifest, memory_manifest, shard_name
+from flashckpt.format import Manifest, memory_manifest, part_holders, shard_name
 from flashckpt.replication.client import fetch
-from flashckpt.staging.apply import apply, fill_targets, precheck
+from flashckpt.staging.apply import apply, fill_targets, part_fills, precheck
+from flashckpt.staging.memory_tier import PartsReader
 from flashckpt.staging.stager import Slot, check_fits
 from flashckpt.staging.statewalk import flatten
 from flashckpt.transfer.reader import fetch_chunks, verify_chunks
@@ -219,11 +220,18 @@ class Restorer:
                 raise CorruptCheckpointError(f"slot of step {step} is busy")
             try:
                 fills = fill_targets(m, state, filled)
-                with slot.file_reader() as readv:
-                    sealed = verify_chunks(
-                        m, slot.view, p.persister.pool, str(p.rank_dir), base=slot.address, fills=fills,
-                        readv=readv,
-                    )  # fmt: skip
+                if part_holders(m):  # chunks the node's other ranks hold: read from their slots
+                    fills = part_fills(m, fills, slot)
+                    with PartsReader(m, slot, p.memory_root).open() as src:
+                        sealed = verify_chunks(
+                            m, src.view, p.persister.pool, str(p.rank_dir), fills=fills, readv=src.readv
+                        )
+                else:
+                    with slot.file_reader() as readv:
+                        sealed = verify_chunks(
+                            m, slot.view, p.persister.pool, str(p.rank_dir), base=slot.address, fills=fills,
+                            readv=readv,
+                        )  # fmt: skip
                 if not m.sealed:  # the crash came before the persist thread checksummed it
                     p.mem.seal(slot, sealed)
             except BaseException:
@@ -256,7 +264,7 @@ class Restorer:
             nbytes, replacing=step, keep=keep, check=p.persister.check_alive, idle=p.persister.idle
         )
         try:
-            p.mem.forget(slot)
+            p.mem.reclaim(slot, p.opts.coord_timeout_s)
             slot.ensure(nbytes)
         except BaseException:
             p.mem.forget(slot)

@@ -52,10 +52,11 @@ class Saver:
             layout.total_bytes, check=p.persister.check_alive, idle=p.persister.idle
         )
         try:
-            p.mem.forget(slot)  # its bytes are about to change
-            cold = p.stager.stage(slot, flat.tensors, layout)
+            p.mem.reclaim(slot, p.opts.coord_timeout_s)  # its bytes are about to change
+            held_by = p.split.plan(layout)  # chunks another rank of the node stages
+            cold = p.stager.stage(slot, flat.tensors, layout, skip=held_by.keys())
             p.stager.mark_staged(slot)
-            manifest = p.mem.record(slot, self._manifest(step, flat, layout, slot))
+            manifest = p.mem.record(slot, self._manifest(step, flat, layout, slot, held_by))
             hooks.fire("stage.done", step=step)
             handle = self._submit(manifest, slot, persist, seq)
         except OSError as exc:  # the memory tier is full: report, never kill training
@@ -70,14 +71,20 @@ class Saver:
             p.stager.prefault(layout.total_bytes)
         return Staged(handle, waited, layout.total_bytes, cold)
 
-    def _manifest(self, step: int, flat: FlatState, layout: Layout, slot: Slot) -> Manifest:
-        """The unsealed manifest of a snapshot just staged in ``slot``."""
+    def _manifest(
+        self, step: int, flat: FlatState, layout: Layout, slot: Slot, held_by: dict[int, str]
+    ) -> Manifest:
+        """The unsealed manifest of a snapshot just staged in ``slot``; chunk ``i`` of
+        ``held_by`` is in the slot of the rank of the node named there."""
         p, tl = self.parts, self.parts.timeline
         entries = tuple(
             TensorEntry(t.dtype, tuple(t.shape), off, n)
             for t, off, n in zip(flat.tensors, layout.offsets, layout.nbytes, strict=True)
         )
-        chunks = tuple(ChunkEntry(slot.name, o, o, n, n, CODEC_RAW, "") for o, n in layout.chunks)
+        chunks = tuple(
+            ChunkEntry(held_by.get(i, slot.name), o, o, n, n, CODEC_RAW, "")
+            for i, (o, n) in enumerate(layout.chunks)
+        )
         return Manifest(
             step,
             p.rank,

@@ -34,13 +34,14 @@ from flashckpt.coordination.commit import CommitProtocol
 from flashckpt.coordination.dedup import RankExchange, Reuse, clear_entries, dedups, publish_none
 from flashckpt.coordination.handle import SaveHandle
 from flashckpt.coordination.mirrors import MirrorPushes, Pushes
+from flashckpt.coordination.nodesplit import NodeSplit
 from flashckpt.coordination.retention import apply_retention, collect_chunks
-from flashckpt.errors import CoordinationError, FlashCkptError
-from flashckpt.format import Manifest, manifest_key
-from flashckpt.staging.memory_tier import MemoryTier
+from flashckpt.errors import CoordinationError, CorruptCheckpointError, FlashCkptError
+from flashckpt.format import Manifest, manifest_key, part_holders
+from flashckpt.staging.memory_tier import MemoryTier, PartsReader
 from flashckpt.staging.stager import Slot, Stager
 from flashckpt.transfer.tier import Tier
-from flashckpt.transfer.writer import ChunkWriter
+from flashckpt.transfer.writer import ChunkWriter, SlotBytes
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class Job:
     writers: int | None = None
     generation: int = 0  # the slot's generation when the job was made
     mirror: bool = False  # also push the snapshot to the peers' memory (tier "mirror")
+    #: the other ranks' parts of the snapshot, pinned when it is submitted (``submit``)
+    reader: PartsReader | None = None
+    error: BaseException | None = None  # the snapshot cannot be read (a part is gone)
 
 
 class PersisterDied(FlashCkptError, RuntimeError):
@@ -106,6 +110,9 @@ class Persister:
         self.commits = CommitProtocol(opts, self.control, self.pool)
         self.reuse = Reuse(opts)  # persist thread only
         self.mirrors = MirrorPushes(opts, self.control)  # its peers are set by the Checkpointer
+        #: which chunks the node's ranks stage once between them; set by the Checkpointer
+        self.split: NodeSplit | None = None
+        self._sealed: Manifest | None = None  # the last job's fresh sealed snapshot
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="flashckpt-persist", daemon=True)
         self._thread.start()
@@ -114,6 +121,12 @@ class Persister:
         """Training thread: hand a staged slot over.  Never blocks.  Raises
         :class:`PersisterDied` if the thread is gone (the caller gives the slot back)."""
         self.check_alive()
+        if part_holders(job.manifest) and job.reader is None:
+            try:  # the other ranks of the node keep their parts until this job has read them
+                job.reader = PartsReader(job.manifest, job.slot, self.memory.directory.parent)
+            except CorruptCheckpointError as exc:  # a part is gone already: the job fails
+                log.error("flashckpt: step %d: %s", job.manifest.step, exc)
+                job.error = exc
         self._queue.put(job)
 
     def idle(self) -> bool:
@@ -166,6 +179,8 @@ class Persister:
             log.critical("flashckpt: the persist thread died: %r", exc, exc_info=True)
             if job is not None:  # the job in hand: failed, its slot given back
                 job.handle._fail_pending(exc)
+                if job.reader is not None:
+                    job.reader.close()
                 self.stager.release(job.slot)
                 self._queue.task_done()
         finally:
@@ -183,6 +198,8 @@ class Persister:
             if job is not None:
                 error = self._died or PersisterDied("the persist thread stopped before this job")
                 job.handle._fail_pending(error)
+                if job.reader is not None:
+                    job.reader.close()
                 self.stager.release(job.slot)
             self._queue.task_done()
 
@@ -214,6 +231,7 @@ class Persister:
             # Waiting for the other ranks' shards needs no slot: hand it back first.
             self.stager.release(job.slot)
             released = True
+            self._learn()
             for tier, key, t0 in waits:
                 if self._await_commit(job, tier, key, t0):
                     committed.append(tier)
@@ -223,6 +241,8 @@ class Persister:
             log.exception("flashckpt persist of step %d failed unexpectedly", job.manifest.step)
             job.handle._fail_pending(exc)
         finally:
+            if job.reader is not None:
+                job.reader.close()
             if not released:
                 self.stager.release(job.slot)
             # Every tier is reported by now; one that is not would hang its waiters forever.
@@ -290,7 +310,19 @@ class Persister:
         shared tiers whose commit waits for other ranks: ``(tier, key, start time)``."""
         run = _SaveRun(self, job)
         run.run()
+        self._sealed = run.m if run.m.sealed and not job.hashed else None
         return run.committed, run.waits
+
+    def _learn(self) -> None:
+        """After a fresh snapshot's job, slot released: which chunks the node's ranks share
+        (``NodeSplit.learn``; the others may seal theirs a moment later).  Never raises."""
+        m, self._sealed = self._sealed, None
+        if m is None or self.split is None or not self.split.enabled:
+            return
+        try:
+            self.split.learn(m, wait_s=1.0)
+        except Exception as exc:  # nothing learned: later saves copy everything  # noqa: BLE001
+            log.warning("flashckpt: step %d: %s: %s", m.step, type(exc).__name__, exc)
 
     def _committed(self, job: Job, tier: Tier, t0: float) -> None:
         secs = time.perf_counter() - t0
@@ -322,7 +354,7 @@ class Persister:
         self,
         tier: Tier,
         m: Manifest,
-        slot: Slot,
+        slot: SlotBytes,
         seq: str = "",
         *,
         on_sealed: Callable[[Manifest], None] | None = None,
@@ -390,8 +422,29 @@ class _SaveRun:
         # (A snapshot without chunks counts as sealed: it has nothing to checksum.)
         m = self.m
         self.pipelined = not job.hashed and not m.sealed and bool(job.tiers) and not p._dedups(job.tiers[0])
+        #: where the snapshot's bytes are read: its slot, and the slots of the node's other
+        #: ranks for the chunks they hold (replicated state staged once per node)
+        self.src: Slot | PartsReader = job.slot
 
     def run(self) -> None:
+        """Seal, write each tier, push the mirrors; then trim what the slot does not hold and
+        learn which chunks the node's ranks share.  Reports every tier."""
+        job = self.job
+        try:
+            if job.error is not None:
+                raise job.error
+            if job.reader is not None:
+                self.src = job.reader.open(self.p.opts.coord_timeout_s)
+        except BaseException as exc:  # every tier fails with it  # noqa: BLE001
+            log.error("flashckpt: step %d: %s", job.manifest.step, exc)
+            self._fail_all(exc)
+            return
+        self._run()
+        if job.reader is not None:
+            job.reader.close()
+            job.slot.trim((c.offset, c.nbytes) for c in job.manifest.chunks if c.key != job.slot.name)
+
+    def _run(self) -> None:
         job = self.job
         if job.hashed:
             self._start_mirrors()
@@ -423,25 +476,32 @@ class _SaveRun:
 
     def _start_mirrors(self) -> None:
         if self.job.mirror:
-            self.pushes = self.p.mirrors.start(self.m, self.job.slot)
+            self.pushes = self.p.mirrors.start(self.m, self.src)
 
     def _seal_now(self) -> bool:
         """Checksum the whole slot here (the first tier did not get to it); False, with
         every tier still pending failed, if that fails."""
-        job = self.job
         try:
-            sm = self.p.writer.hash(self.m, job.slot)
+            sm = self.p.writer.hash(self.m, self.src)
         except BaseException as exc:  # every pending tier is failed with it  # noqa: BLE001
             log.error("flashckpt: step %d could not be checksummed: %s", self.m.step, exc)
-            for tier in job.tiers:
-                if tier.name in job.handle._pending:
-                    self.p.commits.report_failure(self._key(tier), self.m.step, exc)
-            for name in job.handle.tiers:
-                if name in job.handle._pending:
-                    job.handle._finish_tier(name, 0.0, exc)
+            self._fail_all(exc)
             return False
         self._sealed(sm)
         return True
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Every tier still pending fails with ``exc`` (the other ranks of a shared tier are
+        told)."""
+        job = self.job
+        for tier in job.tiers:
+            if tier.name in job.handle._pending:
+                if self.p._dedups(tier):  # the others wait for this rank's chunk entries: none
+                    publish_none(self.p.control, tier, self.m.step, job.seq)
+                self.p.commits.report_failure(self._key(tier), self.m.step, exc)
+        for name in job.handle.tiers:
+            if name in job.handle._pending:
+                job.handle._finish_tier(name, 0.0, exc)
 
     def _key(self, tier: Tier) -> str | None:
         return self.p.commits.key(tier, self.m.step, self.job.seq)
@@ -458,7 +518,7 @@ class _SaveRun:
             job.handle.written_bytes[tier.name] = p.persist(
                 tier,
                 self.m,
-                job.slot,
+                self.src,
                 job.seq,
                 on_sealed=on_sealed,
                 verify=job.hashed,

@@ -61,6 +61,7 @@ from flashckpt.format.manifest import (
     decode_manifest,
     encode_manifest,
     memory_manifest,
+    part_holders,
 )
 from flashckpt.format.record import (
     FORMAT_VERSION,
@@ -155,6 +156,7 @@ __all__ = [
     "Manifest",
     "TensorEntry",
     "check_memory_manifest",
+    "part_holders",
     "decode_manifest",
     "encode_manifest",
     "memory_manifest",

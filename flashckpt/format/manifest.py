@@ -19,7 +19,7 @@ import torch
 
 from flashckpt.errors import CorruptCheckpointError
 from flashckpt.format import keys as _keys
-from flashckpt.format.keys import CODEC_PATTERN, CODEC_RAW, SLOT_NAMES
+from flashckpt.format.keys import CODEC_PATTERN, CODEC_RAW, SHARD_PATTERN, SLOT_NAMES, shard_name
 from flashckpt.format.record import (
     FORMAT_VERSION,
     MAX_ANCESTORS,
@@ -255,25 +255,47 @@ def decode_manifest(
     )
 
 
-def memory_manifest(m: Manifest, slot: str) -> Manifest:
+def memory_manifest(m: Manifest, slot: str, *, parts: bool = False) -> Manifest:
     """``m`` as the memory tier describes it: every chunk in slot file ``slot`` at the shard's
     own offsets, raw.  What a slot holds is always the decoded bytes, whatever tier they were
-    read from (a storage tier's codecs and stored sizes describe that tier's objects only)."""
+    read from (a storage tier's codecs and stored sizes describe that tier's objects only).
+    ``parts``: a chunk another rank of the node holds (its key a shard name, see
+    :func:`check_memory_manifest`) keeps its key (a rank's own memory tier); without it every
+    chunk is said to be in ``slot`` (a mirror holds the whole shard)."""
     return m.with_chunks(
-        ChunkEntry(slot, c.offset, c.offset, c.nbytes, c.nbytes, CODEC_RAW, c.checksum) for c in m.chunks
+        ChunkEntry(
+            c.key if parts and SHARD_PATTERN.fullmatch(c.key) else slot,
+            c.offset,
+            c.offset,
+            c.nbytes,
+            c.nbytes,
+            CODEC_RAW,
+            c.checksum,
+        )
+        for c in m.chunks
     )
 
 
-def check_memory_manifest(m: Manifest, what: str, *, capacity: int | None = None) -> str:
+def check_memory_manifest(m: Manifest, what: str, *, capacity: int | None = None, parts: bool = False) -> str:
     """The one validator of memory-tier and mirror manifests; returns the slot file named.
 
     A memory manifest describes one slot's bytes: every chunk in the same slot file
     (:data:`SLOT_NAMES`), raw, stored at its own offset with stored size == size, and the
-    shard fits the slot's ``capacity`` (when the slot is mapped).  Raises
-    :class:`CorruptCheckpointError`.  Used everywhere such a manifest is read or written."""
-    keys = {c.key for c in m.chunks}
-    if len(keys) > 1 or not keys <= set(SLOT_NAMES):
-        raise CorruptCheckpointError(f"{what}: chunks must all lie in one slot file, not {sorted(keys)[:3]}")
+    shard fits the slot's ``capacity`` (when the slot is mapped).  With ``parts`` (a rank's
+    own memory tier, never a mirror), a chunk may instead be held by another rank of the same
+    node (replicated state staged once per node): its key is that rank's shard name
+    (:func:`part_holders`), raw, at its own offset.  Raises :class:`CorruptCheckpointError`.
+    Used everywhere such a manifest is read or written."""
+    slots = {c.key for c in m.chunks if c.key in SLOT_NAMES}
+    others = {c.key for c in m.chunks} - slots
+    if len(slots) > 1 or (others and not parts):
+        raise CorruptCheckpointError(
+            f"{what}: chunks must all lie in one slot file, not {sorted(slots | others)[:3]}"
+        )
+    own = shard_name(m.rank, m.world_size)
+    for key in others:
+        if not SHARD_PATTERN.fullmatch(key) or key == own or not key.endswith(f"-of-{m.world_size:05d}"):
+            raise CorruptCheckpointError(f"{what}: a chunk held by {key[:40]!r}, not another rank of the job")
     for c in m.chunks:
         if c.codec != CODEC_RAW or c.stored_nbytes != c.nbytes or c.at != c.offset:
             raise CorruptCheckpointError(
@@ -282,7 +304,18 @@ def check_memory_manifest(m: Manifest, what: str, *, capacity: int | None = None
             )
     if capacity is not None and m.total_bytes > capacity:
         raise CorruptCheckpointError(f"{what}: {m.total_bytes} bytes do not fit the slot ({capacity})")
-    return next(iter(keys), SLOT_NAMES[0])
+    return next(iter(slots), SLOT_NAMES[0])
+
+
+def part_holders(m: Manifest) -> dict[str, list[ChunkEntry]]:
+    """The chunks of a memory manifest that other ranks of the node hold, by their shard name
+    (empty for a snapshot held whole in its slot).  ``m`` passed
+    ``check_memory_manifest(parts=True)``."""
+    out: dict[str, list[ChunkEntry]] = {}
+    for c in m.chunks:
+        if c.key not in SLOT_NAMES:
+            out.setdefault(c.key, []).append(c)
+    return out
 
 
 def _decode_tensor(t: Any, total: int, what: str) -> TensorEntry:

@@ -40,13 +40,15 @@ class Held:
     of an orphaned shard directory's own snapshots).  ``lock`` is held for a whole transfer;
     the slots' steps change only under it."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, parts: bool = False) -> None:
+        """``parts``: a rank's own memory tier (an orphan's), whose snapshots may leave chunks
+        to the other ranks of the node; a mirror never does."""
         # created 0700 (or checked: ours, not a link, private) below the rank's own directory
         directory = private_dir(directory, trusted_above=directory.parent.parent)
         self.directory = directory
         # a peer's snapshots never go to a GPU from here: never page-locked
         self.slots = [Slot(directory, i, pin=False) for i in range(len(SLOT_NAMES))]
-        self.tier = MemoryTier(directory, self.slots)
+        self.tier = MemoryTier(directory, self.slots, parts=parts)
         self.backend = self.tier.backend
         self.lock = threading.Lock()  # one transfer at a time per owner
         self.tier.adopt()  # what an earlier process left: unusable manifests are dropped
@@ -75,7 +77,7 @@ class Orphan:
     def __init__(self, directory: Path, fd: int) -> None:
         self.directory = directory
         self.fd = fd
-        self.own = Held(directory)
+        self.own = Held(directory, parts=True)
         mirrors = directory / "mirrors"
         self.mirrors = {
             d.name: Held(d)

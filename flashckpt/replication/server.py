@@ -47,7 +47,15 @@ from typing import Any
 
 from flashckpt._config import Options
 from flashckpt.errors import ConfigError, CorruptCheckpointError, FlashCkptError, StorageError
-from flashckpt.format import MAX_RECORD_BYTES, MAX_STEP, SHARD_PATTERN, encode_manifest, memory_manifest_key
+from flashckpt.format import (
+    MAX_RECORD_BYTES,
+    MAX_STEP,
+    SHARD_PATTERN,
+    encode_manifest,
+    memory_manifest,
+    memory_manifest_key,
+    part_holders,
+)
 from flashckpt.replication.holdings import Holdings
 from flashckpt.replication.placement import default_host
 from flashckpt.replication.wire import (
@@ -60,6 +68,7 @@ from flashckpt.replication.wire import (
     send_quietly,
     server_handshake,
 )
+from flashckpt.staging.memory_tier import PartsReader
 from flashckpt.staging.stager import check_fits
 from flashckpt.transfer.reader import verify_chunks
 
@@ -306,20 +315,31 @@ class MirrorServer:
                 if step not in ms.steps():
                     continue
                 what = f"{ms.directory}/{memory_manifest_key(step)}"
+                reader: PartsReader | None = None
                 try:
                     m, slot = ms.tier.read(step)  # validated: the manifest names the slot holding it
                     if not slot.mapped:
                         continue
+                    # an orphan's snapshot may leave chunks to the other ranks of this node
+                    reader = PartsReader(m, slot, ms.directory.parent).open() if part_holders(m) else None
+                    src = reader or slot
                     if not m.sealed:  # an orphan's snapshot whose rank died before checksumming it
-                        m = verify_chunks(m, slot.view, self._pool(), str(ms.directory))
+                        m = verify_chunks(m, src.view, self._pool(), str(ms.directory))
                         ms.tier.seal(slot, m)
+                    m = memory_manifest(m, slot.name)  # sent whole
                 except (CorruptCheckpointError, StorageError) as exc:
+                    if reader is not None:
+                        reader.close()
                     log.warning("flashckpt: not serving %s: %s", what, exc)
                     continue
-                data = encode_manifest(m)
-                ch.send_header({"ok": True, "manifest": len(data)})
-                ch.send_blob(data)
-                ch.send_data(m, slot.view)
+                try:
+                    data = encode_manifest(m)
+                    ch.send_header({"ok": True, "manifest": len(data)})
+                    ch.send_blob(data)
+                    ch.send_data(m, src.view)
+                finally:
+                    if reader is not None:
+                        reader.close()
                 return
         ch.send_header(refusal("not here"))
 

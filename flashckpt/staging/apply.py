@@ -9,13 +9,14 @@ thread only (the copies to a device run on its side stream and are synchronized 
 
 from __future__ import annotations
 
+import bisect
 import logging
 from typing import Any
 
 import torch
 
 from flashckpt import _hooks as hooks
-from flashckpt.format import Manifest
+from flashckpt.format import Manifest, part_holders
 from flashckpt.staging.stager import Slot, restore_copies
 from flashckpt.staging.statewalk import check_loadable, find_targets, load_into
 
@@ -63,6 +64,31 @@ def fill_targets(m: Manifest, state: Any, filled: dict[int, torch.Tensor]) -> li
     return sorted((e.offset, e.offset + e.nbytes, t.data_ptr()) for e, t in entries)
 
 
+def part_fills(m: Manifest, fills: list[tuple[int, int, int]], slot: Slot) -> list[tuple[int, int, int]]:
+    """``fills`` plus, for the chunks of ``m`` another rank of the node holds
+    (``format.part_holders``), the bytes no fill takes, into ``slot`` at their own offsets
+    (allocated first): what :func:`apply` copies out of the slot is then all there."""
+    starts = [f[0] for f in fills]
+    extra: list[tuple[int, int]] = []
+    for chunks in part_holders(m).values():
+        for c in chunks:
+            cur, end = c.offset, c.offset + c.nbytes
+            j = max(0, bisect.bisect_right(starts, cur) - 1)
+            while cur < end:
+                while j < len(fills) and fills[j][1] <= cur:
+                    j += 1
+                nxt = fills[j][0] if j < len(fills) else end
+                if nxt > cur:
+                    extra.append((cur, min(nxt, end)))
+                    cur = min(nxt, end)
+                else:
+                    cur = fills[j][1]
+    if not extra:
+        return fills
+    slot.allocate(extra, holes=True)
+    return sorted(fills + [(lo, hi, slot.address + lo) for lo, hi in extra])
+
+
 @hooks.timed("time.restore.apply")
 def apply(m: Manifest, slot: Slot, state: Any, filled: dict[int, torch.Tensor]) -> None:
     """Load the verified snapshot in ``slot`` into ``state``.  Returns (or raises) only once
@@ -72,10 +98,13 @@ def apply(m: Manifest, slot: Slot, state: Any, filled: dict[int, torch.Tensor]) 
     with restore_copies(slot) as copies:
 
         def materialize(i: int, target: torch.Tensor | None) -> torch.Tensor:
-            if target is not None and filled.get(i) is target:
+            done = filled.get(i)
+            if target is not None and done is not None and _same_memory(done, target):
                 return target  # already filled while the slot was checksummed
             e = m.tensors[i]
-            src = slot.tensor(e.offset, e.nbytes, e.dtype, e.shape)
+            # A tensor filled while the slot was checksummed holds the verified bytes (the
+            # slot may not: a chunk another rank of the node holds is read into the fill only)
+            src = done if done is not None else slot.tensor(e.offset, e.nbytes, e.dtype, e.shape)
             if target is not None and target.dtype == e.dtype and tuple(target.shape) == e.shape:
                 try:
                     copies.copy(target, src)
@@ -86,3 +115,15 @@ def apply(m: Manifest, slot: Slot, state: Any, filled: dict[int, torch.Tensor]) 
             return src.to(device=device, copy=True)
 
         load_into(state, tree, materialize)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` are views of the very same elements (a module's state dict hands out
+    new tensor objects that alias its parameters)."""
+    return (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+    )

@@ -17,19 +17,23 @@ Threads: the training thread (``save``, ``restore``, ``close``) and the persist 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from flashckpt._secure import open_private, private_dir
 from flashckpt.backends import LocalBackend
-from flashckpt.errors import ConfigError, CorruptCheckpointError, StorageError
+from flashckpt.errors import ConfigError, CoordinationError, CorruptCheckpointError, StorageError
 from flashckpt.format import (
+    SHARD_PATTERN,
+    ChunkEntry,
     Manifest,
     check_memory_manifest,
     decode_manifest,
@@ -37,6 +41,7 @@ from flashckpt.format import (
     memory_manifest,
     memory_manifest_key,
     parse_memory_manifest_key,
+    part_holders,
 )
 from flashckpt.staging.stager import Slot
 from flashckpt.storage import Backend
@@ -68,8 +73,18 @@ class MemoryTier:
 
     name = "memory"
 
-    def __init__(self, directory: Path, slots: Iterable[Slot], backend: LocalBackend | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        slots: Iterable[Slot],
+        backend: LocalBackend | None = None,
+        *,
+        parts: bool = False,
+    ) -> None:
         self.directory = directory
+        #: a rank's own memory tier (or an orphaned one): a snapshot may leave chunks to the
+        #: other ranks of the node (:class:`PartsReader`); a mirror never does
+        self.parts = parts
         self.slots = list(slots)
         self.backend = backend or LocalBackend(
             directory, fsync=False, direct_io=False, private=True, durable=False
@@ -103,7 +118,9 @@ class MemoryTier:
         slot = self._slot_named(m, step)
         if slot.step != step:
             raise CorruptCheckpointError(f"memory snapshot of step {step} in {self.directory} has no slot")
-        check_memory_manifest(m, self._what(step), capacity=slot.capacity)
+        check_memory_manifest(m, self._what(step), capacity=slot.capacity, parts=self.parts)
+        for shard, chunks in part_holders(m).items():  # the other ranks' parts are there
+            part_slot(self.directory.parent, shard, m, chunks)
         return m, slot
 
     def newest_slot(self) -> Slot | None:
@@ -138,7 +155,7 @@ class MemoryTier:
                     slot = self._slot_named(m, step)
                     if not slot.mapped:
                         raise CorruptCheckpointError("its slot file is missing")
-                    check_memory_manifest(m, self._what(step), capacity=slot.capacity)
+                    check_memory_manifest(m, self._what(step), capacity=slot.capacity, parts=self.parts)
                     if slot.step is not None:  # two manifests name one slot: the newer one wins
                         other = self._decode(slot.step)
                         if other.order > m.order:
@@ -154,8 +171,8 @@ class MemoryTier:
         """Training thread, ``slot`` held busy and just filled: ``slot`` now holds ``m``'s
         step (any tier's manifest; what is written describes the slot).  Supersedes another
         slot's copy of the same step number.  Returns the memory manifest written."""
-        mm = memory_manifest(m, slot.name)
-        check_memory_manifest(mm, self._what(m.step), capacity=slot.capacity)
+        mm = memory_manifest(m, slot.name, parts=self.parts)
+        check_memory_manifest(mm, self._what(m.step), capacity=slot.capacity, parts=self.parts)
         data = encode_manifest(mm)
         with self._lock:
             for s in self.slots:
@@ -175,8 +192,8 @@ class MemoryTier:
         """Persist thread: write the checksummed manifest of the snapshot ``slot`` holds,
         unless ``slot`` no longer holds that step (a newer save took the step number).
         Returns True if written."""
-        mm = memory_manifest(m, slot.name)
-        check_memory_manifest(mm, self._what(m.step), capacity=slot.capacity)
+        mm = memory_manifest(m, slot.name, parts=self.parts)
+        check_memory_manifest(mm, self._what(m.step), capacity=slot.capacity, parts=self.parts)
         data = encode_manifest(mm)
         with self._lock:
             if slot.step != m.step:
@@ -192,6 +209,32 @@ class MemoryTier:
                 self.backend.delete(memory_manifest_key(slot.step))
             slot.step = None
             self._order.pop(slot.name, None)
+
+    def reclaim(self, slot: Slot, timeout: float) -> None:
+        """Training thread, ``slot`` held busy and about to be overwritten: :meth:`forget` its
+        snapshot once no other rank of the node reads a part of it any more.
+
+        Such a reader holds the step's pin (:class:`PartsReader`) from the moment its own
+        snapshot, which leaves chunks to this rank, is handed to its persist thread.  Taking
+        the pin exclusively waits for those readers (``CoordinationError`` after ``timeout``
+        seconds: a reader that hangs; a dead one lets go with its last descriptor); the pin
+        file is unlinked before it is let go, so a reader arriving later finds the manifest
+        gone (see :func:`pin_step`)."""
+        step = slot.step
+        if step is None:
+            self.forget(slot)
+            return
+        path = self.directory / pin_name(step)
+        fd = open_private(path, write=True, create=True)
+        try:
+            _flock_within(
+                fd, fcntl.LOCK_EX, timeout, f"the node's other ranks still read step {step} in {slot.path}"
+            )
+            self.forget(slot)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        finally:
+            os.close(fd)  # the lock goes with it
 
     def forget_step(self, step: int) -> None:
         """Delete the snapshot of ``step`` wherever it is held (its slot is idle)."""
@@ -254,8 +297,189 @@ class MemoryTier:
         return read_memory_manifest(self.backend, step, self._what(step))
 
     def _slot_named(self, m: Manifest, step: int) -> Slot:
-        name = check_memory_manifest(m, self._what(step))
+        name = check_memory_manifest(m, self._what(step), parts=self.parts)
         return next(s for s in self.slots if s.name == name)
+
+
+def read_part_manifest(root: Path, shard: str, m: Manifest) -> Manifest:
+    """Rank ``shard``'s manifest (its memory tier under ``root``, this node) of the snapshot
+    ``m`` describes: same step, generation, run and storage tier, validated.  Raises
+    :class:`CorruptCheckpointError` if there is none."""
+    if not SHARD_PATTERN.fullmatch(shard):
+        raise CorruptCheckpointError(
+            f"memory snapshot of step {m.step}: {shard[:40]!r} is not a rank's shard"
+        )
+    be = LocalBackend(root / shard, fsync=False, direct_io=False, private=True, durable=False)
+    what = f"memory manifest of step {m.step} in {root / shard}"
+    try:
+        other = read_memory_manifest(be, m.step, what)
+    except StorageError as exc:
+        raise CorruptCheckpointError(f"rank {shard}'s part of step {m.step} is gone: {exc}") from exc
+    check_memory_manifest(other, what, parts=True)
+    if (other.order, other.run, other.storage, other.world_size) != (m.order, m.run, m.storage, m.world_size):
+        raise CorruptCheckpointError(f"{what} describes another snapshot")
+    return other
+
+
+def part_slot(root: Path, shard: str, m: Manifest, chunks: Iterable[ChunkEntry]) -> Path:
+    """The slot file in which rank ``shard`` of this node (its memory tier under ``root``)
+    holds ``chunks`` of snapshot ``m``: its own manifest of the same snapshot (same step,
+    generation, run and storage tier) says they are there, with the same offsets and sizes,
+    and the same checksums where both know them.  Raises :class:`CorruptCheckpointError`
+    (the part is gone: that rank saved a newer step, failed, or its memory tier went)."""
+    other = read_part_manifest(root, shard, m)
+    name = check_memory_manifest(other, "", parts=True)
+    what = f"memory manifest of step {m.step} in {root / shard}"
+    held = {c.offset: c for c in other.chunks if c.key == name}
+    for c in chunks:
+        h = held.get(c.offset)
+        if h is None or h.nbytes != c.nbytes or (c.checksum and h.checksum and c.checksum != h.checksum):
+            raise CorruptCheckpointError(f"{what} does not hold the chunk at {c.offset}")
+    return root / shard / name
+
+
+def pin_name(step: int) -> str:
+    """The pin file of ``step`` in a memory tier (see :meth:`MemoryTier.reclaim`)."""
+    return f"step-{step:012d}.pin"
+
+
+def pin_step(directory: Path, step: int) -> int:
+    """Hold the pin of ``step`` in the memory tier ``directory`` (another rank's, on this
+    node), shared; returns its descriptor (closing it lets go).  While held, that rank does
+    not overwrite a slot holding ``step``.  A pin file its owner unlinked meanwhile is made
+    again.  Raises :class:`CorruptCheckpointError` if the memory tier is gone."""
+    path = directory / pin_name(step)
+    for _ in range(100):
+        try:
+            fd = open_private(path, write=True, create=True)
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(f"memory tier {directory} is gone") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # its owner holds it exclusively for an instant only
+            if os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise CorruptCheckpointError(f"cannot pin step {step} in {directory}")
+
+
+def _flock_within(fd: int, how: int, timeout: float, what: str) -> None:
+    """``flock(fd, how)``, waiting up to ``timeout`` seconds (``CoordinationError``)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise CoordinationError(f"{what} after {timeout:.0f} s (a process that hangs?)") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
+class PartsReader:
+    """The bytes of a memory snapshot whose chunks are partly held by other ranks of the node
+    (replicated state staged once per node): its own slot, and each such rank's slot file.
+
+    Made (training thread) when the snapshot is handed on: it pins the step in each such
+    rank's memory tier at once (:func:`pin_step`), so that they cannot overwrite their part
+    before it is read, however far behind this rank's persist thread is.  :meth:`open`
+    (the thread that reads) then finds each part, waiting up to ``wait_s`` for a rank still
+    copying it.  ``name`` and ``view`` read like the slot's (another rank's chunk is read
+    into a buffer of its own); ``readv`` is a ``preadv`` of whichever file holds the bytes.
+    :meth:`close` lets everything go (idempotent)."""
+
+    def __init__(self, m: Manifest, slot: Slot, root: Path) -> None:
+        self.name = slot.name
+        self.slot = slot
+        self.m = m
+        self.root = root
+        self._fds: list[int] = []
+        self._spans: list[tuple[int, int, int]] = []  # (offset, end, fd), other ranks' chunks
+        self._starts: list[int] = []
+        self._own: int | None = None
+        self._holders = part_holders(m)
+        try:
+            for shard in self._holders:
+                self._fds.append(pin_step(root / shard, m.step))
+        except BaseException:
+            self.close()
+            raise
+
+    def open(self, wait_s: float = 0.0) -> PartsReader:
+        """Find and open each other rank's part (see the class docstring).  Raises
+        :class:`CorruptCheckpointError` if one is not there within ``wait_s`` seconds."""
+        spans = []
+        for shard, chunks in self._holders.items():
+            fd = self._open_part(shard, chunks, wait_s)
+            spans += [(c.offset, c.offset + c.nbytes, fd) for c in chunks]
+        self._spans = sorted(spans)
+        self._starts = [sp[0] for sp in self._spans]
+        return self
+
+    def _open_part(self, shard: str, chunks: list[ChunkEntry], wait_s: float) -> int:
+        deadline = time.monotonic() + wait_s
+        delay = 0.0005
+        while True:
+            try:
+                path = part_slot(self.root, shard, self.m, chunks)
+                fd = open_private(path)
+                self._fds.append(fd)
+                if any(c.offset + c.nbytes > os.fstat(fd).st_size for c in chunks):
+                    raise CorruptCheckpointError(f"rank {shard}'s slot file {path} is truncated")
+                return fd
+            except (CorruptCheckpointError, FileNotFoundError) as exc:
+                if time.monotonic() + delay > deadline:
+                    if isinstance(exc, FileNotFoundError):
+                        raise CorruptCheckpointError(
+                            f"rank {shard}'s part of step {self.m.step} is gone"
+                        ) from exc
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.02)
+
+    def _fd_at(self, offset: int) -> int | None:
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i >= 0 and offset < self._spans[i][1]:
+            return self._spans[i][2]
+        return None
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        """The bytes ``[offset, offset + nbytes)`` (within one chunk)."""
+        fd = self._fd_at(offset)
+        if fd is None:
+            return self.slot.view(offset, nbytes)
+        buf = memoryview(bytearray(nbytes))
+        if os.preadv(fd, [buf], offset) != nbytes:
+            raise CorruptCheckpointError(f"a part of the snapshot is truncated at byte {offset}")
+        return buf
+
+    def readv(self, offset: int, bufs: list[memoryview]) -> int:
+        """``preadv`` of the bytes at ``offset`` (within one chunk) into ``bufs``."""
+        fd = self._fd_at(offset)
+        if fd is not None:
+            return os.preadv(fd, bufs, offset)
+        if self._own is None:
+            self._own = open_private(self.slot.path)
+            self._fds.append(self._own)
+        return os.preadv(self._own, bufs, offset)
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)  # a pin goes with its descriptor
+        self._spans, self._starts, self._own = [], [], None
+
+    def __enter__(self) -> PartsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def lock(directory: Path, trusted_above: Path) -> int:

@@ -28,6 +28,7 @@ Threads: ``acquire``/``stage`` run on the training thread; ``release`` on the pe
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import errno
@@ -38,7 +39,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,6 +321,46 @@ def _wait_for_device_writes(host_sources: Iterable[torch.Tensor]) -> None:
         _sync_current_streams(_devices_with_context())
 
 
+def copy_pairs(
+    views: Sequence[torch.Tensor | None],
+    tensors: Sequence[torch.Tensor],
+    layout: Layout,
+    skip: Collection[int],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(destination, source)`` per copy of a save: each tensor whole into its view, or, where
+    chunks of it are in ``skip`` (see :meth:`Stager.stage`), the flat element ranges between
+    them."""
+    gaps: dict[int, list[tuple[int, int]]] = {}
+    if skip:
+        starts = list(layout.offsets)
+        order = sorted(range(len(starts)), key=lambda i: starts[i])
+        sorted_starts = [starts[i] for i in order]
+        for ci in sorted(skip):
+            off, n = layout.chunks[ci]
+            j = order[bisect.bisect_right(sorted_starts, off) - 1]
+            start, size = layout.offsets[j], layout.nbytes[j]
+            if off >= start and off + n <= start + size:  # (packed chunks hold no such tensor)
+                gaps.setdefault(j, []).append((off - start, off - start + n))
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for j, (t, dst) in enumerate(zip(tensors, views, strict=True)):
+        if dst is None:
+            continue
+        holes = gaps.get(j)
+        if not holes or layout.nbytes[j] < 1 or not t.is_contiguous() or t.is_conj() or t.is_neg():
+            out.append((dst, t))
+            continue
+        item = t.element_size()
+        flat_dst, flat_src = dst.view(-1), t.view(-1)
+        cur = 0
+        for lo, hi in sorted(holes):
+            if lo > cur:
+                out.append((flat_dst[cur // item : lo // item], flat_src[cur // item : lo // item]))
+            cur = max(cur, hi)
+        if cur < layout.nbytes[j]:
+            out.append((flat_dst[cur // item :], flat_src[cur // item :]))
+    return out
+
+
 class RestoreCopies:
     """The copies of one restore from a slot into live tensors (see ``restore_copies``)."""
 
@@ -480,6 +521,8 @@ class Slot:
         self._pinned = False
         self._pin_failed = False  # this mapping could not be pinned: do not try again per save
         self.pin_device: int | None = None  # the device the mapping was registered under
+        #: page ranges ``(lo, hi)`` of this mapping given back (:meth:`trim`)
+        self.trimmed: set[tuple[int, int]] = set()
 
     @property
     def mapped(self) -> bool:
@@ -639,6 +682,48 @@ class Slot:
         self._views = (layout, out)
         return out
 
+    def trim(self, ranges: Iterable[tuple[int, int]]) -> int:
+        """Slot held busy: give back the memory of byte ranges ``(offset, nbytes)`` that the
+        snapshot in it does not hold (chunks another rank of the node holds); returns the bytes
+        trimmed.  Not for a pinned mapping (CUDA keeps its pages: they stay) nor a lazy one
+        (it is faulted in whole later anyway).  A later copy into a trimmed range allocates it
+        first (:meth:`allocate`)."""
+        if self._buf is None or self.lazy or self._pinned or _platform.madvise is None:
+            return 0
+        done = 0
+        with self.lock:
+            for off, n in ranges:
+                lo, hi = _round_up(off, _PAGE), (off + n) // _PAGE * _PAGE
+                if hi <= lo or (lo, hi) in self.trimmed or hi > self.capacity:
+                    continue
+                try:
+                    _platform.remove_pages(self.address + lo, hi - lo)
+                except OSError as exc:  # the memory simply stays
+                    log.debug("flashckpt: could not trim %s: %s", self.path, exc)
+                    return done
+                self.trimmed.add((lo, hi))
+                done += hi - lo
+        return done
+
+    def allocate(self, ranges: Iterable[tuple[int, int]], *, holes: bool = False) -> None:
+        """Slot held busy: allocate the trimmed pages among byte ranges ``(offset, nbytes)``
+        before anything is written there (a write into a hole of a full tmpfs would be a
+        ``SIGBUS``; this raises ``OSError`` instead).  ``holes``: the ranges themselves,
+        trimmed or not (a slot an earlier process left may have holes nobody recorded)."""
+        if not self.trimmed and not holes:
+            return
+        with self.lock:
+            fd = open_private(self.path)
+            try:
+                for off, n in ranges:
+                    if holes:
+                        os.posix_fallocate(fd, off, n)
+                    for lo, hi in [t for t in self.trimmed if t[0] < off + n and off < t[1]]:
+                        os.posix_fallocate(fd, lo, hi - lo)
+                        self.trimmed.discard((lo, hi))
+            finally:
+                os.close(fd)
+
     @property
     def address(self) -> int:
         """Address of the mapping (valid while the slot is held busy)."""
@@ -689,6 +774,7 @@ class Slot:
         self.pin_device = None
         self._buf = None
         self._views = None
+        self.trimmed = set()
         mm, self._mm = self._mm, None
         self.capacity = 0
         if mm is not None:
@@ -933,7 +1019,9 @@ class Stager:
 
     # -- the copy ----------------------------------------------------------------------------
     @hooks.timed("time.stager.stage")
-    def stage(self, slot: Slot, tensors: Sequence[torch.Tensor], layout: Layout) -> bool:
+    def stage(
+        self, slot: Slot, tensors: Sequence[torch.Tensor], layout: Layout, skip: Collection[int] = ()
+    ) -> bool:
         """Training thread: copy ``tensors`` into ``slot`` per ``layout``; return True if the
         slot was cold.  When this returns (or raises), no copy into the slot is in flight:
         the caller may modify its tensors, and release or reuse the slot.
@@ -957,27 +1045,34 @@ class Stager:
         in the side stream's pool afterwards, so ``memory_reserved`` grows by that much for
         good, and a GPU near its limit can raise ``torch.OutOfMemoryError`` here (the save
         fails, nothing is left in flight).
+
+        ``skip``: indexes of ``layout.chunks`` not copied (another rank of the node holds
+        them: replicated state staged once per node).  Only chunks of a tensor of its own
+        (``small_tensor_bytes`` or more) are skipped, and only where the tensor can be sliced
+        flat (contiguous, no conj/neg bit); anything else is copied whole (a superset is
+        always safe).  Trimmed pages the copy writes into are allocated first.
         """
         cold = slot.ensure(layout.total_bytes)
+        if slot.trimmed:
+            skipped = {layout.chunks[i] for i in skip}
+            slot.allocate(c for c in layout.chunks if c not in skipped)
         device = next((t.device.index for t in tensors if t.is_cuda), None)
         if device is not None:
             slot.pin(device)
         with self._cond:
             self._copying = True
         try:
-            self._copy(slot, tensors, layout)
+            self._copy(copy_pairs(slot.views(layout, tensors), tensors, layout, skip))
         finally:
             with self._cond:
                 self._copying = False
                 self._cond.notify_all()
         return cold
 
-    def _copy(self, slot: Slot, tensors: Sequence[torch.Tensor], layout: Layout) -> None:
+    def _copy(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         host: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for t, dst in zip(tensors, slot.views(layout, tensors), strict=True):
-            if dst is None:
-                continue
+        for dst, t in pairs:
             if t.device.type == "cpu":
                 host.append((dst, t))
             else:

@@ -22,7 +22,6 @@ from flashckpt import _hooks as hooks
 from flashckpt._config import Options
 from flashckpt.errors import CorruptCheckpointError
 from flashckpt.format import ChunkEntry, Manifest, checksum, chunk_key
-from flashckpt.staging.stager import Slot
 from flashckpt.transfer.codec import encode
 from flashckpt.transfer.futures import run_all, wait_all
 from flashckpt.transfer.store import retrying
@@ -46,6 +45,16 @@ class Exchange(Protocol):
         the owner published none (this rank then writes the chunk itself)."""
 
 
+class SlotBytes(Protocol):
+    """Where a staged snapshot's bytes are read: a :class:`~flashckpt.staging.stager.Slot`,
+    or a ``PartsReader`` (chunks held by other ranks of the node read from their slots)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def view(self, offset: int, nbytes: int) -> memoryview: ...
+
+
 class ChunkWriter:
     """Writes chunks of staged shards; persist thread only (the pools are its helpers)."""
 
@@ -55,19 +64,19 @@ class ChunkWriter:
         self.hash_pool = hash_pool
 
     @hooks.timed("time.persist.hash")
-    def hash(self, m: Manifest, slot: Slot) -> Manifest:
-        """``m`` with the checksum of each chunk in ``slot`` (on the I/O pool)."""
+    def hash(self, m: Manifest, slot: SlotBytes) -> Manifest:
+        """Memory manifest ``m`` with the checksum of each chunk read from ``slot`` (on the
+        I/O pool); every entry otherwise as it was."""
         digests = run_all(self.pool, lambda c: checksum(slot.view(c.offset, c.nbytes)), m.chunks)
         return m.with_chunks(
-            ChunkEntry(slot.name, c.offset, c.offset, c.nbytes, c.nbytes, c.codec, d)
-            for c, d in zip(m.chunks, digests, strict=True)
+            dataclasses.replace(c, checksum=d) for c, d in zip(m.chunks, digests, strict=True)
         )
 
     def write(
         self,
         tier: Tier,
         m: Manifest,
-        slot: Slot,
+        slot: SlotBytes,
         known: Mapping[str, ChunkEntry],
         *,
         verify: bool = False,
@@ -118,7 +127,7 @@ class ChunkWriter:
         self,
         tier: Tier,
         m: Manifest,
-        slot: Slot,
+        slot: SlotBytes,
         known: Mapping[str, ChunkEntry],
         on_sealed: Callable[[Manifest], None],
     ) -> tuple[Manifest, int]:
@@ -141,7 +150,7 @@ class ChunkWriter:
                 view = slot.view(src.at, src.stored_nbytes)
                 d = checksum(view)
                 _settle(digests[i], d)
-                c = ChunkEntry(slot.name, src.offset, src.offset, src.nbytes, src.nbytes, src.codec, d)
+                c = dataclasses.replace(src, checksum=d)
                 hit = known.get(d)
                 if hit is not None and hit.nbytes == c.nbytes:
                     reused.add(i)
@@ -161,8 +170,7 @@ class ChunkWriter:
             for i, (src, group) in enumerate(zip(m.chunks, groups, strict=True)):
                 tasks.append(self.hash_pool.submit(hash_then_write, i, src, group))
             sealed = m.with_chunks(
-                ChunkEntry(slot.name, c.offset, c.offset, c.nbytes, c.nbytes, c.codec, d)
-                for c, d in zip(m.chunks, wait_all(digests), strict=True)
+                dataclasses.replace(c, checksum=d) for c, d in zip(m.chunks, wait_all(digests), strict=True)
             )
             on_sealed(sealed)
             out = sealed.with_chunks(wait_all(entries))
@@ -183,7 +191,7 @@ class ChunkWriter:
         exchange: Exchange,
         tier: Tier,
         m: Manifest,
-        slot: Slot,
+        slot: SlotBytes,
         futures: list[Future[ChunkEntry]],
         written: list[Future[ChunkEntry]],
         deferred: list[int],

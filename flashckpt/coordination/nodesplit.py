@@ -1,0 +1,217 @@
+"""Replicated state staged once per node, split across the node's ranks.
+
+With ``Options.dedup_replicated``, the ranks of one node hold the same bytes for most of the
+state (data parallel).  Each chunk of the layout has an owner among the node's ranks
+(:func:`~flashckpt.coordination.dedup.assign_owners` over every chunk, by bytes: stable from
+save to save, whatever is learned).  Once a rank has seen two snapshots in which every rank
+of the node staged the same bytes for a chunk of a tensor of its own (``small_tensor_bytes``
+or more; packs of small tensors, where per-rank state such as RNG states lives, never count),
+bytes that changed between the two, its later saves of the same layout copy such a chunk
+only if they own it, and their memory manifests name the owner's shard for the others
+(``format.check_memory_manifest(parts=True)``).
+
+Why this is safe whatever each rank has learned, and when: an owner always copies the chunks
+it owns, and a rank that has not learned a chunk copies it too, so every chunk a manifest
+leaves to another rank is in that rank's snapshot of the same step.  Ranks need not agree on
+anything beyond the node list gathered at construction.  What it assumes: a chunk that
+training changed the same way on every rank of the node stays the same on all of them (the
+user declared the state replicated); a rank then restores the owner's bytes of it.  A chunk
+that never changed (zeros each rank fills in later) or differed once is never assumed so.
+
+The node's ranks must see each other's memory tiers (same ``memory_dir``, same machine):
+checked once at construction (:func:`node_split`, a collective), else nothing is split.
+
+Threads: ``plan`` on the training thread, ``learn`` on the persist thread (one lock).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+
+from flashckpt._dist import Control
+from flashckpt.coordination.dedup import assign_owners
+from flashckpt.errors import CorruptCheckpointError, StorageError
+from flashckpt.format import SLOT_NAMES, Manifest, shard_name
+from flashckpt.staging.memory_tier import read_part_manifest
+from flashckpt.staging.stager import Layout
+
+log = logging.getLogger(__name__)
+
+#: Snapshots of one layout compared at most (a chunk not learned by then is staged by every
+#: rank: the cost of learning stays bounded)
+_ROUNDS = 16
+
+#: What a layout is known by: each tensor's (dtype name, shape, offset in the shard)
+LayoutKey = tuple[tuple[str, tuple[int, ...], int], ...]
+
+
+def layout_key(layout: Layout) -> LayoutKey:
+    return tuple((str(d), tuple(s), o) for (d, s), o in zip(layout.signature, layout.offsets, strict=True))
+
+
+def manifest_key(m: Manifest) -> LayoutKey:
+    return tuple((str(t.dtype), tuple(t.shape), t.offset) for t in m.tensors)
+
+
+class NodeSplit:
+    """Which chunks of a save this rank leaves to another rank of its node (see the module
+    docstring).  ``enabled`` False: nothing is ever split."""
+
+    def __init__(
+        self, rank: int, world: int, nodes: list[str], root: Path, small_tensor_bytes: int, enabled: bool
+    ) -> None:
+        self.rank = rank
+        self.world = world
+        self.local = [r for r, n in enumerate(nodes) if n == nodes[rank]]
+        self.enabled = enabled and len(self.local) > 1
+        self.root = root
+        self.small = small_tensor_bytes
+        self._lock = threading.Lock()
+        self._learned: dict[LayoutKey, frozenset[int]] = {}
+        self._rounds: dict[LayoutKey, int] = {}  # snapshots compared, per layout
+        #: the last snapshot compared, and the checksums its ranks agreed on, by chunk index
+        self._agreed: dict[LayoutKey, tuple[tuple[int, int], dict[int, str]]] = {}
+        self._owners: tuple[Layout, list[int]] | None = None
+
+    def owners(self, layout: Layout) -> list[int]:
+        """The rank of this node owning each chunk of ``layout`` (cached for the last one)."""
+        cached = self._owners
+        if cached is not None and cached[0] is layout:
+            return cached[1]
+        pos = assign_owners([n for _, n in layout.chunks], len(self.local))
+        owners = [self.local[p] for p in pos]
+        self._owners = (layout, owners)
+        return owners
+
+    def plan(self, layout: Layout) -> dict[int, str]:
+        """Training thread: the chunks of a save of ``layout`` this rank does not copy, with
+        the shard name of the rank that does (empty: copy everything)."""
+        if not self.enabled:
+            return {}
+        with self._lock:
+            same = self._learned.get(layout_key(layout))
+        if not same:
+            return {}
+        owners = self.owners(layout)
+        return {i: shard_name(owners[i], self.world) for i in same if owners[i] != self.rank}
+
+    def learn(self, m: Manifest, wait_s: float = 0.0) -> None:
+        """Persist thread, ``m`` this rank's sealed snapshot: find the chunks (of tensors of
+        their own) that every rank of the node staged itself with the same bytes, and learn
+        those whose bytes were also the same everywhere in the last such snapshot and have
+        changed since: replicated state that training updates.  A chunk that never changes
+        (zeros a rank fills in later, frozen per-rank data) or that differed once is never
+        learned.  Quiet and cheap when the others have not sealed the same snapshot."""
+        if not self.enabled or not m.sealed:
+            return
+        key = manifest_key(m)
+        with self._lock:
+            learned = self._learned.get(key, frozenset())
+            rounds = self._rounds.get(key, 0)
+        if rounds >= _ROUNDS:
+            return  # what is not learned by now is staged by every rank
+        if rounds >= 3:
+            wait_s = 0.0  # the others' seals are waited for while there is much to learn
+        agreed = {
+            i: m.chunks[i].checksum
+            for i in _own_tensor_chunks(m, self.small)
+            if i not in learned and m.chunks[i].key in SLOT_NAMES
+        }
+        for r in self.local:
+            if r == self.rank or not agreed:
+                continue
+            other = self._sealed_by(r, m, wait_s)
+            if other is None or manifest_key(other) != key or len(other.chunks) != len(m.chunks):
+                return
+            agreed = {
+                i: d
+                for i, d in agreed.items()
+                if other.chunks[i].key in SLOT_NAMES  # that rank staged it itself
+                and (other.chunks[i].offset, other.chunks[i].nbytes, other.chunks[i].checksum)
+                == (m.chunks[i].offset, m.chunks[i].nbytes, d)
+            }
+        with self._lock:
+            prev = self._agreed.get(key)
+            if prev is not None and prev[0] >= m.order:
+                return  # an older snapshot sealed late: nothing to compare
+            self._agreed[key] = (m.order, agreed)
+            self._rounds[key] = rounds + 1
+            new = {i for i, d in agreed.items() if prev is not None and prev[1].get(i, d) != d}
+            if not new:
+                return
+            self._learned[key] = learned | new
+            total = len(self._learned[key])
+        log.info(
+            "flashckpt: %d of %d chunks are replicated on the %d ranks of this node: each is staged "
+            "by one of them from now on",
+            total,
+            len(m.chunks),
+            len(self.local),
+        )
+
+    def _sealed_by(self, r: int, m: Manifest, wait_s: float) -> Manifest | None:
+        """Rank ``r``'s sealed manifest of the snapshot ``m`` is, waiting up to ``wait_s`` for
+        it to be sealed; None if there is none by then."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                other = read_part_manifest(self.root, shard_name(r, self.world), m)
+                if other.sealed:
+                    return other
+            except (CorruptCheckpointError, StorageError) as exc:
+                log.debug("flashckpt: nothing learned from step %d: %s", m.step, exc)
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)
+
+
+def _own_tensor_chunks(m: Manifest, small: int) -> list[int]:
+    """Indexes of ``m``'s chunks that lie inside one tensor of ``small`` bytes or more."""
+    spans = sorted((t.offset, t.offset + t.nbytes) for t in m.tensors if t.nbytes >= small)
+    starts = [s for s, _ in spans]
+    out = []
+    for i, c in enumerate(m.chunks):
+        j = bisect.bisect_right(starts, c.offset) - 1
+        if j >= 0 and c.offset + c.nbytes <= spans[j][1]:
+            out.append(i)
+    return out
+
+
+def node_split(ctl: Control, nodes: list[str], rank_dir: Path, lock_fd: int, wanted: bool) -> bool:
+    """Every rank, at construction (one gather when ``wanted``): True if the ranks of every
+    node see each other's memory tiers, so that a node's ranks may split replicated state.
+    Each rank writes a token into its memory tier's lock file and checks its node's others."""
+    if not wanted or not ctl.distributed:
+        return False
+    token = secrets.token_hex(8)
+    try:
+        os.pwrite(lock_fd, token.encode(), 0)
+        ok = True
+    except OSError as exc:
+        log.warning("flashckpt: cannot mark the memory tier for the node's other ranks: %s", exc)
+        ok = False
+    tokens = ctl.all_gather(token)
+    root = rank_dir.parent
+    for r, t in enumerate(tokens):
+        if r == ctl.rank or nodes[r] != nodes[ctl.rank]:
+            continue
+        try:
+            with open(root / shard_name(r, ctl.world) / "lock", "rb") as f:
+                seen = f.read(64).decode(errors="replace")
+        except OSError:
+            seen = ""
+        if seen != t:
+            log.warning(
+                "flashckpt: rank %d is said to share this node but its memory tier is not in %s: "
+                "replicated state is staged by every rank",
+                r,
+                root,
+            )
+            ok = False
+    return ctl.all_ok(ok)

@@ -1,0 +1,348 @@
+"""Replicated state staged once per node, split across its ranks (``coordination/nodesplit.py``).
+
+Unit checks of the parts (the memory-manifest validator, the partial copy, the learning rule,
+the safety of any mix of learned sets), then real two-rank jobs on one node (gloo,
+``torch.multiprocessing``): the node holds one copy per slot, a snapshot whose chunks are
+split between the ranks survives a SIGKILL of both and comes back bitwise, per-rank tensors
+are never split, a part that is gone sends the restore to the older durable step, and a rank
+whose persist thread is far behind still reads the other rank's part (pins).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flashckpt
+from flashckpt.coordination.dedup import assign_owners
+from flashckpt.coordination.nodesplit import NodeSplit, manifest_key
+from flashckpt.errors import CorruptCheckpointError
+from flashckpt.format import (
+    CODEC_RAW,
+    ChunkEntry,
+    Manifest,
+    TensorEntry,
+    check_memory_manifest,
+    encode_manifest,
+    memory_manifest,
+    memory_manifest_key,
+    part_holders,
+    shard_name,
+)
+from flashckpt.staging.stager import copy_pairs, plan_layout
+from flashckpt.staging.statewalk import flatten
+
+# -- the memory-manifest validator ---------------------------------------------------------------
+
+
+def _manifest(
+    rank: int, keys: list[str], *, world: int = 2, step: int = 5, sums: list[str] | None = None
+) -> Manifest:
+    n = 65536
+    digests = [hashlib.md5(d.encode()).hexdigest() if d else "" for d in (sums or [""] * len(keys))]
+    chunks = tuple(ChunkEntry(k, i * n, i * n, n, n, CODEC_RAW, digests[i]) for i, k in enumerate(keys))
+    tensors = (TensorEntry(torch.float32, (len(keys) * n // 4,), 0, len(keys) * n),)
+    tree = flatten({"w": torch.zeros(len(keys) * n // 4)}).tree
+    return Manifest(
+        step,
+        rank,
+        world,
+        "n",
+        0.0,
+        len(keys) * n,
+        tensors,
+        chunks,
+        tree,
+        generation=1,
+        run="0123456789abcdef",
+    )
+
+
+def test_a_memory_manifest_may_leave_chunks_to_other_ranks_of_its_job_only_where_parts_are_allowed() -> None:
+    m = _manifest(0, ["slot-0.bin", "r00001-of-00002", "slot-0.bin"])
+    assert check_memory_manifest(m, "x", parts=True) == "slot-0.bin"
+    assert set(part_holders(m)) == {"r00001-of-00002"}
+    with pytest.raises(CorruptCheckpointError, match="one slot file"):
+        check_memory_manifest(m, "x")  # a mirror holds the whole shard
+    for bad in ("r00000-of-00002", "r00001-of-00003", "chunks/ab/cd", "slot-1.bin"):
+        with pytest.raises(CorruptCheckpointError):
+            check_memory_manifest(_manifest(0, ["slot-0.bin", bad]), "x", parts=True)
+    # the memory tier keeps the holders; a copy said to be whole names the slot only
+    assert [c.key for c in memory_manifest(m, "slot-1.bin", parts=True).chunks] == [
+        "slot-1.bin",
+        "r00001-of-00002",
+        "slot-1.bin",
+    ]
+    assert {c.key for c in memory_manifest(m, "slot-1.bin").chunks} == {"slot-1.bin"}
+
+
+# -- the partial copy ------------------------------------------------------------------------------
+
+
+def test_the_copy_leaves_out_exactly_the_skipped_chunks_of_tensors_of_their_own() -> None:
+    opts = flashckpt.Options(chunk_bytes=65536, small_tensor_bytes=65536)
+    big = torch.arange(100_000, dtype=torch.float32)  # 400,000 bytes: 7 chunks, the last partial
+    other = torch.arange(60_000, dtype=torch.float64)  # 480,000 bytes: 8 chunks
+    small = torch.arange(10, dtype=torch.int64)
+    strided = torch.arange(2 * 70_000, dtype=torch.float32).view(2, 70_000).t()  # not contiguous
+    tensors = [big, small, other, strided]
+    layout = plan_layout(tensors, opts)
+    buf = torch.zeros(layout.total_bytes, dtype=torch.uint8)
+    views = [
+        buf[o : o + n].view(t.dtype).view(t.shape)
+        for t, o, n in zip(tensors, layout.offsets, layout.nbytes, strict=True)
+    ]
+    in_big = [
+        i for i, (o, n) in enumerate(layout.chunks) if layout.offsets[0] <= o < layout.offsets[0] + 400_000
+    ]
+    in_strided = [
+        i for i, (o, _) in enumerate(layout.chunks) if layout.offsets[3] <= o < layout.offsets[3] + 560_000
+    ]
+    skip = {in_big[1], in_big[-1], in_strided[0]}
+    for dst, src in copy_pairs(views, tensors, layout, skip):
+        dst.copy_(src)
+    assert torch.equal(views[1], small) and torch.equal(views[2], other)
+    assert torch.equal(views[3], strided)  # cannot be sliced flat: copied whole
+    skipped = [layout.chunks[i] for i in (in_big[1], in_big[-1])]
+    for i, (o, n) in enumerate(layout.chunks):
+        part = buf[o : o + n]
+        if (o, n) in skipped:
+            assert not part.any(), f"chunk {i} was copied"
+    kept = torch.ones(100_000, dtype=torch.bool)
+    for o, n in skipped:
+        lo = (o - layout.offsets[0]) // 4
+        kept[lo : lo + n // 4] = False
+    assert torch.equal(views[0][kept], big[kept])
+
+
+# -- what a rank learns ----------------------------------------------------------------------------
+
+
+def _write_sibling(root: Path, m: Manifest) -> None:
+    d = root / shard_name(m.rank, m.world_size)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = d / memory_manifest_key(m.step)
+    path.write_bytes(encode_manifest(m))
+    path.chmod(0o600)
+
+
+def _pair(
+    root: Path, step: int, mine: list[str], theirs: list[str], their_keys: list[str] | None = None
+) -> Manifest:
+    keys = ["slot-0.bin"] * len(mine)
+    _write_sibling(root, _manifest(1, their_keys or keys, step=step, sums=theirs))
+    return _manifest(0, keys, step=step, sums=mine)
+
+
+def test_a_chunk_is_learned_only_once_it_changed_the_same_way_on_every_rank(tmp_path: Path) -> None:
+    split = NodeSplit(0, 2, ["n", "n"], tmp_path, 65536, True)
+    # chunk 0: replicated and updated; 1: the same zeros on both, never changing (a per-rank
+    # counter not yet touched); 2: differs once, then agrees; 3: changes, but differently
+    split.learn(_pair(tmp_path, 1, ["a1", "z", "x1", "d1"], ["a1", "z", "y1", "e1"]))
+    assert split._learned == {}  # nothing to compare with yet
+    split.learn(_pair(tmp_path, 2, ["a2", "z", "x2", "d2"], ["a2", "z", "x2", "e2"]))
+    (learned,) = split._learned.values()
+    assert learned == {0}
+    # chunk 2 agreed twice while changing: learned now; chunk 1 still never changed
+    split.learn(_pair(tmp_path, 3, ["a3", "z", "x3", "d3"], ["a3", "z", "x3", "e3"]))
+    assert set(next(iter(split._learned.values()))) == {0, 2}
+    # a sibling that left a chunk to this rank is no evidence for it
+    split2 = NodeSplit(0, 2, ["n", "n"], tmp_path / "b", 65536, True)
+    mixed = ["slot-0.bin", "r00000-of-00002", "slot-0.bin", "slot-0.bin"]
+    split2.learn(_pair(tmp_path / "b", 1, ["a1", "b1", "c", "d"], ["a1", "b1", "c", "d"], mixed))
+    split2.learn(_pair(tmp_path / "b", 2, ["a2", "b2", "c", "d"], ["a2", "b2", "c", "d"], mixed))
+    assert set(next(iter(split2._learned.values()))) == {0}
+    # an unsealed or missing sibling teaches nothing
+    split3 = NodeSplit(0, 2, ["n", "n"], tmp_path / "c", 65536, True)
+    split3.learn(_manifest(0, ["slot-0.bin"] * 4, step=1, sums=["a", "b", "c", "d"]))
+    assert split3._learned == {} and split3._agreed == {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 8), min_size=1, max_size=24),
+    ranks=st.integers(2, 4),
+    learned=st.data(),
+)
+def test_whatever_each_rank_learned_every_chunk_left_to_another_rank_is_staged_by_it(
+    sizes: list[int], ranks: int, learned: st.DataObject
+) -> None:
+    """Ranks of a node may have learned different sets (one restarted, one slower): every
+    chunk a rank leaves to another is one that rank stages itself."""
+    owners = assign_owners(sizes, ranks)
+    sets = [learned.draw(st.sets(st.integers(0, len(sizes) - 1))) for _ in range(ranks)]
+    for r in range(ranks):
+        left = {i: owners[i] for i in sets[r] if owners[i] != r}  # NodeSplit.plan
+        for i, owner in left.items():
+            staged_by_owner = not (i in sets[owner] and owners[i] != owner)
+            assert staged_by_owner
+
+
+def test_the_learned_key_is_the_layout_a_save_stages() -> None:
+    opts = flashckpt.Options(chunk_bytes=65536, small_tensor_bytes=65536)
+    tensors = [torch.zeros(100_000), torch.zeros(3, dtype=torch.int64)]
+    layout = plan_layout(tensors, opts)
+    from flashckpt.coordination.nodesplit import layout_key
+
+    tensors_e = tuple(
+        TensorEntry(t.dtype, tuple(t.shape), o, n)
+        for t, o, n in zip(tensors, layout.offsets, layout.nbytes, strict=True)
+    )
+    m = Manifest(1, 0, 2, "n", 0.0, layout.total_bytes, tensors_e, (), flatten(tensors).tree, generation=1)
+    assert layout_key(layout) == manifest_key(m)
+
+
+# -- real two-rank jobs on one node ----------------------------------------------------------------
+
+STEPS = 8
+OPTS = {"dedup_replicated": True, "chunk_bytes": 65536, "small_tensor_bytes": 65536}
+
+
+def _flat(obj: Any, path: str = "") -> dict[str, torch.Tensor]:
+    if hasattr(obj, "state_dict") and not isinstance(obj, dict):
+        return _flat(obj.state_dict(), path)
+    if isinstance(obj, dict):
+        out: dict[str, torch.Tensor] = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{path}.{k}"))
+        return out
+    return {path: obj.clone()} if isinstance(obj, torch.Tensor) else {}
+
+
+def _slot_bytes(memory: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in memory.rglob("slot-*.bin"))
+
+
+def _state(rank: int) -> dict[str, Any]:
+    """The crash campaign's state (a model, AdamW, per-rank buffers) and a 16 MiB replicated
+    tensor, so that slot rounding does not hide what the node holds."""
+    from tests.dist_worker import campaign_state
+
+    state = campaign_state(rank)
+    state["wide"] = torch.ones(4 << 20)
+    return state
+
+
+def _job(rank: int, world: int, init: str, storage: str, memory: str, out: str, phase: str) -> None:
+    from tests.dist_worker import train_step
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    res: dict[str, Any] = {}
+    state = _state(rank)
+    opts = flashckpt.Options(**OPTS)
+    ckpt = flashckpt.Checkpointer(storage, memory_dir=memory, options=opts, persist_every=2, keep=1)
+    if phase in ("save", "slow"):
+        if phase == "slow" and rank == 1:  # its persist thread falls far behind rank 0's saves
+            from flashckpt import _hooks as hooks
+
+            hooks.on("persist.chunk", lambda **_: time.sleep(0.02))
+        for step in range(STEPS):
+            train_step(state, step, rank)
+            state["wide"].mul_(0.5).add_(step)  # replicated, 16 MiB, updated every step
+            ckpt.save(step, state)
+            torch.save(_flat(state), f"{out}/want-{rank}-{step}.pt")
+        if phase == "slow":
+            ckpt.wait()
+            res["errors"] = ckpt.stats["errors"]
+            ckpt.close()
+        else:
+            ckpt.wait()  # every step but the last one persisted, and sealed
+            res["slot_bytes"] = _slot_bytes(Path(memory))
+            res["errors"] = ckpt.stats["errors"]
+        torch.distributed.barrier()
+        Path(f"{out}/{phase}-{rank}.json").write_text(json.dumps(res))
+        torch.distributed.barrier()
+        if phase == "save":
+            os.kill(os.getpid(), signal.SIGKILL)  # both ranks: the node's memory stays
+    else:
+        step = ckpt.restore(state)
+        got, want = _flat(state), torch.load(f"{out}/want-{rank}-{step}.pt")
+        res = {"step": step, "differs": [k for k in want if not torch.equal(got[k], want[k])]}
+        ckpt.close()
+    Path(f"{out}/{phase}-{rank}.json").write_text(json.dumps(res))
+    torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
+def _run(tmp_path: Path, shm_dir: Path, phase: str, *, killed: bool = False) -> list[dict[str, Any]]:
+    init = f"file://{tmp_path / ('rdv-' + phase)}"
+    args = (2, init, str(tmp_path / "storage"), str(shm_dir), str(tmp_path), phase)
+    try:
+        mp.start_processes(_job, args=args, nprocs=2, join=True, start_method="spawn")
+    except mp.ProcessExitedException:
+        if not killed:
+            raise
+    return [json.loads((tmp_path / f"{phase}-{r}.json").read_text()) for r in range(2)]
+
+
+def _state_bytes() -> int:
+    return sum(t.numel() * t.element_size() for t in _flat(_state(0)).values())
+
+
+@pytest.mark.distributed
+@pytest.mark.subprocess
+def test_a_node_stages_replicated_state_once_and_both_ranks_killed_resume_bitwise(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    saved = _run(tmp_path, shm_dir, "save", killed=True)
+    assert all(not s["errors"] for s in saved), saved
+    # two slots per rank, but the node holds about one copy of the state per slot
+    full = _state_bytes()
+    assert saved[0]["slot_bytes"] < 2 * full * 1.35, (saved[0]["slot_bytes"], full)
+    # the newest snapshot (memory only: persist_every=2) leaves chunks to the other rank
+    mems = [shm_dir / p.name for p in shm_dir.rglob("r0000*-of-00002") if p.is_dir()]
+    newest = []
+    for d in mems:
+        from flashckpt.format import decode_manifest
+
+        raw = (d / memory_manifest_key(STEPS - 1)).read_bytes()
+        newest.append(decode_manifest(raw, "m", allow_unsealed=True))
+    assert all(part_holders(m) for m in newest)
+    restored = _run(tmp_path, shm_dir, "restore")
+    assert [r["step"] for r in restored] == [STEPS - 1] * 2
+    assert [r["differs"] for r in restored] == [[], []]
+    assert not any(shm_dir.rglob("slot-*.bin"))  # the clean close after the restore: all durable
+
+
+@pytest.mark.distributed
+@pytest.mark.subprocess
+def test_a_part_that_is_gone_sends_both_ranks_to_the_older_durable_step(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    _run(tmp_path, shm_dir, "save", killed=True)
+    holder = next(p for p in shm_dir.rglob("r00001-of-00002") if p.is_dir())
+    (holder / memory_manifest_key(STEPS - 1)).unlink()  # rank 1's copy of the newest step
+    restored = _run(tmp_path, shm_dir, "restore")
+    # rank 0's newest snapshot needs rank 1's part: the newest step every rank can load is
+    # the last durable one (persist_every=2), and it comes back bitwise
+    assert [r["step"] for r in restored] == [STEPS - 2] * 2
+    assert [r["differs"] for r in restored] == [[], []]
+
+
+@pytest.mark.distributed
+@pytest.mark.subprocess
+def test_a_rank_far_behind_still_reads_the_part_of_every_step_it_persists(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    done = _run(tmp_path, shm_dir, "slow")
+    assert [d["errors"] for d in done] == [[], []]
+    from flashckpt.catalog import Catalog
+
+    cat = Catalog(str(tmp_path / "storage"))
+    steps = [s.step for s in cat.steps()]
+    assert steps and steps[-1] == STEPS - 1
+    cat.verify(steps[-1])  # raises if a chunk of it is damaged or missing
