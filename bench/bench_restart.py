@@ -1,6 +1,6 @@
 """A fresh job after a crash: the Checkpointer's constructor plus ``restore`` from memory.
 
-    python -m bench.bench_restart [--ranks 2] [--mib 1024] [--repeats 3] [--markdown]
+    python -m bench.bench_restart [--ranks 2] [--mib 1024] [--repeats 3] [--split] [--markdown]
 
 Each round: ``--ranks`` processes (gloo, one machine) save one step of a data-parallel state
 (``--mib`` per rank, identical on every rank) into memory and die without closing (the memory
@@ -8,7 +8,9 @@ tier stays, as after a crash).  New processes then build a Checkpointer on the s
 directories and restore: the constructor's time and the restore's are measured per rank, the
 slowest rank counts.  Baseline, measured in the same run: every rank copying its state into
 a preallocated buffer at the same time (the floor of any restore that lands in the state;
-flashckpt's also verifies every byte).  Median over ``--repeats`` rounds.
+flashckpt's also verifies every byte).  Median over ``--repeats`` rounds.  ``--split``: the
+ranks share one memory directory with ``dedup_replicated``, so the snapshot restored is
+staged once per node (each rank reads the other's part from its slot).
 """
 
 from __future__ import annotations
@@ -44,18 +46,31 @@ def _init(rank: int, world: int, init: str) -> None:
     )
 
 
+def _memory(args: argparse.Namespace, rank: int) -> Path:
+    """``--split``: one memory directory for the node (its ranks share replicated state)."""
+    return Path(args.shm) if args.split else Path(args.shm) / f"r{rank}"
+
+
+def _options(args: argparse.Namespace) -> flashckpt.Options:
+    return flashckpt.Options(coord_timeout_s=300, dedup_replicated=args.split)
+
+
 def save_and_die(rank: int, world: int, init: str, args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     _init(rank, world, init)
     state = make_state(args.mib)
-    opts = flashckpt.Options(coord_timeout_s=300)
-    ckpt = flashckpt.Checkpointer(args.storage, memory_dir=Path(args.shm) / f"r{rank}", persist_every=1000,
-                                  options=opts, preempt_signals=None)  # fmt: skip
+    ckpt = flashckpt.Checkpointer(args.storage, memory_dir=_memory(args, rank), persist_every=1000,
+                                  options=_options(args), preempt_signals=None)  # fmt: skip
     ckpt.restore(state)
-    h = ckpt.save(0, state)
-    assert h is not None
-    h.wait()
-    torch.distributed.barrier()
+    # --split: the third save is staged once per node (the first two show the ranks' chunks
+    # changing alike); the last save is the one restored
+    for step in range(3 if args.split else 1):
+        for v in state.values():
+            v.add_(1.0)
+        h = ckpt.save(step, state)
+        assert h is not None
+        h.wait()
+        torch.distributed.barrier()
     os._exit(0)  # the job dies: its memory tier stays
 
 
@@ -71,15 +86,19 @@ def restart(rank: int, world: int, init: str, args: argparse.Namespace, out: str
         floor_dst[k].copy_(v)
     floor = time.perf_counter() - t0
     del floor_dst
-    opts = flashckpt.Options(coord_timeout_s=300)
     torch.distributed.barrier()
     t0 = time.perf_counter()
-    ckpt = flashckpt.Checkpointer(args.storage, memory_dir=Path(args.shm) / f"r{rank}", persist_every=1000,
-                                  options=opts, preempt_signals=None)  # fmt: skip
+    ckpt = flashckpt.Checkpointer(args.storage, memory_dir=_memory(args, rank), persist_every=1000,
+                                  options=_options(args), preempt_signals=None)  # fmt: skip
     t1 = time.perf_counter()
     got = ckpt.restore(state)
     t2 = time.perf_counter()
-    assert got == 0 and ckpt.stats["restored"]["tier"] == "memory", ckpt.stats
+    assert got == (2 if args.split else 0) and ckpt.stats["restored"]["tier"] == "memory", ckpt.stats
+    want = make_state(args.mib)
+    for _ in range(got + 1):  # as the saves updated it
+        for v in want.values():
+            v.add_(1.0)
+    assert all(torch.equal(v, want[k]) for k, v in state.items()), "restored other bytes"
     res = {"floor": floor, "constructor": t1 - t0, "restore": t2 - t1, "total": t2 - t0}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(res))
     torch.distributed.barrier()
@@ -110,6 +129,11 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=1024, help="state per rank, MiB")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument(
+        "--split",
+        action="store_true",
+        help="dedup_replicated, one memory directory: state staged once per node",
+    )
     args = ap.parse_args()
     args.threads = max(1, (os.cpu_count() or 2) // args.ranks)
     rounds = [one_round(args, i) for i in range(args.repeats)]

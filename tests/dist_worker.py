@@ -388,7 +388,6 @@ def main() -> None:
     global _out
     out = _out = Path(args.out)
     _window.open(out / f"window-rank{rank}")
-    signal.signal(signal.SIGTERM, _on_sigterm)
     # the commit is written by whichever rank arrives last: arm them all, the committer dies
     if attempt == 0 and (rank == args.kill_rank or args.kill_at == "commit"):
         _arm(args.kill_at, args.kill_step)
@@ -400,8 +399,14 @@ def main() -> None:
     sizes: dict[str, Any] = {}
     if args.chunk_bytes is not None:  # tensors from one chunk up get chunks of their own
         sizes = {"chunk_bytes": args.chunk_bytes, "small_tensor_bytes": args.chunk_bytes}
+    # preempt_grace_s: a rank torchrun SIGTERMs while it is blocked in a collective with a dead
+    # rank (where no Python handler runs) is ended by the library's watcher after it
     opts = flashckpt.Options(
-        coord_timeout_s=args.coord_timeout, gc_grace_s=0.0, dedup_replicated=args.dedup, **sizes
+        coord_timeout_s=args.coord_timeout,
+        gc_grace_s=0.0,
+        dedup_replicated=args.dedup,
+        preempt_grace_s=3.0,
+        **sizes,
     )
     errors: list[str] = []  # --keep-going: failures the library reported after training
     trained = False
@@ -416,6 +421,10 @@ def main() -> None:
             compression=args.compression,
             options=opts,
         ) as ckpt:
+            # Installed after the Checkpointer's own handler (which sees the signal first
+            # otherwise, and whose watcher ends a process blocked in native code only where
+            # the handler it replaced is the default one)
+            signal.signal(signal.SIGTERM, _on_sigterm)
             start = ckpt.restore(state)
             info = {"start": start, "restored": ckpt.stats.get("restored")}
             (out / f"attempt{attempt}-rank{rank}.json").write_text(json.dumps(info))

@@ -23,7 +23,7 @@ FLOATS = [
     "preempt_grace_s",
 ]
 INTS = ["chunk_bytes", "small_tensor_bytes", "io_threads", "hash_threads", "retries"]
-BOOLS = ["fsync", "direct_io", "prefault", "dedup_replicated", "require_mirrors"]
+BOOLS = ["fsync", "direct_io", "prefault", "dedup_replicated", "require_mirrors", "stage_once_per_node"]
 
 BAD: list[tuple[str, Any]] = [
     # every float option: finite, a real number
@@ -91,6 +91,7 @@ def test_defaults_are_unchanged() -> None:
     assert (o.backoff_s, o.backoff_max_s, o.coord_timeout_s, o.gc_grace_s) == (0.2, 10.0, 300.0, 600.0)
     assert (o.mirror_bytes_per_s, o.mirror_timeout_s, o.preempt_grace_s) == (0.0, 60.0, 10.0)
     assert (o.fsync, o.direct_io, o.prefault, o.dedup_replicated) == (True, True, True, False)
+    assert o.stage_once_per_node is True
     kinds = {f.name: f.type for f in dataclasses.fields(Options)}
     assert sorted(kinds) == sorted(FLOATS + INTS + BOOLS)  # a new option gets a row above
 

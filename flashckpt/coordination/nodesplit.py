@@ -31,7 +31,6 @@ import logging
 import os
 import secrets
 import threading
-import time
 from pathlib import Path
 
 from flashckpt._dist import Control
@@ -75,6 +74,7 @@ class NodeSplit:
         self._lock = threading.Lock()
         self._learned: dict[LayoutKey, frozenset[int]] = {}
         self._rounds: dict[LayoutKey, int] = {}  # snapshots compared, per layout
+        self._pending: Manifest | None = None  # a snapshot the others had not sealed yet
         #: the last snapshot compared, and the checksums its ranks agreed on, by chunk index
         self._agreed: dict[LayoutKey, tuple[tuple[int, int], dict[int, str]]] = {}
         self._owners: tuple[Layout, list[int]] | None = None
@@ -101,23 +101,32 @@ class NodeSplit:
         owners = self.owners(layout)
         return {i: shard_name(owners[i], self.world) for i in same if owners[i] != self.rank}
 
-    def learn(self, m: Manifest, wait_s: float = 0.0) -> None:
+    def learn(self, m: Manifest) -> None:
+        """Persist thread, ``m`` this rank's fresh sealed snapshot: :meth:`compare` it with the
+        node's other ranks' seals of the same snapshot.  One the others have not sealed yet
+        is compared again after the next snapshot's job, instead of being waited for."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.order < m.order:
+            self.compare(pending)
+        if not self.compare(m):
+            self._pending = m
+
+    def compare(self, m: Manifest) -> bool:
         """Persist thread, ``m`` this rank's sealed snapshot: find the chunks (of tensors of
         their own) that every rank of the node staged itself with the same bytes, and learn
         those whose bytes were also the same everywhere in the last such snapshot and have
         changed since: replicated state that training updates.  A chunk that never changes
         (zeros a rank fills in later, frozen per-rank data) or that differed once is never
-        learned.  Quiet and cheap when the others have not sealed the same snapshot."""
+        learned.  Returns False if another rank has not sealed the same snapshot yet (compare
+        it again later); True otherwise."""
         if not self.enabled or not m.sealed:
-            return
+            return True
         key = manifest_key(m)
         with self._lock:
             learned = self._learned.get(key, frozenset())
             rounds = self._rounds.get(key, 0)
         if rounds >= _ROUNDS:
-            return  # what is not learned by now is staged by every rank
-        if rounds >= 3:
-            wait_s = 0.0  # the others' seals are waited for while there is much to learn
+            return True  # what is not learned by now is staged by every rank
         agreed = {
             i: m.chunks[i].checksum
             for i in _own_tensor_chunks(m, self.small)
@@ -126,9 +135,15 @@ class NodeSplit:
         for r in self.local:
             if r == self.rank or not agreed:
                 continue
-            other = self._sealed_by(r, m, wait_s)
-            if other is None or manifest_key(other) != key or len(other.chunks) != len(m.chunks):
-                return
+            try:
+                other = read_part_manifest(self.root, shard_name(r, self.world), m)
+            except (CorruptCheckpointError, StorageError) as exc:  # gone, or not made yet
+                log.debug("flashckpt: nothing learned from step %d: %s", m.step, exc)
+                return False
+            if not other.sealed:
+                return False
+            if manifest_key(other) != key or len(other.chunks) != len(m.chunks):
+                return True  # another layout there: nothing to learn from this snapshot
             agreed = {
                 i: d
                 for i, d in agreed.items()
@@ -139,12 +154,12 @@ class NodeSplit:
         with self._lock:
             prev = self._agreed.get(key)
             if prev is not None and prev[0] >= m.order:
-                return  # an older snapshot sealed late: nothing to compare
+                return True  # an older snapshot sealed late: nothing to compare
             self._agreed[key] = (m.order, agreed)
             self._rounds[key] = rounds + 1
             new = {i for i, d in agreed.items() if prev is not None and prev[1].get(i, d) != d}
             if not new:
-                return
+                return True
             self._learned[key] = learned | new
             total = len(self._learned[key])
         log.info(
@@ -154,21 +169,7 @@ class NodeSplit:
             len(m.chunks),
             len(self.local),
         )
-
-    def _sealed_by(self, r: int, m: Manifest, wait_s: float) -> Manifest | None:
-        """Rank ``r``'s sealed manifest of the snapshot ``m`` is, waiting up to ``wait_s`` for
-        it to be sealed; None if there is none by then."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                other = read_part_manifest(self.root, shard_name(r, self.world), m)
-                if other.sealed:
-                    return other
-            except (CorruptCheckpointError, StorageError) as exc:
-                log.debug("flashckpt: nothing learned from step %d: %s", m.step, exc)
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.005)
+        return True
 
 
 def _own_tensor_chunks(m: Manifest, small: int) -> list[int]:

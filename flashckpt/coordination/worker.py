@@ -315,12 +315,12 @@ class Persister:
 
     def _learn(self) -> None:
         """After a fresh snapshot's job, slot released: which chunks the node's ranks share
-        (``NodeSplit.learn``; the others may seal theirs a moment later).  Never raises."""
+        (``NodeSplit.learn``).  Never raises."""
         m, self._sealed = self._sealed, None
         if m is None or self.split is None or not self.split.enabled:
             return
         try:
-            self.split.learn(m, wait_s=1.0)
+            self.split.learn(m)
         except Exception as exc:  # nothing learned: later saves copy everything  # noqa: BLE001
             log.warning("flashckpt: step %d: %s: %s", m.step, type(exc).__name__, exc)
 

@@ -367,6 +367,22 @@ def pin_step(directory: Path, step: int) -> int:
     raise CorruptCheckpointError(f"cannot pin step {step} in {directory}")
 
 
+def _alive(directory: Path) -> bool:
+    """A live process holds the memory tier ``directory`` (its lock, see :func:`lock`): a part
+    not there yet may still come.  False if nobody does (the rank died: it never will)."""
+    try:
+        fd = open_private(directory / "lock")
+    except (FileNotFoundError, ConfigError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (a lock taken here goes with it)
+    return False
+
+
 def _flock_within(fd: int, how: int, timeout: float, what: str) -> None:
     """``flock(fd, how)``, waiting up to ``timeout`` seconds (``CoordinationError``)."""
     deadline = time.monotonic() + timeout
@@ -434,7 +450,7 @@ class PartsReader:
                     raise CorruptCheckpointError(f"rank {shard}'s slot file {path} is truncated")
                 return fd
             except (CorruptCheckpointError, FileNotFoundError) as exc:
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > deadline or not _alive(self.root / shard):
                     if isinstance(exc, FileNotFoundError):
                         raise CorruptCheckpointError(
                             f"rank {shard}'s part of step {self.m.step} is gone"

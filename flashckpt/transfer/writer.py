@@ -108,8 +108,7 @@ class ChunkWriter:
                     deferred.append(i)
                     futures.append(Future())
                     continue
-                view = slot.view(src.at, src.stored_nbytes)
-                written.append(self.pool.submit(self.put, tier, m.step, src, view, group, verify))
+                written.append(self.pool.submit(self.put_from, tier, m.step, src, slot, group, verify))
                 futures.append(written[-1])
             if exchange is not None:
                 self._exchange(exchange, tier, m, slot, futures, written, deferred, groups, published, verify)
@@ -147,8 +146,7 @@ class ChunkWriter:
             """Hash pool: checksum chunk ``i``, then hand its write to the I/O pool.  Settles
             ``digests[i]`` and ``entries[i]`` whatever happens (the persist thread waits)."""
             try:
-                view = slot.view(src.at, src.stored_nbytes)
-                d = checksum(view)
+                d = checksum(slot.view(src.at, src.stored_nbytes))
                 _settle(digests[i], d)
                 c = dataclasses.replace(src, checksum=d)
                 hit = known.get(d)
@@ -158,7 +156,7 @@ class ChunkWriter:
                 elif stop.is_set():  # the tier failed: write nothing more from this slot
                     _settle(entries[i], error=CancelledError())
                 else:  # (after interpreter shutdown began, submit raises: settled below)
-                    write = self.pool.submit(self.put, tier, m.step, c, view, group)
+                    write = self.pool.submit(self.put_from, tier, m.step, c, slot, group)
                     writes.append(write)
                     write.add_done_callback(lambda f: _settle_from(f, entries[i]))
             except BaseException as exc:  # settled into the futures: whoever waits raises it  # noqa: BLE001
@@ -217,10 +215,17 @@ class ChunkWriter:
             if entry is not None:
                 futures[i].set_result(entry)
                 continue
-            view = slot.view(src.at, src.stored_nbytes)
-            fut = self.pool.submit(self.put, tier, m.step, src, view, groups[i], verify)
+            fut = self.pool.submit(self.put_from, tier, m.step, src, slot, groups[i], verify)
             written.append(fut)
             fut.add_done_callback(lambda f, i=i: _settle_from(f, futures[i]))  # type: ignore[misc]
+
+    def put_from(
+        self, tier: Tier, step: int, c: ChunkEntry, slot: SlotBytes, group: int, verify: bool = False
+    ) -> ChunkEntry:
+        """I/O pool: :meth:`put` chunk ``c`` read from ``slot`` here (a chunk another rank of
+        the node holds is read into a buffer now, not when the write was queued: at most
+        ``io_threads`` such buffers exist at once)."""
+        return self.put(tier, step, c, slot.view(c.at, c.stored_nbytes), group, verify)
 
     def put(
         self, tier: Tier, step: int, c: ChunkEntry, view: memoryview, group: int, verify: bool = False
