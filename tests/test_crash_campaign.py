@@ -2,8 +2,9 @@
 
 The full campaign (200+ trials) is run by hand: ``python -m tests.crash_campaign --trials 200
 --seed S --out DIR``.  Here: three fixed trials of one settings combination (one reference
-run), a mutant trial that the campaign must report as a failure, and fast checks of the
-campaign's own evidence reader, chunk decoder and state comparison.
+run), two trials that once found a defect, a mutant trial that the campaign must report as a
+failure (the six run two at a time), and fast checks of the campaign's own evidence reader,
+chunk decoder and state comparison.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,6 @@ from tests.crash_campaign import (
 
 pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]
 
-#: keep=1, persist_every=2, zstd on storage, dedup_replicated: the settings that exercise the
-#: most (retention of every older step, memory-only steps, compressed and shared chunks).
-#: 300: the node receiving a mirror push is lost; 721: a rank dies about to write the storage
-#: commit record; 110: a node is lost while rank 0 retires a step on storage.
-QUICK_SEEDS = (300, 721, 110)
-
 
 @pytest.fixture(scope="module")
 def campaign_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -54,21 +50,11 @@ def _no_leftovers(results: list[dict[str, Any]]) -> None:
     assert not shm, shm
 
 
-@pytest.mark.subprocess
-@pytest.mark.slow
-def test_quick_crash_campaign(campaign_out: Path, tmp_path: Path) -> None:
-    camp = Campaign(campaign_out, tmp_path / "work", grace=10.0, timeout=240.0, keep_failed=3)
-    assert len({draw(s).settings for s in QUICK_SEEDS}) == 1
-    results = [camp.trial(seed) for seed in QUICK_SEEDS]
-    _no_leftovers(results)
-    assert [r["fired"] for r in results] == [True] * len(QUICK_SEEDS)
-    failed = [
-        f"seed {r['seed']} ({r['describe']}): {r['failures']}; {r['repro']}" for r in results if not r["ok"]
-    ]
-    assert not failed, "\n".join(failed)
-    assert all(r["resumed_at_newest"] and r["bitwise_equal"] and r["clean_end"] for r in results)
-    assert {r["lost_node"] for r in results} >= {0, 1}  # seeds 300 and 110 each lose a node
-
+#: keep=1, persist_every=2, zstd on storage, dedup_replicated: the settings that exercise the
+#: most (retention of every older step, memory-only steps, compressed and shared chunks).
+#: 300: the node receiving a mirror push is lost; 721: a rank dies about to write the storage
+#: commit record; 110: a node is lost while rank 0 retires a step on storage.
+QUICK_SEEDS = (300, 721, 110)
 
 #: Trials of full campaigns that failed before a fix, run again as they were drawn.
 #: 2026113000022: rank 0 dies in retention; the restarted job restores the last step from
@@ -84,13 +70,53 @@ def test_quick_crash_campaign(campaign_out: Path, tmp_path: Path) -> None:
 #: ``python -m tests.crash_campaign --trial-seed 2026113000109 --out DIR`` reruns it.)
 FOUND = (2026113000022, 2026113000091)
 
+#: The mutant trial: seed 721, one bit of rank 0's newest step flipped in its memory.
+MUTANT = "mutant-721"
+
+
+@pytest.fixture(scope="module")
+def trials(campaign_out: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[Any, dict[str, Any]]:
+    """Every trial of the module, two at a time (each its own Campaign, work directory and
+    processes; the reference run is made first, once), by seed (``MUTANT``: the mutant)."""
+    work = tmp_path_factory.mktemp("trials")
+    runs: dict[Any, tuple[Campaign, int]] = {}
+    for seed in (*QUICK_SEEDS, *FOUND):
+        keep = 3 if seed in QUICK_SEEDS else 1
+        runs[seed] = (
+            Campaign(campaign_out, work / str(seed), grace=10.0, timeout=240.0, keep_failed=keep),
+            seed,
+        )
+    mutant = Campaign(
+        campaign_out, work / "mutant", grace=10.0, timeout=240.0, keep_failed=0, mutant="corrupt"
+    )
+    runs[MUTANT] = (mutant, 721)
+    for camp, seed in runs.values():  # the reference runs, before any trial (on disk, shared)
+        camp.reference(draw(seed).settings)
+    with ThreadPoolExecutor(2) as pool:
+        futures = {key: pool.submit(camp.trial, seed) for key, (camp, seed) in runs.items()}
+        return {key: f.result() for key, f in futures.items()}
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_quick_crash_campaign(trials: dict[Any, dict[str, Any]]) -> None:
+    assert len({draw(s).settings for s in QUICK_SEEDS}) == 1
+    results = [trials[seed] for seed in QUICK_SEEDS]
+    _no_leftovers(results)
+    assert [r["fired"] for r in results] == [True] * len(QUICK_SEEDS)
+    failed = [
+        f"seed {r['seed']} ({r['describe']}): {r['failures']}; {r['repro']}" for r in results if not r["ok"]
+    ]
+    assert not failed, "\n".join(failed)
+    assert all(r["resumed_at_newest"] and r["bitwise_equal"] and r["clean_end"] for r in results)
+    assert {r["lost_node"] for r in results} >= {0, 1}  # seeds 300 and 110 each lose a node
+
 
 @pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", FOUND)
-def test_trials_that_found_a_defect(campaign_out: Path, tmp_path: Path, seed: int) -> None:
-    camp = Campaign(campaign_out, tmp_path / "work", grace=10.0, timeout=240.0, keep_failed=1)
-    r = camp.trial(seed)
+def test_trials_that_found_a_defect(trials: dict[Any, dict[str, Any]], seed: int) -> None:
+    r = trials[seed]
     _no_leftovers([r])
     assert r["fired"] and r["ok"], f"{r['describe']}: {r['failures']}; {r['repro']}"
 
@@ -98,14 +124,11 @@ def test_trials_that_found_a_defect(campaign_out: Path, tmp_path: Path, seed: in
 @pytest.mark.subprocess
 @pytest.mark.slow
 def test_the_campaign_reports_a_restore_that_brings_back_wrong_bytes(
-    campaign_out: Path, tmp_path: Path
+    trials: dict[Any, dict[str, Any]],
 ) -> None:
     """The mutant flips one bit of rank 0's newest step in its memory (checksum updated, so the
     library cannot tell): the restarted run must be reported as not bitwise equal."""
-    camp = Campaign(
-        campaign_out, tmp_path / "work", grace=10.0, timeout=240.0, keep_failed=0, mutant="corrupt"
-    )
-    r = camp.trial(721)
+    r = trials[MUTANT]
     _no_leftovers([r])
     assert r["fired"] and r["mutant"].startswith("flipped a bit"), r.get("mutant")
     assert r["resumed_at_newest"] and r["bitwise_equal"] is False

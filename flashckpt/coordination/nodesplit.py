@@ -16,7 +16,7 @@ leaves to another rank is in that rank's snapshot of the same step.  Ranks need 
 anything beyond the node list gathered at construction.  What it assumes: a chunk that
 training changed the same way on every rank of the node stays the same on all of them (the
 user declared the state replicated); a rank then restores the owner's bytes of it.  A chunk
-that never changed (zeros each rank fills in later) or differed once is never assumed so.
+that never changed (zeros each rank fills in later) or ever differed is never assumed so.
 
 The node's ranks must see each other's memory tiers (same ``memory_dir``, same machine):
 checked once at construction (:func:`node_split`, a collective), else nothing is split.
@@ -78,6 +78,8 @@ class NodeSplit:
         #: the last snapshot compared, and the checksums its ranks agreed on, by chunk index
         self._agreed: dict[LayoutKey, tuple[tuple[int, int], dict[int, str]]] = {}
         self._owners: tuple[Layout, list[int]] | None = None
+        self._differed: dict[LayoutKey, set[int]] = {}  # chunks that once differed between ranks
+        self._key: tuple[Layout, LayoutKey] | None = None  # the last layout's key
 
     def owners(self, layout: Layout) -> list[int]:
         """The rank of this node owning each chunk of ``layout`` (cached for the last one)."""
@@ -94,8 +96,11 @@ class NodeSplit:
         the shard name of the rank that does (empty: copy everything)."""
         if not self.enabled:
             return {}
+        cached = self._key
+        if cached is None or cached[0] is not layout:
+            cached = self._key = (layout, layout_key(layout))
         with self._lock:
-            same = self._learned.get(layout_key(layout))
+            same = self._learned.get(cached[1])
         if not same:
             return {}
         owners = self.owners(layout)
@@ -116,8 +121,8 @@ class NodeSplit:
         their own) that every rank of the node staged itself with the same bytes, and learn
         those whose bytes were also the same everywhere in the last such snapshot and have
         changed since: replicated state that training updates.  A chunk that never changes
-        (zeros a rank fills in later, frozen per-rank data) or that differed once is never
-        learned.  Returns False if another rank has not sealed the same snapshot yet (compare
+        (zeros a rank fills in later, frozen per-rank data) or that ever differed between two
+        ranks is never learned.  Returns False if another rank has not sealed the same snapshot yet (compare
         it again later); True otherwise."""
         if not self.enabled or not m.sealed:
             return True
@@ -125,13 +130,15 @@ class NodeSplit:
         with self._lock:
             learned = self._learned.get(key, frozenset())
             rounds = self._rounds.get(key, 0)
+            differed = self._differed.setdefault(key, set())
         if rounds >= _ROUNDS:
             return True  # what is not learned by now is staged by every rank
         agreed = {
             i: m.chunks[i].checksum
             for i in _own_tensor_chunks(m, self.small)
-            if i not in learned and m.chunks[i].key in SLOT_NAMES
+            if i not in learned and i not in differed and m.chunks[i].key in SLOT_NAMES
         }
+        seen_different: set[int] = set()
         for r in self.local:
             if r == self.rank or not agreed:
                 continue
@@ -144,14 +151,18 @@ class NodeSplit:
                 return False
             if manifest_key(other) != key or len(other.chunks) != len(m.chunks):
                 return True  # another layout there: nothing to learn from this snapshot
-            agreed = {
-                i: d
-                for i, d in agreed.items()
-                if other.chunks[i].key in SLOT_NAMES  # that rank staged it itself
-                and (other.chunks[i].offset, other.chunks[i].nbytes, other.chunks[i].checksum)
-                == (m.chunks[i].offset, m.chunks[i].nbytes, d)
-            }
+            kept = {}
+            for i, d in agreed.items():
+                c = other.chunks[i]
+                if c.key not in SLOT_NAMES:  # that rank did not stage it itself: no evidence
+                    continue
+                if (c.offset, c.nbytes, c.checksum) == (m.chunks[i].offset, m.chunks[i].nbytes, d):
+                    kept[i] = d
+                else:
+                    seen_different.add(i)
+            agreed = kept
         with self._lock:
+            differed |= seen_different  # never learned, whatever comes later
             prev = self._agreed.get(key)
             if prev is not None and prev[0] >= m.order:
                 return True  # an older snapshot sealed late: nothing to compare
