@@ -40,7 +40,7 @@ from flashckpt.backends import LocalBackend
 from flashckpt.coordination.handle import SaveHandle, wait_quietly
 from flashckpt.coordination.inventory import read_run
 from flashckpt.coordination.membership import close_mirrors, setup_mirrors
-from flashckpt.coordination.nodesplit import NodeSplit, node_split
+from flashckpt.coordination.nodesplit import node_split
 from flashckpt.coordination.parts import RankParts
 from flashckpt.coordination.plan import plan_restore, take_inventory
 from flashckpt.coordination.preemption import DEFAULT_SIGNALS, Preemption, parse_signals
@@ -359,11 +359,7 @@ class Checkpointer:
         self._persister = Persister(self._opts, self._mem, self._stager, self._keep, ctl)
         undo.callback(self._persister.close)
         self._timeline, self._nodes = _timeline(ctl, self._tiers[-1], sid, self._opts)
-        wanted = self._opts.dedup_replicated and self._opts.stage_once_per_node
-        split = node_split(ctl, self._nodes, self._rank_dir, self._lock_fd, wanted)
-        self._persister.split = NodeSplit(
-            self._rank, self._world, self._nodes, self._rank_dir.parent, self._opts.small_tensor_bytes, split
-        )
+        self._persister.split = node_split(ctl, self._nodes, self._rank_dir, self._lock_fd, self._opts)
         # A copy of this rank's shard in a peer's memory (a mirror, or the shard's own memory
         # left on a node its rank moved away from) is fetched into this rank's memory tier.
         mirror_tier = Tier("mirror", self._mem.backend)

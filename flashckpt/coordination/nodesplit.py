@@ -33,6 +33,7 @@ import secrets
 import threading
 from pathlib import Path
 
+from flashckpt._config import Options
 from flashckpt._dist import Control
 from flashckpt.coordination.dedup import assign_owners
 from flashckpt.errors import CorruptCheckpointError, StorageError
@@ -195,11 +196,22 @@ def _own_tensor_chunks(m: Manifest, small: int) -> list[int]:
     return out
 
 
-def node_split(ctl: Control, nodes: list[str], rank_dir: Path, lock_fd: int, wanted: bool) -> bool:
-    """Every rank, at construction (one gather when ``wanted``): True if the ranks of every
-    node see each other's memory tiers, so that a node's ranks may split replicated state.
-    Each rank writes a token into its memory tier's lock file and checks its node's others."""
-    if not wanted or not ctl.distributed:
+def node_split(ctl: Control, nodes: list[str], rank_dir: Path, lock_fd: int, opts: Options) -> NodeSplit:
+    """Every rank, at construction: this rank's :class:`NodeSplit`, enabled with
+    ``dedup_replicated`` and ``stage_once_per_node`` if the ranks of every node see each
+    other's memory tiers (one gather and one ``all_ok``)."""
+    # (the collectives run whatever this rank's options: ranks given other options than the
+    # others never leave them waiting; what each enables is safe whatever the others do)
+    wanted = opts.dedup_replicated and opts.stage_once_per_node
+    ok = _visible(ctl, nodes, rank_dir, lock_fd, wanted)
+    return NodeSplit(ctl.rank, ctl.world, nodes, rank_dir.parent, opts.small_tensor_bytes, wanted and ok)
+
+
+def _visible(ctl: Control, nodes: list[str], rank_dir: Path, lock_fd: int, wanted: bool) -> bool:
+    """Every rank (one gather): True if the ranks of every node see each other's memory
+    tiers.  Each rank writes a token into its memory tier's lock file and checks its node's
+    others."""
+    if not ctl.distributed or len(set(nodes)) == len(nodes):  # (every rank knows: none gathers)
         return False
     token = secrets.token_hex(8)
     try:
@@ -219,7 +231,7 @@ def node_split(ctl: Control, nodes: list[str], rank_dir: Path, lock_fd: int, wan
         except OSError:
             seen = ""
         if seen != t:
-            log.warning(
+            (log.warning if wanted else log.debug)(
                 "flashckpt: rank %d is said to share this node but its memory tier is not in %s: "
                 "replicated state is staged by every rank",
                 r,

@@ -328,8 +328,11 @@ def copy_pairs(
     skip: Collection[int],
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(destination, source)`` per copy of a save: each tensor whole into its view, or, where
-    chunks of it are in ``skip`` (see :meth:`Stager.stage`), the flat element ranges between
-    them."""
+    chunks of it are in ``skip`` (another rank of the node stages them: replicated state
+    staged once per node), the flat element ranges between them.  Only chunks of a tensor of
+    its own (``small_tensor_bytes`` or more) are left out, and only where the tensor can be
+    sliced flat (contiguous, no conj/neg bit); anything else is copied whole (a superset is
+    always safe)."""
     gaps: dict[int, list[tuple[int, int]]] = {}
     if skip:
         starts = list(layout.offsets)
@@ -1046,11 +1049,8 @@ class Stager:
         good, and a GPU near its limit can raise ``torch.OutOfMemoryError`` here (the save
         fails, nothing is left in flight).
 
-        ``skip``: indexes of ``layout.chunks`` not copied (another rank of the node holds
-        them: replicated state staged once per node).  Only chunks of a tensor of its own
-        (``small_tensor_bytes`` or more) are skipped, and only where the tensor can be sliced
-        flat (contiguous, no conj/neg bit); anything else is copied whole (a superset is
-        always safe).  Trimmed pages the copy writes into are allocated first.
+        ``skip``: indexes of ``layout.chunks`` another rank of the node stages (see
+        :func:`copy_pairs`); trimmed pages the copy writes into are allocated first.
         """
         cold = slot.ensure(layout.total_bytes)
         if slot.trimmed:
