@@ -427,8 +427,9 @@ class _SaveRun:
         self.src: Slot | PartsReader = job.slot
 
     def run(self) -> None:
-        """Seal, write each tier, push the mirrors; then trim what the slot does not hold and
-        learn which chunks the node's ranks share.  Reports every tier."""
+        """Seal, write each tier, push the mirrors (the other ranks' parts read through the
+        job's ``PartsReader``), then give back the slot's pages of chunks it does not hold.
+        Reports every tier."""
         job = self.job
         try:
             if job.error is not None:
