@@ -10,6 +10,7 @@ whose persist thread is far behind still reads the other rank's part (pins).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -422,3 +423,48 @@ def test_a_part_whose_rank_is_dead_fails_at_once_instead_of_being_waited_for(tmp
     assert time.monotonic() - t0 < 10
     _os.close(a.lock_fd)
     a_slots[0].release_mapping()
+
+
+def test_an_orphaned_directory_whose_snapshot_leaves_chunks_to_another_rank_is_served_whole(
+    tmp_path: Path,
+) -> None:
+    """Ranks renumbered across nodes: rank 0's directory, left on this node, holds a snapshot
+    whose second chunk rank 1 (also gone from here) staged.  The server claiming them sends
+    rank 0's shard whole, its bytes read from both directories, each chunk as checksummed."""
+    from flashckpt.format import checksum
+    from flashckpt.replication.client import fetch
+    from flashckpt.replication.server import MirrorServer
+
+    root = tmp_path / "mem"
+    root.mkdir(mode=0o700)
+    n = 65536
+    chunks = [bytes([i % 251]) * n for i in (1, 2)]
+    sums = [checksum(c) for c in chunks]
+    for rank, keys, data in (
+        (0, ["slot-0.bin", "r00001-of-00002"], chunks[0] + bytes(n)),  # a hole where rank 1's part is
+        (1, ["slot-0.bin", "slot-0.bin"], chunks[0] + chunks[1]),
+    ):
+        m = _manifest(rank, keys, step=7)
+        m = m.with_chunks(dataclasses.replace(c, checksum=s) for c, s in zip(m.chunks, sums, strict=True))
+        d = root / shard_name(rank, 2)
+        d.mkdir(mode=0o700)
+        for name, body in ((memory_manifest_key(7), encode_manifest(m)), ("slot-0.bin", data)):
+            (d / name).write_bytes(body)
+            (d / name).chmod(0o600)
+    server = MirrorServer(root / "r00005-of-00002", b"s" * 32, flashckpt.Options(), "127.0.0.1")
+    try:
+        assert sorted(server.claim_orphans(root, 2)) == ["r00000-of-00002", "r00001-of-00002"]
+        buf = bytearray(2 * n)
+        got = fetch(
+            ("127.0.0.1", server.port),
+            b"s" * 32,
+            "r00000-of-00002",
+            7,
+            lambda _m: lambda at, k: memoryview(buf)[at : at + k],
+            flashckpt.Options(),
+        )
+        assert {c.key for c in got.chunks} == {"slot-0.bin"}  # whole: no other rank's key
+        assert [c.checksum for c in got.chunks] == sums
+        assert bytes(buf) == chunks[0] + chunks[1]
+    finally:
+        server.close()
