@@ -310,13 +310,14 @@ def test_a_node_stages_replicated_state_once_and_both_ranks_killed_resume_bitwis
     full = _state_bytes()
     assert saved[0]["slot_bytes"] < 2 * full * 1.35, (saved[0]["slot_bytes"], full)
     # the newest snapshot (memory only: persist_every=2) leaves chunks to the other rank
-    mems = [shm_dir / p.name for p in shm_dir.rglob("r0000*-of-00002") if p.is_dir()]
-    newest = []
-    for d in mems:
-        from flashckpt.format import decode_manifest
+    from flashckpt.format import decode_manifest
 
-        raw = (d / memory_manifest_key(STEPS - 1)).read_bytes()
-        newest.append(decode_manifest(raw, "m", allow_unsealed=True))
+    mems = sorted(p for p in shm_dir.rglob("r0000*-of-00002") if p.is_dir())
+    assert len(mems) == 2, mems
+    newest = [
+        decode_manifest((d / memory_manifest_key(STEPS - 1)).read_bytes(), "m", allow_unsealed=True)
+        for d in mems
+    ]
     assert all(part_holders(m) for m in newest)
     restored = _run(tmp_path, shm_dir, "restore")
     assert [r["step"] for r in restored] == [STEPS - 1] * 2
