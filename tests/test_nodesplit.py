@@ -27,8 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flashckpt
-from flashckpt.coordination.dedup import assign_owners
-from flashckpt.coordination.nodesplit import NodeSplit, manifest_key
+from flashckpt.coordination.nodesplit import NodeSplit, layout_key, manifest_key
 from flashckpt.errors import CorruptCheckpointError
 from flashckpt.format import (
     CODEC_RAW,
@@ -176,30 +175,37 @@ def test_a_chunk_is_learned_only_once_it_changed_the_same_way_on_every_rank(tmp_
 
 @settings(max_examples=200, deadline=None)
 @given(
-    sizes=st.lists(st.integers(1, 8), min_size=1, max_size=24),
+    sizes=st.lists(st.integers(1, 8), min_size=1, max_size=12),
     ranks=st.integers(2, 4),
+    node_of=st.lists(st.integers(0, 1), min_size=4, max_size=4),
     learned=st.data(),
 )
 def test_whatever_each_rank_learned_every_chunk_left_to_another_rank_is_staged_by_it(
-    sizes: list[int], ranks: int, learned: st.DataObject
+    sizes: list[int], ranks: int, node_of: list[int], learned: st.DataObject
 ) -> None:
     """Ranks of a node may have learned different sets (one restarted, one slower): every
-    chunk a rank leaves to another is one that rank stages itself."""
-    owners = assign_owners(sizes, ranks)
-    sets = [learned.draw(st.sets(st.integers(0, len(sizes) - 1))) for _ in range(ranks)]
+    chunk a rank's save leaves to another (``NodeSplit.plan``) is one that rank's save of the
+    same layout copies itself, and it is a rank of the same node."""
+    opts = flashckpt.Options(chunk_bytes=65536, small_tensor_bytes=65536)
+    layout = plan_layout([torch.zeros(n * 16384) for n in sizes], opts)  # n chunks of 64 KiB each
+    nodes = [f"n{node_of[r]}" for r in range(ranks)]
+    splits = [NodeSplit(r, ranks, nodes, Path("/nonexistent"), 65536, True) for r in range(ranks)]
+    for sp in splits:
+        sp._learned[layout_key(layout)] = frozenset(
+            learned.draw(st.sets(st.integers(0, len(layout.chunks) - 1)))
+        )
+    plans = [sp.plan(layout) for sp in splits]
     for r in range(ranks):
-        left = {i: owners[i] for i in sets[r] if owners[i] != r}  # NodeSplit.plan
-        for i, owner in left.items():
-            staged_by_owner = not (i in sets[owner] and owners[i] != owner)
-            assert staged_by_owner
+        for i, holder in plans[r].items():
+            owner = next(q for q in range(ranks) if shard_name(q, ranks) == holder)
+            assert nodes[owner] == nodes[r] and owner != r
+            assert i not in plans[owner], f"rank {r} leaves chunk {i} to rank {owner}, which leaves it too"
 
 
 def test_the_learned_key_is_the_layout_a_save_stages() -> None:
     opts = flashckpt.Options(chunk_bytes=65536, small_tensor_bytes=65536)
     tensors = [torch.zeros(100_000), torch.zeros(3, dtype=torch.int64)]
     layout = plan_layout(tensors, opts)
-    from flashckpt.coordination.nodesplit import layout_key
-
     tensors_e = tuple(
         TensorEntry(t.dtype, tuple(t.shape), o, n)
         for t, o, n in zip(tensors, layout.offsets, layout.nbytes, strict=True)
