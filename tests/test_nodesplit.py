@@ -98,7 +98,8 @@ def test_the_copy_leaves_out_exactly_the_skipped_chunks_of_tensors_of_their_own(
     other = torch.arange(60_000, dtype=torch.float64)  # 480,000 bytes: 8 chunks
     small = torch.arange(10, dtype=torch.int64)
     strided = torch.arange(2 * 70_000, dtype=torch.float32).view(2, 70_000).t()  # not contiguous
-    tensors = [big, small, other, strided]
+    empty = torch.zeros(0)  # at offset 0, like the first big tensor
+    tensors = [big, small, other, strided, empty]
     layout = plan_layout(tensors, opts)
     buf = torch.zeros(layout.total_bytes, dtype=torch.uint8)
     views = [

@@ -335,9 +335,9 @@ def copy_pairs(
     always safe)."""
     gaps: dict[int, list[tuple[int, int]]] = {}
     if skip:
-        starts = list(layout.offsets)
-        order = sorted(range(len(starts)), key=lambda i: starts[i])
-        sorted_starts = [starts[i] for i in order]
+        # (empty tensors sit at offset 0 too: they never hold a chunk)
+        order = sorted((i for i, n in enumerate(layout.nbytes) if n), key=lambda i: layout.offsets[i])
+        sorted_starts = [layout.offsets[i] for i in order]
         for ci in sorted(skip):
             off, n = layout.chunks[ci]
             j = order[bisect.bisect_right(sorted_starts, off) - 1]
