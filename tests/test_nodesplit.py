@@ -267,6 +267,10 @@ def _job(rank: int, world: int, init: str, storage: str, memory: str, out: str, 
             ckpt.save(step, state)
             if step >= STEPS - 2:  # the steps a restore may come back to
                 torch.save(_flat(state), f"{out}/want-{rank}-{step}.pt")
+            if phase == "save":  # time between saves, as training takes: each job ends (and
+                ckpt.wait()  # learns) before the next save, whatever the machine's load
+                parts(ckpt).persister.join()
+                torch.distributed.barrier()
         if phase == "slow":
             ckpt.wait()
             res["errors"] = ckpt.stats["errors"]
