@@ -358,6 +358,7 @@ def main() -> None:
     ap.add_argument("--kill-at", default="")
     ap.add_argument("--mirror", type=int, default=None)
     ap.add_argument("--die-at-end", action="store_true", help="SIGKILL every rank once all is durable")
+    ap.add_argument("--dump-at-death", action="store_true", help="with --die-at-end: died-rank<r>.pt first")
     ap.add_argument("--node-shift", type=int, default=0, help="ranks 2k, 2k+1 run on node k+SHIFT")
     ap.add_argument("--model", choices=("tiny", "campaign"), default="tiny")
     ap.add_argument("--persist-every", type=int, default=1)
@@ -446,6 +447,9 @@ def main() -> None:
                 errors.append(f"wait: {type(exc).__name__}: {exc}")
             if args.die_at_end:
                 dist.barrier()  # every rank's saves (and mirrors) are done: now the job dies
+                if args.dump_at_death:  # what a restore of the last step must bring back
+                    died = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
+                    torch.save(died, out / f"died-rank{rank}.pt")
                 _die()
     except flashckpt.FlashCkptError as exc:
         if not (args.keep_going and trained):

@@ -27,7 +27,14 @@ import torch
 import torch.multiprocessing as mp
 
 import flashckpt
-from flashckpt.format import commit_key, decode_commit
+from flashckpt.format import (
+    carried,
+    commit_key,
+    decode_commit,
+    decode_manifest,
+    memory_manifest_key,
+    part_holders,
+)
 from flashckpt.testing import parts
 from tests.conftest import make_state
 
@@ -850,6 +857,47 @@ def test_a_lost_node_resumes_from_its_peers_memory_with_storage_gone(
     # the resumed steps are committed again, and a clean run leaves no memory or mirror behind
     assert _commits(storage)[-1] == STEPS - 1
     assert not any(p.is_file() for p in shm_dir.rglob("*")), sorted(shm_dir.rglob("*"))
+
+
+def test_a_lost_node_whose_replicated_state_was_mirrored_once_resumes_bitwise_from_the_parts(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    """Replicated state staged once per node is mirrored once per node too: each rank sends
+    its peer the chunks it holds, and a copy names the node-mate whose copy holds the rest.
+    After node1 is lost, ``salvage`` on node0 writes and commits step 5 (memory only) from the
+    copies and their parts; a restart resumes ranks 2-3 from their copies (each fetches the
+    parts its node-mate's copy holds, on another peer), every byte verified."""
+    out, storage = tmp_path / "out", tmp_path / "storage"
+    split = ("--model", "campaign", "--dedup", "--chunk-bytes", "65536", "--persist-every", "4")
+    _two_nodes(out, storage, shm_dir, *split, "--die-at-end", "--dump-at-death", steps=6, expect_ok=False)
+    assert _commits(storage) == [0, 4]
+    held = shm_dir.glob(f"node0/*/mirrors/*/{memory_manifest_key(5)}")
+    copies = {p.parent.name: decode_manifest(p.read_bytes(), "m") for p in held}
+    assert sorted(copies) == ["r00002-of-00004", "r00003-of-00004"], sorted(copies)
+    # each copy leaves chunks to the other's: node1's replicated state crossed over once
+    assert [sorted(part_holders(m)) for _, m in sorted(copies.items())] == [
+        ["r00003-of-00004"],
+        ["r00002-of-00004"],
+    ]
+    sent = sum(c.nbytes for m in copies.values() for c in carried(m))
+    assert sent < 1.5 * copies["r00002-of-00004"].total_bytes, (sent, copies["r00002-of-00004"].total_bytes)
+    shutil.rmtree(shm_dir / "node1")  # lost with its memory
+    # the operator salvages a copy of node0's memory (the job below restarts from the original)
+    shutil.copytree(shm_dir / "node0", shm_dir / "salvaged", symlinks=True)
+    report = _salvage(storage, shm_dir / "salvaged")
+    assert [(s["step"], s["committed"], s["missing"]) for s in report["steps"]] == [(5, True, [])], report
+    assert sorted(report["steps"][0]["written"]) == [0, 1, 2, 3]
+    _verify_all(storage, 4)  # every chunk of step 5 matches the checksums its ranks sealed
+    shutil.rmtree(shm_dir / "salvaged")
+    _two_nodes(out, storage, shm_dir, *split, steps=6)
+    restored = _restored(out, 0, 4)
+    assert [r["start"] for r in restored] == [5, 5, 5, 5]
+    assert [r["restored"]["tier"] for r in restored] == ["memory", "memory", "mirror", "mirror"]
+    died = [torch.load(out / f"died-rank{r}.pt", weights_only=False) for r in range(4)]
+    finals = _finals(out, 4)
+    _assert_same(died, finals)
+    for a, b in zip(died, finals, strict=True):
+        assert all(torch.equal(v, b["bufs"][k]) for k, v in a["bufs"].items())
 
 
 def test_ranks_renumbered_across_nodes_restore_from_the_memory_their_shards_left(

@@ -76,7 +76,7 @@ def test_a_memory_manifest_may_leave_chunks_to_other_ranks_of_its_job_only_where
     assert check_memory_manifest(m, "x", parts=True) == "slot-0.bin"
     assert set(part_holders(m)) == {"r00001-of-00002"}
     with pytest.raises(CorruptCheckpointError, match="one slot file"):
-        check_memory_manifest(m, "x")  # a mirror holds the whole shard
+        check_memory_manifest(m, "x")  # without parts: a snapshot held whole
     for bad in ("r00000-of-00002", "r00001-of-00003", "chunks/ab/cd", "slot-1.bin"):
         with pytest.raises(CorruptCheckpointError):
             check_memory_manifest(_manifest(0, ["slot-0.bin", bad]), "x", parts=True)
@@ -480,3 +480,92 @@ def test_an_orphaned_directory_whose_snapshot_leaves_chunks_to_another_rank_is_s
         assert bytes(buf) == chunks[0] + chunks[1]
     finally:
         server.close()
+
+
+# -- mirrors: one copy per node --------------------------------------------------------------------
+
+
+def _split_pair(step: int = 7) -> tuple[list[Manifest], list[bytes]]:
+    """Two ranks of a node whose snapshot of ``step`` is split: rank 0 holds the first
+    chunk, rank 1 the second (each manifest names the other for the chunk it left)."""
+    from flashckpt.format import checksum
+
+    n = 65536
+    chunks = [bytes([i % 251]) * n for i in (3, 4)]
+    sums = [checksum(c) for c in chunks]
+    out = []
+    for rank, keys in ((0, ["slot-0.bin", "r00001-of-00002"]), (1, ["r00000-of-00002", "slot-0.bin"])):
+        m = _manifest(rank, keys, step=step)
+        out.append(
+            m.with_chunks(dataclasses.replace(c, checksum=s) for c, s in zip(m.chunks, sums, strict=True))
+        )
+    return out, chunks
+
+
+def test_a_mirror_receives_only_the_chunks_its_owner_holds_and_serves_the_others_on_request(
+    tmp_path: Path,
+) -> None:
+    """Each rank pushes the chunks it holds; the copy keeps the node-mate's name for the
+    rest (node memory and network: one copy per node).  A fetch gets the manifest and the
+    carried chunks, or only those asked for; a chunk the copy does not hold is refused."""
+    from flashckpt.replication.client import fetch, push
+    from flashckpt.replication.server import MirrorServer
+    from flashckpt.replication.wire import MirrorError
+
+    (m0, m1), chunks = _split_pair()
+    n = len(chunks[0])
+    secret, opts = b"s" * 32, flashckpt.Options()
+    root = tmp_path / "peer"
+    root.mkdir(mode=0o700)
+    server = MirrorServer(root / "r00000-of-00002", secret, opts, "127.0.0.1")
+    addr = ("127.0.0.1", server.port)
+    try:
+        for m, own in ((m0, 0), (m1, 1)):
+            data = bytes(2 * n)
+            data = data[: own * n] + chunks[own] + data[(own + 1) * n :]
+            sent = push(
+                addr, secret, shard_name(m.rank, 2), m, lambda at, k, d=data: memoryview(d)[at : at + k], opts
+            )
+            assert sent == n  # only its own chunk crossed
+        assert server.received_bytes == 2 * n
+        snaps = server.snapshots()
+        assert [s[5] for s in snaps["r00000-of-00002"]] == [["r00001-of-00002"]]
+        assert [s[5] for s in snaps["r00001-of-00002"]] == [["r00000-of-00002"]]
+        # the copy of rank 0: its chunk, and the name of the copy holding the other
+        buf = bytearray(2 * n)
+        into = lambda _m: lambda at, k: memoryview(buf)[at : at + k]  # noqa: E731
+        got = fetch(addr, secret, "r00000-of-00002", 7, into, opts)
+        assert part_holders(got) == {"r00001-of-00002": [got.chunks[1]]}
+        assert bytes(buf) == chunks[0] + bytes(n)
+        # the part rank 1's copy holds, asked for alone
+        fetch(addr, secret, "r00001-of-00002", 7, into, opts, want=[(n, n)])
+        assert bytes(buf) == chunks[0] + chunks[1]
+        for want in ([(0, n)], [(n, n - 1)]):  # not a chunk that copy holds
+            with pytest.raises(MirrorError, match="has no step"):
+                fetch(addr, secret, "r00001-of-00002", 7, into, opts, want=want)
+    finally:
+        server.close()
+
+
+def test_a_copy_is_a_restore_source_only_while_the_copies_holding_its_parts_are_held() -> None:
+    """The restore plan: a copy that leaves chunks to node-mates' copies counts for a rank
+    only if a copy of each of those, of the same snapshot and run, is held somewhere."""
+    from types import SimpleNamespace
+
+    from flashckpt.coordination.plan import _Job
+
+    ctx = SimpleNamespace(world=2, timeline=SimpleNamespace(ours=lambda storage, run, what: run == "r"))
+
+    def row(step: int, holders: list[str], run: str = "r") -> list[Any]:
+        return [1, step, "s", run, [], holders]
+
+    held_by_2 = {
+        "r00000-of-00002": [row(5, ["r00001-of-00002"]), row(6, ["r00001-of-00002"]), row(7, [])],
+        "r00001-of-00002": [row(5, ["r00000-of-00002"]), row(6, ["r00000-of-00002"], run="other")],
+    }
+    job = _Job(ctx, [[[], {}, []], [[], {}, []], [[], held_by_2, []]])  # type: ignore[arg-type]
+    # step 5: both halves held; 6: rank 1's copy belongs to another run; 7: held whole
+    assert job.copies(0) == {(1, 5): [2], (1, 7): [2]}
+    assert job.copies(1) == {(1, 5): [2]}
+    assert job.holders(0) == {"r00001-of-00002"}
+    assert job.held("r00001-of-00002") == {(1, 5): [2]}

@@ -49,17 +49,20 @@ class MirrorPushes:
         self._failing: set[int] = set()
 
     def start(self, m: Manifest, slot: Slot | PartsReader) -> Pushes | None:
-        """Start pushing sealed ``m`` (its bytes read from ``slot``: a slot, or the parts the
-        node's ranks hold) to each peer, alongside the tier writes; the slot stays held until
-        :meth:`finish`.  A peer is sent the whole shard.  None if there are no peers."""
+        """Start pushing sealed ``m`` (its bytes read from ``slot``) to each peer, alongside
+        the tier writes; the slot stays held until :meth:`finish`.  A peer is sent the chunks
+        this rank holds: a chunk it leaves to a rank of its node (replicated state staged
+        once per node) is that rank's to send to its own peers, on the same node as ours
+        (``mirror_peers``), so a node's replicated state crosses the network once.  None if
+        there are no peers."""
         if not self.peers:
             return None
         # A fresh abort per snapshot: setting it (``finish``) shuts the pushes' sockets down,
         # so even a send blocked on a peer that stopped reading ends at once.
         self._abort = MirrorAbort()
         t0 = time.perf_counter()
-        whole = memory_manifest(m, slot.name)
-        args = (self.control.secret, self.owner, whole, slot.view, self.opts, self._abort)
+        mine = memory_manifest(m, slot.name, parts=True)
+        args = (self.control.secret, self.owner, mine, slot.view, self.opts, self._abort)
         return Pushes(t0, [(peer, self._pool.submit(push, addr, *args)) for peer, addr in self.peers])
 
     def finish(self, pushes: Pushes, handle: SaveHandle, step: int, slot_wanted: Callable[[], bool]) -> None:

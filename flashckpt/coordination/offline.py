@@ -52,6 +52,7 @@ from flashckpt.errors import (
     ObjectNotFound,
 )
 from flashckpt.format import SHARD_PATTERN, Manifest, commit_key, decode_manifest, manifest_key, part_holders
+from flashckpt.replication.holdings import Held as MemoryHeld
 from flashckpt.replication.holdings import Orphan, claim_directory
 from flashckpt.staging.memory_tier import PartsReader
 from flashckpt.staging.stager import Slot
@@ -139,7 +140,8 @@ def salvage_memory(
             claimed.append(o)
         run = read_run(tier.backend, opts)
         held = _held(claimed, storage_id, run, notes)
-        return _Salvage(tier, opts, notes).run(held, str(root), progress)
+        mirrors = {(m.order, d.name): d for o in claimed for h in o.mirrors.values() for m, d in _valid(h)}
+        return _Salvage(tier, opts, notes, mirrors).run(held, str(root), progress)
     finally:
         for o in claimed:
             o.close()
@@ -166,9 +168,18 @@ def _held(claimed: list[Orphan], storage_id: str, run: str | None, notes: list[s
     return out
 
 
+def _valid(held: MemoryHeld) -> list[tuple[Manifest, Path]]:
+    return [(m, held.directory) for m in held.tier.holdings()]
+
+
 class _Salvage:
-    def __init__(self, tier: Tier, opts: Options, notes: list[str]) -> None:
+    def __init__(
+        self, tier: Tier, opts: Options, notes: list[str], mirrors: dict[tuple[Order, str], Path]
+    ) -> None:
         self.tier, self.opts, self.notes = tier, opts, notes
+        #: (snapshot, owner) -> the claimed mirror directory holding it: where the chunks a
+        #: mirror leaves to the mirrors of its owner's node-mates are
+        self.mirrors = mirrors
 
     def run(self, held: Held, where: str, progress: Callable[[int, int], None] | None) -> SalvageReport:
         be, opts = self.tier.backend, self.opts
@@ -254,10 +265,20 @@ class _Salvage:
         """One shard: the chunks storage lacks (each checked against its checksum first, or
         checksummed now if the process died before it sealed the snapshot), then its manifest."""
         verify = m.sealed
-        # chunks the other ranks of the node held are read from their (claimed) directories
+        # chunks the other ranks of the node held are read from their (claimed) directories;
+        # those a mirror leaves to the owner's node-mates, from the mirrors of those
         with contextlib.ExitStack() as stack:
             src: Slot | PartsReader = slot
-            if part_holders(m):
+            holders = part_holders(m)
+            if holders and slot.path.parent.parent.name == "mirrors":
+                gone = [h for h in holders if (m.order, h) not in self.mirrors]
+                if gone:
+                    raise CorruptCheckpointError(
+                        f"the part of step {m.step} that {gone[0]}'s mirror held is not here"
+                    )
+                dirs = {h: self.mirrors[(m.order, h)] for h in holders}
+                src = stack.enter_context(PartsReader(m, slot, slot.path.parent, dirs=dirs).open())
+            elif holders:
                 src = stack.enter_context(PartsReader(m, slot, slot.path.parent.parent).open())
             if not m.sealed:
                 m = self.writer.hash(m, src)

@@ -38,6 +38,9 @@ class RestorePlan:
     mirrored: dict[Order, list[int]]
     newest_gen: int
     newest: Order | None  # the newest snapshot every rank can load, whatever ``step`` asked
+    #: shard -> snapshot -> peers holding a copy of it: the node-mates of this rank's old
+    #: node whose mirrors hold the chunks this rank's copies leave to them
+    part_copies: dict[str, dict[Order, list[int]]] = dataclasses.field(default_factory=dict)
 
 
 def memory_snapshots(parts: RankParts) -> dict[Order, Ancestors]:
@@ -97,6 +100,7 @@ def plan_restore(parts: RankParts, want: int | None, *, node_lead: bool) -> Rest
     newest = max(common - left, default=None)
     common = common - left if want is None else {o for o in common if o[1] == want}
     mirrored = job.copies(parts.rank)
+    part_copies = {h: job.held(h) for h in job.holders(parts.rank)}
     if parts.ctl.distributed and (mine | set(mirrored)) - common:
         log.info(
             "flashckpt: rank %d holds snapshots %s that not every rank has; newest common: %s",
@@ -104,7 +108,9 @@ def plan_restore(parts: RankParts, want: int | None, *, node_lead: bool) -> Rest
             sorted((mine | set(mirrored)) - common)[-3:],
             max(common) if common else None,
         )
-    return RestorePlan(inventory, sorted(common, reverse=True), mirrored, job.newest_gen(), newest)
+    return RestorePlan(
+        inventory, sorted(common, reverse=True), mirrored, job.newest_gen(), newest, part_copies
+    )
 
 
 class _Job:
@@ -115,6 +121,7 @@ class _Job:
         self.parts = parts
         self.everyone = everyone
         self.unlisted = [x for _, _, u in everyone for x in u]
+        self._cache: dict[str, dict[Order, list[tuple[int, list[str]]]]] = {}
 
     def newest_gen(self) -> int:
         """The newest generation any rank saw anywhere."""
@@ -122,14 +129,36 @@ class _Job:
         gens += [s[0] for _, held, _ in self.everyone for snaps in held.values() for s in snaps]
         return int(max(gens, default=-1))
 
+    def _rows(self, shard: str) -> dict[Order, list[tuple[int, list[str]]]]:
+        """Copies of ``shard`` in some rank's memory that belong to this run: order ->
+        ``(rank holding it, shards whose copies hold the chunks it leaves to them)``."""
+        if shard not in self._cache:
+            out: dict[Order, list[tuple[int, list[str]]]] = {}
+            for q, (_, held, _) in enumerate(self.everyone):
+                for gen, step, storage, run, _anc, holders in held.get(shard, []):
+                    if self.parts.timeline.ours(storage, run, f"rank {q}'s copies of {shard}"):
+                        out.setdefault((int(gen), int(step)), []).append((q, [str(h) for h in holders]))
+            self._cache[shard] = out
+        return self._cache[shard]
+
+    def held(self, shard: str) -> dict[Order, list[int]]:
+        """Snapshots of ``shard`` in some rank's memory: order -> the ranks holding them."""
+        return {o: [q for q, _ in rows] for o, rows in self._rows(shard).items()}
+
     def copies(self, r: int) -> dict[Order, list[int]]:
-        """Snapshots of rank ``r``'s shard in some rank's memory: order -> holders."""
-        shard, out = shard_name(r, self.parts.world), dict[Order, list[int]]()
-        for q, (_, held, _) in enumerate(self.everyone):
-            for gen, step, storage, run, _anc in held.get(shard, []):
-                if self.parts.timeline.ours(storage, run, f"rank {q}'s copies of {shard}"):
-                    out.setdefault((int(gen), int(step)), []).append(q)
+        """Snapshots of rank ``r``'s shard that some rank's memory holds whole, or whose
+        chunks left to other shards' copies are held too: order -> ranks holding one."""
+        out: dict[Order, list[int]] = {}
+        for o, rows in self._rows(shard_name(r, self.parts.world)).items():
+            for q, holders in rows:
+                if all(o in self._rows(h) for h in holders):
+                    out.setdefault(o, []).append(q)
         return out
+
+    def holders(self, r: int) -> set[str]:
+        """The shards whose copies hold chunks that rank ``r``'s copies leave to them."""
+        rows = self._rows(shard_name(r, self.parts.world)).values()
+        return {h for row in rows for _, holders in row for h in holders}
 
     def available(self, r: int) -> set[Order]:
         """Every snapshot rank ``r`` can load: from its tiers or a copy in some memory."""

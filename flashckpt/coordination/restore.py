@@ -27,10 +27,11 @@ from flashckpt.errors import (
     CheckpointNotFound,
     CoordinationError,
     CorruptCheckpointError,
+    FlashCkptError,
     StateMismatchError,
     StorageError,
 )
-from flashckpt.format import Manifest, memory_manifest, part_holders, shard_name
+from flashckpt.format import ChunkEntry, Manifest, carried, memory_manifest, part_holders, shard_name
 from flashckpt.replication.client import fetch
 from flashckpt.staging.apply import apply, fill_targets, part_fills, precheck
 from flashckpt.staging.memory_tier import PartsReader
@@ -138,7 +139,7 @@ class Restorer:
             where = f"rank {peer}'s memory" if peer is not None else f"the {src.tier.name} tier"
             try:
                 if peer is not None:  # a copy of this rank's shard in a peer's memory
-                    m, slot = self._from_mirror(peer, key, state)
+                    m, slot = self._from_mirror(peer, key, state, plan.part_copies)
                 else:
                     m, slot = self._from_tier(src.tier, key, state, filled)
             except StateMismatchError as exc:
@@ -272,9 +273,13 @@ class Restorer:
             raise
         return slot
 
-    def _from_mirror(self, peer: int, key: Order, state: Any) -> tuple[Manifest, Slot]:
+    def _from_mirror(
+        self, peer: int, key: Order, state: Any, part_copies: dict[str, dict[Order, list[int]]]
+    ) -> tuple[Manifest, Slot]:
         """Fetch this rank's shard of snapshot ``key`` from the copy rank ``peer`` holds, into
-        a free slot of this rank's memory tier, and verify every chunk.  Returns a busy slot."""
+        a free slot of this rank's memory tier, and verify every chunk.  The chunks that copy
+        leaves to the copies of the shard's node-mates (replicated state sent once per node)
+        are fetched from the peers holding those (``part_copies``).  Returns a busy slot."""
         p = self.parts
         held: list[Slot] = []
         step = key[1]
@@ -293,6 +298,8 @@ class Restorer:
                 raise CorruptCheckpointError(f"rank {peer}'s copy of step {step} belongs to another run")
             precheck(state, m)
             slot = held[0]
+            for shard, chunks in part_holders(m).items():
+                fetch_part(p, m, shard, chunks, slot, part_copies.get(shard, {}).get(key, []))
             where = f"rank {peer}'s mirror"
             sealed = verify_chunks(
                 memory_manifest(m, slot.name), slot.view, p.persister.pool, where, base=slot.address
@@ -319,3 +326,40 @@ class Restorer:
         )
         reader.restore_into(state, source_rank=p.rank % reader.world)
         return reader.bytes_read
+
+
+def fetch_part(
+    p: RankParts, m: Manifest, shard: str, chunks: list[ChunkEntry], slot: Slot, peers: list[int]
+) -> None:
+    """Fetch ``chunks`` of this rank's copy ``m``, which it leaves to node-mate
+    ``shard``'s copy of the same snapshot, from the first of ``peers`` (holding one) that
+    has them, into ``slot`` at their offsets.  The caller verifies every byte against
+    ``m``'s checksums.  Training thread (``restore``).  Raises
+    :class:`CorruptCheckpointError` if no peer could."""
+    want = [(c.offset, c.nbytes) for c in chunks]
+
+    def into(other: Manifest) -> Callable[[int, int], memoryview]:
+        """The node-mate's copy must describe the same snapshot and hold the same chunks:
+        nothing lands in the slot before that is checked."""
+        same = (shard_name(other.rank, other.world_size), other.order, other.run, other.storage)
+        if same != (shard, m.order, m.run, m.storage):
+            raise CorruptCheckpointError(f"{shard}'s copy of step {m.step} is another snapshot")
+        have = {c.offset: c for c in carried(other)}
+        for c in chunks:
+            h = have.get(c.offset)
+            if h is None or (h.nbytes, h.checksum) != (c.nbytes, c.checksum):
+                raise CorruptCheckpointError(f"{shard}'s copy of step {m.step}: no chunk at {c.offset}")
+        return slot.view
+
+    error: BaseException | None = None
+    for q in peers:
+        try:
+            fetch(p.addrs[q], p.ctl.secret, shard, m.step, into, p.opts, want=want)
+            return
+        except FlashCkptError as exc:  # the next peer holding a copy is tried
+            log.info("flashckpt: %s's part of step %d from rank %d: %s", shard, m.step, q, exc)
+            error = exc
+    raise CorruptCheckpointError(
+        f"the chunks step {m.step} of {shard_name(p.rank, p.world)} leaves to {shard} are in no "
+        f"peer's memory ({len(peers)} tried)"
+    ) from error

@@ -282,10 +282,10 @@ def check_memory_manifest(m: Manifest, what: str, *, capacity: int | None = None
     A memory manifest describes one slot's bytes: every chunk in the same slot file
     (:data:`SLOT_NAMES`), raw, stored at its own offset with stored size == size, and the
     shard fits the slot's ``capacity`` (when the slot is mapped).  With ``parts`` (a rank's
-    own memory tier, never a mirror), a chunk may instead be held by another rank of the same
-    node (replicated state staged once per node): its key is that rank's shard name
-    (:func:`part_holders`), raw, at its own offset.  Raises :class:`CorruptCheckpointError`.
-    Used everywhere such a manifest is read or written."""
+    own memory tier, or a mirror of it), a chunk may instead be held by another rank of the
+    same node (replicated state staged once per node), or by the mirror of that rank: its key
+    is that rank's shard name (:func:`part_holders`), raw, at its own offset.  Raises
+    :class:`CorruptCheckpointError`.  Used everywhere such a manifest is read or written."""
     slots = {c.key for c in m.chunks if c.key in SLOT_NAMES}
     others = {c.key for c in m.chunks} - slots
     if len(slots) > 1 or (others and not parts):
@@ -305,6 +305,12 @@ def check_memory_manifest(m: Manifest, what: str, *, capacity: int | None = None
     if capacity is not None and m.total_bytes > capacity:
         raise CorruptCheckpointError(f"{what}: {m.total_bytes} bytes do not fit the slot ({capacity})")
     return next(iter(slots), SLOT_NAMES[0])
+
+
+def carried(m: Manifest) -> list[ChunkEntry]:
+    """The chunks of a memory manifest held in its own slot (all of them for a snapshot held
+    whole): what a mirror push or fetch sends of it."""
+    return [c for c in m.chunks if c.key in SLOT_NAMES]
 
 
 def part_holders(m: Manifest) -> dict[str, list[ChunkEntry]]:

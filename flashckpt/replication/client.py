@@ -15,12 +15,12 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from flashckpt._config import Options
 from flashckpt.errors import CorruptCheckpointError
-from flashckpt.format import MAX_RECORD_BYTES, Manifest, check_memory_manifest, encode_manifest
+from flashckpt.format import MAX_RECORD_BYTES, Manifest, carried, check_memory_manifest, encode_manifest
 from flashckpt.replication.wire import (
     ABANDONED,
     Channel,
@@ -30,6 +30,7 @@ from flashckpt.replication.wire import (
     Throttle,
     client_handshake,
     decode_pushed,
+    wanted,
 )
 
 
@@ -111,13 +112,14 @@ def push(
     abort: threading.Event | None = None,
 ) -> int:
     """Send the sealed snapshot ``m`` (a memory manifest; bytes through ``view(at, n)``) to
-    the peer at ``addr``.  Any thread (the ``flashckpt-mirror`` thread).  Returns the bytes
+    the peer at ``addr``: the chunks its slot holds (``carried``; a chunk it leaves to a rank
+    of its node is that rank's to send).  Any thread (the ``flashckpt-mirror`` thread).  Returns the bytes
     sent; raises :class:`MirrorError` (also when ``abort`` is set: a :class:`MirrorAbort`
     ends even a blocked send at once, a plain event between pieces) / :class:`MirrorAuthError`."""
     what = f"mirror push of step {m.step} to {addr[0]}:{addr[1]}"
     if not m.sealed:
         raise CorruptCheckpointError(f"{what}: only sealed snapshots are mirrored")
-    check_memory_manifest(m, what)
+    check_memory_manifest(m, what, parts=True)
     data = encode_manifest(m)
     try:
         with _open(addr, secret, opts.mirror_timeout_s, abort) as ch:
@@ -125,7 +127,7 @@ def push(
             _check_reply(ch.recv_header(), what)
             ch.send_blob(data)
             _check_reply(ch.recv_header(), what)  # room made for it: send the bytes
-            sent = ch.send_data(m, view, Throttle(opts.mirror_bytes_per_s, abort))
+            sent = ch.send_data(m, view, carried(m), Throttle(opts.mirror_bytes_per_s, abort))
             _check_reply(ch.recv_header(), what)
     except MirrorAuthError:
         raise
@@ -143,16 +145,23 @@ def fetch(
     step: int,
     into: Callable[[Manifest], Callable[[int, int], memoryview]],
     opts: Options,
+    want: Sequence[tuple[int, int]] | None = None,
 ) -> Manifest:
-    """Fetch ``shard``'s snapshot of ``step`` from the peer at ``addr``.  ``into(manifest)``
-    returns where its bytes go (``view(at, n)``, after mapping a slot big enough).  Returns
-    only once every frame verified (else :class:`MirrorAuthError`; what landed in ``into``'s
-    memory must then be treated as overwritten).  The caller verifies the bytes against the
-    returned manifest's checksums.  Training thread (``restore``)."""
+    """Fetch ``shard``'s snapshot of ``step`` from the peer at ``addr``: its manifest, and
+    the bytes of the chunks the copy there holds (``carried``: a copy may leave chunks to
+    the mirrors of its rank's node-mates), only those at ``want`` (``(offset, size)`` pairs,
+    which the peer refuses unless it holds each) if given.  ``into(manifest)`` returns where
+    the bytes go (``view(at, n)``, after mapping a slot big enough).  Returns only once every
+    frame verified (else :class:`MirrorAuthError`; what landed in ``into``'s memory must then
+    be treated as overwritten).  The caller verifies the bytes against the checksums of the
+    manifest it trusts.  Training thread (``restore``)."""
     what = f"fetching step {step} of {shard} from {addr[0]}:{addr[1]}"
+    req: dict[str, Any] = {"op": "get", "shard": shard, "step": step}
+    if want is not None:
+        req["want"] = [[int(o), int(n)] for o, n in want]
     try:
         with _open(addr, secret, opts.mirror_timeout_s, None) as ch:
-            ch.send_header({"op": "get", "shard": shard, "step": step})
+            ch.send_header(req)
             reply = ch.recv_header()
             if reply.get("ok") is not True and reply.get("auth") is not True:
                 raise MirrorError(f"mirror peer {addr[0]}:{addr[1]} has no step {step} of {shard}")
@@ -163,7 +172,7 @@ def fetch(
             m = decode_pushed(ch.recv_blob(n), f"{shard} step {step} from {addr[0]}:{addr[1]}")
             if m.step != step:  # (the caller checks the shard: rank and world size)
                 raise CorruptCheckpointError(f"{what}: the peer sent step {m.step}")
-            ch.recv_data(m, into(m))
+            ch.recv_data(m, into(m), wanted(m, want))
     except FrameAuthError as exc:  # (the bytes still on the way are of no use to us)
         raise MirrorAuthError(f"{what}: {exc}") from None
     except MirrorAuthError:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from flashckpt._secure import check_private_dir, open_private, private_dir
-from flashckpt.format import SHARD_PATTERN, SLOT_NAMES
+from flashckpt.format import SHARD_PATTERN, SLOT_NAMES, part_holders
 from flashckpt.staging.memory_tier import MemoryTier
 from flashckpt.staging.stager import Slot
 
@@ -42,13 +42,14 @@ class Held:
 
     def __init__(self, directory: Path, *, parts: bool = False) -> None:
         """``parts``: a rank's own memory tier (an orphan's), whose snapshots may leave chunks
-        to the other ranks of the node; a mirror never does."""
+        to the other ranks of the node (read here); else a mirror, whose snapshots may leave
+        chunks to the mirrors of the owner's node-mates (wherever they are held)."""
         # created 0700 (or checked: ours, not a link, private) below the rank's own directory
         directory = private_dir(directory, trusted_above=directory.parent.parent)
         self.directory = directory
         # a peer's snapshots never go to a GPU from here: never page-locked
         self.slots = [Slot(directory, i, pin=False) for i in range(len(SLOT_NAMES))]
-        self.tier = MemoryTier(directory, self.slots, parts=parts)
+        self.tier = MemoryTier(directory, self.slots, parts=parts, remote_parts=not parts)
         self.backend = self.tier.backend
         self.lock = threading.Lock()  # one transfer at a time per owner
         self.tier.adopt()  # what an earlier process left: unusable manifests are dropped
@@ -159,14 +160,18 @@ class Holdings:
         return {k: sorted(v) for k, v in sorted(out.items())}
 
     def snapshots(self) -> dict[str, list[list[Any]]]:
-        """Shard -> ``[generation, step, storage id, run id, ancestors]`` of each valid snapshot held
-        here (the restore inventory: a restoring rank filters by run and orders by
-        ``(generation, step)``).  Training thread."""
+        """Shard -> ``[generation, step, storage id, run id, ancestors, holders]`` of each valid
+        snapshot held here (the restore inventory: a restoring rank filters by run and orders
+        by ``(generation, step)``).  ``holders``: the shards whose mirrors of the same snapshot
+        hold the chunks this copy leaves to them (replicated state sent once per node).
+        Training thread."""
         out: dict[str, list[list[Any]]] = {}
         for shard in self.holdings():
             for ms in self.sources(shard):
                 for m in ms.tier.holdings():  # the valid ones (the others are logged, skipped)
-                    entry = [m.generation, m.step, m.storage, m.run, [list(a) for a in m.ancestors]]
+                    holders = sorted(part_holders(m)) if ms.tier.remote_parts else []  # (else served whole)
+                    ancestors = [list(a) for a in m.ancestors]
+                    entry = [m.generation, m.step, m.storage, m.run, ancestors, holders]
                     if entry not in out.setdefault(shard, []):
                         out[shard].append(entry)
         return out

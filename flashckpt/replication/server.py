@@ -51,6 +51,7 @@ from flashckpt.format import (
     MAX_RECORD_BYTES,
     MAX_STEP,
     SHARD_PATTERN,
+    carried,
     encode_manifest,
     memory_manifest,
     memory_manifest_key,
@@ -67,6 +68,7 @@ from flashckpt.replication.wire import (
     refusal,
     send_quietly,
     server_handshake,
+    wanted,
 )
 from flashckpt.staging.memory_tier import PartsReader
 from flashckpt.staging.stager import check_fits
@@ -288,9 +290,16 @@ class MirrorServer:
                 ch.send_header(refusal(f"{what}: cannot map {m.total_bytes} bytes: {exc}"))
                 return
             ms.tier.forget(slot)  # its bytes are overwritten from here on
+            held = carried(m)  # a chunk the owner's node-mate holds, that rank's mirror holds
+            try:
+                slot.allocate([(c.offset, c.nbytes) for c in held])  # pages trimmed before
+            except OSError as exc:
+                ch.send_header(refusal(f"{what}: cannot allocate {m.total_bytes} bytes: {exc}"))
+                return
+            slot.trim([(c.offset, c.nbytes) for chunks in part_holders(m).values() for c in chunks])
             ch.send_header({"ok": True, "ready": True})
             try:
-                got = ch.recv_data(m, slot.view)
+                got = ch.recv_data(m, slot.view, held)
             except FrameAuthError as exc:
                 # Tell the client why, after taking in what it still sends (bounded), so that
                 # it reads the answer instead of a reset connection.
@@ -306,8 +315,17 @@ class MirrorServer:
         ch.send_header({"ok": True})
 
     def _get(self, ch: Channel, req: dict[str, Any]) -> None:
-        shard, step = req.get("shard"), req.get("step")
+        shard, step, want = req.get("shard"), req.get("step"), req.get("want")
         if not (isinstance(shard, str) and SHARD_PATTERN.fullmatch(shard)) or type(step) is not int:
+            ch.send_header(refusal("bad get request"))
+            return
+        if want is not None and not (
+            isinstance(want, list)
+            and all(
+                isinstance(w, list) and len(w) == 2 and all(type(x) is int and x >= 0 for x in w)
+                for w in want
+            )
+        ):
             ch.send_header(refusal("bad get request"))
             return
         for ms in self.held.sources(shard):
@@ -320,13 +338,16 @@ class MirrorServer:
                     m, slot = ms.tier.read(step)  # validated: the manifest names the slot holding it
                     if not slot.mapped:
                         continue
-                    # an orphan's snapshot may leave chunks to the other ranks of this node
-                    reader = PartsReader(m, slot, ms.directory.parent).open() if part_holders(m) else None
+                    # an orphan's snapshot may leave chunks to the other ranks of this node:
+                    # sent whole; a mirror's, to the mirrors of its owner's node-mates: kept
+                    local = part_holders(m) and not ms.tier.remote_parts
+                    reader = PartsReader(m, slot, ms.directory.parent).open() if local else None
                     src = reader or slot
                     if not m.sealed:  # an orphan's snapshot whose rank died before checksumming it
                         m = verify_chunks(m, src.view, self._pool(), str(ms.directory))
                         ms.tier.seal(slot, m)
-                    m = memory_manifest(m, slot.name)  # sent whole
+                    m = memory_manifest(m, slot.name, parts=ms.tier.remote_parts)
+                    chunks = wanted(m, want)
                 except (CorruptCheckpointError, StorageError) as exc:
                     if reader is not None:
                         reader.close()
@@ -336,7 +357,7 @@ class MirrorServer:
                     data = encode_manifest(m)
                     ch.send_header({"ok": True, "manifest": len(data)})
                     ch.send_blob(data)
-                    ch.send_data(m, src.view)
+                    ch.send_data(m, src.view, chunks)
                 finally:
                     if reader is not None:
                         reader.close()

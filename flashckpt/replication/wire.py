@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from flashckpt import _hooks as hooks
 from flashckpt.errors import CorruptCheckpointError, FlashCkptError, TransientStorageError
-from flashckpt.format import Manifest, check_memory_manifest
+from flashckpt.format import ChunkEntry, Manifest, carried, check_memory_manifest
 
 _MAGIC = b"flashckpt-mirror/2"
 _NONCE = 32
@@ -211,10 +211,13 @@ class Channel:
         return bytes(buf)
 
     # -- a snapshot's bytes: pieces of every chunk, sizes from the manifest -------------------
-    def send_data(self, m: Manifest, view: View, throttle: Throttle | None = None) -> int:
-        """Send every chunk of ``m`` from ``view(at, n)``; returns the bytes sent."""
+    def send_data(
+        self, m: Manifest, view: View, chunks: Sequence[ChunkEntry], throttle: Throttle | None = None
+    ) -> int:
+        """Send ``chunks`` of ``m`` (both sides agree which: see ``carried``) from
+        ``view(at, n)``; returns the bytes sent."""
         sent = 0
-        for c in m.chunks:
+        for c in chunks:
             for off in range(0, c.nbytes, PIECE):
                 n = min(PIECE, c.nbytes - off)
                 if throttle is not None:
@@ -227,12 +230,12 @@ class Channel:
                 hooks.fire("mirror.piece", step=m.step, sent=sent)
         return sent
 
-    def recv_data(self, m: Manifest, view: View) -> int:
-        """Receive every chunk of ``m`` into ``view(at, n)``, verifying each piece's tag as it
+    def recv_data(self, m: Manifest, view: View, chunks: Sequence[ChunkEntry]) -> int:
+        """Receive ``chunks`` of ``m`` into ``view(at, n)``, verifying each piece's tag as it
         lands.  Raises :class:`FrameAuthError` (with the bytes still on the way) on a bad tag."""
-        total = sum(c.nbytes + _TAG * -(-c.nbytes // PIECE) for c in m.chunks)
+        total = sum(c.nbytes + _TAG * -(-c.nbytes // PIECE) for c in chunks)
         got = 0
-        for c in m.chunks:
+        for c in chunks:
             for off in range(0, c.nbytes, PIECE):
                 n = min(PIECE, c.nbytes - off)
                 dst = view(c.at + off, n)
@@ -243,7 +246,7 @@ class Channel:
                     self._verify(b"D", tag, dst)
                 except MirrorAuthError as exc:
                     raise FrameAuthError(str(exc), total - got) from None
-        return sum(c.nbytes for c in m.chunks)
+        return sum(c.nbytes for c in chunks)
 
 
 View = Callable[[int, int], memoryview]
@@ -289,8 +292,22 @@ def decode_pushed(data: bytes, what: str) -> Manifest:
     m = decode_manifest(data, f"mirrored manifest of {what}")
     if not m.sealed:
         raise CorruptCheckpointError(f"mirrored manifest of {what} carries no checksums")
-    check_memory_manifest(m, f"mirrored manifest of {what}")
+    check_memory_manifest(m, f"mirrored manifest of {what}", parts=True)
     return m
+
+
+def wanted(m: Manifest, want: Sequence[tuple[int, int]] | None) -> list[ChunkEntry]:
+    """The chunks of ``m`` a fetch (``want``) gets: both sides of a ``get`` compute them so.
+    Raises :class:`CorruptCheckpointError` if a wanted one is not carried."""
+    held = carried(m)
+    if want is None:
+        return held
+    by = {(c.offset, c.nbytes): c for c in held}
+    missing = [w for w in want if (w[0], w[1]) not in by]
+    if missing:
+        at, n = missing[0]
+        raise CorruptCheckpointError(f"step {m.step} of rank {m.rank}: no chunk of {n} bytes at {at} here")
+    return [by[(o, n)] for o, n in sorted({(int(o), int(n)) for o, n in want})]
 
 
 def refusal(error: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from flashckpt._secure import open_private, private_dir
@@ -80,11 +80,16 @@ class MemoryTier:
         backend: LocalBackend | None = None,
         *,
         parts: bool = False,
+        remote_parts: bool = False,
     ) -> None:
         self.directory = directory
         #: a rank's own memory tier (or an orphaned one): a snapshot may leave chunks to the
-        #: other ranks of the node (:class:`PartsReader`); a mirror never does
-        self.parts = parts
+        #: other ranks of the node (:class:`PartsReader`)
+        self.parts = parts or remote_parts
+        #: a mirror: a snapshot may leave chunks to the mirrors of the other ranks of its
+        #: node, which other peers may hold; they are not looked for here (a fetch gets them
+        #: from whichever peer holds them, see ``restore``)
+        self.remote_parts = remote_parts
         self.slots = list(slots)
         self.backend = backend or LocalBackend(
             directory, fsync=False, direct_io=False, private=True, durable=False
@@ -119,8 +124,9 @@ class MemoryTier:
         if slot.step != step:
             raise CorruptCheckpointError(f"memory snapshot of step {step} in {self.directory} has no slot")
         check_memory_manifest(m, self._what(step), capacity=slot.capacity, parts=self.parts)
-        for shard, chunks in part_holders(m).items():  # the other ranks' parts are there
-            part_slot(self.directory.parent, shard, m, chunks)
+        if not self.remote_parts:
+            for shard, chunks in part_holders(m).items():  # the other ranks' parts are there
+                part_slot(self.directory.parent, shard, m, chunks)
         return m, slot
 
     def newest_slot(self) -> Slot | None:
@@ -408,20 +414,27 @@ class PartsReader:
     (the thread that reads) then finds each part, waiting up to ``wait_s`` for a rank still
     copying it.  ``name`` and ``view`` read like the slot's (another rank's chunk is read
     into a buffer of its own); ``readv`` is a ``preadv`` of whichever file holds the bytes.
-    :meth:`close` lets everything go (idempotent)."""
+    :meth:`close` lets everything go (idempotent).
 
-    def __init__(self, m: Manifest, slot: Slot, root: Path) -> None:
+    ``dirs`` (offline salvage of a mirror, whose owner's node-mates' mirrors may be held by
+    other ranks of this node): where each part is, instead of ``root / shard``; those
+    directories are claimed by the caller, so nothing is pinned or waited for."""
+
+    def __init__(
+        self, m: Manifest, slot: Slot, root: Path, *, dirs: Mapping[str, Path] | None = None
+    ) -> None:
         self.name = slot.name
         self.slot = slot
         self.m = m
         self.root = root
+        self.dirs = dirs
         self._fds: list[int] = []
         self._spans: list[tuple[int, int, int]] = []  # (offset, end, fd), other ranks' chunks
         self._starts: list[int] = []
         self._own: int | None = None
         self._holders = part_holders(m)
         try:
-            for shard in self._holders:
+            for shard in self._holders if dirs is None else ():
                 self._fds.append(pin_step(root / shard, m.step))
         except BaseException:
             self.close()
@@ -441,16 +454,17 @@ class PartsReader:
     def _open_part(self, shard: str, chunks: list[ChunkEntry], wait_s: float) -> int:
         deadline = time.monotonic() + wait_s
         delay = 0.0005
+        root = self.root if self.dirs is None else self.dirs[shard].parent
         while True:
             try:
-                path = part_slot(self.root, shard, self.m, chunks)
+                path = part_slot(root, shard, self.m, chunks)
                 fd = open_private(path)
                 self._fds.append(fd)
                 if any(c.offset + c.nbytes > os.fstat(fd).st_size for c in chunks):
                     raise CorruptCheckpointError(f"rank {shard}'s slot file {path} is truncated")
                 return fd
             except (CorruptCheckpointError, FileNotFoundError) as exc:
-                if time.monotonic() + delay > deadline or not _alive(self.root / shard):
+                if time.monotonic() + delay > deadline or self.dirs is not None or not _alive(root / shard):
                     if isinstance(exc, FileNotFoundError):
                         raise CorruptCheckpointError(
                             f"rank {shard}'s part of step {self.m.step} is gone"
