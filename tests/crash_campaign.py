@@ -61,6 +61,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -424,11 +425,21 @@ class Holding:
     meta: tuple[str, str] = ("", "")  # a memory snapshot's storage tier and run
 
 
-def memory_holdings(directory: Path, shard: str, source: str, *, mirror: bool) -> list[Holding]:
+def memory_holdings(
+    directory: Path,
+    shard: str,
+    source: str,
+    *,
+    mirror: bool,
+    part_dirs: Callable[[str], list[Path]] | None = None,
+) -> list[Holding]:
     """The snapshots of ``shard`` in a memory-tier directory (a rank's own, or a mirror held
     for it): each manifest decoded, the slot it names present and large enough, a slot claimed
     by one snapshot only (the newest), every chunk of a sealed snapshot checked against its
-    checksum (an unsealed one, which the restore checksums and seals, only for its size)."""
+    checksum (an unsealed one, which the restore checksums and seals, only for its size).  A
+    chunk another rank of the node holds is read from that rank's directory beside this one,
+    or, for a mirror, from any of ``part_dirs(rank)`` (the surviving copies of that rank's
+    shard) that holds it intact."""
     from flashckpt.format import SLOT_NAMES, decode_manifest
 
     found: list[tuple[Any, str]] = []
@@ -445,7 +456,7 @@ def memory_holdings(directory: Path, shard: str, source: str, *, mirror: bool) -
         held = {c.key for c in m.chunks} - keys  # other ranks of the node hold these chunks
         if (m.rank, m.world_size) != (rank, world) or path.name != f"step-{m.step:012d}.manifest":
             why = "describes another shard or step"
-        elif len(keys) > 1 or (held and mirror):
+        elif len(keys) > 1:
             why = f"names slots {sorted(keys | held)}"
         elif any(not re.fullmatch(rf"r\d{{5}}-of-{world:05d}", k) or k == shard for k in held):
             why = f"names other holders {sorted(held)}"
@@ -471,13 +482,19 @@ def memory_holdings(directory: Path, shard: str, source: str, *, mirror: bool) -
         bad = ""
         with open(path, "rb") as f:
             data = f.read(m.total_bytes)
-        parts = {k: _part_bytes(directory.parent / k, m) for k in {c.key for c in m.chunks} - {slot}}
+        where = part_dirs if mirror and part_dirs else (lambda k: [directory.parent / k])
+        parts = {k: [_part_bytes(d, m) for d in where(k)] for k in {c.key for c in m.chunks} - {slot}}
         for c in m.chunks:
-            got, own = (data, None) if c.key == slot else parts[c.key]
-            if got is None or (own is not None and (c.offset, c.nbytes) not in own):
+            found_c = [(data, None)] if c.key == slot else parts[c.key]
+            found_c = [
+                (g, o) for g, o in found_c if g is not None and (o is None or (c.offset, c.nbytes) in o)
+            ]
+            if not found_c:
                 bad = f"rank {c.key} holds no copy of its part"
                 break
-            if m.sealed and _digest(memoryview(got)[c.at : c.at + c.nbytes]) != c.checksum:
+            if m.sealed and all(
+                _digest(memoryview(g)[c.at : c.at + c.nbytes]) != c.checksum for g, _ in found_c
+            ):
                 bad = f"chunk at {c.offset} fails its checksum"
                 break
         out.append(
@@ -593,6 +610,16 @@ def gather_evidence(dirs: Dirs, lost_node: int | None) -> Evidence:
         run = decode_run((dirs.storage / RUN_KEY).read_bytes())
     sid = _storage_id(dirs.storage)
     holdings: dict[int, list[Holding]] = {}
+
+    def mirror_dirs(owner: str) -> list[Path]:
+        """Every surviving copy of ``owner``'s shard in a peer's memory (a mirror leaves the
+        chunks its owner's node-mates staged to their mirrors, wherever those are held)."""
+        return [
+            dirs.memory / f"node{q // PER_NODE}" / shard_name(q, WORLD) / "mirrors" / owner
+            for q in range(WORLD)
+            if q // PER_NODE != lost_node
+        ]
+
     for r in range(WORLD):
         shard = shard_name(r, WORLD)
         node = r // PER_NODE
@@ -604,7 +631,7 @@ def gather_evidence(dirs: Dirs, lost_node: int | None) -> Evidence:
             if q // PER_NODE in (node, lost_node):
                 continue
             held = dirs.memory / f"node{q // PER_NODE}" / shard_name(q, WORLD) / "mirrors" / shard
-            hs += memory_holdings(held, shard, f"mirror@rank{q}", mirror=True)
+            hs += memory_holdings(held, shard, f"mirror@rank{q}", mirror=True, part_dirs=mirror_dirs)
         hs += committed_holdings(dirs.storage, r, WORLD, "storage", "job")
         for h in hs:  # memory of another storage tier or run is never restored (Checkpointer._ours)
             storage, mrun = h.meta
@@ -635,7 +662,14 @@ def mutate(how: str, dirs: Dirs, ev: Evidence, expected: Order, lost_node: int |
     """Apply a mutant between the crash and the restart; returns what was done."""
     import dataclasses as dc
 
-    from flashckpt.format import commit_key, decode_manifest, encode_manifest, memory_manifest_key, shard_name
+    from flashckpt.format import (
+        SLOT_NAMES,
+        commit_key,
+        decode_manifest,
+        encode_manifest,
+        memory_manifest_key,
+        shard_name,
+    )
 
     shard = shard_name(0, WORLD)
     step = expected[1]
@@ -663,7 +697,7 @@ def mutate(how: str, dirs: Dirs, ev: Evidence, expected: Order, lost_node: int |
         if not path.exists():
             continue
         m = decode_manifest(path.read_bytes(), str(path), check_key=_check_key, allow_unsealed=True)
-        c = max(m.chunks, key=lambda c: c.nbytes)
+        c = max((x for x in m.chunks if x.key in SLOT_NAMES), key=lambda c: c.nbytes)  # in its own slot
         with open(d / c.key, "r+b") as f:
             f.seek(c.at + c.nbytes // 2)
             b = f.read(1)

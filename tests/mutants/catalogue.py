@@ -27,12 +27,10 @@ MUTANTS: list[Mutant] = [
         "stage_first_chunk_only",
         "save copies only the first chunk_bytes of each CPU tensor into the slot",
         "flashckpt/staging/stager.py",
-        """            for i, (dst, src) in enumerate(host):
-                dst.copy_(src)
+        """                _foreach_copy([d for d, _ in host], [s for _, s in host])
 """,
-        """            for i, (dst, src) in enumerate(host):
-                _n = max(1, self.opts.chunk_bytes // max(1, src.element_size()))
-                dst.reshape(-1)[:_n].copy_(src.reshape(-1)[:_n])
+        """                _n = max(1, self.opts.chunk_bytes // 8)
+                _foreach_copy([d.reshape(-1)[:_n] for d, _ in host], [s.reshape(-1)[:_n] for _, s in host])
 """,
     ),
     Mutant(
@@ -51,7 +49,7 @@ MUTANTS: list[Mutant] = [
         "save_keeps_old_memory_manifest",
         "save overwrites a slot without first deleting the memory manifest of what it held",
         "flashckpt/coordination/save.py",
-        """            p.mem.forget(slot)  # its bytes are about to change
+        """            p.mem.reclaim(slot, p.opts.coord_timeout_s)  # its bytes are about to change
 """,
         "",
     ),
@@ -68,9 +66,9 @@ MUTANTS: list[Mutant] = [
         "checksum_prefix_only",
         "a fresh chunk's checksum covers only its first 4 KiB (content address and manifest)",
         "flashckpt/transfer/writer.py",
-        """                d = checksum(view)
+        """                d = checksum(slot.view(src.at, src.stored_nbytes))
 """,
-        """                d = checksum(view[:4096])
+        """                d = checksum(slot.view(src.at, min(4096, src.stored_nbytes)))
 """,
     ),
     Mutant(
@@ -277,11 +275,13 @@ MUTANTS: list[Mutant] = [
         "memory_manifest_check_returns_early",
         "format.check_memory_manifest returns before checking anything",
         "flashckpt/format/manifest.py",
-        """    keys = {c.key for c in m.chunks}
-    if len(keys) > 1""",
-        """    keys = {c.key for c in m.chunks}
-    return next(iter(keys), SLOT_NAMES[0])
-    if len(keys) > 1""",
+        """    slots = {c.key for c in m.chunks if c.key in SLOT_NAMES}
+    others = {c.key for c in m.chunks} - slots
+""",
+        """    slots = {c.key for c in m.chunks if c.key in SLOT_NAMES}
+    others = {c.key for c in m.chunks} - slots
+    return next(iter(slots), SLOT_NAMES[0])
+""",
     ),
     Mutant(
         "late_seal_overwrites",
@@ -314,6 +314,24 @@ MUTANTS: list[Mutant] = [
         """                    self._verify(b"D", tag, dst)
 """,
         """                    self._in += 1
+""",
+    ),
+    Mutant(
+        "mirror_get_ignores_want",
+        "a mirror server answers a fetch of some chunks with every chunk its copy holds",
+        "flashckpt/replication/server.py",
+        """                    chunks = wanted(m, want)
+""",
+        """                    chunks = wanted(m, None)
+""",
+    ),
+    Mutant(
+        "mirror_push_whole_despite_split",
+        "a rank whose snapshot is split across its node pushes its peer the whole shard",
+        "flashckpt/coordination/mirrors.py",
+        """        mine = memory_manifest(m, slot.name, parts=True)
+""",
+        """        mine = memory_manifest(m, slot.name)
 """,
     ),
 ]
