@@ -13,9 +13,10 @@ Two Checkpointers in the same run: ``dedup_replicated`` with ``stage_once_per_no
 node's ranks each copy a part of the replicated chunks once they have seen them change the
 same way: from the third save on) and without (every rank copies everything).  Baselines in
 the same run: one rank copying its state into a preallocated buffer while the others wait
-(the copy floor of one rank) and every rank doing so at once.  Also: the bytes of the slot
-files the node holds (``st_blocks``) after the saves.  Median over ``--saves`` measured saves
-after ``--warmup`` saves.
+(the copy floor of one rank), every rank doing so at once, and every rank copying its
+1/ranks share at once (what the split itself cannot beat: the node's memory bandwidth).
+Also: the bytes of the slot files the node holds (``st_blocks``) after the saves.  Median
+over ``--saves`` measured saves after ``--warmup`` saves.
 """
 
 from __future__ import annotations
@@ -45,10 +46,15 @@ def make_state(mib: int) -> dict[str, torch.Tensor]:
     return {f"w{i}": torch.randn(16 * MiB, generator=g) for i in range(max(1, mib // 64))}
 
 
-def _floor(state: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -> float:
+def _floor(
+    state: dict[str, torch.Tensor], dst: dict[str, torch.Tensor], share: tuple[int, int] = (0, 1)
+) -> float:
+    """Copy ``state`` (every ``share[1]``-th tensor from ``share[0]`` on) into ``dst``."""
+    r, k = share
     t0 = time.perf_counter()
-    for k, v in state.items():
-        dst[k].copy_(v)
+    for i, (name, v) in enumerate(state.items()):
+        if i % k == r:
+            dst[name].copy_(v)
     return time.perf_counter() - t0
 
 
@@ -64,7 +70,7 @@ def worker(rank: int, world: int, init: str, args: argparse.Namespace, out: str)
     barrier = torch.distributed.barrier
     state = make_state(args.mib)
     dst = {k: torch.ones_like(v) for k, v in state.items()}  # faulted in: a preallocated buffer
-    res: dict[str, Any] = {"alone": [], "together": []}
+    res: dict[str, Any] = {"alone": [], "together": [], "share": []}
     for _ in range(args.saves):
         for r in range(world):  # one rank copies while the others wait
             barrier()
@@ -72,6 +78,8 @@ def worker(rank: int, world: int, init: str, args: argparse.Namespace, out: str)
                 res["alone"].append(_floor(state, dst))
         barrier()
         res["together"].append(_floor(state, dst))
+        barrier()  # every rank copies its 1/world share at once: the split's own floor
+        res["share"].append(_floor(state, dst, (rank, world)))
     del dst
     for mode in ("split", "whole"):
         memory = Path(args.shm) / mode
@@ -118,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
     out = {}
-    for k in ("alone", "together", "split", "whole"):
+    for k in ("alone", "together", "share", "split", "whole"):
         slowest = [max(r[k][i] for r in ranks) for i in range(args.saves)]
         out[k] = statistics.median(slowest)
     out["split_bytes"], out["whole_bytes"] = ranks[0]["split_bytes"], ranks[0]["whole_bytes"]
@@ -130,7 +138,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--mib", type=int, default=1024, help="state per rank, MiB")
     ap.add_argument("--saves", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=6, help="saves before measuring (the split is learned by then)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     args.threads = max(1, (os.cpu_count() or 2) // args.ranks)
@@ -139,6 +147,7 @@ def main() -> None:
     rows = [
         ("floor: one rank copies its state alone", m["alone"], ""),
         ("floor: every rank copies its state at once", m["together"], ""),
+        ("floor: every rank copies its 1/ranks share at once", m["share"], ""),
         ("save blocking, every rank stages its whole state", m["whole"], f"{m['whole_bytes'] / state:.2f}"),
         (
             "save blocking, replicated state staged once per node",
