@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--matmuls", type=int, default=40, help="compute per training step")
     ap.add_argument("--cap-mib-s", type=float, default=256.0)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="flashckpt-bench-mirror-"))
     shm = Path(tempfile.mkdtemp(prefix="flashckpt-bench-mirror-", dir="/dev/shm"))
@@ -208,6 +209,18 @@ def main() -> None:
     else:
         for name, value, ratio in rows:
             print(f"{name:<66} {value:>26} {ratio}")
+    if args.json:
+        figures = {
+            "bytes": nbytes,
+            "raw_socket_s": raw_s,
+            "push_s": push_s,
+            "push_x_socket_paired": pair,
+            "step_mirror_off_s": step["off"],
+            "step_mirror_on_s": step["on"],
+            "step_mirror_capped_s": step["on, capped"],
+            "mirrored": f"{done['on']}/{args.steps}, capped {done['on, capped']}/{args.steps}",
+        }
+        Path(args.json).write_text(json.dumps({"push": push_s, **figures}, indent=1))
 
 
 if __name__ == "__main__":

@@ -138,7 +138,9 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--mib", type=int, default=1024, help="state per rank, MiB")
     ap.add_argument("--saves", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=6, help="saves before measuring (the split is learned by then)")
+    ap.add_argument(
+        "--warmup", type=int, default=6, help="saves before measuring (the split is learned by then)"
+    )
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     args.threads = max(1, (os.cpu_count() or 2) // args.ranks)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import mmap
 import os
@@ -152,6 +153,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="runs of each measurement (median)")
     ap.add_argument("--concurrency", type=int, default=4, help="requests in flight, both clients")
     ap.add_argument("--part-mib", type=int, default=64, help="part / chunk / GET size, both clients")
+    ap.add_argument("--json", help="also write the medians here")
     args = ap.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
@@ -390,6 +392,8 @@ def main() -> None:
     row("boto3 restore: download + copy into tensors", None)
     for comp in ckpts:
         row(f"flashckpt restore ({comp})", restore_ref, also=down_ref)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bytes": nbytes, "median": med, "written": written}, indent=1))
     print("\n| zstd level 1, 64 MiB | ratio | speed, one thread |")
     print("| --- | --- | --- |")
     for a, b, c in codec_rows:

@@ -1,17 +1,17 @@
 """One-GPU check of flashckpt's CUDA path (the CUDA review of 2026-11, section 6).
 
 Eleven checks, each printed as one JSON line as it finishes, then a JSON summary written to
-``--out`` (``gpu-summary.json``).  A check that would start after ``--budget-s`` seconds is
-skipped (reported as such), except the last one, the registration accounting, which always
-runs.  The exit status is 1 if a check failed, else 0.  Without a CUDA device it prints
-``no CUDA device: skipped`` and exits 0.
+``--out`` (``gpu-summary.json``, and ``gpu-summary.md`` to read).  A check that would start
+after ``--budget-s`` seconds is skipped (reported as such), except the last one, the
+registration accounting, which always runs.  The exit status is 1 if a check failed, else
+0.  Without a CUDA device it prints ``no CUDA device: skipped`` and exits 0.
 
 Run on a machine with a GPU (about 2-2.5 minutes)::
 
     python -m bench.gpu --out bench/results/gpu
 
 Slots go under /dev/shm when it has more than 6 GiB free (else the temporary directory), and
-sizes shrink to what /dev/shm and the GPU can hold (4 GiB saves need about 16 GiB of /dev/shm).
+sizes shrink to what /dev/shm and the GPU hold (N GiB needs 4N GiB of /dev/shm, 2N of GPU memory).
 Everything created is removed at the end, also on error.
 
 Every fix of the review is asserted here, on a real GPU:
@@ -285,15 +285,37 @@ def check_raw_bandwidth(ctx: Ctx) -> dict[str, Any]:
     return out
 
 
+def _pieces(size: int, seed: int) -> dict[str, torch.Tensor]:
+    """``size`` bytes of fp32 on the GPU in pieces of at most 1 GiB, each from its own seed
+    (so that one piece at a time can be made again to check a restore bitwise)."""
+    out = {}
+    for i, off in enumerate(range(0, size, GiB)):
+        g = torch.Generator(device="cuda").manual_seed(seed + i)
+        out[f"w{i}"] = torch.randn(min(GiB, size - off) // 4, device="cuda", generator=g)
+    return out
+
+
+def _same_pieces(state: dict[str, torch.Tensor], seed: int) -> bool:
+    for i, name in enumerate(state):
+        g = torch.Generator(device="cuda").manual_seed(seed + i)
+        want = torch.randn(state[name].numel(), device="cuda", generator=g)
+        if not torch.equal(state[name], want):
+            return False
+        del want
+    return True
+
+
 def check_save_blocking(ctx: Ctx) -> dict[str, Any]:
-    """2: ``save`` blocking time vs size, warm and pinned; no registration during warm saves."""
-    sizes = [s for s in (256 * MiB, GiB, 2 * GiB, 4 * GiB) if ctx.fits(s)]
+    """2: ``save`` blocking time vs size (1, 4 and 16 GiB where they fit, else 256 MiB), warm
+    and pinned, against the registered D2H bandwidth of check 1; no registration during warm
+    saves; then ``restore`` host-to-device into the zeroed state, checked bitwise."""
+    sizes = [s for s in (GiB, 4 * GiB, 16 * GiB) if ctx.fits(s)] or [256 * MiB]
     rows: list[dict[str, Any]] = []
     for size in sizes:
         if time.monotonic() - ctx.start > ctx.args.budget_s * 0.6:
             rows.append({"bytes": size, "skipped": "budget"})
             continue
-        state = {"w": torch.randn(size // 4, device="cuda")}
+        state = _pieces(size, seed=size >> 20)
         with ctx.ckpt(f"save-{size >> 20}M") as ck:
             step = warm(ck, state)
             slots = parts(ck).stager.slots
@@ -317,8 +339,25 @@ def check_save_blocking(ctx: Ctx) -> dict[str, Any]:
             require(not any(cold), "a warm save was cold")
             for w, b in zip(walls, blocking, strict=True):
                 require(abs(w - b) <= 0.05 * w + 0.003, f"wall {w:.4f} s vs blocking_s {b:.4f} s")
+            for t in state.values():
+                t.zero_()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            got = ck.restore(state)
+            torch.cuda.synchronize()
+            restore_s = time.perf_counter() - t0
+            require(got == step + 2, f"restore returned step {got}, not {step + 2}")
+            require(_same_pieces(state, seed=size >> 20), "the restored state is not bitwise the saved one")
         median = statistics.median(blocking)
-        rows.append({"bytes": size, "blocking_s": round(median, 4), "gbs": gbs(size, median)})
+        row = {"bytes": size, "blocking_s": round(median, 4), "gbs": gbs(size, median)}
+        registered = ctx.raw.get("registered_d2h_gbs")
+        if registered:
+            row["x_d2h_floor"] = round(median / (size / (registered * 1e9)), 3)
+        row["restore_h2d_s"] = round(restore_s, 4)
+        row["restore_gbs"] = gbs(size, restore_s)
+        if ctx.raw.get("pinned_h2d_gbs"):
+            row["restore_x_h2d_floor"] = round(restore_s / (size / (ctx.raw["pinned_h2d_gbs"] * 1e9)), 3)
+        rows.append(row)
         del state
         torch.cuda.empty_cache()
     measured = [r for r in rows if "gbs" in r]
@@ -851,6 +890,42 @@ def workspace() -> Iterator[tuple[Path, Path, int]]:
         shutil.rmtree(disk, ignore_errors=True)
 
 
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as a page: every check's status, and the save/restore figures by size."""
+    c = summary["counts"]
+    lines = [
+        f"# flashckpt GPU check: {summary['device']} ({summary['devices']} device(s))",
+        "",
+        f"torch {summary['torch']}, CUDA {summary['cuda']}; {summary['seconds']:.0f} s. "
+        f"{c['pass']} passed, {c['fail']} failed, {c['error']} errors, {c['skipped']} skipped.",
+        "",
+        "| check | status | seconds | note |",
+        "| --- | --- | --- | --- |",
+    ]
+    for ln in summary["checks"]:
+        note = ln.get("error") or ln.get("reason") or ""
+        lines.append(
+            f"| {ln['check']}. {ln['name']} | {ln['status']} | {ln.get('seconds', '')} | {note[:200]} |"
+        )
+    saves = next((ln for ln in summary["checks"] if ln["check"] == 2 and "metrics" in ln), None)
+    if saves is not None:
+        lines += [
+            "",
+            "| size | save blocking | x registered D2H floor | restore H2D | x pinned H2D floor | bitwise |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in saves["metrics"]["sizes"]:
+            if "skipped" in r:
+                lines.append(f"| {r['bytes'] / GiB:g} GiB | skipped ({r['skipped']}) | | | | |")
+                continue
+            save = f"{r['blocking_s']:.4f} s ({r['gbs']} GB/s) | {r.get('x_d2h_floor', '—')}"
+            load = (
+                f"{r['restore_h2d_s']:.4f} s ({r['restore_gbs']} GB/s) | {r.get('restore_x_h2d_floor', '—')}"
+            )
+            lines.append(f"| {r['bytes'] / GiB:g} GiB | {save} | {load} | yes |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--out", default="bench/results/gpu", help="directory for gpu-summary.json")
@@ -898,6 +973,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "gpu-summary.md").write_text(markdown(summary))
     print(json.dumps({"summary": str(out / "gpu-summary.json"), **summary["counts"]}), flush=True)
     return 1 if summary["counts"]["fail"] or summary["counts"]["error"] else 0
 

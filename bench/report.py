@@ -1,0 +1,446 @@
+"""The report of ``python -m bench``: one Markdown page, the targets, and the plots.
+
+``render(results, out)`` takes what ``bench/__main__.py`` gathered (``latest.json``) and returns
+the Markdown; the PNG plots go to ``out`` (skipped, and said so, without matplotlib).  Every
+ratio is computed here from figures measured in the same run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def _core(res: dict[str, Any], g: float) -> dict[str, Any]:
+    c = res.get(f"core/{g:g}") or {}
+    rs = c.get("results") or []
+    return dict(rs[0]) if rs else {}
+
+
+def _sec(x: Any) -> str:
+    return "—" if not isinstance(x, (int, float)) or math.isnan(x) else f"{x:.3f} s"
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0 and not math.isnan(a):
+        return float(a) / float(b)
+    return None
+
+
+def _x(r: float | None) -> str:
+    return "—" if r is None else f"{r:.2f}x"
+
+
+def _failed(res: dict[str, Any], key: str) -> str | None:
+    v = res.get(key)
+    if isinstance(v, dict) and "failed" in v:
+        return f"{key}: failed ({v['failed']}; log {v.get('log')})"
+    return None
+
+
+#: (figure, target, how it is measured: fn(results, size) -> (measured ratio, detail), direction)
+Target = tuple[str, str, Callable[[dict[str, Any], float], tuple[float | None, str]], str, float]
+
+
+def _t_blocking(res: dict[str, Any], g: float) -> tuple[float | None, str]:
+    c = _core(res, g)
+    return c.get("blocking_steady_pair"), f"{_sec(c.get('blocking_steady'))} / {_sec(c.get('floor'))}"
+
+
+def _t_cold(res: dict[str, Any], g: float) -> tuple[float | None, str]:
+    c = _core(res, g)
+    return c.get("blocking_cold_pair"), f"{_sec(c.get('blocking_cold'))} / {_sec(c.get('floor_steady'))}"
+
+
+def _t_torch(res: dict[str, Any], g: float) -> tuple[float | None, str]:
+    c = _core(res, g)
+    return _ratio(c.get("torch_save"), c.get("blocking_steady")), f"{_sec(c.get('torch_save'))}"
+
+
+def _t_dcp_block(res: dict[str, Any], g: float) -> tuple[float | None, str]:
+    c = _core(res, g)
+    return _ratio(
+        c.get("dcp_async_blocking"), c.get("blocking_steady")
+    ), f"{_sec(c.get('dcp_async_blocking'))}"
+
+
+def _t_dcp_durable(res: dict[str, Any], g: float) -> tuple[float | None, str]:
+    c = _core(res, g)
+    return (
+        _ratio(c.get("dcp_async_durable"), c.get("durable_local")),
+        f"{_sec(c.get('dcp_async_durable'))} / {_sec(c.get('durable_local'))}",
+    )
+
+
+def _t_raw(res: dict[str, Any], g: float) -> tuple[float | None, str]:
+    c = _core(res, g)
+    return c.get("so_durable_pair"), f"{_sec(c.get('so_durable'))} / {_sec(c.get('so_raw_paired'))}"
+
+
+def _t_restore(res: dict[str, Any], g: float) -> tuple[float | None, str]:
+    c = _core(res, g)
+    return c.get("restore_memory_pair"), f"{_sec(c.get('restore_memory'))} / {_sec(c.get('floor'))}"
+
+
+def _t_dcp_load(res: dict[str, Any], g: float) -> tuple[float | None, str]:
+    c = _core(res, g)
+    load = c.get("dcp_load_warm")
+    return _ratio(
+        load, c.get("restore_memory")
+    ), f"{_sec(load)} (page cache warm) / {_sec(c.get('restore_memory'))}"
+
+
+def _t_training(res: dict[str, Any], g: float) -> tuple[float | None, str]:
+    t = res.get("training") or {}
+    return _ratio(
+        t.get("flashckpt"), t.get("none")
+    ), f"{t.get('flashckpt', 0):.2f} / {t.get('none', 0):.2f} steps/s"
+
+
+def _t_memory(res: dict[str, Any], g: float) -> tuple[float | None, str]:
+    m = (res.get(f"memory/{g:g}") or {}).get("flashckpt") or {}
+    r = m.get("ratio")
+    return r, "" if r is None else f"{m.get('extra_bytes', 0) / GiB:.2f} GiB"
+
+
+TARGETS: list[Target] = [
+    ("save blocking / copy floor, steady state (paired)", "<= 1.2", _t_blocking, "le", 1.2),
+    ("first save after `restore()` / copy floor", "<= 2", _t_cold, "le", 2.0),
+    ("`torch.save` + fsync / flashckpt blocking", ">= 10", _t_torch, "ge", 10.0),
+    ("DCP `async_save` blocking / flashckpt blocking", ">= 1.3", _t_dcp_block, "ge", 1.3),
+    ("DCP `async_save` until durable / flashckpt until durable on local", ">= 3", _t_dcp_durable, "ge", 3.0),
+    ("durable on local / fastest raw write (paired)", "<= 1.3", _t_raw, "le", 1.3),
+    ("restore from memory / copy floor (paired)", "<= 1.5", _t_restore, "le", 1.5),
+    ("DCP `load` / flashckpt restore from memory", ">= 4", _t_dcp_load, "ge", 4.0),
+    ("training throughput, a save every step / none", ">= 0.9", _t_training, "ge", 0.9),
+    ("peak extra host memory during save / state size", "<= 2.2", _t_memory, "le", 2.2),
+]
+
+
+def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target at every size (training: once): measured ratio, met or not."""
+    rows = []
+    for name, want, fn, how, limit in TARGETS:
+        sizes = res["sizes"] if fn is not _t_training else [res["sizes"][0]]
+        for g in sizes:
+            r, detail = fn(res, g)
+            met = None if r is None else (r <= limit if how == "le" else r >= limit)
+            label = "all" if fn is _t_training else f"{g:g} GiB"
+            rows.append(
+                {"figure": name, "target": want, "size": label, "ratio": r, "detail": detail, "met": met}
+            )
+    return rows
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _save_rows(res: dict[str, Any]) -> list[list[str]]:
+    sizes = res["sizes"]
+    cs = [_core(res, g) for g in sizes]
+    tcs = [res.get(f"tc/{g:g}") or {} for g in sizes]
+
+    def row(label: str, get: Callable[[int], Any], base: str | None = "floor") -> list[str]:
+        cells = []
+        for i, c in enumerate(cs):
+            v = get(i)
+            cells.append(_sec(v) + ("" if base is None else f" ({_x(_ratio(v, c.get(base)))})"))
+        return [label, *cells]
+
+    rows = [
+        row("copy into a preallocated buffer (the floor)", lambda i: cs[i].get("floor")),
+        row("fastest raw write + fsync", lambda i: cs[i].get("raw_fastest")),
+        row("**flashckpt save, blocking (steady)**", lambda i: cs[i].get("blocking_steady")),
+        row("flashckpt first save after `restore()`", lambda i: cs[i].get("blocking_cold")),
+        row("flashckpt until durable on local (local + storage tiers)", lambda i: cs[i].get("durable_local")),
+        row("flashckpt until durable on both tiers", lambda i: cs[i].get("durable_all")),
+        row("flashckpt until durable, one disk tier", lambda i: cs[i].get("so_durable")),
+        row("`torch.save` + fsync", lambda i: cs[i].get("torch_save")),
+        row("DCP `save`", lambda i: cs[i].get("dcp_save")),
+        row("DCP `async_save`, blocking", lambda i: cs[i].get("dcp_async_blocking")),
+        row("DCP `async_save`, until durable", lambda i: cs[i].get("dcp_async_durable")),
+        row("`torch_checkpointing` async save, blocking (staged)", lambda i: tcs[i].get("save_blocking")),
+        row(
+            "`torch_checkpointing` async save, until written (no fsync)", lambda i: tcs[i].get("save_durable")
+        ),
+    ]
+    return rows
+
+
+def _restore_rows(res: dict[str, Any]) -> list[list[str]]:
+    sizes = res["sizes"]
+    cs = [_core(res, g) for g in sizes]
+    rd = [res.get(f"read/{g:g}") or {} for g in sizes]
+    mr = [res.get(f"mirror/{g:g}") or {} for g in sizes]
+
+    def row(label: str, get: Callable[[int], Any]) -> list[str]:
+        return [
+            label,
+            *(f"{_sec(get(i))} ({_x(_ratio(get(i), cs[i].get('floor')))})" for i in range(len(sizes))),
+        ]
+
+    return [
+        row("copy into a preallocated buffer (the floor)", lambda i: cs[i].get("floor")),
+        row("fastest raw read (O_DIRECT, or cold page cache)", lambda i: rd[i].get("raw_read_fastest")),
+        row("raw loopback socket copy", lambda i: mr[i].get("raw_socket")),
+        row("**flashckpt restore from memory**", lambda i: cs[i].get("restore_memory")),
+        row(
+            "flashckpt restore from a peer's mirror (fresh process, lost node)",
+            lambda i: mr[i].get("restore_mirror"),
+        ),
+        row("flashckpt restore from local disk, cold", lambda i: cs[i].get("restore_disk_cold")),
+        row("flashckpt restore from local disk, warm", lambda i: cs[i].get("restore_disk_warm")),
+        row("`torch.load`, cold", lambda i: cs[i].get("torch_load_cold")),
+        row("`torch.load(mmap=True)` + copy into the state", lambda i: rd[i].get("torch_load_mmap")),
+        row("DCP `load`, cold", lambda i: cs[i].get("dcp_load_cold")),
+        row("DCP `load`, warm", lambda i: cs[i].get("dcp_load_warm")),
+    ]
+
+
+def render(res: dict[str, Any], out: Path) -> str:
+    m = res["machine"]
+    sizes = res["sizes"]
+    heads = [f"{g:g} GiB" for g in sizes]
+    lines = [
+        "# flashckpt benchmarks",
+        "",
+        f"`python -m bench{' --quick' if res.get('quick') else ''}` on {m['date']}, git {m['git']}: "
+        f"{m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB RAM, Linux {m['kernel']}; "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+        + f". {res['seconds']:.0f} s in all.",
+        "",
+        "States: transformer-shaped, bf16 weights with fp32 master weights and Adam moments (14 bytes per "
+        "parameter), random values changed between saves. Every ratio is against a figure measured in "
+        "the same run; *paired* ratios divide each measurement by the floor measured just before it.",
+        "",
+        "## Targets",
+        "",
+    ]
+    rows = targets(res)
+    lines.append(
+        _table(
+            ["figure", "target", "size", "measured", "from", "met"],
+            [
+                [
+                    r["figure"],
+                    r["target"],
+                    r["size"],
+                    _x(r["ratio"]),
+                    r["detail"],
+                    "—" if r["met"] is None else ("yes" if r["met"] else "**no**"),
+                ]
+                for r in rows
+            ],
+        )
+    )
+    missed = [r for r in rows if r["met"] is False]
+    unknown = [r for r in rows if r["met"] is None]
+    summary = f"{sum(r['met'] is True for r in rows)} of {len(rows)} met, {len(missed)} missed"
+    summary += f", {len(unknown)} not measured (see the notes)." if unknown else "."
+    lines += ["", summary]
+    lines += ["", "## Save", "", "Seconds (x the copy floor of the same size).", ""]
+    lines.append(_table(["", *heads], _save_rows(res)))
+    lines += ["", "## Restore", "", "Seconds (x the copy floor of the same size).", ""]
+    lines.append(_table(["", *heads], _restore_rows(res)))
+    lines += ["", "## Host memory during a save", ""]
+    mem_rows = []
+    methods = [
+        ("flashckpt", "flashckpt (3 saves, double buffer)"),
+        ("torch_save", "`torch.save` + fsync"),
+        ("dcp_async_save", "DCP `async_save`"),
+    ]
+    for method, label in methods:
+        cells = []
+        for g in sizes:
+            v = ((res.get(f"memory/{g:g}") or {}).get(method)) or {}
+            cells.append("—" if "ratio" not in v else f"{v['ratio']:.2f}x ({v['extra_bytes'] / GiB:.2f} GiB)")
+        mem_rows.append([label, *cells])
+    lines += ["Peak resident memory of the saving process above what it held before, x the state's size.", ""]
+    lines.append(_table(["", *heads], mem_rows))
+    t = res.get("training") or {}
+    if "none" in t:
+        lines += ["", "## Training throughput", ""]
+        lines.append(
+            f"A GPT-style model ({t.get('model_bytes', 0) / MiB:.0f} MiB of weights, AdamW: about "
+            f"three times that in state) trained on CPU for {t.get('steps')} steps; median of the runs."
+        )
+        lines.append("")
+        trows = [
+            [label, f"{t[k]:.2f}", _x(_ratio(t[k], t["none"]))]
+            for k, label in (
+                ("none", "no checkpoint"),
+                ("flashckpt", "flashckpt every step (memory, then storage)"),
+                ("torch_save", "`torch.save` + fsync every 10 steps"),
+                ("dcp_async_save", "DCP `async_save` every step"),
+            )
+            if k in t
+        ]
+        lines.append(_table(["", "steps/s", "x none"], trows))
+    z = res.get("compression") or {}
+    lines += ["", "## Compression on trained weights", ""]
+    if z.get("installed"):
+        lines.append(
+            f"{z['source']} ({z['bytes'] / MiB:.1f} MiB, {z['tensors']} fp32 tensors) saved to a disk tier: "
+            f"zstd stores {z['zstd']['ratio']:.3f} of the raw bytes "
+            f"({_sec(z['zstd']['durable_s'])} to durable, {_sec(z['none']['durable_s'])} without "
+            "compression); restored bitwise: "
+            f"{z['zstd']['bitwise'] and z['none']['bitwise']}."
+        )
+    else:
+        lines.append(str(z.get("why") or z.get("failed") or "not measured"))
+    s3 = res.get("s3") or {}
+    if "median" in s3:
+        md = s3["median"]
+        nb = s3["bytes"]
+        lines += ["", f"## S3 (moto on loopback, {nb / MiB:.0f} MiB)", ""]
+        srows = []
+        for k in sorted(md):
+            srows.append([k, _sec(md[k]), f"{nb / md[k] / 1e9:.2f}"])
+        lines.append(_table(["", "seconds", "GB/s"], srows))
+    tc = [res.get(f"tc/{g:g}") or {} for g in sizes]
+    notes = [
+        f"`torch_checkpointing`: {x.get('why') or x.get('error') or x.get('note')}"
+        for x in tc[:1]
+        if x.get("why") or x.get("error") or x.get("note")
+    ]
+    notes += [f for k in res if (f := _failed(res, k))]
+    dist = res.get("dist") or {}
+    if "ranks" in dist:
+        rk = dist["ranks"]
+        worst = {
+            k: max(r[k] for r in rk) for k in ("blocking", "durable", "restore_memory", "restore_storage")
+        }
+        lines += ["", "## Multi-rank (4 ranks, 256 MiB each, slowest rank)", ""]
+        lines.append(
+            _table(
+                ["", "seconds", "x one process's copy floor"],
+                [
+                    [k.replace("_", " "), _sec(v), _x(_ratio(v, dist.get("single_floor")))]
+                    for k, v in worst.items()
+                ]
+                + [
+                    [f"after losing a node: from {x['tier']}", _sec(x["seconds"]), ""]
+                    for x in dist.get("lost", [])[:4]
+                ],
+            )
+        )
+    mirrors = res.get("mirrors") or {}
+    if "push" in mirrors:
+        lines += ["", "## Peer mirrors (bench_mirror)", ""]
+        lines.append(
+            _table(
+                ["", "value"],
+                [
+                    [k.replace("_", " "), f"{v:.3f}" if isinstance(v, float) else str(v)]
+                    for k, v in mirrors.items()
+                    if k != "seconds"
+                ],
+            )
+        )
+    plots = draw(res, out)
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    else:
+        notes.append("plots not drawn: matplotlib is not installed (`bash bench/setup`)")
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def draw(res: dict[str, Any], out: Path) -> list[Path]:
+    """``save.png``, ``restore.png``, ``training.png`` in ``out``; [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    sizes = res["sizes"]
+    made = []
+
+    def bars(name: str, title: str, series: list[tuple[str, Callable[[float], Any]]]) -> None:
+        fig, ax = plt.subplots(figsize=(10, 4.8))
+        width = 0.8 / len(series)
+        blues = iter(["#1f4e9c", "#3f7fd0", "#8fb8ea"])
+        others = iter(["#d62728", "#ff7f0e", "#8c564b", "#9467bd"])
+        for j, (label, get) in enumerate(series):
+            ys = [get(g) for g in sizes]
+            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(sizes))]
+            ours = label.startswith("flashckpt")
+            color = "#aaaaaa" if "floor" in label else next(blues) if ours else next(others)
+            ax.bar(xs, [y if isinstance(y, (int, float)) else 0 for y in ys], width, label=label, color=color)
+        ax.set_xticks(range(len(sizes)), [f"{g:g} GiB" for g in sizes])
+        ax.set_yscale("log")
+        ax.set_ylabel("seconds (log scale)")
+        ax.set_title(title)
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+
+    def core(key: str) -> Callable[[float], Any]:
+        return lambda g: _core(res, g).get(key)
+
+    bars(
+        "save",
+        "Save: time the training loop is blocked, and until durable",
+        [
+            ("copy floor", core("floor")),
+            ("flashckpt blocking", core("blocking_steady")),
+            ("DCP async_save blocking", core("dcp_async_blocking")),
+            ("torch_checkpointing blocking", lambda g: (res.get(f"tc/{g:g}") or {}).get("save_blocking")),
+            ("torch.save + fsync", core("torch_save")),
+            ("flashckpt until durable (local)", core("durable_local")),
+            ("DCP async_save until durable", core("dcp_async_durable")),
+        ],
+    )
+    bars(
+        "restore",
+        "Restore into an existing state",
+        [
+            ("copy floor", core("floor")),
+            ("flashckpt from memory", core("restore_memory")),
+            (
+                "flashckpt from a peer mirror",
+                lambda g: (res.get(f"mirror/{g:g}") or {}).get("restore_mirror"),
+            ),
+            ("flashckpt from local disk (cold)", core("restore_disk_cold")),
+            ("torch.load mmap + copy", lambda g: (res.get(f"read/{g:g}") or {}).get("torch_load_mmap")),
+            ("DCP load (cold)", core("dcp_load_cold")),
+        ],
+    )
+    t = res.get("training") or {}
+    if "none" in t:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        keys = [k for k in ("none", "flashckpt", "torch_save", "dcp_async_save") if k in t]
+        labels = {
+            "none": "no checkpoint",
+            "flashckpt": "flashckpt every step",
+            "torch_save": "torch.save every 10",
+            "dcp_async_save": "DCP async_save every step",
+        }
+        ax.barh(
+            [labels[k] for k in keys],
+            [t[k] for k in keys],
+            color=["#999999", "#1f77b4", "#999999", "#999999"],
+        )
+        ax.invert_yaxis()
+        ax.set_xlabel("training steps per second (higher is better)")
+        ax.set_title("Training throughput with checkpoints (CPU)")
+        fig.tight_layout()
+        path = out / "training.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    return made
