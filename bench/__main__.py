@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dir", default=None, help="a disk directory for the files (default: the repository's bench/)"
     )
     p.add_argument(
-        "--only", help="comma-separated sections: core,read,memory,rivals,mirror,s3,training,compression"
+        "--only",
+        help="comma-separated sections to run (core,read,memory,rivals,mirror,s3,training,compression); "
+        "the others are taken from the last latest.json of the same sizes, and the report says so",
     )
     args = p.parse_args(argv)
     sizes = [float(s) for s in (args.sizes or ("0.25" if args.quick else "0.25,1,4")).split(",") if s]
@@ -210,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
 
     runner = Runner(out, disk, len(plan))
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "sizes": sizes}
+    previous = out / "latest.json"
+    if only is not None and previous.is_file():  # the other sections: from the last run
+        old = json.loads(previous.read_text())
+        if old.get("sizes") == sizes and old.get("quick") == args.quick:
+            keep = {k: v for k, v in old.items() if k not in results and k not in {p[0] for p in plan}}
+            results.update(keep)
+            results["rerun"] = {"sections": [p[0] for p in plan], "earlier": old["machine"].get("date")}
     for key, name, module, margs, timeout in plan:
         results[key] = runner.run(key.replace("/", "-"), name, module, margs, timeout)
     results["seconds"] = time.perf_counter() - runner.t0

@@ -195,8 +195,11 @@ def _restore_rows(res: dict[str, Any]) -> list[list[str]]:
 
     return [
         row("copy into a preallocated buffer (the floor)", lambda i: cs[i].get("floor")),
-        row("fastest raw read (O_DIRECT, or cold page cache)", lambda i: rd[i].get("raw_read_fastest")),
+        row("fastest raw read (O_DIRECT; cold buffered or mmap)", lambda i: rd[i].get("raw_read_fastest")),
         row("raw loopback socket copy", lambda i: mr[i].get("raw_socket")),
+        row(
+            "first touch of as much fresh shared memory (this VM's limit)", lambda i: mr[i].get("first_touch")
+        ),
         row("**flashckpt restore from memory**", lambda i: cs[i].get("restore_memory")),
         row(
             "flashckpt restore from a peer's mirror (fresh process, lost node)",
@@ -223,6 +226,15 @@ def render(res: dict[str, Any], out: Path) -> str:
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
         + f". {res['seconds']:.0f} s in all.",
         "",
+        *(
+            [
+                f"Sections {', '.join(res['rerun']['sections'])} were measured again at that date; the "
+                f"others come from the run of {res['rerun']['earlier']}.",
+                "",
+            ]
+            if res.get("rerun")
+            else []
+        ),
         "States: transformer-shaped, bf16 weights with fp32 master weights and Adam moments (14 bytes per "
         "parameter), random values changed between saves. Every ratio is against a figure measured in "
         "the same run; *paired* ratios divide each measurement by the floor measured just before it.",

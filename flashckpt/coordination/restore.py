@@ -266,7 +266,7 @@ class Restorer:
         )
         try:
             p.mem.reclaim(slot, p.opts.coord_timeout_s)
-            slot.ensure(nbytes)
+            slot.ensure(nbytes, helpers=1)  # the restore waits for it: fault in on two threads
         except BaseException:
             p.mem.forget(slot)
             p.stager.release(slot)

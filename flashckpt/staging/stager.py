@@ -488,6 +488,15 @@ class _Faulting:
                 self.cond.wait()
 
 
+def _help_quietly(job: _Faulting) -> None:
+    """A helper thread of :meth:`Slot._fault_in`: its error is recorded in the job, whose
+    owner raises it."""
+    try:
+        job.work(helper=True)
+    except BaseException:  # recorded in the job: its owner raises it  # noqa: BLE001
+        pass
+
+
 class Slot:
     """One shared-memory staging buffer.  Mapping changes happen under ``lock``.
 
@@ -536,14 +545,16 @@ class Slot:
         return self._buf is not None and self.capacity >= nbytes and not self.lazy
 
     @hooks.timed("time.slot.ensure")
-    def ensure(self, nbytes: int, *, pause: Callable[[], None] | None = None) -> bool:
+    def ensure(self, nbytes: int, *, pause: Callable[[], None] | None = None, helpers: int = 0) -> bool:
         """Map at least ``nbytes``; return True if fresh memory had to be mapped.
 
         Every page is allocated (``fallocate``: a sparse tmpfs file that cannot be filled
         later would kill the process with SIGBUS on the copy instead of raising here) and
         mapped in up front.  With ``pause`` (the prefault thread), the work is done in
         ``_PIECE`` steps and ``pause()`` is called between them, so that a save copying into
-        the other slot does not compete with page faulting for the two cores.
+        the other slot does not compete with page faulting for the two cores.  ``helpers``
+        threads fault pieces in alongside the caller (a restore that waits for the slot:
+        page faults on tmpfs scale with threads).
 
         Any thread (training, prefault, mirror connections).  Never pins; growing a pinned
         mapping unpins it first.  The file is opened with ``open_private``: ``ConfigError``
@@ -556,7 +567,7 @@ class Slot:
                 if _CAN_POPULATE_WRITE:  # adopted: fault it in where it is mapped (bytes kept)
                     fd = open_private(self.path)
                     try:
-                        self._fault_in(fd, self.address, self.capacity, pause)
+                        self._fault_in(fd, self.address, self.capacity, pause, helpers)
                     finally:
                         os.close(fd)
                     self.lazy = False
@@ -577,7 +588,7 @@ class Slot:
                     os.ftruncate(fd, max(capacity, os.fstat(fd).st_size))
                     self._mm = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED)
                     base = torch.frombuffer(self._mm, dtype=torch.uint8).data_ptr()
-                    self._fault_in(fd, base, capacity, pause)
+                    self._fault_in(fd, base, capacity, pause, helpers)
             except BaseException:
                 if self._mm is not None:
                     try:
@@ -597,14 +608,25 @@ class Slot:
             self.lazy = False
             return True
 
-    def _fault_in(self, fd: int, base: int, capacity: int, pause: Callable[[], None] | None) -> None:
+    def _fault_in(
+        self, fd: int, base: int, capacity: int, pause: Callable[[], None] | None, helpers: int = 0
+    ) -> None:
         """Under ``lock``: allocate and fault in ``[base, base + capacity)`` (the mapping of
-        ``fd``), helped by a save that waits for it (:meth:`help_fault`)."""
+        ``fd``), helped by a save that waits for it (:meth:`help_fault`) and by ``helpers``
+        threads of its own (joined before it returns; their errors are the job's)."""
         job = _Faulting(fd, base, capacity)
         self.faulting = job
+        threads = [
+            threading.Thread(target=_help_quietly, args=(job,), name="flashckpt-fault", daemon=True)
+            for _ in range(helpers)
+        ]
         try:
+            for t in threads:
+                t.start()
             job.work(pause)
         finally:
+            for t in threads:
+                t.join()
             self.faulting = None
             job.drain()  # a helper's piece may still be running: fd stays open
         if job.error is not None:  # a helper's piece failed: the slot has holes
