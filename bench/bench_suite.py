@@ -90,6 +90,18 @@ def _write_file(path: Path, tensors: list[torch.Tensor]) -> int:
     return n
 
 
+def _evict(path: Path) -> bool:
+    """Out of the page cache: this file (``POSIX_FADV_DONTNEED`` after a sync), and all of
+    it where that is allowed (``drop_caches``).  True if the latter worked."""
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return drop_caches()
+
+
 def _read_direct(path: Path, size: int) -> float:
     """``O_DIRECT`` reads of 4 MiB into one page-aligned buffer of ``size`` bytes."""
     buf = mmap.mmap(-1, (size + PIECE - 1) // PIECE * PIECE)
@@ -123,7 +135,7 @@ def section_read(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.repeats):
             reads.append(_read_direct(raw, size))
         out["raw_read_direct"] = min(reads)
-        out["page_cache_dropped"] = drop_caches()
+        out["page_cache_dropped"] = _evict(raw)
         if out["page_cache_dropped"]:
             t0 = time.perf_counter()
             with open(raw, "rb", buffering=0) as f:
@@ -135,7 +147,7 @@ def section_read(args: argparse.Namespace) -> dict[str, Any]:
             dst = torch.empty(size, dtype=torch.uint8)
             dst.fill_(0)  # faulted in: the floor is the disk, not first touch
             for _ in range(args.repeats):
-                drop_caches()
+                _evict(raw)
                 t0 = time.perf_counter()
                 with open(raw, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mm:
                     dst.copy_(torch.frombuffer(mm, dtype=torch.uint8))  # page faults, with readahead
@@ -155,7 +167,7 @@ def section_read(args: argparse.Namespace) -> dict[str, Any]:
         target, _ = build_state(int(args.gib * GiB), "mixed", seed=1)
         loads = []
         for _ in range(args.repeats):
-            cold = drop_caches()
+            cold = _evict(p)
             t0 = time.perf_counter()
             loaded = torch.load(p, mmap=True, weights_only=True)
             for dst, src in zip(iter_tensors(target), iter_tensors(loaded), strict=True):

@@ -196,7 +196,9 @@ def test_mirror_placement_is_on_other_nodes_and_spread() -> None:
 
 def _victim_worker(rank: int, init: str, storage: str, memory: str, result: str) -> None:
     """Two ranks on two simulated nodes, each mirroring to the other.  Rank 1 is SIGKILLed
-    while it receives rank 0's snapshot of step 2; rank 0 trains on."""
+    while it receives rank 0's snapshot of step 2, or of the first step after it that rank 0
+    pushes (rank 0 saves steps 2-4 back to back: a push a newer save overtakes is abandoned
+    before it starts); rank 0 trains on."""
     import json
     import signal
     import time
@@ -216,7 +218,8 @@ def _victim_worker(rank: int, init: str, storage: str, memory: str, result: str)
         orig = _server.MirrorServer._put
 
         def put(self: _server.MirrorServer, conn: socket.socket, req: dict[str, object]) -> None:
-            if req.get("step") == 2:
+            step = req.get("step")
+            if isinstance(step, int) and step >= 2:
                 os.kill(os.getpid(), signal.SIGKILL)
             orig(self, conn, req)
 
@@ -234,8 +237,10 @@ def _victim_worker(rank: int, init: str, storage: str, memory: str, result: str)
         if step < 2:
             handles[step].wait()  # type: ignore[union-attr]
     if rank == 1:
-        while True:  # until rank 0's push of step 2 arrives
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until rank 0 pushes step 2 or later
             time.sleep(0.1)
+        os._exit(3)  # it never came
     for step, h in handles.items():
         assert h is not None
         try:
@@ -265,10 +270,16 @@ def test_a_peer_killed_during_a_mirror_transfer_does_not_stop_training(tmp_path:
         )
         for r in (0, 1)
     ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+    finally:
+        for p in procs:  # nothing outlives the test (a later test would wait for it)
+            if p.is_alive():
+                p.kill()
+                p.join(10)
     assert [p.exitcode for p in procs] == [0, -9]
     got = json.loads(result.read_text())
     assert got["saved"] == [0, 1, 2, 3, 4]  # every save returned
