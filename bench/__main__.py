@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+#: the sections without a size in their key
+SECTIONS = ("s3", "training", "compression", "dist", "mirrors")
 GiB = 1 << 30
 
 
@@ -216,9 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     if only is not None and previous.is_file():  # the other sections: from the last run
         old = json.loads(previous.read_text())
         if old.get("sizes") == sizes and old.get("quick") == args.quick:
-            keep = {k: v for k, v in old.items() if k not in results and k not in {p[0] for p in plan}}
+            rerun = {p[0] for p in plan}
+            keep = {k: v for k, v in old.items() if k not in results and k not in rerun and k != "dates"}
             results.update(keep)
-            results["rerun"] = {"sections": [p[0] for p in plan], "earlier": old["machine"].get("date")}
+            dates = old.get("dates") or {}
+            results["dates"] = {
+                k: dates.get(k, old["machine"].get("date")) for k in keep if "/" in k or k in SECTIONS
+            }
+            results["rerun"] = {"sections": sorted(rerun), "earlier": sorted(set(results["dates"].values()))}
     for key, name, module, margs, timeout in plan:
         results[key] = runner.run(key.replace("/", "-"), name, module, margs, timeout)
     results["seconds"] = time.perf_counter() - runner.t0

@@ -229,7 +229,8 @@ def render(res: dict[str, Any], out: Path) -> str:
         *(
             [
                 f"Sections {', '.join(res['rerun']['sections'])} were measured again at that date; the "
-                f"others come from the run of {res['rerun']['earlier']}.",
+                f"others come from earlier runs ({', '.join(res['rerun']['earlier'])}; each section's "
+                "date is in latest.json), their ratios to the copy floor from the newest core run.",
                 "",
             ]
             if res.get("rerun")
