@@ -267,6 +267,7 @@ class Restorer:
         try:
             p.mem.reclaim(slot, p.opts.coord_timeout_s)
             slot.ensure(nbytes, helpers=1)  # the restore waits for it: fault in on two threads
+            slot.allocate([(0, nbytes)])  # pages given back to other ranks' parts: never a SIGBUS
         except BaseException:
             p.mem.forget(slot)
             p.stager.release(slot)
