@@ -44,55 +44,30 @@ def _failed(res: dict[str, Any], key: str) -> str | None:
 
 
 #: (figure, target, how it is measured: fn(results, size) -> (measured ratio, detail), direction)
-Target = tuple[str, str, Callable[[dict[str, Any], float], tuple[float | None, str]], str, float]
+Target = tuple[str, str, "Measure", str, float]
 
 
-def _t_blocking(res: dict[str, Any], g: float) -> tuple[float | None, str]:
-    c = _core(res, g)
-    return c.get("blocking_steady_pair"), f"{_sec(c.get('blocking_steady'))} / {_sec(c.get('floor'))}"
+Measure = Callable[[dict[str, Any], float], tuple[float | None, str]]
 
 
-def _t_cold(res: dict[str, Any], g: float) -> tuple[float | None, str]:
-    c = _core(res, g)
-    return c.get("blocking_cold_pair"), f"{_sec(c.get('blocking_cold'))} / {_sec(c.get('floor_steady'))}"
+def _paired(key: str, base: str) -> Measure:
+    """bench_core's paired ratio of ``key`` (each run over the floor taken just before it)."""
+
+    def fn(res: dict[str, Any], g: float) -> tuple[float | None, str]:
+        c = _core(res, g)
+        return c.get(f"{key}_pair"), f"{_sec(c.get(key))} / {_sec(c.get(base))}"
+
+    return fn
 
 
-def _t_torch(res: dict[str, Any], g: float) -> tuple[float | None, str]:
-    c = _core(res, g)
-    return _ratio(c.get("torch_save"), c.get("blocking_steady")), f"{_sec(c.get('torch_save'))}"
+def _over(num: str, den: str) -> Measure:
+    """``num / den`` of the same size's core figures."""
 
+    def fn(res: dict[str, Any], g: float) -> tuple[float | None, str]:
+        c = _core(res, g)
+        return _ratio(c.get(num), c.get(den)), f"{_sec(c.get(num))} / {_sec(c.get(den))}"
 
-def _t_dcp_block(res: dict[str, Any], g: float) -> tuple[float | None, str]:
-    c = _core(res, g)
-    return _ratio(
-        c.get("dcp_async_blocking"), c.get("blocking_steady")
-    ), f"{_sec(c.get('dcp_async_blocking'))}"
-
-
-def _t_dcp_durable(res: dict[str, Any], g: float) -> tuple[float | None, str]:
-    c = _core(res, g)
-    return (
-        _ratio(c.get("dcp_async_durable"), c.get("durable_local")),
-        f"{_sec(c.get('dcp_async_durable'))} / {_sec(c.get('durable_local'))}",
-    )
-
-
-def _t_raw(res: dict[str, Any], g: float) -> tuple[float | None, str]:
-    c = _core(res, g)
-    return c.get("so_durable_pair"), f"{_sec(c.get('so_durable'))} / {_sec(c.get('so_raw_paired'))}"
-
-
-def _t_restore(res: dict[str, Any], g: float) -> tuple[float | None, str]:
-    c = _core(res, g)
-    return c.get("restore_memory_pair"), f"{_sec(c.get('restore_memory'))} / {_sec(c.get('floor'))}"
-
-
-def _t_dcp_load(res: dict[str, Any], g: float) -> tuple[float | None, str]:
-    c = _core(res, g)
-    load = c.get("dcp_load_warm")
-    return _ratio(
-        load, c.get("restore_memory")
-    ), f"{_sec(load)} (page cache warm) / {_sec(c.get('restore_memory'))}"
+    return fn
 
 
 def _t_training(res: dict[str, Any], g: float) -> tuple[float | None, str]:
@@ -113,14 +88,56 @@ def _t_memory(res: dict[str, Any], g: float) -> tuple[float | None, str]:
 
 
 TARGETS: list[Target] = [
-    ("save blocking / copy floor, steady state (paired)", "<= 1.2", _t_blocking, "le", 1.2),
-    ("first save after `restore()` / copy floor", "<= 2", _t_cold, "le", 2.0),
-    ("`torch.save` + fsync / flashckpt blocking", ">= 10", _t_torch, "ge", 10.0),
-    ("DCP `async_save` blocking / flashckpt blocking", ">= 1.3", _t_dcp_block, "ge", 1.3),
-    ("DCP `async_save` until durable / flashckpt until durable on local", ">= 3", _t_dcp_durable, "ge", 3.0),
-    ("durable on local / fastest raw write (paired)", "<= 1.3", _t_raw, "le", 1.3),
-    ("restore from memory / copy floor (paired)", "<= 1.5", _t_restore, "le", 1.5),
-    ("DCP `load` / flashckpt restore from memory", ">= 4", _t_dcp_load, "ge", 4.0),
+    (
+        "save blocking / copy floor, steady state (paired)",
+        "<= 1.2",
+        _paired("blocking_steady", "floor"),
+        "le",
+        1.2,
+    ),
+    (
+        "first save after `restore()` / copy floor",
+        "<= 2",
+        _paired("blocking_cold", "floor_steady"),
+        "le",
+        2.0,
+    ),
+    (
+        "`torch.save` + fsync / flashckpt blocking",
+        ">= 10",
+        _over("torch_save", "blocking_steady"),
+        "ge",
+        10.0,
+    ),
+    (
+        "DCP `async_save` blocking / flashckpt blocking",
+        ">= 1.3",
+        _over("dcp_async_blocking", "blocking_steady"),
+        "ge",
+        1.3,
+    ),
+    (
+        "DCP `async_save` until durable / flashckpt until durable on local",
+        ">= 3",
+        _over("dcp_async_durable", "durable_local"),
+        "ge",
+        3.0,
+    ),
+    (
+        "durable on local / fastest raw write (paired)",
+        "<= 1.3",
+        _paired("so_durable", "so_raw_paired"),
+        "le",
+        1.3,
+    ),
+    ("restore from memory / copy floor (paired)", "<= 1.5", _paired("restore_memory", "floor"), "le", 1.5),
+    (
+        "DCP `load` (page cache warm) / flashckpt restore from memory",
+        ">= 4",
+        _over("dcp_load_warm", "restore_memory"),
+        "ge",
+        4.0,
+    ),
     ("training throughput, a save every step / none", ">= 0.9", _t_training, "ge", 0.9),
     ("the same, every save made durable (shown too)", ">= 0.9", _t_training_durable, "ge", 0.9),
     ("peak extra host memory during save / state size", "<= 2.2", _t_memory, "le", 2.2),
@@ -161,23 +178,22 @@ def _save_rows(res: dict[str, Any]) -> list[list[str]]:
             cells.append(_sec(v) + ("" if base is None else f" ({_x(_ratio(v, c.get(base)))})"))
         return [label, *cells]
 
-    rows = [
-        row("copy into a preallocated buffer (the floor)", lambda i: cs[i].get("floor")),
-        row("fastest raw write + fsync", lambda i: cs[i].get("raw_fastest")),
-        row("**flashckpt save, blocking (steady)**", lambda i: cs[i].get("blocking_steady")),
-        row("flashckpt first save after `restore()`", lambda i: cs[i].get("blocking_cold")),
-        row("flashckpt until durable on local (local + storage tiers)", lambda i: cs[i].get("durable_local")),
-        row("flashckpt until durable on both tiers", lambda i: cs[i].get("durable_all")),
-        row("flashckpt until durable, one disk tier", lambda i: cs[i].get("so_durable")),
-        row("`torch.save` + fsync", lambda i: cs[i].get("torch_save")),
-        row("DCP `save`", lambda i: cs[i].get("dcp_save")),
-        row("DCP `async_save`, blocking", lambda i: cs[i].get("dcp_async_blocking")),
-        row("DCP `async_save`, until durable", lambda i: cs[i].get("dcp_async_durable")),
-        row("`torch_checkpointing` async save, blocking (staged)", lambda i: tcs[i].get("save_blocking")),
-        row(
-            "`torch_checkpointing` async save, until written (no fsync)", lambda i: tcs[i].get("save_durable")
-        ),
+    figures = [
+        ("copy into a preallocated buffer (the floor)", cs, "floor"),
+        ("fastest raw write + fsync", cs, "raw_fastest"),
+        ("**flashckpt save, blocking (steady)**", cs, "blocking_steady"),
+        ("flashckpt first save after `restore()`", cs, "blocking_cold"),
+        ("flashckpt until durable on local (local + storage tiers)", cs, "durable_local"),
+        ("flashckpt until durable on both tiers", cs, "durable_all"),
+        ("flashckpt until durable, one disk tier", cs, "so_durable"),
+        ("`torch.save` + fsync", cs, "torch_save"),
+        ("DCP `save`", cs, "dcp_save"),
+        ("DCP `async_save`, blocking", cs, "dcp_async_blocking"),
+        ("DCP `async_save`, until durable", cs, "dcp_async_durable"),
+        ("`torch_checkpointing` async save, blocking (staged)", tcs, "save_blocking"),
+        ("`torch_checkpointing` async save, until written (no fsync)", tcs, "save_durable"),
     ]
+    rows = [row(label, lambda i, src=src, key=key: src[i].get(key)) for label, src, key in figures]
     return rows
 
 
@@ -193,25 +209,21 @@ def _restore_rows(res: dict[str, Any]) -> list[list[str]]:
             *(f"{_sec(get(i))} ({_x(_ratio(get(i), cs[i].get('floor')))})" for i in range(len(sizes))),
         ]
 
-    return [
-        row("copy into a preallocated buffer (the floor)", lambda i: cs[i].get("floor")),
-        row("fastest raw read (O_DIRECT; cold buffered or mmap)", lambda i: rd[i].get("raw_read_fastest")),
-        row("raw loopback socket copy", lambda i: mr[i].get("raw_socket")),
-        row(
-            "first touch of as much fresh shared memory (this VM's limit)", lambda i: mr[i].get("first_touch")
-        ),
-        row("**flashckpt restore from memory**", lambda i: cs[i].get("restore_memory")),
-        row(
-            "flashckpt restore from a peer's mirror (fresh process, lost node)",
-            lambda i: mr[i].get("restore_mirror"),
-        ),
-        row("flashckpt restore from local disk, cold", lambda i: cs[i].get("restore_disk_cold")),
-        row("flashckpt restore from local disk, warm", lambda i: cs[i].get("restore_disk_warm")),
-        row("`torch.load`, cold", lambda i: cs[i].get("torch_load_cold")),
-        row("`torch.load(mmap=True)` + copy into the state", lambda i: rd[i].get("torch_load_mmap")),
-        row("DCP `load`, cold", lambda i: cs[i].get("dcp_load_cold")),
-        row("DCP `load`, warm", lambda i: cs[i].get("dcp_load_warm")),
+    figures = [
+        ("copy into a preallocated buffer (the floor)", cs, "floor"),
+        ("fastest raw read (O_DIRECT; cold buffered or mmap)", rd, "raw_read_fastest"),
+        ("raw loopback socket copy", mr, "raw_socket"),
+        ("first touch of as much fresh shared memory (this VM's limit)", mr, "first_touch"),
+        ("**flashckpt restore from memory**", cs, "restore_memory"),
+        ("flashckpt restore from a peer's mirror (fresh process, lost node)", mr, "restore_mirror"),
+        ("flashckpt restore from local disk, cold", cs, "restore_disk_cold"),
+        ("flashckpt restore from local disk, warm", cs, "restore_disk_warm"),
+        ("`torch.load`, cold", cs, "torch_load_cold"),
+        ("`torch.load(mmap=True)` + copy into the state", rd, "torch_load_mmap"),
+        ("DCP `load`, cold", cs, "dcp_load_cold"),
+        ("DCP `load`, warm", cs, "dcp_load_warm"),
     ]
+    return [row(label, lambda i, src=src, key=key: src[i].get(key)) for label, src, key in figures]
 
 
 def render(res: dict[str, Any], out: Path) -> str:
