@@ -166,6 +166,30 @@ def test_a_memory_manifest_that_lies_about_its_slot_is_never_persisted(dirs: dic
     assert _load_eq(dirs["storage"], 2) and _load_eq(dirs["storage"], 0)
 
 
+def test_a_memory_manifest_changed_after_it_was_read_is_validated_again(dirs: dict[str, Path]) -> None:
+    """The memory tier keeps what a manifest's bytes decoded to, so that a restore does not
+    decode each one twice; a record whose bytes changed since is decoded and validated again
+    (here: refused, and the restore takes the storage tier's copy)."""
+    import json
+
+    from flashckpt.format import encode_record
+
+    with _ckpt(dirs) as ckpt:
+        ckpt.save(1, _state(1))
+        ckpt.wait()
+        state = _state(9)
+        assert ckpt.restore(state) == 1 and ckpt.stats["restored"]["tier"] == "memory"
+        path = dirs["memory"] / "r00000-of-00001" / memory_manifest_key(1)
+        raw = path.read_bytes()
+        body = json.loads(raw[: raw.rindex(b"\n#xxh3_128:")])
+        for c in body["chunks"]:  # a lie about what the slot holds: the validator refuses it
+            c[4], c[5] = max(1, c[3] // 4), "zstd/1"
+        path.write_bytes(encode_record(body))
+        state = _state(9)
+        assert ckpt.restore(state) == 1 and ckpt.stats["restored"]["tier"] != "memory"
+        assert _equal(state, _state(1))
+
+
 # -- C2: one timeline ---------------------------------------------------------------------------
 
 

@@ -56,16 +56,28 @@ def memory_steps(be: Backend) -> list[int]:
     return sorted(s for n in be.children("") if (s := parse_memory_manifest_key(n)) is not None)
 
 
-def read_memory_manifest(be: Backend, step: int, what: str = "") -> Manifest:
+def read_memory_manifest(
+    be: Backend, step: int, what: str = "", *, known: tuple[bytes, Manifest] | None = None
+) -> Manifest:
     """The manifest of ``step`` in a memory-tier directory, decoded (unsealed allowed) and
     checked to name that step.  Its slot is checked by :meth:`MemoryTier.read` (and by the
-    mirror holdings for peers' copies)."""
+    mirror holdings for peers' copies).  ``known``: the bytes of a record decoded earlier and
+    what they decoded to, returned as it is if the record still holds exactly those bytes."""
+    return _decode_memory_manifest(be, step, what, known)[1]
+
+
+def _decode_memory_manifest(
+    be: Backend, step: int, what: str, known: tuple[bytes, Manifest] | None
+) -> tuple[bytes, Manifest]:
     key = memory_manifest_key(step)
     what = what or f"memory manifest {key}"
-    m = decode_manifest(be.get(key), what, allow_unsealed=True)
+    raw = be.get(key)
+    if known is not None and known[0] == raw:  # the same bytes decode (and validate) the same
+        return known
+    m = decode_manifest(raw, what, allow_unsealed=True)
     if m.step != step:
         raise CorruptCheckpointError(f"{what} describes step {m.step}")
-    return m
+    return raw, m
 
 
 class MemoryTier:
@@ -97,6 +109,11 @@ class MemoryTier:
         self._lock = threading.Lock()
         #: slot name -> ``(generation, step)`` of the snapshot it holds
         self._order: dict[str, tuple[int, int]] = {}
+        #: step -> the bytes of its manifest last decoded here and what they decoded to: a
+        #: restore reads every manifest to plan and then the chosen one again; a record whose
+        #: bytes have not changed is not decoded again
+        self._decoded: dict[int, tuple[bytes, Manifest]] = {}
+        self._decoded_lock = threading.Lock()
 
     def refuse_foreign(self, storage: str, url: str) -> None:
         """Raise :class:`ConfigError` if this memory tier holds snapshots saved for another
@@ -300,7 +317,15 @@ class MemoryTier:
         return f"memory manifest of step {step} in {self.directory}"
 
     def _decode(self, step: int) -> Manifest:
-        return read_memory_manifest(self.backend, step, self._what(step))
+        """Any thread, with or without ``_lock`` held (the cache has a lock of its own)."""
+        with self._decoded_lock:
+            known = self._decoded.pop(step, None)
+        decoded = _decode_memory_manifest(self.backend, step, self._what(step), known)
+        live = {s.step for s in self.slots}  # only the steps slots hold are worth keeping
+        with self._decoded_lock:
+            self._decoded = {s: d for s, d in self._decoded.items() if s in live}
+            self._decoded[step] = decoded
+        return decoded[1]
 
     def _slot_named(self, m: Manifest, step: int) -> Slot:
         name = check_memory_manifest(m, self._what(step), parts=self.parts)

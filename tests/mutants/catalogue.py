@@ -34,6 +34,13 @@ MUTANTS: list[Mutant] = [
 """,
     ),
     Mutant(
+        "memory_manifest_cache_ignores_bytes",
+        "the memory tier returns a manifest decoded earlier without checking the record is the same bytes",
+        "flashckpt/staging/memory_tier.py",
+        """    if known is not None and known[0] == raw:""",
+        """    if known is not None:""",
+    ),
+    Mutant(
         "save_slot_leak_on_exception",
         "save does not give the slot back when something raises after it was taken",
         "flashckpt/coordination/save.py",
