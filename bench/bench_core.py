@@ -278,6 +278,21 @@ def wait_quiet(limit_s: float, threshold: float = 0.15, window_s: float = 3.0) -
             said = True
 
 
+def first_touch(nbytes: int) -> float:
+    """Seconds to write every page of a fresh ``/dev/shm`` file of ``nbytes`` through a
+    mapping: what mapping a fresh slot costs (the prefault after a restore, a restore into a
+    new process's slot) before any byte of a snapshot counts; a limit of this machine."""
+    with tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="flashckpt-bench-touch-") as f:
+        f.truncate(nbytes)
+        with mmap.mmap(f.fileno(), nbytes) as mm:
+            t = torch.frombuffer(mm, dtype=torch.uint8)
+            t0 = time.perf_counter()
+            t.fill_(1)
+            secs = time.perf_counter() - t0
+            del t
+    return secs
+
+
 def drop_caches() -> bool:
     """Write back and drop the page cache (root only).  False when not possible."""
     os.sync()
@@ -887,6 +902,8 @@ def run_size(gib: float, args: argparse.Namespace, root: Path, shm_root: Path, p
                 torch.set_num_threads(args.threads)
             log(f"  floor copy, 1 thread: {res['floor_1thread']:.3f} s")
         foreign["floor"] = m.foreign_cores()
+        res["first_touch"] = first_touch(info["bytes"])
+        log(f"  first touch of as much fresh shared memory: {res['first_touch']:.3f} s")
         m = CpuMeter()
         res.update(measure_raw(d, mirror, args.io_repeats))
         res["raw"] = res["raw_fastest"]

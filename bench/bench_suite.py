@@ -55,7 +55,15 @@ import torch
 import torch.multiprocessing as mp
 
 import flashckpt
-from bench.bench_core import build_state, change_every_chunk, drop_caches, iter_tensors, same, tensor_bytes
+from bench.bench_core import (
+    build_state,
+    change_every_chunk,
+    drop_caches,
+    first_touch,
+    iter_tensors,
+    same,
+    tensor_bytes,
+)
 from bench.bench_mirror import raw_socket_copy
 
 GiB = 1 << 30
@@ -375,26 +383,11 @@ def _mirror_worker(rank: int, world: int, phase: int, args: argparse.Namespace, 
     os._exit(0)
 
 
-def _first_touch(nbytes: int) -> float:
-    """Seconds to write every page of a fresh ``/dev/shm`` file of ``nbytes`` through a
-    mapping: what a restore into a fresh slot (a new process on a lost node's replacement)
-    pays before any byte of the snapshot counts; a limit of this virtual machine."""
-    with tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="flashckpt-bench-touch-") as f:
-        f.truncate(nbytes)
-        with mmap.mmap(f.fileno(), nbytes) as mm:
-            t = torch.frombuffer(mm, dtype=torch.uint8)
-            t0 = time.perf_counter()
-            t.fill_(1)
-            secs = time.perf_counter() - t0
-            del t
-    return secs
-
-
 def section_mirror(args: argparse.Namespace) -> dict[str, Any]:
     _, info = build_state(int(args.gib * GiB), "mixed")
     out: dict[str, Any] = {"bytes": info["bytes"]}
     out["raw_socket"] = min(raw_socket_copy(info["bytes"] // MiB * MiB) for _ in range(args.repeats))
-    out["first_touch"] = _first_touch(info["bytes"])
+    out["first_touch"] = first_touch(info["bytes"])
     with scratch(args.dir, "flashckpt-bench-mirror-") as (d, shm):
         args.shm = str(shm)
         for phase in (0, 1):

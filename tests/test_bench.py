@@ -71,6 +71,27 @@ def test_each_target_is_judged_on_the_figures_of_the_same_run(tmp_path: Path) ->
     missed = {r["figure"]: r for r in targets(_results(1.3, (3.0, 1.0)))}
     assert missed["save blocking / copy floor, steady state (paired)"]["met"] is False
     assert missed["training throughput, a save every step / none"]["met"] is False
+    # a missed target says why, from the same run's figures; a met one says nothing
+    assert missed["save blocking / copy floor, steady state (paired)"]["why"].startswith("10 ms above 100 ms")
+    load = missed["DCP `load` (page cache warm) / flashckpt restore from memory"]["why"]
+    assert load.startswith("300 ms against 120 ms")
+    assert rows["save blocking / copy floor, steady state (paired)"]["why"] == ""
+
+
+def test_a_first_save_after_restore_that_missed_names_the_first_touch_it_waited_for() -> None:
+    res = _results(1.1, (3.0, 2.85))
+    core = res["core/0.25"]["results"][0]
+    core.update(
+        blocking_cold=0.9,
+        blocking_cold_pair=9.0,
+        prefault_done_after_s=None,
+        training_step={"wall": 1.0},
+        first_touch=0.1,
+    )
+    row = next(r for r in targets(res) if r["figure"] == "first save after `restore()` / copy floor")
+    assert row["met"] is False
+    assert "had not finished into the 1.0 s step" in row["why"]
+    assert "0.40 s per GiB" in row["why"]  # 0.1 s for 0.25 GiB
 
 
 def test_the_page_names_what_was_missed_and_what_failed_to_run(tmp_path: Path) -> None:
