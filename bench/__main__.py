@@ -135,7 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated sections to run (core,read,memory,rivals,mirror,s3,training,compression); "
         "the others are taken from the last latest.json of the same sizes, and the report says so",
     )
+    p.add_argument(
+        "--render", action="store_true", help="only write latest.md and the plots again from latest.json"
+    )
     args = p.parse_args(argv)
+    if args.render:
+        from bench.report import render
+
+        out = Path(args.out)
+        (out / "latest.md").write_text(render(json.loads((out / "latest.json").read_text()), out))
+        log(f"wrote {out / 'latest.md'} and the plots from {out / 'latest.json'}")
+        return 0
     sizes = [float(s) for s in (args.sizes or ("0.25" if args.quick else "0.25,1,4")).split(",") if s]
     only = set(args.only.split(",")) if args.only else None
     out = Path(args.out)

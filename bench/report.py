@@ -181,24 +181,45 @@ def _why_over(num: str, den: str, what: str) -> Callable[[dict[str, Any], float]
     return fn
 
 
+def _why_blocking(res: dict[str, Any], g: float) -> str:
+    c = _core(res, g)
+    runs = [r for r in (c.get("steady") or []) + (c.get("so_steady") or []) if r.get("floor_before")]
+    ratios = ", ".join(f"{r['blocking'] / r['floor_before']:.2f}x" for r in runs)
+    return (
+        f"each steady save against the copy floor measured just before it: {ratios} (the median is "
+        f"judged; {_ms(c.get('blocking_steady', 0) - c.get('floor', 0))} above the floor)"
+    )
+
+
+def _why_durable(res: dict[str, Any], g: float) -> str:
+    c = _core(res, g)
+    so = c.get("so_steady") or []
+    if not so:
+        return ""
+    mid = sorted(so, key=lambda r: r["durable_all"])[len(so) // 2]
+    hashed, written = mid["persist_s"].get("memory", 0.0), mid["persist_s"].get("storage", 0.0)
+    rest = mid["durable_all"] - hashed - written
+    return (
+        f"of {_ms(mid['durable_all'])}: checksums {_ms(hashed)}, the write {_ms(written)} (the raw write "
+        f"just before: {_ms(mid.get('raw_before'))}), the rest {_ms(rest)} (manifest, commit record, "
+        "fsyncs of files and directories)"
+    )
+
+
 def _why_training(res: dict[str, Any], g: float) -> str:
     return "persisting every step takes its CPU time (checksums, writes) from the training's 2 cores"
 
 
 #: For a missed target, why, from the same run's figures: ``fn(results, size) -> str``.
 WHY: dict[str, Callable[[dict[str, Any], float], str]] = {
-    "save blocking / copy floor, steady state (paired)": _extra(
-        "blocking_steady", "floor", "per-save costs that do not grow with the state (walk, layout, manifest)"
-    ),
+    "save blocking / copy floor, steady state (paired)": _why_blocking,
     "first save after `restore()` / copy floor": _why_cold,
     "DCP `async_save` until durable / flashckpt until durable on local": _why_over(
         "dcp_async_durable",
         "durable_local",
         "at this size both are mostly fixed costs (fsyncs of files, directories and records)",
     ),
-    "durable on local / fastest raw write (paired)": _extra(
-        "so_durable", "so_raw_paired", "the fsyncs of the manifest, the commit record and their directories"
-    ),
+    "durable on local / fastest raw write (paired)": _why_durable,
     "restore from memory / copy floor (paired)": _extra(
         "restore_memory", "floor", "every byte is checksummed (xxh3) as it is copied, on the same 2 cores"
     ),
@@ -445,17 +466,34 @@ def render(res: dict[str, Any], out: Path) -> str:
         )
     mirrors = res.get("mirrors") or {}
     if "push" in mirrors:
-        lines += ["", "## Peer mirrors (bench_mirror)", ""]
+        mib = mirrors.get("bytes", 0) / MiB
+        off = mirrors.get("step_mirror_off_s")
+        lines += ["", f"## Peer mirrors (bench_mirror, {mib:.0f} MiB per rank, 2 ranks)", ""]
         lines.append(
             _table(
-                ["", "value"],
+                ["", "seconds", "x"],
                 [
-                    [k.replace("_", " "), f"{v:.3f}" if isinstance(v, float) else str(v)]
-                    for k, v in mirrors.items()
-                    if k != "seconds"
+                    ["raw loopback socket copy of these bytes", _sec(mirrors.get("raw_socket_s")), "1.00x"],
+                    [
+                        "push of a snapshot to the peer's memory (x the socket copy just before)",
+                        _sec(mirrors.get("push_s")),
+                        _x(mirrors.get("push_x_socket_paired")),
+                    ],
+                    ["training step, mirrors off", _sec(off), "1.00x"],
+                    [
+                        "training step, mirrors on (a push behind every save)",
+                        _sec(mirrors.get("step_mirror_on_s")),
+                        _x(_ratio(mirrors.get("step_mirror_on_s"), off)),
+                    ],
+                    [
+                        "training step, mirrors on with the bandwidth capped",
+                        _sec(mirrors.get("step_mirror_capped_s")),
+                        _x(_ratio(mirrors.get("step_mirror_capped_s"), off)),
+                    ],
                 ],
             )
         )
+        lines += ["", f"Snapshots mirrored: {mirrors.get('mirrored', '—')}."]
     plots = draw(res, out)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
