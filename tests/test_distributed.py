@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 import flashckpt
 from flashckpt.format import (
     carried,
+    check_memory_manifest,
     commit_key,
     decode_commit,
     decode_manifest,
@@ -857,6 +858,32 @@ def test_a_lost_node_resumes_from_its_peers_memory_with_storage_gone(
     # the resumed steps are committed again, and a clean run leaves no memory or mirror behind
     assert _commits(storage)[-1] == STEPS - 1
     assert not any(p.is_file() for p in shm_dir.rglob("*")), sorted(shm_dir.rglob("*"))
+
+
+def test_a_damaged_copy_in_a_peers_memory_is_refused_after_it_filled_the_state_and_the_job_resumes_older(
+    reference: Reference, tmp_path: Path, shm_dir: Path
+) -> None:
+    """A restore from a peer's copy fills the state while it verifies the bytes (one pass over
+    memory); a chunk damaged in the peer's memory (the transport authenticates what the peer
+    sends, not what it should hold) fails its checksum after part of it was written to the
+    state.  That rank has no other copy of step 5, so every rank goes back to step 4 (committed),
+    which overwrites every tensor again: the resumed run ends bitwise where the reference does."""
+    out, storage = tmp_path / "out", tmp_path / "storage"
+    _two_nodes(out, storage, shm_dir, "--persist-every", "4", "--die-at-end", steps=6, expect_ok=False)
+    assert _commits(storage) == [0, 4]
+    [path] = shm_dir.glob(f"node0/*/mirrors/r00002-of-00004/{memory_manifest_key(5)}")
+    m = decode_manifest(path.read_bytes(), "copy", allow_unsealed=True)
+    big = max(m.chunks, key=lambda c: c.nbytes)
+    with open(path.parent / check_memory_manifest(m, "copy"), "r+b") as f:
+        f.seek(big.offset + big.nbytes // 2)
+        byte = f.read(1)
+        f.seek(big.offset + big.nbytes // 2)
+        f.write(bytes([byte[0] ^ 0x40]))
+    shutil.rmtree(shm_dir / "node1")  # lost with its memory
+    _two_nodes(out, storage, shm_dir, "--persist-every", "4", steps=STEPS)
+    restored = _restored(out, 0, 4)
+    assert [r["start"] for r in restored] == [4, 4, 4, 4]
+    _assert_same(reference.finals[4], _finals(out, 4))
 
 
 def test_a_lost_node_whose_replicated_state_was_mirrored_once_resumes_bitwise_from_the_parts(

@@ -139,7 +139,7 @@ class Restorer:
             where = f"rank {peer}'s memory" if peer is not None else f"the {src.tier.name} tier"
             try:
                 if peer is not None:  # a copy of this rank's shard in a peer's memory
-                    m, slot = self._from_mirror(peer, key, state, plan.part_copies)
+                    m, slot = self._from_mirror(peer, key, state, plan.part_copies, filled)
                 else:
                     m, slot = self._from_tier(src.tier, key, state, filled)
             except StateMismatchError as exc:
@@ -275,12 +275,20 @@ class Restorer:
         return slot
 
     def _from_mirror(
-        self, peer: int, key: Order, state: Any, part_copies: dict[str, dict[Order, list[int]]]
+        self,
+        peer: int,
+        key: Order,
+        state: Any,
+        part_copies: dict[str, dict[Order, list[int]]],
+        filled: dict[int, torch.Tensor],
     ) -> tuple[Manifest, Slot]:
         """Fetch this rank's shard of snapshot ``key`` from the copy rank ``peer`` holds, into
         a free slot of this rank's memory tier, and verify every chunk.  The chunks that copy
         leaves to the copies of the shard's node-mates (replicated state sent once per node)
-        are fetched from the peers holding those (``part_copies``).  Returns a busy slot."""
+        are fetched from the peers holding those (``part_copies``).  Returns a busy slot.
+
+        As from the memory tier, the tensors of ``state`` the step is loaded into are filled
+        while the slot is verified (recorded in ``filled``: see ``_from_tier``)."""
         p = self.parts
         held: list[Slot] = []
         step = key[1]
@@ -302,9 +310,9 @@ class Restorer:
             for shard, chunks in part_holders(m).items():
                 fetch_part(p, m, shard, chunks, slot, part_copies.get(shard, {}).get(key, []))
             where = f"rank {peer}'s mirror"
-            sealed = verify_chunks(
-                memory_manifest(m, slot.name), slot.view, p.persister.pool, where, base=slot.address
-            )
+            fills = fill_targets(m, state, filled)
+            local = memory_manifest(m, slot.name)
+            sealed = verify_chunks(local, slot.view, p.persister.pool, where, base=slot.address, fills=fills)
             sealed = p.mem.record(slot, sealed)
         except BaseException:
             for slot in held:
