@@ -56,19 +56,19 @@ def memory_steps(be: Backend) -> list[int]:
     return sorted(s for n in be.children("") if (s := parse_memory_manifest_key(n)) is not None)
 
 
-def read_memory_manifest(
-    be: Backend, step: int, what: str = "", *, known: tuple[bytes, Manifest] | None = None
-) -> Manifest:
+def read_memory_manifest(be: Backend, step: int, what: str = "") -> Manifest:
     """The manifest of ``step`` in a memory-tier directory, decoded (unsealed allowed) and
     checked to name that step.  Its slot is checked by :meth:`MemoryTier.read` (and by the
-    mirror holdings for peers' copies).  ``known``: the bytes of a record decoded earlier and
-    what they decoded to, returned as it is if the record still holds exactly those bytes."""
-    return _decode_memory_manifest(be, step, what, known)[1]
+    mirror holdings for peers' copies)."""
+    return _decode_memory_manifest(be, step, what, None)[1]
 
 
 def _decode_memory_manifest(
     be: Backend, step: int, what: str, known: tuple[bytes, Manifest] | None
 ) -> tuple[bytes, Manifest]:
+    """:func:`read_memory_manifest`, and the record's bytes.  ``known``: the bytes of a record
+    decoded earlier and what they decoded to, returned as it is if the record still holds
+    exactly those bytes (the same bytes decode, and validate, the same)."""
     key = memory_manifest_key(step)
     what = what or f"memory manifest {key}"
     raw = be.get(key)
