@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench.report import render
 
         out = Path(args.out)
+        if not (out / "latest.json").is_file():
+            raise SystemExit(f"--render: no {out / 'latest.json'} to render (run python -m bench first)")
         (out / "latest.md").write_text(render(json.loads((out / "latest.json").read_text()), out))
         log(f"wrote {out / 'latest.md'} and the plots from {out / 'latest.json'}")
         return 0
