@@ -265,17 +265,22 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _figure_rows(
+    cs: list[dict[str, Any]], figures: list[tuple[str, list[dict[str, Any]], str]]
+) -> list[list[str]]:
+    """One table row per ``(label, per-size results, key)``: each size's seconds and its ratio
+    to that size's copy floor (``cs``: the core results, one per size)."""
+
+    def cell(v: Any, c: dict[str, Any]) -> str:
+        return f"{_sec(v)} ({_x(_ratio(v, c.get('floor')))})"
+
+    return [[label, *(cell(src[i].get(key), c) for i, c in enumerate(cs))] for label, src, key in figures]
+
+
 def _save_rows(res: dict[str, Any]) -> list[list[str]]:
     sizes = res["sizes"]
     cs = [_core(res, g) for g in sizes]
     tcs = [res.get(f"tc/{g:g}") or {} for g in sizes]
-
-    def row(label: str, get: Callable[[int], Any], base: str | None = "floor") -> list[str]:
-        cells = []
-        for i, c in enumerate(cs):
-            v = get(i)
-            cells.append(_sec(v) + ("" if base is None else f" ({_x(_ratio(v, c.get(base)))})"))
-        return [label, *cells]
 
     figures = [
         ("copy into a preallocated buffer (the floor)", cs, "floor"),
@@ -292,8 +297,7 @@ def _save_rows(res: dict[str, Any]) -> list[list[str]]:
         ("`torch_checkpointing` async save, blocking (staged)", tcs, "save_blocking"),
         ("`torch_checkpointing` async save, until written (no fsync)", tcs, "save_durable"),
     ]
-    rows = [row(label, lambda i, src=src, key=key: src[i].get(key)) for label, src, key in figures]
-    return rows
+    return _figure_rows(cs, figures)
 
 
 def _restore_rows(res: dict[str, Any]) -> list[list[str]]:
@@ -301,12 +305,6 @@ def _restore_rows(res: dict[str, Any]) -> list[list[str]]:
     cs = [_core(res, g) for g in sizes]
     rd = [res.get(f"read/{g:g}") or {} for g in sizes]
     mr = [res.get(f"mirror/{g:g}") or {} for g in sizes]
-
-    def row(label: str, get: Callable[[int], Any]) -> list[str]:
-        return [
-            label,
-            *(f"{_sec(get(i))} ({_x(_ratio(get(i), cs[i].get('floor')))})" for i in range(len(sizes))),
-        ]
 
     figures = [
         ("copy into a preallocated buffer (the floor)", cs, "floor"),
@@ -322,7 +320,7 @@ def _restore_rows(res: dict[str, Any]) -> list[list[str]]:
         ("DCP `load`, cold", cs, "dcp_load_cold"),
         ("DCP `load`, warm", cs, "dcp_load_warm"),
     ]
-    return [row(label, lambda i, src=src, key=key: src[i].get(key)) for label, src, key in figures]
+    return _figure_rows(cs, figures)
 
 
 def render(res: dict[str, Any], out: Path) -> str:
